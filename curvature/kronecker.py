@@ -1,0 +1,91 @@
+r"""Inverse of an exponential moving average of rank-1 outer products (MKOR's factors).
+
+.. math::  L_0 = \lambda I, \qquad L_t = \gamma L_{t-1} + (1 - \gamma)\, u_t u_t^\top
+
+The inverse is kept by Sherman-Morrison, ``O(dim^2)`` per update and never a matrix inversion:
+
+.. math::  A = L_{t-1}^{-1} / \gamma, \qquad
+           L_t^{-1} = A - \frac{(1-\gamma)\, A u u^\top A}{1 + (1-\gamma)\, u^\top A u}.
+
+Precision: the inverse is stored in ``dtype`` (float64 by default) and each update is computed in
+float64. Directions that ``u`` stops visiting decay like ``gamma^t``, so their inverse grows like
+``gamma^-t``; MKOR's stabiliser (in the optimizer) is what bounds that, not this class.
+
+References:
+    Mozaffari, Li, Zhang, Mehri Dehnavi, "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer
+    Using Rank-1 Updates", NeurIPS 2023.
+
+Example:
+    >>> import torch
+    >>> from curvature import KroneckerFactorInverse
+    >>> k = KroneckerFactorInverse(3, decay=0.9, damp=1.0)
+    >>> k.update(torch.tensor([1.0, 0.0, 0.0]))
+    >>> round(k.inverse[0, 0].item(), 6)  # 1 / (0.9 * 1 + 0.1 * 1)
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvature import _checks
+
+COMPUTE_DTYPE = torch.float64
+
+
+class KroneckerFactorInverse:
+    """Sherman-Morrison-maintained inverse of ``L_t = decay L_{t-1} + (1-decay) u u^T``.
+
+    Args:
+        dim: size of the factor.
+        decay: ``gamma`` in ``(0, 1)``.
+        damp: ``lambda > 0``, the initial factor is ``damp * I``.
+        device, dtype: storage of the inverse (float64 by default).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        decay: float,
+        damp: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.dim = _checks.positive_int("dim", dim)
+        self.decay = _checks.in_unit_interval("decay", decay)
+        if self.decay == 0.0:
+            raise ValueError("decay must be in (0, 1): decay=0 makes the factor u u^T, singular")
+        self.damp = _checks.positive("damp", damp)
+        self.dtype = dtype or torch.float64
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.inverse = torch.eye(dim, dtype=self.dtype, device=self.device) / self.damp  # L_t^-1
+        self.num_updates = 0
+
+    def update(self, u: torch.Tensor) -> None:
+        """Fold ``u`` (``[dim]``, or ``[k, dim]`` applied in order) into the moving average."""
+        rows, _ = _checks.as_rows("u", u, self.dim)
+        inv = self.inverse.to(COMPUTE_DTYPE)
+        weight = 1.0 - self.decay
+        for row in rows.to(device=self.device, dtype=COMPUTE_DTYPE):
+            a = inv / self.decay
+            au = a @ row
+            inv = a - weight * torch.outer(au, au) / (1.0 + weight * (row @ au))
+            inv = 0.5 * (inv + inv.T)
+        self.inverse = inv.to(self.dtype)
+        self.num_updates += rows.shape[0]
+
+    def reset(self, blend: float = 1.0) -> None:
+        """Blend the factor back toward ``damp * I``: ``L <- (1 - blend) L + blend * damp * I``.
+
+        ``blend = 1`` is a hard reset. The blended inverse is computed exactly (one ``dim^3``
+        inversion), which only happens when the stabiliser fires.
+        """
+        _checks.in_unit_interval("blend", blend, closed_right=True)
+        if blend == 1.0:
+            self.inverse = torch.eye(self.dim, dtype=self.dtype, device=self.device) / self.damp
+            return
+        inv = self.inverse.to(COMPUTE_DTYPE)
+        eye = torch.eye(self.dim, dtype=COMPUTE_DTYPE, device=self.device)
+        factor = (1.0 - blend) * torch.linalg.inv(inv) + blend * self.damp * eye
+        self.inverse = torch.linalg.inv(factor).to(self.dtype)
