@@ -58,7 +58,9 @@ def make_grads(m: int, d: int, *, scale: float = 1.0, rank: int | None = None, s
     if rank is None:
         g = torch.randn(m, d, generator=gen, dtype=F64)
     else:
-        g = torch.randn(m, rank, generator=gen, dtype=F64) @ torch.randn(rank, d, generator=gen, dtype=F64)
+        g = torch.randn(m, rank, generator=gen, dtype=F64) @ torch.randn(
+            rank, d, generator=gen, dtype=F64
+        )
         g += 1e-6 * torch.randn(m, d, generator=gen, dtype=F64)  # nearly, not exactly, low rank
     return g * (scale / g.norm(dim=1, keepdim=True))
 

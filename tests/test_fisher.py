@@ -11,7 +11,12 @@ ALGS = ["woodbury", "mfac"]
 def build(grads, damp, block_size, algorithm, num_grads=None, chunk=3, dtype=None):
     m = num_grads or grads.shape[0]
     f = FisherInverse(
-        grads.shape[1], num_grads=m, damp=damp, block_size=block_size, algorithm=algorithm, dtype=dtype
+        grads.shape[1],
+        num_grads=m,
+        damp=damp,
+        block_size=block_size,
+        algorithm=algorithm,
+        dtype=dtype,
     )
     for s in range(0, grads.shape[0], chunk):  # batches of uneven size, then singles
         f.add_grad(grads[s : s + chunk] if chunk > 1 else grads[s])

@@ -70,7 +70,8 @@ def test_hutchinson_trace_converges_and_seeded():
     rmse = []
     for n in (8, 512):  # 64x the samples: RMSE over seeds should shrink ~8x; demand 3x
         errs = [
-            hutchinson_trace(loss, params, n, generator=torch.Generator().manual_seed(s)).item() - true
+            hutchinson_trace(loss, params, n, generator=torch.Generator().manual_seed(s)).item()
+            - true
             for s in range(6)
         ]
         rmse.append((sum(e * e for e in errs) / len(errs)) ** 0.5)

@@ -86,7 +86,9 @@ def test_kronecker_inverse_matches_dense(dim, decay, damp):
         # of the worst conditioning it has passed through, and the cancellation from I / damp.
         kappa = max(kappa, torch.linalg.cond(lt).item(), 1 / damp / ref.norm(2).item())
         assert rel_err(k.inverse, ref) < max(1e-12, 1e-14 * kappa)
-    assert rel_err(k.inverse, torch.linalg.inv(dense_ema(us, decay, damp))) < max(1e-12, 1e-14 * kappa)
+    assert rel_err(k.inverse, torch.linalg.inv(dense_ema(us, decay, damp))) < max(
+        1e-12, 1e-14 * kappa
+    )
     k2 = KroneckerFactorInverse(dim, decay=decay, damp=damp)
     k2.update(us)  # batch form, applied in order
     assert rel_err(k2.inverse, k.inverse) < 1e-12
