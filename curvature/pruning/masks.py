@@ -1,0 +1,122 @@
+"""Mask structures and mask enforcement.
+
+A mask here is a boolean tensor shaped like its parameter, ``True`` where the weight is pruned.
+Structures group consecutive entries of a parameter flattened row-major, i.e. along the input
+dimension of a linear layer: ``unstructured`` (groups of 1), ``block4`` (4 consecutive weights
+pruned together) and ``N:M`` (at most ``M - N`` pruned, exactly ``N`` kept, in every run of ``M``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+MASK_TYPES = ("unstructured", "block4", "N:M (e.g. 2:4, 4:8)")
+
+
+@dataclass(frozen=True)
+class MaskStructure:
+    """``group`` weights are pruned together; ``nm`` = (N, M) for semi-structured masks."""
+
+    name: str
+    group: int = 1
+    nm: tuple[int, int] | None = None
+
+    @property
+    def run(self) -> int:
+        """Consecutive weights a row length must be divisible by."""
+        return self.nm[1] if self.nm else self.group
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else None
+
+
+def parse_mask(mask: str) -> MaskStructure:
+    """``"unstructured"``, ``"block4"`` (also ``"block"``, as older recipes wrote it) or ``"N:M"``."""
+    if mask == "unstructured":
+        return MaskStructure("unstructured")
+    if mask in ("block4", "block"):
+        return MaskStructure("block4", group=4)
+    m = _NM.match(str(mask))
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            raise ValueError(f"mask {mask!r}: N:M needs 0 < N < M")
+        return MaskStructure(f"{n}:{mm}", nm=(n, mm))
+    raise ValueError(f"mask {mask!r} is not one of {', '.join(MASK_TYPES)}")
+
+
+def check_param_fits(name: str, param: torch.Tensor, structure: MaskStructure) -> None:
+    row = (
+        param.shape[-1]
+        if param.dim() == 2
+        else param[0].numel()
+        if param.dim() > 2
+        else param.numel()
+    )
+    if row % structure.run:
+        raise ValueError(
+            f"parameter {name} has rows of {row} weights, not divisible by the {structure.name} "
+            f"group of {structure.run}; exclude it from params"
+        )
+
+
+class MaskSet:
+    """The pruned pattern of several parameters, and its enforcement during training.
+
+    ``attach`` zeroes the gradients of pruned weights (so momentum never builds up on them) and, if
+    an optimizer is given, re-applies the masks after every ``optimizer.step()``, so no optimizer
+    (with weight decay or momentum) can revive a pruned weight.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
+        self.masks: dict[str, torch.Tensor] = dict(masks or {})
+        self._handles: list = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.masks
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.masks.get(name)
+
+    def update(self, name: str, mask: torch.Tensor) -> None:
+        self.masks[name] = mask.detach().to(torch.bool)
+
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            p = params[name]
+            p.masked_fill_(mask.to(p.device), 0.0)
+
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        self.detach()
+        params = dict(model.named_parameters())
+        for name in self.masks:
+            p = params[name]
+            self._handles.append(
+                p.register_hook(lambda g, n=name: g.masked_fill(self.masks[n].to(g.device), 0.0))
+            )
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply(model)))
+        self.apply(model)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def sparsity(self) -> dict[str, float]:
+        return {n: m.float().mean().item() for n, m in self.masks.items()}
+
+    @staticmethod
+    def from_zeros(model: torch.nn.Module, names: list[str]) -> MaskSet:
+        """Masks of the exact zeros of the named parameters (to keep an existing pattern)."""
+        params = dict(model.named_parameters())
+        return MaskSet({n: params[n].detach() == 0 for n in names})

@@ -1,0 +1,46 @@
+"""Small trained models and data for the pruning tests (no downloads, all seeded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def correlated_inputs(n=512, pairs=16, noise=0.02, seed=0):
+    """Inputs made of near-duplicate feature pairs with very different scales per pair."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, pairs, generator=gen)
+    scale = torch.logspace(-1, 0.5, pairs)
+    x = torch.empty(n, 2 * pairs)
+    x[:, 0::2] = base * scale
+    x[:, 1::2] = base * scale + noise * torch.randn(n, pairs, generator=gen) * scale
+    return x
+
+
+def trained_mlp(x, classes=4, hidden=16, steps=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(x.shape[1], classes, generator=gen)
+    y = (x @ teacher).argmax(1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, classes)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, y
+
+
+def batches(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def ce_loss(model, batch):
+    xb, yb = batch
+    return torch.nn.functional.cross_entropy(model(xb), yb)
+
+
+def full_loss(model, x, y):
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y).item()
