@@ -78,15 +78,16 @@ def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, num_grads: int) -
     eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=blocks.device) * num_grads
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        finv = blocks[sl].to(COMPUTE_DTYPE)
+        finv = blocks[sl].to(COMPUTE_DTYPE)  # a view when the storage is already float64
         g = grads[:, sl].to(COMPUTE_DTYPE).permute(1, 2, 0)  # [c, B, k]
-        u = finv @ g  # [c, B, k]
-        c = eye + g.transpose(1, 2) @ u  # [c, k, k], SPD
+        u = finv @ g  # U = F^-1 G^T, [c, B, k]
+        c = eye + g.transpose(1, 2) @ u  # C = m I + G U, [c, k, k], SPD
         chol = torch.linalg.cholesky(c)
-        z = torch.cholesky_solve(u.transpose(1, 2), chol)  # C^-1 U^T, [c, k, B]
-        finv -= u @ z
-        finv = 0.5 * (finv + finv.transpose(1, 2))  # keep exact symmetry against drift
-        blocks[sl] = finv.to(blocks.dtype)
+        # With C = L L^T and V = L^-1 U^T: F^-1 <- F^-1 - V^T V, symmetric by construction.
+        v = torch.linalg.solve_triangular(chol, u.transpose(1, 2), upper=False)  # [c, k, B]
+        finv.baddbmm_(v.transpose(1, 2), v, alpha=-1.0)
+        if finv.data_ptr() != blocks[sl].data_ptr():
+            blocks[sl] = finv.to(blocks.dtype)
 
 
 class FisherInverse:

@@ -104,7 +104,11 @@ class MaskSet:
                 p.register_hook(lambda g, n=name: g.masked_fill(self.masks[n].to(g.device), 0.0))
             )
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply(model)))
+            # wrappers (accelerate's AcceleratedOptimizer) keep the torch optimizer in .optimizer
+            inner = optimizer
+            while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
+                inner = inner.optimizer
+            self._handles.append(inner.register_step_post_hook(lambda *_: self.apply(model)))
         self.apply(model)
 
     def detach(self) -> None:

@@ -150,18 +150,24 @@ def greedy_order(
         ok = torch.isfinite(best)
         if not bool(ok.any()):
             break
-        cols = idx[q]  # [n, g]
-        h_q = hinv[rows[:, None], :, cols].transpose(1, 2)  # [n, B, g] = F^-1[:, Q]
-        h_qq = hinv[rows[:, None, None], cols[:, :, None], cols[:, None, :]]  # [n, g, g]
-        eye = torch.eye(group, dtype=h_qq.dtype, device=h_qq.device)
-        h_qq = torch.where(ok[:, None, None], h_qq, eye)  # finished blocks: a harmless solve
-        w_q = w[rows[:, None], cols]  # [n, g]
-        # z = [F^-1]_QQ^-1 w_Q and Y = [F^-1]_QQ^-1 F^-1[Q, :] in one solve
-        rhs = torch.cat([w_q.unsqueeze(-1), h_q.transpose(1, 2)], dim=-1)  # [n, g, 1 + B]
-        sol = torch.linalg.solve(h_qq, rhs)
         okf = ok.to(w.dtype)
-        w = w - okf[:, None] * (h_q @ sol[:, :, :1]).squeeze(-1)
-        hinv = hinv - okf[:, None, None] * (h_q @ sol[:, :, 1:])
+        cols = idx[q]  # [n, g]
+        w_q = w[rows[:, None], cols]  # [n, g]
+        if group == 1:  # the common case: a scalar pivot, F^-1[:, q] is row q (symmetry)
+            h_q = hinv[rows, q]  # [n, B]
+            scale = okf / h_q.gather(1, q[:, None]).squeeze(1).where(ok, torch.ones_like(okf))
+            w = w - (scale * w_q[:, 0])[:, None] * h_q
+            hinv.baddbmm_((h_q * scale[:, None]).unsqueeze(2), h_q.unsqueeze(1), alpha=-1.0)
+        else:
+            h_q = hinv[rows[:, None], :, cols].transpose(1, 2)  # [n, B, g] = F^-1[:, Q]
+            h_qq = hinv[rows[:, None, None], cols[:, :, None], cols[:, None, :]]  # [n, g, g]
+            eye = torch.eye(group, dtype=h_qq.dtype, device=h_qq.device)
+            h_qq = torch.where(ok[:, None, None], h_qq, eye)  # finished blocks: a harmless solve
+            # z = [F^-1]_QQ^-1 w_Q and Y = [F^-1]_QQ^-1 F^-1[Q, :] in one solve
+            rhs = torch.cat([w_q.unsqueeze(-1), h_q.transpose(1, 2)], dim=-1)  # [n, g, 1 + B]
+            sol = torch.linalg.solve(h_qq, rhs)
+            w = w - okf[:, None] * (h_q @ sol[:, :, :1]).squeeze(-1)
+            hinv = hinv - okf[:, None, None] * (h_q @ sol[:, :, 1:])
         w[rows[:, None], cols] = torch.where(
             ok[:, None], torch.zeros_like(w_q), w[rows[:, None], cols]
         )

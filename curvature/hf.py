@@ -1,0 +1,161 @@
+"""Hugging Face integration: a ``TrainerCallback`` that applies a recipe, and a thin ``Trainer``.
+
+``RecipeCallback`` works with any ``transformers.Trainer``: it prunes at the recipe's points
+(collecting Fisher gradients from the training data), keeps the masks enforced after every
+optimizer step, and sets the recipe's learning rate. Distillation changes the loss, which a
+callback cannot do, so :class:`RecipeTrainer` adds it in ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from curvature.recipes.manager import RecipeManager, distillation_loss
+
+log = logging.getLogger(__name__)
+
+
+def model_loss(model, batch):
+    """Loss of a Hugging Face model on a batch that includes ``labels``."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, dataloader, *, progress=False, desc="eval") -> dict:
+    """Accuracy and mean loss of a classifier over a dataloader of labelled batches."""
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        n = batch["labels"].shape[0]
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        loss_sum += float(out.loss) * n
+        total += n
+    model.train(was)
+    return {
+        "accuracy": correct / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "examples": total,
+    }
+
+
+class RecipeCallback(TrainerCallback):
+    """Apply a :class:`RecipeManager` during ``Trainer.train()``.
+
+    Args:
+        manager: the recipe state for the trained model.
+        grad_dataset: dataset for the Fisher gradients (usually the training set).
+        collator: the data collator used to batch ``grad_dataset``.
+        grad_batch_size: batch size of one Fisher gradient (the recipe's
+            ``grad_sampler_kwargs.batch_size`` overrides it).
+        before_first_prune: called with the model right before the first pruning step (the CLI
+            evaluates the dense accuracy there).
+    """
+
+    def __init__(
+        self,
+        manager: RecipeManager,
+        *,
+        grad_dataset=None,
+        collator=None,
+        grad_batch_size: int = 16,
+        before_first_prune=None,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.manager = manager
+        self.grad_dataset = grad_dataset
+        self.collator = collator
+        self.grad_batch_size = grad_batch_size
+        self.before_first_prune = before_first_prune
+        self.progress = progress
+        self.seed = seed
+        self.optimizer = None
+
+    def _grad_loader(self, batch_size):
+        if self.grad_dataset is None:
+            return None
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.grad_dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=self.collator,
+            generator=gen,
+        )
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.optimizer = optimizer
+        self.manager.masks.attach(model, optimizer)
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._apply(state.epoch or 0.0, model, optimizer)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._apply(float(args.num_train_epochs), model, optimizer)
+        self.manager.masks.apply(model)
+
+    def _apply(self, epoch, model, optimizer):
+        due = self.manager.due(epoch)
+        if due and not self.manager.history and self.before_first_prune is not None:
+            self.before_first_prune(model)
+        batch_size = self.grad_batch_size
+        for _, i, _ in due:
+            kw = getattr(self.manager.recipe.modifiers[i], "grad_sampler_kwargs", {}) or {}
+            batch_size = kw.get("batch_size", batch_size)
+        taken = self.manager.step(
+            epoch,
+            grad_data=self._grad_loader(batch_size),
+            loss_fn=model_loss,
+            optimizer=optimizer,
+            progress=self.progress,
+        )
+        if taken:
+            # the pruning step replaced weights in place; re-arm the hooks on the same tensors
+            self.manager.masks.attach(model, optimizer)
+
+
+class RecipeTrainer(Trainer):
+    """A ``Trainer`` that adds the recipe's distillation loss to the task loss.
+
+    ``teacher`` is a model, or ``"self"``: a frozen copy of the student taken right before the
+    first pruning step (the dense fine-tuned model), useful when no separate teacher exists.
+    """
+
+    def __init__(self, *args, manager: RecipeManager | None = None, teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.manager = manager
+        self.teacher = teacher
+
+    def snapshot_teacher(self, model) -> None:
+        if self.teacher == "self":
+            self.teacher = copy.deepcopy(model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        epoch = self.state.epoch or 0.0
+        mod = self.manager.distillation_at(epoch) if self.manager is not None else None
+        if mod is not None and isinstance(self.teacher, torch.nn.Module):
+            with torch.no_grad():
+                t_out = self.teacher(**inputs)
+            soft = sum(
+                distillation_loss(outputs[k], t_out[k], mod.temperature)
+                for k in mod.distill_output_keys
+            ) / len(mod.distill_output_keys)
+            loss = (1.0 - mod.hardness) * loss + mod.hardness * soft
+        return (loss, outputs) if return_outputs else loss

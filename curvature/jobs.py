@@ -1,0 +1,215 @@
+"""The ``curvature prune`` job: fine-tune and prune a Hugging Face classifier per a recipe.
+
+Everything that can be checked is checked before work starts (recipe, data, model, parameter
+names, output folder). Output is written to a temporary folder beside the target and renamed into
+place only when the job succeeds, so a failed run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class JobError(ValueError):
+    """A user-facing job failure with a message that says what to change."""
+
+
+@dataclass
+class PruneJob:
+    recipe: str
+    model: str = "default"
+    data: str = "bbc-news"
+    output: str = "runs/pruned"
+    oneshot: bool = False
+    max_train: int | None = None
+    max_eval: int | None = None
+    max_length: int = 128
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    seed: int = 0
+    teacher: str | None = None
+    overrides: dict = field(default_factory=dict)
+    overwrite: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise JobError(
+            f"output {path} already exists and is not empty; choose another folder or pass --overwrite"
+        )
+
+
+def run_prune(job: PruneJob) -> dict:
+    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from curvature.data import load_task, tokenize
+    from curvature.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy, model_loss
+    from curvature.models import load_classifier
+    from curvature.recipes import RecipeManager, load_recipe
+    from curvature.recipes.schema import DistillationModifier
+
+    start = time.perf_counter()
+    recipe = load_recipe(job.recipe, job.overrides)  # validate before anything else
+    out = Path(job.output)
+    _check_output(out, job.overwrite)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    hf_logging.set_verbosity_error()
+    set_seed(job.seed)
+    task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_validation=job.max_eval)
+    model, tokenizer = load_classifier(job.model, task.num_labels, task.label_names)
+    enc = tokenize(task, tokenizer, max_length=job.max_length)
+    manager = RecipeManager(recipe, model)  # checks every params entry against this model
+    collator = DataCollatorWithPadding(tokenizer)
+    eval_loader = torch.utils.data.DataLoader(
+        enc["validation"], batch_size=job.eval_batch_size, collate_fn=collator
+    )
+    epochs = 0.0 if job.oneshot else recipe.num_epochs
+    distill = recipe.of(DistillationModifier)
+    teacher = job.teacher or (distill[0].teacher if distill else None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        metrics: dict = {"recipe": str(job.recipe), "model": job.model, "data": job.data}
+        metrics["train_examples"] = len(enc["train"])
+        metrics["validation_examples"] = len(enc["validation"])
+
+        def record_dense(m):
+            metrics["dense"] = evaluate_accuracy(
+                m, eval_loader, progress=job.progress, desc="eval dense"
+            )
+
+        if epochs <= 0:
+            record_dense(model)
+            grad_bs = _grad_batch_size(recipe, job.batch_size)
+            grad_loader = torch.utils.data.DataLoader(
+                enc["train"],
+                batch_size=grad_bs,
+                shuffle=True,
+                collate_fn=collator,
+                generator=torch.Generator().manual_seed(job.seed),
+            )
+            manager.step(math.inf, grad_data=grad_loader, loss_fn=model_loss, progress=job.progress)
+        else:
+            if teacher not in (None, "self"):
+                from transformers import AutoModelForSequenceClassification
+
+                from curvature.models import resolve_model_path
+
+                teacher = AutoModelForSequenceClassification.from_pretrained(
+                    resolve_model_path(teacher), attn_implementation="eager"
+                ).eval()
+            args = TrainingArguments(
+                output_dir=str(tmp / "trainer"),
+                num_train_epochs=epochs,
+                per_device_train_batch_size=job.batch_size,
+                learning_rate=job.lr,
+                lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
+                save_strategy="no",
+                report_to=[],
+                logging_strategy="epoch",
+                seed=job.seed,
+                disable_tqdm=not job.progress,
+                use_cpu=not torch.cuda.is_available(),
+            )
+            trainer = RecipeTrainer(
+                model=model,
+                args=args,
+                train_dataset=enc["train"],
+                data_collator=collator,
+                manager=manager,
+                teacher=teacher if distill else None,
+            )
+
+            def before_first(m):
+                record_dense(m)
+                trainer.snapshot_teacher(m)
+
+            trainer.add_callback(
+                RecipeCallback(
+                    manager,
+                    grad_dataset=enc["train"],
+                    collator=collator,
+                    grad_batch_size=job.batch_size,
+                    before_first_prune=before_first,
+                    progress=job.progress,
+                    seed=job.seed,
+                )
+            )
+            trainer.train()
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            if "dense" not in metrics:  # the recipe never pruned
+                metrics["dense"] = None
+        manager.masks.apply(model)
+        metrics["pruned"] = evaluate_accuracy(
+            model, eval_loader, progress=job.progress, desc="eval pruned"
+        )
+        metrics["sparsity"] = manager.sparsity()
+        params = dict(model.named_parameters())
+        metrics["param_sparsity"] = {
+            n: float((params[n] == 0).float().mean()) for n in manager.pruned_param_names
+        }
+        metrics["pruning_steps"] = [
+            {k: v for k, v in h.items() if k != "param_sparsity"} for h in manager.history
+        ]
+        metrics["epochs"] = epochs
+        metrics["seconds"] = time.perf_counter() - start
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "report.md").write_text(render_report(metrics))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _grad_batch_size(recipe, default: int) -> int:
+    from curvature.recipes.schema import OBSPruningModifier
+
+    for m in recipe.of(OBSPruningModifier):
+        if m.grad_sampler_kwargs.get("batch_size"):
+            return int(m.grad_sampler_kwargs["batch_size"])
+    return default
+
+
+def render_report(metrics: dict) -> str:
+    dense = metrics.get("dense")
+    pruned = metrics["pruned"]
+    lines = [
+        "# Pruning report",
+        "",
+        f"- recipe: `{metrics['recipe']}`, model: `{metrics['model']}`, data: `{metrics['data']}`",
+        f"- sparsity of the pruned parameters: {metrics['sparsity']:.2%}",
+        f"- wall time: {metrics['seconds']:.0f} s",
+        "",
+        "| model | validation accuracy | validation loss |",
+        "|---|---|---|",
+    ]
+    if dense:
+        lines.append(f"| dense (before pruning) | {dense['accuracy']:.4f} | {dense['loss']:.4f} |")
+    lines.append(f"| pruned | {pruned['accuracy']:.4f} | {pruned['loss']:.4f} |")
+    if metrics.get("pruning_steps"):
+        lines += ["", "| epoch | method | target | reached | seconds |", "|---|---|---|---|---|"]
+        for s in metrics["pruning_steps"]:
+            lines.append(
+                f"| {s['epoch']:.2f} | {s['method']} ({s['mask']}) | {s['target_sparsity']:.3f} | "
+                f"{s['global_sparsity']:.3f} | {s['seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
