@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import difflib
 import operator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,16 @@ def _construct(loader: _Loader, suffix: str, node: yaml.Node) -> _Tagged:
 
 
 _Loader.add_multi_constructor("!", _construct)
+# YAML 1.1 reads 2:4 as the base-60 integer 124; masks are written N:M, so keep them strings.
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:int"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 _OPS = {
     ast.Add: operator.add,
@@ -131,12 +142,15 @@ def _resolve(value, variables):
 
 
 def _front_matter(text: str) -> str:
-    """A Markdown recipe keeps its YAML between the first two ``---`` lines."""
+    """A Markdown recipe keeps its YAML between the first two ``---`` lines.
+
+    The opening line is kept as a blank line so that YAML line numbers are the file's.
+    """
     lines = text.splitlines()
     if lines and lines[0].strip() == "---":
         for i in range(1, len(lines)):
             if lines[i].strip() == "---":
-                return "\n".join(lines[1:i])
+                return "\n".join([""] + lines[1:i])
     return text
 
 

@@ -1,0 +1,158 @@
+"""Hugging Face integration and the command line, end to end on a tiny model and task."""
+
+import json
+
+import pytest
+import torch
+from tiny import make_csv, make_model_dir
+
+from curvature.cli import main
+
+RECIPE = """
+num_epochs: 3.0
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !LearningRateFunctionModifier {lr_func: linear, init_lr: 1e-3, final_lr: 1e-4, start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.(intermediate|output).dense.weight"]
+    init_sparsity: 0.3
+    final_sparsity: 0.6
+    start_epoch: 1.0
+    end_epoch: 2.0
+    update_frequency: 0.5
+    mask_type: MASK
+    num_grads: 8
+    damp: 1.0e-6
+    fisher_block_size: 8
+    grad_sampler_kwargs: {batch_size: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_model_dir(root / "model"), make_csv(root / "train.csv")
+
+
+def write_recipe(tmp_path, text):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("mask,final", [("unstructured", 0.6), ("block4", 0.6), ("2:4", 0.5)])
+def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, data = assets
+    text = RECIPE.replace("MASK", mask).replace("final_sparsity: 0.6", f"final_sparsity: {final}")
+    if mask == "2:4":
+        text = text.replace("init_sparsity: 0.3", "init_sparsity: 0.5")
+    out = tmp_path / "out"
+    rc = main(["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data),
+               "--output", str(out), "--batch-size", "8", "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(final, abs=1e-3)
+    assert metrics["dense"]["examples"] == metrics["pruned"]["examples"] == 16
+    assert [round(s["epoch"], 2) for s in metrics["pruning_steps"]] == [1.0, 1.5, 2.0]
+    assert "dense (before pruning)" in capsys.readouterr().out
+    assert (out / "report.md").read_text().startswith("# Pruning report")
+    # Loadable by plain transformers with the sparsity intact (training did not revive weights).
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    pruned = [p for n, p in model.named_parameters() if n in metrics["param_sparsity"]]
+    assert len(pruned) == 6  # the pattern also matches attention.output.dense (".*" spans dots)
+    zeros = sum(int((p == 0).sum()) for p in pruned)
+    assert zeros / sum(p.numel() for p in pruned) == pytest.approx(final, abs=1e-3)
+    if mask == "2:4":
+        for p in pruned:
+            assert torch.all((p.reshape(-1, 4) == 0).sum(1) >= 2)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_prune_cli_oneshot(assets, tmp_path):
+    model_dir, data = assets
+    out = tmp_path / "oneshot"
+    rc = main(["prune", write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured")), "--oneshot",
+               "--model", str(model_dir), "--data", str(data), "--output", str(out), "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["epochs"] == 0
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (("fisher_block_size", "fisher_blocksize"), "unknown field 'fisher_blocksize'; did you mean 'fisher_block_size'?"),
+        (("final_sparsity: 0.6", "final_sparsity: 1.5"), "field 'final_sparsity': Input should be less than 1"),
+        (("!OBSPruningModifier", "!OBSPruner"), "unknown modifier !OBSPruner"),
+        (("re:bert.encoder", "re:bert.encodr"), "matches no parameter"),
+    ],
+)
+def test_bad_recipe_refused_before_any_output(assets, tmp_path, capsys, edit, message):
+    model_dir, data = assets
+    out = tmp_path / "never"
+    text = RECIPE.replace("MASK", "unstructured").replace(*edit)
+    rc = main(["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data),
+               "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
+
+
+def test_bad_data_and_model_and_output(assets, tmp_path, capsys):
+    model_dir, data = assets
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o")]) == 2
+    assert "data file" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhello,1\n")
+    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "needs a 'text' column" in capsys.readouterr().err
+    assert main(["prune", recipe, "--model", str(tmp_path / "nomodel"), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "is not a local folder" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "full")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_and_help(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    assert main(["check", recipe]) == 0
+    assert "schedule (epoch:sparsity): 1:0.300 1.5:0.562 2:0.600" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "prune" in capsys.readouterr().out
+
+
+def test_distillation_with_self_teacher_and_plain_loop(assets, tmp_path):
+    """A plain PyTorch loop drives the same manager; distillation changes the loss."""
+    from transformers import AutoModelForSequenceClassification
+
+    from curvature.recipes import RecipeManager, parse_recipe
+    from curvature.recipes.manager import distillation_loss
+
+    model_dir, _ = assets
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    r = parse_recipe(RECIPE.replace("MASK", "unstructured"))
+    m = RecipeManager(r, model)
+    x = torch.randint(5, 17, (8, 6))
+    y = torch.randint(0, 2, (8,))
+    batches = [{"input_ids": x[i : i + 4], "labels": y[i : i + 4]} for i in range(0, 8, 4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    m.masks.attach(model, opt)
+    for step in range(12):
+        epoch = step / 4
+        if m.step(epoch, grad_data=batches, loss_fn=lambda mod, b: mod(**b).loss, optimizer=opt):
+            m.masks.attach(model, opt)
+        loss = model(**batches[step % 2]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.sparsity() == pytest.approx(0.6, abs=1e-3)
+    s = torch.randn(4, 3)
+    assert distillation_loss(s, s, 2.0).abs().item() < 1e-6
+    assert distillation_loss(s, -s, 2.0).item() > 0
