@@ -13,6 +13,8 @@ curvature-toolkit: second-order pruning of PyTorch and Hugging Face models.
 Commands:
   prune    fine-tune and prune a classifier with a YAML recipe (OBS, magnitude; unstructured,
            block4, N:M), then evaluate and save it with its sparsity intact
+  sweep    prune with several methods at several sparsities; table, CSV/JSON and a plot
+  report   render a finished sweep folder again (table and plot)
   check    validate a recipe file and print its pruning schedule, without loading anything
 
 The default model is the embedded all-MiniLM-L6-v2 and the built-in offline datasets are
@@ -88,6 +90,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    w = sub.add_parser(
+        "sweep",
+        help="measure accuracy against sparsity",
+        description=(
+            "Fine-tune the dense model once (cached in OUTPUT/dense), then prune it with every method at "
+            "every sparsity, one-shot or with a gradual recipe, and evaluate each. Writes results.csv, "
+            "results.json, results.md and accuracy_vs_sparsity.png; a rerun resumes where it stopped."
+        ),
+    )
+    w.add_argument("--model", default="default")
+    w.add_argument("--data", default="bbc-news")
+    w.add_argument(
+        "--methods", default="obs,magnitude", help="comma list of obs, obs-independent, magnitude"
+    )
+    w.add_argument("--sparsities", default="0.5,0.7,0.8,0.9", help="comma list in [0, 1)")
+    w.add_argument("--mask", default="unstructured", help="unstructured, block4 or N:M such as 2:4")
+    mode = w.add_mutually_exclusive_group()
+    mode.add_argument("--oneshot", action="store_true", help="one-shot pruning (the default)")
+    mode.add_argument(
+        "--recipe",
+        default=None,
+        help="gradual pruning with this recipe (method and sparsity are swept)",
+    )
+    w.add_argument(
+        "--params", default="__ALL_PRUNABLE__", help="comma list of names or re: patterns"
+    )
+    w.add_argument("--output", required=True)
+    w.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=1.0,
+        help="dense fine-tuning before pruning (0: use the model as is)",
+    )
+    w.add_argument("--max-train", type=int, default=None)
+    w.add_argument("--max-eval", type=int, default=None)
+    w.add_argument("--max-length", type=int, default=128)
+    w.add_argument("--num-grads", type=int, default=64)
+    w.add_argument("--block-size", type=int, default=32)
+    w.add_argument("--damp", type=float, default=1e-7)
+    w.add_argument("--num-recomputations", type=int, default=1)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser(
+        "report",
+        help="render a sweep folder again",
+        description="Rewrite the table, CSV/JSON and plot of a sweep folder from its points.jsonl.",
+    )
+    r.add_argument("folder")
+
     c = sub.add_parser(
         "check",
         help="validate a recipe",
@@ -109,8 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     from curvature.models import ModelNotFoundError
     from curvature.recipes import RecipeError
 
-    user_errors = (RecipeError, DataError, ModelNotFoundError, JobError, MemoryError, ValueError)
+    user_errors = (
+        RecipeError,
+        DataError,
+        ModelNotFoundError,
+        JobError,
+        MemoryError,
+        ValueError,
+        FileNotFoundError,
+    )
     try:
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            from curvature.sweep import render
+
+            render(args.folder)
+            print((__import__("pathlib").Path(args.folder) / "results.md").read_text())
+            return 0
         if args.command == "check":
             return _check(args)
         if args.command == "prune":
@@ -147,6 +215,45 @@ def _check(args) -> int:
                 f"{e:g}:{m.init_sparsity + (m.final_sparsity - m.init_sparsity) * interpolate(x, m.inter_func):.3f}"
             )
         print(f"  {type(m).__name__} schedule (epoch:sparsity): {' '.join(sched)}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects a comma list of numbers, got {text!r}") from None
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from curvature.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        output=args.output,
+        model=args.model,
+        data=args.data,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        sparsities=_floats(args.sparsities, "--sparsities"),
+        mask=args.mask,
+        recipe=args.recipe,
+        params=[p.strip() for p in args.params.split(",") if p.strip()],
+        finetune_epochs=args.finetune_epochs,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        max_length=args.max_length,
+        num_grads=args.num_grads,
+        block_size=args.block_size,
+        damp=args.damp,
+        num_recomputations=args.num_recomputations,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    cfg.validate()  # before any folder is created
+    run_sweep(cfg)
+    print((Path(args.output) / "results.md").read_text())
+    print(f"plot: {Path(args.output) / 'accuracy_vs_sparsity.png'}")
     return 0
 
 

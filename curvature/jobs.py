@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from curvature.recipes import Recipe
+
 
 class JobError(ValueError):
     """A user-facing job failure with a message that says what to change."""
@@ -24,7 +26,7 @@ class JobError(ValueError):
 
 @dataclass
 class PruneJob:
-    recipe: str
+    recipe: str | Recipe  # a recipe file, or an already validated Recipe
     model: str = "default"
     data: str = "bbc-news"
     output: str = "runs/pruned"
@@ -59,14 +61,20 @@ def run_prune(job: PruneJob) -> dict:
     from curvature.models import load_classifier
     from curvature.recipes import RecipeManager, load_recipe
     from curvature.recipes.schema import DistillationModifier
+    from curvature.utils import quiet_progress
 
     start = time.perf_counter()
-    recipe = load_recipe(job.recipe, job.overrides)  # validate before anything else
+    # validate before anything else
+    recipe = (
+        job.recipe if isinstance(job.recipe, Recipe) else load_recipe(job.recipe, job.overrides)
+    )
     out = Path(job.output)
     _check_output(out, job.overwrite)
     if job.threads:
         torch.set_num_threads(job.threads)
     hf_logging.set_verbosity_error()
+    if not job.progress:
+        quiet_progress()
     set_seed(job.seed)
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_validation=job.max_eval)
     model, tokenizer = load_classifier(job.model, task.num_labels, task.label_names)
@@ -83,7 +91,7 @@ def run_prune(job: PruneJob) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        metrics: dict = {"recipe": str(job.recipe), "model": job.model, "data": job.data}
+        metrics: dict = {"recipe": recipe.source, "model": str(job.model), "data": job.data}
         metrics["train_examples"] = len(enc["train"])
         metrics["validation_examples"] = len(enc["validation"])
 

@@ -49,8 +49,21 @@ def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
     if mask == "2:4":
         text = text.replace("init_sparsity: 0.3", "init_sparsity: 0.5")
     out = tmp_path / "out"
-    rc = main(["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data),
-               "--output", str(out), "--batch-size", "8", "--no-progress"])
+    rc = main(
+        [
+            "prune",
+            write_recipe(tmp_path, text),
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(final, abs=1e-3)
@@ -73,8 +86,20 @@ def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
 def test_prune_cli_oneshot(assets, tmp_path):
     model_dir, data = assets
     out = tmp_path / "oneshot"
-    rc = main(["prune", write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured")), "--oneshot",
-               "--model", str(model_dir), "--data", str(data), "--output", str(out), "--no-progress"])
+    rc = main(
+        [
+            "prune",
+            write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured")),
+            "--oneshot",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["epochs"] == 0
@@ -83,8 +108,14 @@ def test_prune_cli_oneshot(assets, tmp_path):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (("fisher_block_size", "fisher_blocksize"), "unknown field 'fisher_blocksize'; did you mean 'fisher_block_size'?"),
-        (("final_sparsity: 0.6", "final_sparsity: 1.5"), "field 'final_sparsity': Input should be less than 1"),
+        (
+            ("fisher_block_size", "fisher_blocksize"),
+            "unknown field 'fisher_blocksize'; did you mean 'fisher_block_size'?",
+        ),
+        (
+            ("final_sparsity: 0.6", "final_sparsity: 1.5"),
+            "field 'final_sparsity': Input should be less than 1",
+        ),
         (("!OBSPruningModifier", "!OBSPruner"), "unknown modifier !OBSPruner"),
         (("re:bert.encoder", "re:bert.encodr"), "matches no parameter"),
     ],
@@ -93,8 +124,19 @@ def test_bad_recipe_refused_before_any_output(assets, tmp_path, capsys, edit, me
     model_dir, data = assets
     out = tmp_path / "never"
     text = RECIPE.replace("MASK", "unstructured").replace(*edit)
-    rc = main(["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data),
-               "--output", str(out), "--no-progress"])
+    rc = main(
+        [
+            "prune",
+            write_recipe(tmp_path, text),
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
@@ -103,17 +145,73 @@ def test_bad_recipe_refused_before_any_output(assets, tmp_path, capsys, edit, me
 def test_bad_data_and_model_and_output(assets, tmp_path, capsys):
     model_dir, data = assets
     recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
-    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                recipe,
+                "--model",
+                str(model_dir),
+                "--data",
+                str(tmp_path / "nope.csv"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "data file" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\nhello,1\n")
-    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                recipe,
+                "--model",
+                str(model_dir),
+                "--data",
+                str(bad),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "needs a 'text' column" in capsys.readouterr().err
-    assert main(["prune", recipe, "--model", str(tmp_path / "nomodel"), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                recipe,
+                "--model",
+                str(tmp_path / "nomodel"),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "is not a local folder" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    assert main(["prune", recipe, "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "full")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                recipe,
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "full"),
+            ]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     assert not (tmp_path / "o").exists()

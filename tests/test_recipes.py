@@ -66,8 +66,13 @@ def tiny_bert(num_labels=3):
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
     )
     torch.manual_seed(0)
     return BertForSequenceClassification(cfg)
@@ -102,18 +107,51 @@ def test_overrides_and_eval_arithmetic():
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (("fisher_block_size: 50", "fisher_blok_size: 50"), r"line 38: OBSPruningModifier: unknown field 'fisher_blok_size'; did you mean 'fisher_block_size'\?"),
-        (("!OBSPruningModifier", "!OBSPrunningModifier"), r"line 25: unknown modifier !OBSPrunningModifier; did you mean !OBSPruningModifier\? known: "),
-        (("final_sparsity: 0.9", "final_sparsity: 1.2"), r"field 'final_sparsity': Input should be less than 1 \(got 1.2\)"),
-        (("    end_epoch: eval(num_epochs - 4)", "    end_epoch: 1"), r"line 25: OBSPruningModifier: end_epoch \(1.0\) is before start_epoch \(2.0\)"),
-        (("mask_type: unstructured", "mask_type: block4\n    fisher_block_size_x: 1"), r"unknown field 'fisher_block_size_x'"),
-        (("fisher_block_size: 50", "fisher_block_size: 50\n    mask_type: 4:8"), r"mask_type 4:8 needs final_sparsity 0.5"),
-        (("inter_func: cubic", "inter_func: quadratic"), r"line 32: OBSPruningModifier: field 'inter_func': Input should be 'cubic', 'linear' or 'inverse_cubic'"),
-        (("eval(num_epochs - 4)", "eval(num_epoch - 4)"), r"unknown variable 'num_epoch' \(did you mean 'num_epochs'\?\)"),
+        (
+            ("fisher_block_size: 50", "fisher_blok_size: 50"),
+            r"line 38: OBSPruningModifier: unknown field 'fisher_blok_size'; did you mean 'fisher_block_size'\?",
+        ),
+        (
+            ("!OBSPruningModifier", "!OBSPrunningModifier"),
+            r"line 25: unknown modifier !OBSPrunningModifier; did you mean !OBSPruningModifier\? known: ",
+        ),
+        (
+            ("final_sparsity: 0.9", "final_sparsity: 1.2"),
+            r"field 'final_sparsity': Input should be less than 1 \(got 1.2\)",
+        ),
+        (
+            ("    end_epoch: eval(num_epochs - 4)", "    end_epoch: 1"),
+            r"line 25: OBSPruningModifier: end_epoch \(1.0\) is before start_epoch \(2.0\)",
+        ),
+        (
+            ("mask_type: unstructured", "mask_type: block4\n    fisher_block_size_x: 1"),
+            r"unknown field 'fisher_block_size_x'",
+        ),
+        (
+            ("fisher_block_size: 50", "fisher_block_size: 50\n    mask_type: 4:8"),
+            r"mask_type 4:8 needs final_sparsity 0.5",
+        ),
+        (
+            ("inter_func: cubic", "inter_func: quadratic"),
+            r"line 32: OBSPruningModifier: field 'inter_func': Input should be 'cubic', 'linear' or 'inverse_cubic'",
+        ),
+        (
+            ("eval(num_epochs - 4)", "eval(num_epoch - 4)"),
+            r"unknown variable 'num_epoch' \(did you mean 'num_epochs'\?\)",
+        ),
         (("eval(num_epochs - 4)", "eval(__import__('os'))"), r"only arithmetic"),
         (("damp: 1e-7", "damp: -1e-7"), r"field 'damp': Input should be greater than 0"),
-        (("batch_size: 16", "batchsize: 16"), r"grad_sampler_kwargs: unknown key\(s\) \['batchsize'\]"),
-        (("    init_lr: 8e-5\n    final_lr: 8e-6\n  - !LearningRateFunctionModifier\n    start_epoch: 2.0", "    final_lr: 8e-6\n  - !LearningRateFunctionModifier\n    start_epoch: 2.0"), r"LearningRateFunctionModifier: required field 'init_lr' is missing"),
+        (
+            ("batch_size: 16", "batchsize: 16"),
+            r"grad_sampler_kwargs: unknown key\(s\) \['batchsize'\]",
+        ),
+        (
+            (
+                "    init_lr: 8e-5\n    final_lr: 8e-6\n  - !LearningRateFunctionModifier\n    start_epoch: 2.0",
+                "    final_lr: 8e-6\n  - !LearningRateFunctionModifier\n    start_epoch: 2.0",
+            ),
+            r"LearningRateFunctionModifier: required field 'init_lr' is missing",
+        ),
     ],
 )
 def test_validation_errors_name_line_and_field(edit, message):
@@ -135,9 +173,14 @@ def test_bad_yaml_and_structure():
 
 
 def test_params_checked_against_model_before_training():
-    text = LEGACY.replace("re:bert.encoder.layer.*.output.dense.weight", "bert.encoder.layer.0.output.dens.weight")
+    text = LEGACY.replace(
+        "re:bert.encoder.layer.*.output.dense.weight", "bert.encoder.layer.0.output.dens.weight"
+    )
     r = parse_recipe(text)
-    with pytest.raises(ValueError, match="'bert.encoder.layer.0.output.dens.weight' matches no parameter.*nearest parameter names: bert.encoder.layer.0.output.dense.weight"):
+    with pytest.raises(
+        ValueError,
+        match="'bert.encoder.layer.0.output.dens.weight' matches no parameter.*nearest parameter names: bert.encoder.layer.0.output.dense.weight",
+    ):
         RecipeManager(r, tiny_bert())
 
 

@@ -8,7 +8,20 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "plot", "very"]
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "poor",
+    "the",
+    "a",
+    "movie",
+    "film",
+    "plot",
+    "very",
+]
 
 
 def make_model_dir(root: Path, num_labels: int = 2) -> Path:
@@ -19,8 +32,13 @@ def make_model_dir(root: Path, num_labels: int = 2) -> Path:
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
     cfg = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(root)

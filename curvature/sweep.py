@@ -1,0 +1,399 @@
+"""Sparsity-accuracy sweeps: every method at every sparsity on the same model, split and seed.
+
+Layout of a sweep folder::
+
+    DIR/dense/                 the dense reference (fine-tuned here unless --no-finetune)
+    DIR/points.jsonl           one line per finished point (the resume log)
+    DIR/results.csv|json|md    the table, rewritten after every point
+    DIR/accuracy_vs_sparsity.png
+
+A rerun with the same arguments skips the points already in ``points.jsonl``; an interrupted run
+loses at most the point in progress (each line is written only when its point is complete).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from curvature.pruning.masks import parse_mask
+
+COLUMNS = [
+    "method",
+    "mask",
+    "mode",
+    "target_sparsity",
+    "sparsity",
+    "accuracy",
+    "loss",
+    "dense_bytes",
+    "compressed_bytes",
+    "prune_seconds",
+    "peak_memory_mb",
+]
+METHODS = ("obs", "obs-independent", "magnitude")
+
+
+class SweepError(ValueError):
+    pass
+
+
+@dataclass
+class SweepConfig:
+    output: str
+    model: str = "default"
+    data: str = "bbc-news"
+    methods: list[str] = field(default_factory=lambda: ["obs", "magnitude"])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
+    mask: str = "unstructured"
+    recipe: str | None = None  # gradual pruning recipe; None means one-shot
+    params: list[str] = field(default_factory=lambda: ["__ALL_PRUNABLE__"])
+    finetune_epochs: float = 1.0
+    max_train: int | None = None
+    max_eval: int | None = None
+    max_length: int = 128
+    batch_size: int = 16
+    lr: float = 1e-4
+    num_grads: int = 64
+    grad_batch_size: int = 8
+    block_size: int = 32
+    damp: float = 1e-7
+    num_recomputations: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise SweepError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        for s in self.sparsities:
+            if not 0.0 <= s < 1.0:
+                raise SweepError(f"--sparsities: {s} is outside [0, 1)")
+        structure = parse_mask(self.mask)
+        if structure.fixed_sparsity is not None:
+            self.sparsities = [structure.fixed_sparsity]
+        if self.block_size % structure.run:
+            raise SweepError(
+                f"--block-size {self.block_size} is not a multiple of the {structure.name} group of {structure.run}"
+            )
+        if self.recipe is not None:
+            from curvature.recipes import load_recipe
+
+            load_recipe(self.recipe)
+
+
+def _key(p: dict) -> tuple:
+    return (p["method"], p["mask"], p["mode"], round(p["target_sparsity"], 6))
+
+
+def load_points(folder: Path) -> list[dict]:
+    path = folder / "points.jsonl"
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                points.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that point reruns
+    return points
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    from transformers import DataCollatorWithPadding, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from curvature.data import load_task, tokenize
+    from curvature.hf import evaluate_accuracy, model_loss
+    from curvature.models import load_classifier
+    from curvature.utils import quiet_progress
+
+    cfg.validate()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "sweep.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        keys = ("model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs")
+        changed = [k for k in keys if old.get(k) != asdict(cfg).get(k)]
+        if changed:
+            raise SweepError(
+                f"{out} holds a sweep with different {', '.join(changed)}; use another --output"
+            )
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    hf_logging.set_verbosity_error()
+    if not cfg.progress:
+        quiet_progress()
+    set_seed(cfg.seed)
+    task = load_task(cfg.data, seed=cfg.seed, max_train=cfg.max_train, max_validation=cfg.max_eval)
+    dense_dir = out / "dense"
+    model, tok = load_classifier(cfg.model, task.num_labels, task.label_names)
+    enc = tokenize(task, tok, max_length=cfg.max_length)
+    collator = DataCollatorWithPadding(tok)
+    eval_loader = torch.utils.data.DataLoader(enc["validation"], batch_size=64, collate_fn=collator)
+    points = load_points(out)
+    # drop a line cut by an interruption so that new points append cleanly
+    (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    done = {_key(p) for p in points}
+
+    if not (dense_dir / "config.json").is_file():
+        if cfg.finetune_epochs > 0:
+            _finetune(model, enc["train"], collator, cfg)
+        tmp = out / ".dense.partial"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(dense_dir)
+    dense_model, _ = load_classifier(str(dense_dir), task.num_labels, task.label_names)
+    if ("dense", "-", "-", 0.0) not in done:
+        ev = evaluate_accuracy(dense_model, eval_loader, progress=cfg.progress, desc="eval dense")
+        _append(
+            out,
+            {
+                "method": "dense",
+                "mask": "-",
+                "mode": "-",
+                "target_sparsity": 0.0,
+                "sparsity": 0.0,
+                **_ev(ev),
+                **_sizes(dense_model, out),
+                "prune_seconds": 0.0,
+                "peak_memory_mb": None,
+            },
+            points,
+        )
+
+    mode = "gradual" if cfg.recipe else "oneshot"
+    for method in cfg.methods:
+        for s in cfg.sparsities:
+            key = (method, parse_mask(cfg.mask).name, mode, round(s, 6))
+            if key in done:
+                continue
+            point = _run_point(
+                cfg, method, s, mode, task, tok, enc, collator, eval_loader, dense_dir, model_loss
+            )
+            _append(out, point, points)
+    render(out, points)
+    return points
+
+
+def _ev(ev: dict) -> dict:
+    return {"accuracy": ev["accuracy"], "loss": ev["loss"]}
+
+
+def _sizes(model, out: Path) -> dict:
+    import shutil
+
+    from curvature.compress import save_compressed
+
+    tmp = out / ".size.tmp"
+    sizes = save_compressed(model, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return sizes
+
+
+def _append(out: Path, point: dict, points: list) -> None:
+    with open(out / "points.jsonl", "a") as fh:
+        fh.write(json.dumps(point) + "\n")
+        fh.flush()
+    points.append(point)
+    render(out, points)
+
+
+def _finetune(model, train, collator, cfg: SweepConfig) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(Path(cfg.output) / ".trainer"),
+        num_train_epochs=cfg.finetune_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        disable_tqdm=not cfg.progress,
+        use_cpu=not torch.cuda.is_available(),
+        logging_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
+
+
+def _run_point(
+    cfg, method, s, mode, task, tok, enc, collator, eval_loader, dense_dir, model_loss
+) -> dict:
+    from curvature.hf import evaluate_accuracy
+    from curvature.models import load_classifier
+    from curvature.pruning import prune
+    from curvature.utils import peak_memory_bytes, reset_peak_memory
+
+    reset_peak_memory()
+    start = time.perf_counter()
+    obs_method = "magnitude" if method == "magnitude" else "obs"
+    selection = "independent" if method == "obs-independent" else "greedy"
+    if mode == "oneshot":
+        model, _ = load_classifier(str(dense_dir), task.num_labels, task.label_names)
+        grads = torch.utils.data.DataLoader(
+            enc["train"],
+            batch_size=cfg.grad_batch_size,
+            shuffle=True,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        report = prune(
+            model,
+            grads,
+            loss_fn=model_loss,
+            sparsity=s,
+            method=obs_method,
+            mask=cfg.mask,
+            params=cfg.params,
+            num_grads=cfg.num_grads,
+            block_size=cfg.block_size,
+            damp=cfg.damp,
+            num_recomputations=cfg.num_recomputations,
+            selection=selection,
+            progress=cfg.progress,
+        )
+        reached = report.global_sparsity
+    else:
+        from curvature.jobs import PruneJob, run_prune
+        from curvature.recipes import load_recipe
+
+        recipe = _recipe_for(load_recipe(cfg.recipe), obs_method, selection, s, cfg.mask)
+        tmp = Path(cfg.output) / f".point-{method}-{s}"
+        job = PruneJob(
+            recipe=recipe,
+            model=str(dense_dir),
+            data=cfg.data,
+            output=str(tmp),
+            max_train=cfg.max_train,
+            max_eval=cfg.max_eval,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            overwrite=True,
+            progress=cfg.progress,
+        )
+        metrics = run_prune(job)
+        model, _ = load_classifier(str(tmp), task.num_labels, task.label_names)
+        reached = metrics["sparsity"]
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes()
+    ev = evaluate_accuracy(model, eval_loader, progress=cfg.progress, desc=f"eval {method} {s}")
+    return {
+        "method": method,
+        "mask": parse_mask(cfg.mask).name,
+        "mode": mode,
+        "target_sparsity": s,
+        "sparsity": reached,
+        **_ev(ev),
+        **_sizes(model, Path(cfg.output)),
+        "prune_seconds": seconds,
+        "peak_memory_mb": peak / 2**20 if peak else None,
+    }
+
+
+def _recipe_for(recipe, method, selection, sparsity, mask):
+    """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``."""
+    from curvature.recipes.schema import MagnitudePruningModifier, OBSPruningModifier, _Pruning
+
+    recipe = copy.deepcopy(recipe)
+    mods = []
+    for m in recipe.modifiers:
+        if isinstance(m, _Pruning):
+            fields = m.model_dump()
+            fields.update(
+                final_sparsity=sparsity,
+                init_sparsity=min(m.init_sparsity, sparsity),
+                mask_type=mask,
+            )
+            if method == "magnitude":
+                fields = {
+                    k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
+                }
+                m = MagnitudePruningModifier(**fields)
+            else:
+                base = {k: v for k, v in fields.items() if k in OBSPruningModifier.model_fields}
+                m = OBSPruningModifier(**{**base, "selection": selection})
+        mods.append(m)
+    recipe.modifiers = mods
+    return recipe
+
+
+def render(folder: str | Path, points: list[dict] | None = None) -> None:
+    """Write results.csv, results.json, results.md and the plot from the points."""
+    folder = Path(folder)
+    points = load_points(folder) if points is None else points
+    if not points:
+        raise SweepError(f"{folder} has no finished sweep points (points.jsonl)")
+    rows = sorted(
+        points, key=lambda p: (p["method"] != "dense", p["mode"], p["method"], p["target_sparsity"])
+    )
+    with open(folder / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (folder / "results.json").write_text(json.dumps(rows, indent=2))
+    (folder / "results.md").write_text(markdown_table(rows))
+    plot(rows, folder / "accuracy_vs_sparsity.png")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | mask | mode | target | reached | accuracy | loss | size (compressed) | prune s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "-"
+        lines.append(
+            f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | {r['sparsity']:.4f} | "
+            f"{r['accuracy']:.4f} | {r['loss']:.4f} | {r['compressed_bytes'] / 2**20:.1f} MB "
+            f"({r['compressed_bytes'] / r['dense_bytes']:.0%}) | {r['prune_seconds']:.0f} | {peak} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    dense = [r for r in rows if r["method"] == "dense"]
+    curves: dict[tuple, list] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            curves.setdefault((r["method"], r["mask"], r["mode"]), []).append(r)
+    for (method, mask, mode), pts in sorted(curves.items()):
+        pts = sorted(pts, key=lambda r: r["sparsity"])
+        ax.plot(
+            [100 * r["sparsity"] for r in pts],
+            [100 * r["accuracy"] for r in pts],
+            marker="o",
+            label=f"{method} ({mask}, {mode})",
+        )
+    if dense:
+        ax.axhline(100 * dense[0]["accuracy"], color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("sparsity of the pruned weights (%)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Accuracy kept at each sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["SweepConfig", "render", "run_sweep", "math"]

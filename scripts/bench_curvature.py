@@ -1,0 +1,124 @@
+"""Benchmark the Fisher-inverse estimators: time per add_grad batch and per mul, peak memory,
+and achieved memory bandwidth against this machine's measured copy bandwidth.
+
+These operations are memory-bound: a Woodbury batch reads and writes every block once, a product
+reads every block once; M-FAC reads its m x d rows. "GB/s" below counts those bytes; "of copy" is
+that rate divided by the bandwidth of a large tensor copy measured in the same run.
+
+    python scripts/bench_curvature.py            # the README table (a few minutes on 2 cores)
+    python scripts/bench_curvature.py --quick    # small sizes only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from curvature import FisherInverse, SlidingWindowFisherInverse
+from curvature.utils import peak_memory_bytes, reset_peak_memory
+
+
+def copy_bandwidth(nbytes=1 << 29) -> float:
+    a = torch.empty(nbytes // 8, dtype=torch.float64).fill_(1.0)
+    b = torch.empty_like(a)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best  # read + write
+
+
+def timed(fn, repeat=3):
+    best = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_fisher(d, m, block, k, algorithm, bw):
+    reset_peak_memory()
+    base = peak_memory_bytes() or 0
+    f = FisherInverse(d, num_grads=m, damp=1e-7, block_size=block, algorithm=algorithm)
+    g = torch.randn(k, d)
+    # fill to m - k gradients first so the timed batch sees a full-size state
+    filled = 0
+    while filled < m - k:
+        step = min(k, m - k - filled)
+        f.add_grad(g[:step])
+        filled += step
+    t0 = time.perf_counter()
+    f.add_grad(g)
+    t_add = time.perf_counter() - t0
+    x = torch.randn(d)
+    t_mul = timed(lambda: f.mul(x))
+    stored = FisherInverse.estimate_bytes(d, num_grads=m, block_size=block, algorithm=algorithm)
+    if algorithm == "woodbury":
+        add_bytes, mul_bytes = 2 * stored, stored
+    else:
+        add_bytes, mul_bytes = (
+            stored * k / m,
+            2 * stored,
+        )  # new rows read all old rows; mul: W twice
+    peak = (peak_memory_bytes() or 0) - base
+    return t_add, t_mul, add_bytes / t_add, mul_bytes / t_mul, stored, peak
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-gib", type=float, default=6.0, help="skip configurations storing more")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"threads: {torch.get_num_threads()}, measured copy bandwidth: {bw / 1e9:.1f} GB/s\n")
+    ds = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    ms = [32, 256] if args.quick else [32, 256, 1024]
+    blocks = [32, 128, 512, 2048, None]
+    hdr = f"{'d':>10} {'m':>5} {'B':>6} {'alg':>8} {'k':>3} {'add ms':>9} {'mul ms':>8} {'add GB/s':>9} {'of copy':>8} {'mul GB/s':>9} {'of copy':>8} {'stored GiB':>10} {'peak GiB':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for d in ds:
+        for m in ms:
+            for block in blocks:
+                alg = "mfac" if block is None else "woodbury"
+                k = min(16, m)
+                stored = FisherInverse.estimate_bytes(
+                    d, num_grads=m, block_size=block, algorithm=alg
+                )
+                if stored > args.max_gib * 2**30 or (block is not None and block > d):
+                    continue
+                if alg == "mfac" and d * m > 2e9:
+                    continue
+                t_add, t_mul, bw_add, bw_mul, stored, peak = bench_fisher(d, m, block, k, alg, bw)
+                print(
+                    f"{d:>10,} {m:>5} {block or 'whole':>6} {alg:>8} {k:>3} {t_add * 1e3:>9.1f} {t_mul * 1e3:>8.1f} "
+                    f"{bw_add / 1e9:>9.2f} {bw_add / bw:>8.1%} {bw_mul / 1e9:>9.2f} {bw_mul / bw:>8.1%} "
+                    f"{stored / 2**30:>10.2f} {peak / 2**30:>9.2f}",
+                    flush=True,
+                )
+    print("\nSliding window (M-FAC optimizer structure): one add_grad and one mul at full window")
+    print(f"{'d':>10} {'m':>5} {'add ms':>9} {'mul ms':>8} {'mul GB/s':>9} {'of copy':>8}")
+    for d in ds[:2]:
+        for m in ms:
+            s = SlidingWindowFisherInverse(d, window=m, damp=1e-6)
+            g = torch.randn(m, d)
+            s.add_grad(g)
+            t_add = timed(lambda s=s, g=g: s.add_grad(g[0]))
+            x = torch.randn(d)
+            t_mul = timed(lambda s=s, x=x: s.mul(x))
+            mul_bytes = 2 * m * d * 4
+            print(
+                f"{d:>10,} {m:>5} {t_add * 1e3:>9.1f} {t_mul * 1e3:>8.1f} {mul_bytes / t_mul / 1e9:>9.2f} {mul_bytes / t_mul / bw:>8.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

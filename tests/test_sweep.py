@@ -1,0 +1,99 @@
+import csv
+import json
+
+import pytest
+import torch
+from tiny import make_csv, make_model_dir
+
+from curvature.cli import main
+from curvature.compress import load_compressed, save_compressed
+from curvature.sweep import SweepConfig, SweepError, load_points, run_sweep
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-assets")
+    return make_model_dir(root / "model"), make_csv(root / "train.csv")
+
+
+def config(assets, out, **kw):
+    model_dir, data = assets
+    base = dict(
+        output=str(out),
+        model=str(model_dir),
+        data=str(data),
+        methods=["obs", "magnitude"],
+        sparsities=[0.5, 0.8],
+        finetune_epochs=1.0,
+        batch_size=8,
+        lr=1e-3,
+        num_grads=8,
+        block_size=8,
+        damp=1e-6,
+        progress=False,
+        params=["re:bert.encoder"],
+    )
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def test_sweep_writes_consistent_outputs_and_resumes(assets, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    points = run_sweep(config(assets, out))
+    assert len(points) == 5  # dense + 2 methods x 2 sparsities
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    data = json.loads((out / "results.json").read_text())
+    assert len(rows) == len(data) == 5
+    for r, d in zip(rows, data):
+        assert r["method"] == d["method"] and float(r["accuracy"]) == pytest.approx(d["accuracy"])
+    for d in data:
+        if d["method"] != "dense":
+            assert d["sparsity"] == pytest.approx(d["target_sparsity"], abs=1e-3)
+            assert d["compressed_bytes"] < d["dense_bytes"]
+    assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| obs | unstructured | oneshot | 0.80 |" in (out / "results.md").read_text()
+
+    # Interrupted during the last point: its line is cut; a rerun redoes that point only.
+    lines = (out / "points.jsonl").read_text().splitlines()
+    (out / "points.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    calls = []
+    import curvature.sweep as sw
+
+    real = sw._run_point
+    monkeypatch.setattr(sw, "_run_point", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    run_sweep(config(assets, out))
+    assert calls == [("magnitude", 0.8)]
+    assert len(load_points(out)) == 5
+    with pytest.raises(SweepError, match="different seed"):
+        run_sweep(config(assets, out, seed=3))
+
+
+def test_sweep_validation_and_report_cli(assets, tmp_path, capsys):
+    with pytest.raises(SweepError, match="--methods: unknown \\['random'\\]"):
+        config(assets, tmp_path / "x", methods=["random"]).validate()
+    with pytest.raises(SweepError, match="outside \\[0, 1\\)"):
+        config(assets, tmp_path / "x", sparsities=[1.2]).validate()
+    assert main(["sweep", "--output", str(tmp_path / "y"), "--sparsities", "0.5,abc"]) == 2
+    assert "expects a comma list of numbers" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished sweep points" in capsys.readouterr().err
+
+
+def test_compressed_round_trip_is_exact(assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, _ = assets
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape, generator=gen) > 0.9)
+    sizes = save_compressed(model, tmp_path / "c")
+    assert sizes["compressed_bytes"] < 0.5 * sizes["dense_bytes"]
+    back = load_compressed(tmp_path / "c")
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randint(5, 17, (3, 7))
+    assert torch.equal(model(input_ids=x).logits, back(input_ids=x).logits)
