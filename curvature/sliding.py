@@ -84,7 +84,14 @@ class SlidingWindowFisherInverse:
             self.gram[slot, :] = dots
             self.gram[:, slot] = dots
             self.num_seen += 1
+        self.refactor()
+
+    def refactor(self) -> None:
+        """Refresh the Cholesky factor of ``c damp I + G G^T`` from the stored Gram matrix."""
         c = self.count
+        if c == 0:
+            self._chol = None
+            return
         eye = torch.eye(c, dtype=COMPUTE_DTYPE, device=self.device)
         self._chol = torch.linalg.cholesky(self.gram[:c, :c] + c * self.damp * eye)
 

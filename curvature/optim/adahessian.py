@@ -1,0 +1,268 @@
+r"""AdaHessian: Adam with the Hessian diagonal (Hutchinson) in place of the squared gradient.
+
+Update rule, per parameter, with ``D_t`` the spatially averaged Hutchinson estimate
+``mean_s (z_s * H z_s)`` over ``n_samples`` probes (refreshed every ``update_each`` steps):
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) D_t^2,
+
+    p_t = p_{t-1} - \mathrm{lr}\Big(\frac{m_t / (1-\beta_1^t)}{(\sqrt{v_t/(1-\beta_2^{k})})^{\kappa} + \epsilon}
+          + \mathrm{wd}\cdot p_{t-1}\Big)
+
+with ``k`` the number of Hessian refreshes so far and ``kappa = hessian_power``. Spatial averaging:
+4-D (Conv2d) over the kernel's spatial dims, 3-D (Conv1d) over the last dim, 1-D and 2-D over
+consecutive blocks of ``block_length`` along the last dim (1: none).
+
+Deviations from the reference code, each a bug users hit there: Rademacher probes are really
++-1 (a draw that is always -1 estimates row sums); 3-D weights are averaged, not a crash; the
+global RNG is never re-seeded (probes come from a private generator when ``seed`` is given); in
+data-parallel runs the Hessian estimate is averaged across ranks; and after each step the gradient
+graph is released (``p.grad`` detached) so that ``backward(create_graph=True)`` does not leak.
+
+Two calling forms:
+
+- ``loss.backward(create_graph=True); optimizer.step()``
+- ``optimizer.step(closure)`` where ``closure`` returns the loss (it may call
+  ``loss.backward(create_graph=True)`` itself; if it does not, the optimizer differentiates).
+
+Attention kernels without a double backward (SDPA, flash) fail in the Hessian-vector product;
+load Hugging Face models with ``attn_implementation="eager"``.
+
+References:
+    Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order
+    Optimizer for Machine Learning", AAAI 2021.
+
+Example:
+    >>> import torch
+    >>> from curvature.optim import AdaHessian
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    >>> opt = AdaHessian([w], lr=1.0, betas=(0.0, 0.0), eps=0.0)
+    >>> loss = (torch.tensor([1.0, 4.0]) * w**2).sum() / 2
+    >>> loss.backward(create_graph=True)
+    >>> opt.step()  # a Newton step on a diagonal quadratic lands on the minimum
+    >>> w.detach()
+    tensor([0., 0.])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from curvature.optim import _common as chk
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def spatial_average(d: torch.Tensor, block_length: int) -> torch.Tensor:
+    """Average a Hessian-diagonal estimate over the dims AdaHessian treats as one curvature."""
+    if d.dim() == 4:
+        return d.mean(dim=(2, 3), keepdim=True).expand_as(d)
+    if d.dim() == 3:
+        return d.mean(dim=2, keepdim=True).expand_as(d)
+    if d.dim() in (1, 2) and block_length > 1:
+        last = d.shape[-1]
+        full = last - last % block_length
+        out = torch.empty_like(d)
+        if full:
+            head = d[..., :full].reshape(*d.shape[:-1], full // block_length, block_length)
+            out[..., :full] = (
+                head.mean(-1, keepdim=True).expand_as(head).reshape(*d.shape[:-1], full)
+            )
+        if full < last:
+            out[..., full:] = d[..., full:].mean(-1, keepdim=True)
+        return out
+    return d
+
+
+def adahessian_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_hessians: list[torch.Tensor],
+    *,
+    step: int,
+    hessian_step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+) -> None:
+    """The functional parameter update (moments already updated by the caller)."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2 ** max(hessian_step, 1)
+    for p, m, v in zip(params, exp_avgs, exp_hessians):
+        denom = (v / bc2).sqrt().pow(hessian_power).add_(eps)
+        update = (m / bc1) / denom
+        if weight_decay:
+            update = update + weight_decay * p
+        p.add_(update, alpha=-lr)
+
+
+class AdaHessian(Optimizer):
+    """AdaHessian (see the module docstring for the update rule and the calling forms).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (0.15 is the paper's default for vision; transformers use less).
+        betas: ``(beta1, beta2)`` in ``[0, 1)``.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay.
+        hessian_power: ``kappa`` in ``[0, 1]``; 1 gives Newton-like steps.
+        update_each: refresh the Hessian estimate every this many steps.
+        n_samples: Hutchinson probes per refresh.
+        distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+        block_length: spatial-averaging block along the last dim of 1-D/2-D parameters.
+        seed: seeds a private probe generator (the global RNG is never touched).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        n_samples: int = 1,
+        distribution: str = "rademacher",
+        block_length: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        chk.check_lr(lr)
+        chk.check_betas(betas)
+        chk.check_nonneg("eps", eps)
+        chk.check_nonneg("weight_decay", weight_decay)
+        if not 0.0 <= hessian_power <= 1.0:
+            raise ValueError(f"hessian_power must be in [0, 1], got {hessian_power!r}")
+        chk.check_int("update_each", update_each)
+        chk.check_int("n_samples", n_samples)
+        chk.check_int("block_length", block_length)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=hessian_power,
+            block_length=block_length,
+        )
+        super().__init__(params, defaults)
+        self.update_each = update_each
+        self.n_samples = n_samples
+        self.distribution = distribution
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.state["hessian_counter"] = 0  # steps taken (decides the refreshes)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def _probe(self, p: torch.Tensor) -> torch.Tensor:
+        gen = self._generator(p.device)
+        if self.distribution == "rademacher":
+            return (
+                torch.randint(0, 2, p.shape, device=p.device, generator=gen)
+                .to(p.dtype)
+                .mul_(2)
+                .sub_(1)
+            )
+        return torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=gen)
+
+    def _params_with_grad(self):
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def _hessian_diag(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        if any(g.grad_fn is None for g in grads):
+            raise RuntimeError(
+                "AdaHessian needs the graph of the gradient: call loss.backward(create_graph=True) "
+                "(for Hugging Face models with attn_implementation='eager'), or pass a closure"
+            )
+        est = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for s in range(self.n_samples):
+                zs = [self._probe(p) for p in params]
+                hzs = torch.autograd.grad(
+                    grads, params, grad_outputs=zs, retain_graph=s < self.n_samples - 1
+                )
+                for e, z, hz in zip(est, zs, hzs):
+                    e.add_(z * hz, alpha=1.0 / self.n_samples)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for e in est:  # every rank must use the same curvature: average the estimates
+                dist.all_reduce(e)
+                e.div_(world)
+        return est
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+                params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                if all(p.grad is None for p in params):
+                    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                    for p, g in zip(params, grads):
+                        p.grad = g
+        params = self._params_with_grad()
+        if not params:
+            return loss
+        counter = self.state["hessian_counter"]
+        refresh = counter % self.update_each == 0
+        index = {p: i for i, p in enumerate(params)}
+        diag = self._hessian_diag(params) if refresh else None
+        self.state["hessian_counter"] = counter + 1
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            ps, gs, ms, vs = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["hessian_step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_hessian_diag_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                g = p.grad.detach()
+                st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+                if diag is not None:
+                    d = spatial_average(diag[index[p]], group["block_length"])
+                    st["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+                    st["hessian_step"] += 1
+                ps.append(p)
+                gs.append(g)
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_hessian_diag_sq"])
+                # release the graph held by the gradient (param -> grad -> graph -> param cycle)
+                p.grad = g
+            if ps:
+                st0 = self.state[ps[0]]
+                adahessian_update(
+                    ps,
+                    gs,
+                    ms,
+                    vs,
+                    step=st0["step"],
+                    hessian_step=st0["hessian_step"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    hessian_power=group["hessian_power"],
+                )
+        return loss

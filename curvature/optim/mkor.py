@@ -1,0 +1,311 @@
+r"""MKOR: Kronecker-factored preconditioning with rank-1 Sherman-Morrison updates, and MKOR-H.
+
+For every ``nn.Linear`` layer (weight ``W`` of shape ``[out, in]``, bias folded in as a last
+input column) forward and backward hooks record the batch means ``a`` of the layer inputs (with a
+1 appended for the bias) and ``g`` of the output gradients. Every ``inv_freq`` steps the factors
+
+.. math::  L \leftarrow \gamma L + (1-\gamma) a a^\top, \qquad R \leftarrow \gamma R + (1-\gamma) g g^\top
+
+are updated through their inverses by Sherman-Morrison (:class:`~curvature.KroneckerFactorInverse`,
+``O(n^2)``, no inversion), and the gradient ``G = [dW | db]`` is preconditioned and rescaled to its
+own norm before the first-order base optimizer (SGD, Adam, AdamW or LAMB) takes the step:
+
+.. math::  U = R^{-1} G L^{-1}, \qquad G \leftarrow U \cdot \lVert G \rVert / \lVert U \rVert .
+
+Stabiliser (the paper's, where the reference code's blend silently became a hard reset): when
+an inverse factor's largest entry exceeds ``stability_threshold`` times its initial ``1/damp``
+or is not finite, the factor is blended back toward ``damp * I`` by ``stability_blend``
+(``L <- (1 - b) L + b * damp * I``, computed exactly); a non-finite factor is reset.
+
+MKOR-H (``hybrid=True``): the loss passed to :meth:`MKOR.step` (through a closure) or
+:meth:`MKOR.observe_loss` is averaged over windows of ``switch_window`` steps. The rate of
+decrease per window is compared with the best rate seen so far; when it falls below
+``switch_ratio`` times that best rate for ``switch_patience`` windows in a row, the second-order
+updates have stopped accelerating the loss decrease, and the optimizer switches permanently to
+its base optimizer (logged at INFO level and recorded in ``optimizer.switched_at_step``).
+
+Layers are excluded by name or ``re:`` pattern (``exclude``), e.g. a 30k-wide vocabulary
+projection whose ``R`` would be 30k x 30k. Layers other than ``nn.Linear`` are updated by the base
+optimizer alone.
+
+References:
+    Mozaffari, Li, Zhang, Mehri Dehnavi, "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer
+    Using Rank-1 Updates", NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+from torch.optim import Optimizer
+
+from curvature.kronecker import KroneckerFactorInverse
+from curvature.optim import _common as chk
+from curvature.optim.lamb import LAMB
+
+log = logging.getLogger(__name__)
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
+
+
+def _base(name: str, params, lr, momentum, betas, weight_decay, eps):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "lamb":
+        return LAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {name!r}")
+
+
+class _LayerState:
+    """Hooks and factor inverses of one linear layer."""
+
+    def __init__(self, name: str, module: torch.nn.Linear, decay: float, damp: float):
+        self.name = name
+        self.module = module
+        self.has_bias = module.bias is not None
+        dev = module.weight.device
+        self.left = KroneckerFactorInverse(
+            module.in_features + int(self.has_bias), decay=decay, damp=damp, device=dev
+        )
+        self.right = KroneckerFactorInverse(module.out_features, decay=decay, damp=damp, device=dev)
+        self.a: torch.Tensor | None = None
+        self.g: torch.Tensor | None = None
+        self.handles = [
+            module.register_forward_pre_hook(self._forward),
+            module.register_full_backward_hook(self._backward),
+        ]
+
+    def _forward(self, module, inputs):
+        if not torch.is_grad_enabled():
+            return
+        x = inputs[0].detach().reshape(-1, module.in_features).mean(0)
+        if self.has_bias:
+            x = torch.cat([x, x.new_ones(1)])
+        self.a = x
+
+    def _backward(self, module, grad_input, grad_output):
+        self.g = grad_output[0].detach().reshape(-1, module.out_features).mean(0)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class MKOR(Optimizer):
+    """MKOR and MKOR-H; see the module docstring for the rule, stabiliser and switch.
+
+    Args:
+        model: the module whose ``nn.Linear`` layers are preconditioned (hooks are attached).
+        lr: learning rate of the base optimizer.
+        base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"lamb"``.
+        momentum, betas, eps, weight_decay: passed to the base optimizer.
+        decay: ``gamma`` of the factor moving averages.
+        damp: initial factors ``damp * I``.
+        inv_freq: update the factor inverses every this many steps.
+        exclude: layer names or ``re:`` patterns left to the base optimizer alone.
+        stability_threshold, stability_blend: the stabiliser.
+        hybrid: enable MKOR-H's automatic switch to the base optimizer.
+        switch_window, switch_ratio, switch_patience: the MKOR-H rule.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        base_optimizer: str = "sgd",
+        *,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay: float = 0.95,
+        damp: float = 1.0,
+        inv_freq: int = 10,
+        exclude: list[str] | tuple[str, ...] = (),
+        stability_threshold: float = 1e3,
+        stability_blend: float = 0.5,
+        hybrid: bool = False,
+        switch_window: int = 20,
+        switch_ratio: float = 0.5,
+        switch_patience: int = 2,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "MKOR takes the model (it hooks its linear layers), not a parameter list"
+            )
+        chk.check_lr(lr)
+        chk.check_betas(betas)
+        chk.check_positive("damp", damp)
+        chk.check_int("inv_freq", inv_freq)
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        if not 0.0 < stability_blend <= 1.0:
+            raise ValueError(f"stability_blend must be in (0, 1], got {stability_blend!r}")
+        chk.check_positive("stability_threshold", stability_threshold)
+        chk.check_int("switch_window", switch_window)
+        chk.check_int("switch_patience", switch_patience)
+        if not 0.0 < switch_ratio < 1.0:
+            raise ValueError(f"switch_ratio must be in (0, 1), got {switch_ratio!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.base = _base(base_optimizer, params, lr, momentum, tuple(betas), weight_decay, eps)
+        super().__init__(params, dict(lr=lr))
+        self.param_groups = self.base.param_groups  # one source of truth for lr schedulers
+        patterns = [re.compile(e[3:]) if e.startswith("re:") else e for e in exclude]
+
+        def excluded(name):
+            return any(p.match(name) if isinstance(p, re.Pattern) else p == name for p in patterns)
+
+        self.layers = [
+            _LayerState(n, m, decay, damp)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not excluded(n) and m.weight.requires_grad
+        ]
+        self.base_optimizer = base_optimizer
+        self.inv_freq = inv_freq
+        self.stability_threshold = stability_threshold
+        self.stability_blend = stability_blend
+        self.hybrid = hybrid
+        self.switch_window, self.switch_ratio, self.switch_patience = (
+            switch_window,
+            switch_ratio,
+            switch_patience,
+        )
+        self.steps = 0
+        self.switched_at_step: int | None = None
+        self._losses: list[float] = []
+        self._window_means: list[float] = []
+        self._best_rate = 0.0
+        self._slow_windows = 0
+        self.stabilised = 0  # how many times the stabiliser fired
+
+    # ------------------------------------------------------------------ MKOR-H
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        if not self.hybrid or self.switched_at_step is not None:
+            return
+        value = float(loss)
+        if not math.isfinite(value):
+            return
+        self._losses.append(value)
+        if len(self._losses) < self.switch_window:
+            return
+        self._window_means.append(sum(self._losses) / len(self._losses))
+        self._losses = []
+        if len(self._window_means) < 2:
+            return
+        rate = self._window_means[-2] - self._window_means[-1]  # decrease per window
+        self._best_rate = max(self._best_rate, rate)
+        if self._best_rate > 0 and rate < self.switch_ratio * self._best_rate:
+            self._slow_windows += 1
+        else:
+            self._slow_windows = 0
+        if self._slow_windows >= self.switch_patience:
+            self.switched_at_step = self.steps
+            for layer in self.layers:
+                layer.remove()
+            log.info(
+                "MKOR-H: switching to %s at step %d (loss decrease per %d steps %.4g < %.2f x best %.4g)",
+                self.base_optimizer,
+                self.steps,
+                self.switch_window,
+                rate,
+                self.switch_ratio,
+                self._best_rate,
+            )
+
+    # ------------------------------------------------------------------ step
+    def _stabilise(self, factor: KroneckerFactorInverse) -> None:
+        inv = factor.inverse
+        if not torch.isfinite(inv).all():
+            factor.reset(1.0)
+            self.stabilised += 1
+        elif inv.abs().max() > self.stability_threshold / factor.damp:
+            factor.reset(self.stability_blend)
+            self.stabilised += 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is not None:
+                self.observe_loss(loss)
+        if self.switched_at_step is None:
+            update_factors = self.steps % self.inv_freq == 0
+            for layer in self.layers:
+                w = layer.module.weight
+                if w.grad is None:
+                    continue
+                if update_factors and layer.a is not None and layer.g is not None:
+                    layer.left.update(layer.a)
+                    layer.right.update(layer.g)
+                    self._stabilise(layer.left)
+                    self._stabilise(layer.right)
+                grad = w.grad
+                if layer.has_bias:
+                    b = layer.module.bias.grad
+                    b = (
+                        torch.zeros(w.shape[0], device=w.device, dtype=grad.dtype)
+                        if b is None
+                        else b
+                    )
+                    grad = torch.cat([grad, b[:, None]], dim=1)
+                g64 = grad.to(torch.float64)
+                u = (
+                    layer.right.inverse.to(torch.float64)
+                    @ g64
+                    @ layer.left.inverse.to(torch.float64)
+                )
+                un = u.norm()
+                if un > 0 and torch.isfinite(un):
+                    u = u * (g64.norm() / un)
+                    u = u.to(grad.dtype)
+                    w.grad.copy_(u[:, : w.shape[1]])
+                    if layer.has_bias and layer.module.bias.grad is not None:
+                        layer.module.bias.grad.copy_(u[:, -1])
+        self.steps += 1
+        self.base.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {
+            "base": self.base.state_dict(),
+            "steps": self.steps,
+            "switched_at_step": self.switched_at_step,
+            "factors": {
+                l.name: (l.left.inverse.clone(), l.right.inverse.clone()) for l in self.layers
+            },
+            "hybrid": (
+                list(self._losses),
+                list(self._window_means),
+                self._best_rate,
+                self._slow_windows,
+            ),
+        }
+
+    def load_state_dict(self, state_dict):
+        self.base.load_state_dict(state_dict["base"])
+        self.param_groups = self.base.param_groups
+        self.steps = state_dict["steps"]
+        self.switched_at_step = state_dict["switched_at_step"]
+        for layer in self.layers:
+            if layer.name in state_dict["factors"]:
+                left, right = state_dict["factors"][layer.name]
+                layer.left.inverse = left.clone().to(layer.left.inverse.device)
+                layer.right.inverse = right.clone().to(layer.right.inverse.device)
+        losses, means, best, slow = state_dict["hybrid"]
+        self._losses, self._window_means, self._best_rate, self._slow_windows = (
+            list(losses),
+            list(means),
+            best,
+            slow,
+        )
