@@ -15,7 +15,9 @@ F64 = torch.float64
 
 def mlp(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(
+        dtype
+    )
 
 
 def mlp_data(seed=0, n=64, dtype=torch.float32):
@@ -58,7 +60,10 @@ def test_adahessian_diagonal_converges_to_true_hessian_diagonal():
         out = torch.func.functional_call(model, dict(zip(names, ps)), (x,))
         return torch.nn.functional.cross_entropy(out, y)
 
-    true = [hessian(loss_of, argnums=i)(*params).reshape(p.numel(), p.numel()).diagonal() for i, p in enumerate(params)]
+    true = [
+        hessian(loss_of, argnums=i)(*params).reshape(p.numel(), p.numel()).diagonal()
+        for i, p in enumerate(params)
+    ]
     true = torch.cat(true)
     errs = []
     for n in (4, 64, 1024):
@@ -86,13 +91,18 @@ def test_adahessian_newton_step_on_diagonal_quadratic():
     opt2 = AdaHessian([w2], lr=0.01, betas=(0.0, 0.0), eps=0.0, hessian_power=0.0)
     (0.5 * (h * w2**2).sum()).backward(create_graph=True)
     opt2.step()
-    torch.testing.assert_close(w2.detach(), torch.tensor([1.0, -3.0, 2.0, 0.5], dtype=F64) * (1 - 0.01 * h))
+    torch.testing.assert_close(
+        w2.detach(), torch.tensor([1.0, -3.0, 2.0, 0.5], dtype=F64) * (1 - 0.01 * h)
+    )
 
 
 def test_adahessian_closure_form_matches_backward_form_and_frees_graph():
     x, y = mlp_data()
     a, b = mlp(), mlp()
-    oa, ob = AdaHessian(a.parameters(), lr=0.05, seed=3), AdaHessian(b.parameters(), lr=0.05, seed=3)
+    oa, ob = (
+        AdaHessian(a.parameters(), lr=0.05, seed=3),
+        AdaHessian(b.parameters(), lr=0.05, seed=3),
+    )
     train(a, oa, x, y, 5, create_graph=True)
     for _ in range(5):
         ob.zero_grad()
@@ -140,11 +150,17 @@ def test_adahessian_trains_conv1d_and_conv2d():
         torch.nn.Conv1d(2, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 6, 2)
     )
     x, y = torch.randn(16, 2, 8), torch.randint(0, 2, (16,))
-    losses = train(model, AdaHessian(model.parameters(), lr=0.05, seed=0), x, y, 30, create_graph=True)
+    losses = train(
+        model, AdaHessian(model.parameters(), lr=0.05, seed=0), x, y, 30, create_graph=True
+    )
     assert losses[-1] < losses[0]
-    conv2 = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 2))
+    conv2 = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 2)
+    )
     x2 = torch.randn(8, 1, 6, 6)
-    losses = train(conv2, AdaHessian(conv2.parameters(), lr=0.05, seed=0), x2, y[:8], 30, create_graph=True)
+    losses = train(
+        conv2, AdaHessian(conv2.parameters(), lr=0.05, seed=0), x2, y[:8], 30, create_graph=True
+    )
     assert losses[-1] < losses[0]
 
 
@@ -179,7 +195,9 @@ def test_adahessian_converges_on_test_functions(fn, start, target, kw):
     ).norm()
 
 
-@pytest.mark.parametrize("fn,start,target", [(rosenbrock, [-1.5, 2.0], [1.0, 1.0]), (beale, [1.0, 1.0], [3.0, 0.5])])
+@pytest.mark.parametrize(
+    "fn,start,target", [(rosenbrock, [-1.5, 2.0], [1.0, 1.0]), (beale, [1.0, 1.0], [3.0, 0.5])]
+)
 def test_mfac_converges_on_test_functions(fn, start, target):
     p = torch.nn.Parameter(torch.tensor(start, dtype=F64))
     opt = MFAC([p], lr=2e-3, num_grads=4, damp=1e-3, momentum=0.9, fisher_dtype=F64)
@@ -217,14 +235,24 @@ def test_mfac_direction_equals_dense_damped_fisher_solve():
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         window = torch.stack(history[-m:])
         fisher = damp * torch.eye(g.numel(), dtype=F64) + window.T @ window / len(window)
-        torch.testing.assert_close((before - after) / lr, torch.linalg.solve(fisher, g), rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(
+            (before - after) / lr, torch.linalg.solve(fisher, g), rtol=1e-7, atol=1e-9
+        )
 
 
 def test_mfac_with_huge_damping_is_scaled_sgd():
     x, y = mlp_data(dtype=F64)
     a, b = mlp(dtype=F64), mlp(dtype=F64)
     damp = 1e8
-    oa = MFAC(a.parameters(), lr=0.1 * damp, num_grads=4, damp=damp, momentum=0.9, weight_decay=1e-3, fisher_dtype=F64)
+    oa = MFAC(
+        a.parameters(),
+        lr=0.1 * damp,
+        num_grads=4,
+        damp=damp,
+        momentum=0.9,
+        weight_decay=1e-3,
+        fisher_dtype=F64,
+    )
     ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     train(a, oa, x, y, 10)
     train(b, ob, x, y, 10)
@@ -253,20 +281,26 @@ def test_mkor_factor_inverses_equal_dense_inverses():
         left = decay * left + (1 - decay) * torch.outer(a, a)
         right = decay * right + (1 - decay) * torch.outer(g, g)
         torch.testing.assert_close(layer.left.inverse, torch.linalg.inv(left), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(layer.right.inverse, torch.linalg.inv(right), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            layer.right.inverse, torch.linalg.inv(right), rtol=1e-9, atol=1e-9
+        )
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw", "lamb"])
 def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
     from curvature.kronecker import KroneckerFactorInverse
 
-    monkeypatch.setattr(KroneckerFactorInverse, "update", lambda self, u: None)  # factors stay I/damp
+    monkeypatch.setattr(
+        KroneckerFactorInverse, "update", lambda self, u: None
+    )  # factors stay I/damp
     x, y = mlp_data()
     a, b = mlp(), mlp()
     oa = MKOR(a, lr=0.05, base_optimizer=base, damp=1.0)
-    ob = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-          "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.0),
-          "lamb": lambda p: LAMB(p, lr=0.05, eps=1e-8)}[base](b.parameters())
+    ob = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.0),
+        "lamb": lambda p: LAMB(p, lr=0.05, eps=1e-8),
+    }[base](b.parameters())
     train(a, oa, x, y, 8)
     train(b, ob, x, y, 8)
     for pa, pb in zip(a.parameters(), b.parameters()):
