@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_bert_config
 
 from curvature.recipes import RecipeError, RecipeManager, load_recipe, parse_recipe
 from curvature.recipes.schema import OBSPruningModifier
@@ -63,19 +64,10 @@ distillation_modifiers:
 
 
 def tiny_bert(num_labels=3):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
     torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
+    return BertForSequenceClassification(tiny_bert_config(64, num_labels))
 
 
 def test_legacy_recipe_parses():

@@ -24,15 +24,11 @@ WORDS = [
 ]
 
 
-def make_model_dir(root: Path, num_labels: int = 2) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+def tiny_bert_config(vocab_size: int, num_labels: int = 2):
+    from transformers import BertConfig
 
-    root.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    cfg = BertConfig(
-        vocab_size=len(vocab),
+    return BertConfig(
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -40,6 +36,16 @@ def make_model_dir(root: Path, num_labels: int = 2) -> Path:
         max_position_embeddings=32,
         num_labels=num_labels,
     )
+
+
+def make_model_dir(root: Path, num_labels: int = 2) -> Path:
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    cfg = tiny_bert_config(len(vocab), num_labels)
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(root)
     tok.save_pretrained(root)

@@ -401,19 +401,23 @@ def _prune_step(
         for t in targets
     }
     orders, costs, kept = {}, {}, {}
+
+    def fishers_of(group):
+        if method != "obs":
+            return None
+        return collect_fisher(
+            model,
+            data,
+            loss_fn,
+            group,
+            num_grads=num_grads,
+            damp=damp,
+            dtype=dtype,
+            progress=progress,
+        )
+
     for group in groups:
-        fishers = None
-        if method == "obs":
-            fishers = collect_fisher(
-                model,
-                data,
-                loss_fn,
-                group,
-                num_grads=num_grads,
-                damp=damp,
-                dtype=dtype,
-                progress=progress,
-            )
+        fishers = fishers_of(group)
         for t in tqdm(
             group,
             desc="OBS blocks" if method == "obs" else "scores",
@@ -442,20 +446,7 @@ def _prune_step(
         }
     est = 0.0
     for group in groups:
-        fishers = kept or (
-            collect_fisher(
-                model,
-                data,
-                loss_fn,
-                group,
-                num_grads=num_grads,
-                damp=damp,
-                dtype=dtype,
-                progress=progress,
-            )
-            if method == "obs"
-            else None
-        )
+        fishers = kept or fishers_of(group)
         for t in group:
             o, c = orders[t.name], costs[t.name]
             pruned = obs.order_to_mask(o, counts[t.name], t.block, g) & t.valid()
