@@ -128,16 +128,72 @@ class RecipeCallback(TrainerCallback):
 
 
 class RecipeTrainer(Trainer):
-    """A ``Trainer`` that adds the recipe's distillation loss to the task loss.
+    """A ``Trainer`` with the recipe's distillation loss and, optionally, a curvature optimizer.
 
     ``teacher`` is a model, or ``"self"``: a frozen copy of the student taken right before the
     first pruning step (the dense fine-tuned model), useful when no separate teacher exists.
+
+    ``optimizer_name`` / ``optimizer_kwargs`` (or the recipe's ``!OptimizerModifier``) choose the
+    optimizer through :func:`curvature.optim.build_optimizer`. For AdaHessian the backward runs
+    with ``create_graph=True`` and gradient clipping is turned off (clipping in place would corrupt
+    the gradient's graph); for MKOR-H every training loss is passed to ``observe_loss``.
     """
 
-    def __init__(self, *args, manager: RecipeManager | None = None, teacher=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        manager: RecipeManager | None = None,
+        teacher=None,
+        optimizer_name: str | None = None,
+        optimizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.manager = manager
         self.teacher = teacher
+        spec = manager.optimizer_spec() if manager is not None else None
+        self.optimizer_name = optimizer_name or (spec[0] if spec else None)
+        self.optimizer_kwargs = dict(optimizer_kwargs or (spec[1] if spec else {}))
+        if self.optimizer_name and self.optimizer_name.lower() == "adahessian":
+            self.args.max_grad_norm = 0.0
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None and self.optimizer_name:
+            from curvature.optim import build_optimizer
+
+            self.optimizer = build_optimizer(
+                self.optimizer_name, self.model, lr=self.args.learning_rate, **self.optimizer_kwargs
+            )
+            return self.optimizer
+        return super().create_optimizer(*args, **kwargs)
+
+    def _inner_optimizer(self):
+        opt = self.optimizer
+        while (
+            opt is not None
+            and hasattr(opt, "optimizer")
+            and not hasattr(opt, "observe_loss")
+            and not hasattr(opt, "_hessian_diag")
+        ):
+            opt = opt.optimizer
+        return opt
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        from curvature.optim import MKOR, needs_create_graph
+
+        inner = self._inner_optimizer()
+        if not needs_create_graph(inner):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if isinstance(inner, MKOR):
+                inner.observe_loss(loss)
+            return loss
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        loss = self.compute_loss(model, inputs)
+        if self.args.gradient_accumulation_steps > 1:
+            loss = loss / self.args.gradient_accumulation_steps
+        loss.backward(create_graph=True)
+        return loss.detach()
 
     def snapshot_teacher(self, model) -> None:
         if self.teacher == "self":

@@ -43,6 +43,8 @@ class PruneJob:
     overwrite: bool = False
     progress: bool = True
     threads: int | None = None
+    optimizer: str | None = None  # overrides the recipe's !OptimizerModifier
+    optimizer_kwargs: dict | None = None
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -140,6 +142,8 @@ def run_prune(job: PruneJob) -> dict:
                 data_collator=collator,
                 manager=manager,
                 teacher=teacher if distill else None,
+                optimizer_name=job.optimizer,
+                optimizer_kwargs=job.optimizer_kwargs,
             )
 
             def before_first(m):
@@ -158,6 +162,7 @@ def run_prune(job: PruneJob) -> dict:
                 )
             )
             trainer.train()
+            metrics["optimizer"] = type(trainer._inner_optimizer()).__name__
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
             if "dense" not in metrics:  # the recipe never pruned
                 metrics["dense"] = None

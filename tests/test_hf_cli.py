@@ -254,3 +254,52 @@ def test_distillation_with_self_teacher_and_plain_loop(assets, tmp_path):
     s = torch.randn(4, 3)
     assert distillation_loss(s, s, 2.0).abs().item() < 1e-6
     assert distillation_loss(s, -s, 2.0).item() > 0
+
+
+@pytest.mark.parametrize(
+    "optimizer,kwargs",
+    [
+        ("mkor-h", "{inv_freq: 2, switch_window: 2}"),
+        ("adahessian", "{seed: 0}"),
+        ("mfac", "{num_grads: 4, damp: 1.0e-2}"),
+    ],
+)
+def test_recipe_selects_second_order_optimizer_and_masks_hold(assets, tmp_path, optimizer, kwargs):
+    """Pruning composes with the optimizers: OBS pruning while training with each of them."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, data = assets
+    text = (
+        RECIPE.replace("MASK", "unstructured")
+        + f"  - !OptimizerModifier {{name: {optimizer}, kwargs: {kwargs}}}\n"
+    )
+    out = tmp_path / "opt"
+    rc = main(
+        [
+            "prune",
+            write_recipe(tmp_path, text),
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    pruned = [p for n, p in model.named_parameters() if n in metrics["param_sparsity"]]
+    zeros = sum(int((p == 0).sum()) for p in pruned)
+    assert zeros / sum(p.numel() for p in pruned) == pytest.approx(0.6, abs=1e-3)
+    assert metrics["pruned"]["loss"] == metrics["pruned"]["loss"]  # finite, not NaN
+    assert (
+        metrics["optimizer"]
+        == {"mkor-h": "MKOR", "adahessian": "AdaHessian", "mfac": "MFAC"}[optimizer]
+    )
