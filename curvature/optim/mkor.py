@@ -230,12 +230,9 @@ class MKOR(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            if loss is not None:
-                self.observe_loss(loss)
+        loss = chk.run_closure(closure)
+        if loss is not None:
+            self.observe_loss(loss)
         if self.switched_at_step is None:
             update_factors = self.steps % self.inv_freq == 0
             for layer in self.layers:
