@@ -40,30 +40,30 @@ def write_recipe(tmp_path, text):
     return str(p)
 
 
-@pytest.mark.parametrize("mask,final", [("unstructured", 0.6), ("block4", 0.6), ("2:4", 0.5)])
-def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
+def run_prune(assets, tmp_path, text, name, *extra):
+    """``curvature prune`` on the tiny model and data; returns the exit code and output folder."""
+    model_dir, data = assets
+    out = tmp_path / name
+    argv = ["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data)]
+    rc = main([*argv, "--output", str(out), "--batch-size", "8", "--no-progress", *extra])
+    return rc, out
+
+
+def saved_sparsity(out, metrics):
+    """Sparsity of the pruned parameters as plain transformers loads them back."""
     from transformers import AutoModelForSequenceClassification
 
-    model_dir, data = assets
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    pruned = [p for n, p in model.named_parameters() if n in metrics["param_sparsity"]]
+    return pruned, sum(int((p == 0).sum()) for p in pruned) / sum(p.numel() for p in pruned)
+
+
+@pytest.mark.parametrize("mask,final", [("unstructured", 0.6), ("block4", 0.6), ("2:4", 0.5)])
+def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
     text = RECIPE.replace("MASK", mask).replace("final_sparsity: 0.6", f"final_sparsity: {final}")
     if mask == "2:4":
         text = text.replace("init_sparsity: 0.3", "init_sparsity: 0.5")
-    out = tmp_path / "out"
-    rc = main(
-        [
-            "prune",
-            write_recipe(tmp_path, text),
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--batch-size",
-            "8",
-            "--no-progress",
-        ]
-    )
+    rc, out = run_prune(assets, tmp_path, text, "out")
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(final, abs=1e-3)
@@ -72,11 +72,9 @@ def test_prune_cli_gradual_end_to_end(assets, tmp_path, capsys, mask, final):
     assert "dense (before pruning)" in capsys.readouterr().out
     assert (out / "report.md").read_text().startswith("# Pruning report")
     # Loadable by plain transformers with the sparsity intact (training did not revive weights).
-    model = AutoModelForSequenceClassification.from_pretrained(out)
-    pruned = [p for n, p in model.named_parameters() if n in metrics["param_sparsity"]]
+    pruned, fraction = saved_sparsity(out, metrics)
     assert len(pruned) == 6  # the pattern also matches attention.output.dense (".*" spans dots)
-    zeros = sum(int((p == 0).sum()) for p in pruned)
-    assert zeros / sum(p.numel() for p in pruned) == pytest.approx(final, abs=1e-3)
+    assert fraction == pytest.approx(final, abs=1e-3)
     if mask == "2:4":
         for p in pruned:
             assert torch.all((p.reshape(-1, 4) == 0).sum(1) >= 2)
@@ -266,38 +264,15 @@ def test_distillation_with_self_teacher_and_plain_loop(assets, tmp_path):
 )
 def test_recipe_selects_second_order_optimizer_and_masks_hold(assets, tmp_path, optimizer, kwargs):
     """Pruning composes with the optimizers: OBS pruning while training with each of them."""
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir, data = assets
     text = (
         RECIPE.replace("MASK", "unstructured")
         + f"  - !OptimizerModifier {{name: {optimizer}, kwargs: {kwargs}}}\n"
     )
-    out = tmp_path / "opt"
-    rc = main(
-        [
-            "prune",
-            write_recipe(tmp_path, text),
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-3",
-            "--no-progress",
-        ]
-    )
+    rc, out = run_prune(assets, tmp_path, text, "opt", "--lr", "1e-3")
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
-    model = AutoModelForSequenceClassification.from_pretrained(out)
-    pruned = [p for n, p in model.named_parameters() if n in metrics["param_sparsity"]]
-    zeros = sum(int((p == 0).sum()) for p in pruned)
-    assert zeros / sum(p.numel() for p in pruned) == pytest.approx(0.6, abs=1e-3)
+    assert saved_sparsity(out, metrics)[1] == pytest.approx(0.6, abs=1e-3)
     assert metrics["pruned"]["loss"] == metrics["pruned"]["loss"]  # finite, not NaN
     assert (
         metrics["optimizer"]
