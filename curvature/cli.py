@@ -201,20 +201,9 @@ def _check(args) -> int:
     for m in recipe.modifiers:
         fields = m.model_dump(exclude_defaults=True)
         print(f"  line {m.line}: {type(m).__name__} {fields}")
-    from curvature.pruning.schedule import interpolate, pruning_points
-
     for m in recipe.of(_Pruning):
-        end = m.end_epoch if m.end_epoch != -1 else m.start_epoch
-        pts = pruning_points(
-            start_epoch=m.start_epoch, end_epoch=end, update_frequency=m.update_frequency
-        )
-        sched = []
-        for e in pts:
-            x = 1.0 if end <= m.start_epoch else (e - m.start_epoch) / (end - m.start_epoch)
-            sched.append(
-                f"{e:g}:{m.init_sparsity + (m.final_sparsity - m.init_sparsity) * interpolate(x, m.inter_func):.3f}"
-            )
-        print(f"  {type(m).__name__} schedule (epoch:sparsity): {' '.join(sched)}")
+        sched = " ".join(f"{e:g}:{target:.3f}" for e, target in m.schedule())
+        print(f"  {type(m).__name__} schedule (epoch:sparsity): {sched}")
     return 0
 
 

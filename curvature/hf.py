@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from curvature.recipes.manager import RecipeManager, distillation_loss
+from curvature.utils import unwrap_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +169,7 @@ class RecipeTrainer(Trainer):
         return super().create_optimizer(*args, **kwargs)
 
     def _inner_optimizer(self):
-        opt = self.optimizer
-        while (
-            opt is not None
-            and hasattr(opt, "optimizer")
-            and not hasattr(opt, "observe_loss")
-            and not hasattr(opt, "_hessian_diag")
-        ):
-            opt = opt.optimizer
-        return opt
+        return unwrap_optimizer(self.optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from curvature.optim import MKOR, needs_create_graph

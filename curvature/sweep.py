@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -396,4 +395,4 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["SweepConfig", "render", "run_sweep", "math"]
+__all__ = ["SweepConfig", "render", "run_sweep"]

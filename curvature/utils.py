@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def unwrap_optimizer(optimizer):
+    """The optimizer inside wrappers that keep it in ``.optimizer`` (accelerate's, for one)."""
+    import torch
+
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def quiet_progress() -> None:
     """Hide the progress bars of the libraries underneath (datasets, transformers)."""
     import datasets

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from curvature.utils import unwrap_optimizer
+
 _NM = re.compile(r"^(\d+):(\d+)$")
 MASK_TYPES = ("unstructured", "block4", "N:M (e.g. 2:4, 4:8)")
 
@@ -104,10 +106,7 @@ class MaskSet:
                 p.register_hook(lambda g, n=name: g.masked_fill(self.masks[n].to(g.device), 0.0))
             )
         if optimizer is not None:
-            # wrappers (accelerate's AcceleratedOptimizer) keep the torch optimizer in .optimizer
-            inner = optimizer
-            while not hasattr(inner, "_optimizer_step_post_hooks") and hasattr(inner, "optimizer"):
-                inner = inner.optimizer
+            inner = unwrap_optimizer(optimizer)
             self._handles.append(inner.register_step_post_hook(lambda *_: self.apply(model)))
         self.apply(model)
 

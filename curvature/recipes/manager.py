@@ -12,15 +12,14 @@ from collections.abc import Callable, Iterable
 import torch
 
 from curvature.pruning import MaskSet, prune
+from curvature.pruning.masks import parse_mask
 from curvature.pruning.params import select_params
-from curvature.pruning.schedule import interpolate, pruning_points
 from curvature.recipes.loader import Recipe
 from curvature.recipes.schema import (
     ConstantPruningModifier,
     DistillationModifier,
     GlobalMagnitudePruningModifier,
     LearningRateFunctionModifier,
-    MagnitudePruningModifier,
     OBSPruningModifier,
     OptimizerModifier,
     _Pruning,
@@ -46,18 +45,12 @@ class RecipeManager:
     # ------------------------------------------------------------------ schedule
     def pruning_schedule(self) -> list[tuple[float, int, float]]:
         """``(epoch, modifier index, target sparsity)`` for every pruning point, in order."""
-        out = []
-        for i, m in enumerate(self.recipe.modifiers):
-            if isinstance(m, _Pruning):
-                end = m.end_epoch if m.end_epoch != -1 else m.start_epoch
-                for e in pruning_points(
-                    start_epoch=m.start_epoch, end_epoch=end, update_frequency=m.update_frequency
-                ):
-                    x = 1.0 if end <= m.start_epoch else (e - m.start_epoch) / (end - m.start_epoch)
-                    target = m.init_sparsity + (m.final_sparsity - m.init_sparsity) * interpolate(
-                        x, m.inter_func
-                    )
-                    out.append((e, i, target))
+        out = [
+            (e, i, target)
+            for i, m in enumerate(self.recipe.modifiers)
+            if isinstance(m, _Pruning)
+            for e, target in m.schedule()
+        ]
         return sorted(out)
 
     def due(self, epoch: float) -> list[tuple[float, int, float]]:
@@ -107,7 +100,7 @@ class RecipeManager:
                 mask=m.mask_type,
                 params=m.params,
                 num_grads=m.num_grads if is_obs else 1,
-                block_size=m.fisher_block_size if is_obs else parse_run(m.mask_type),
+                block_size=m.fisher_block_size if is_obs else parse_mask(m.mask_type).run,
                 damp=m.damp if is_obs else 1.0,
                 num_recomputations=m.num_recomputations if is_obs else 1,
                 selection=m.selection if is_obs else "greedy",
@@ -181,12 +174,6 @@ class RecipeManager:
         return zeros / total if total else 0.0
 
 
-def parse_run(mask_type: str) -> int:
-    from curvature.pruning.masks import parse_mask
-
-    return parse_mask(mask_type).run
-
-
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -204,4 +191,4 @@ def distillation_loss(
     )
 
 
-__all__ = ["RecipeManager", "distillation_loss", "MagnitudePruningModifier"]
+__all__ = ["RecipeManager", "distillation_loss"]

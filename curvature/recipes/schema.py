@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curvature.pruning.masks import parse_mask
+from curvature.pruning.schedule import interpolate, pruning_points
 
 
 class Modifier(BaseModel):
@@ -48,6 +49,24 @@ class _Pruning(Modifier):
     @classmethod
     def _params(cls, v):
         return [v] if isinstance(v, str) else v
+
+    def schedule(self) -> list[tuple[float, float]]:
+        """``(epoch, target sparsity)`` at every pruning point of this modifier."""
+        end = self.end_epoch if self.end_epoch != -1 else self.start_epoch
+        span = end - self.start_epoch
+        points = pruning_points(
+            start_epoch=self.start_epoch, end_epoch=end, update_frequency=self.update_frequency
+        )
+        delta = self.final_sparsity - self.init_sparsity
+        return [
+            (
+                e,
+                self.init_sparsity
+                + delta
+                * interpolate(1.0 if span <= 0 else (e - self.start_epoch) / span, self.inter_func),
+            )
+            for e in points
+        ]
 
     @field_validator("mask_type")
     @classmethod
