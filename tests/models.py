@@ -44,3 +44,14 @@ def ce_loss(model, batch):
 def full_loss(model, x, y):
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(model(x), y).item()
+
+
+def prune_copy(model, x, y, *, batch_size, **kw):
+    """Prune a deep copy of ``model`` with cross-entropy gradients; returns (copy, report)."""
+    import copy
+
+    from curvature.pruning import prune
+
+    m = copy.deepcopy(model)
+    report = prune(m, batches(x, y, batch_size), loss_fn=ce_loss, progress=False, **kw)
+    return m, report

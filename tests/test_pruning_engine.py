@@ -1,8 +1,6 @@
-import copy
-
 import pytest
 import torch
-from models import batches, ce_loss, correlated_inputs, full_loss, trained_mlp
+from models import batches, ce_loss, correlated_inputs, full_loss, prune_copy, trained_mlp
 
 from curvature.pruning import MaskSet, interpolate, parse_mask, prune, select_params, sparsity_at
 from curvature.pruning.schedule import pruning_points
@@ -17,12 +15,8 @@ def problem():
 
 def run(problem, **kw):
     model, x, y = problem
-    m = copy.deepcopy(model)
-    kw.setdefault("num_grads", 32)
-    kw.setdefault("block_size", 8)
-    kw.setdefault("damp", 1e-6)
-    report = prune(m, batches(x, y, 16), loss_fn=ce_loss, progress=False, **kw)
-    return m, report
+    kw = {"num_grads": 32, "block_size": 8, "damp": 1e-6, **kw}
+    return prune_copy(model, x, y, batch_size=16, **kw)
 
 
 @pytest.mark.parametrize(

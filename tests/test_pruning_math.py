@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from models import batches, ce_loss, correlated_inputs, full_loss, trained_mlp
+from models import correlated_inputs, full_loss, prune_copy, trained_mlp
 
 from curvature.pruning import obs, prune
 
@@ -95,12 +95,8 @@ def test_greedy_order_is_exact_sequential_obs_on_a_tiny_block():
 
 
 def _prune_copy(model, x, y, **kw):
-    m = copy.deepcopy(model)
-    kw.setdefault("num_grads", 64)
-    kw.setdefault("block_size", 16)
-    kw.setdefault("damp", 1e-8)
-    report = prune(m, batches(x, y, 8), loss_fn=ce_loss, progress=False, **kw)
-    return m, report
+    kw = {"num_grads": 64, "block_size": 16, "damp": 1e-8, **kw}
+    return prune_copy(model, x, y, batch_size=8, **kw)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
