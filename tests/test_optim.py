@@ -286,6 +286,40 @@ def test_mkor_factor_inverses_equal_dense_inverses():
         )
 
 
+def test_mkor_conv2d_factors_and_preconditioned_gradient():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype=F64)
+    model = torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 4, dtype=F64))
+    decay, damp = 0.8, 0.3
+    opt = MKOR(model, lr=0.0, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12)
+    layer = opt.layers[0]
+    assert layer.name == "0" and layer.conv
+    left = damp * torch.eye(2 * 9 + 1, dtype=F64)
+    right = damp * torch.eye(3, dtype=F64)
+    for _ in range(3):
+        x = torch.randn(5, 2, 5, 5, dtype=F64)
+        opt.zero_grad()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, torch.arange(5) % 4).backward()
+        patches = torch.nn.functional.unfold(x, 3, padding=1, stride=2)  # [5, 18, 9]
+        a = torch.cat([patches.mean((0, 2)), torch.ones(1, dtype=F64)])
+        torch.testing.assert_close(layer.a, a)
+        g = layer.g
+        # the mean output gradient per channel equals the bias gradient / (batch * positions)
+        torch.testing.assert_close(g, conv.bias.grad / (5 * 9))
+        grad = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1)
+        left = decay * left + (1 - decay) * torch.outer(a, a)
+        right = decay * right + (1 - decay) * torch.outer(g, g)
+        opt.step()
+        u = torch.linalg.solve(right, grad) @ torch.linalg.inv(left)
+        u = u * grad.norm() / u.norm()
+        torch.testing.assert_close(conv.weight.grad.reshape(3, -1), u[:, :-1])
+        torch.testing.assert_close(conv.bias.grad, u[:, -1])
+    # depthwise / grouped convolutions are left to the base optimizer
+    dw = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=4), torch.nn.Conv2d(4, 2, 1))
+    assert [l.name for l in MKOR(dw, lr=0.1).layers] == ["1"]
+
+
 @pytest.mark.parametrize("base", ["sgd", "adamw", "lamb"])
 def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
     from curvature.kronecker import KroneckerFactorInverse
@@ -328,7 +362,7 @@ def test_mkor_h_switches_when_acceleration_stops(caplog):
             opt.observe_loss(loss)
     assert opt.switched_at_step is not None and 20 <= opt.switched_at_step <= 35
     assert "MKOR-H: switching to sgd" in caplog.text
-    assert all(not layer.handles[0].hooks_dict_ref() or True for layer in opt.layers)
+    assert all(not layer.module._forward_hooks for layer in opt.layers)  # hooks removed
 
 
 def test_mkor_excludes_layers_and_needs_model():

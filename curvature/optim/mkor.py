@@ -1,7 +1,8 @@
 r"""MKOR: Kronecker-factored preconditioning with rank-1 Sherman-Morrison updates, and MKOR-H.
 
 For every ``nn.Linear`` layer (weight ``W`` of shape ``[out, in]``, bias folded in as a last
-input column) forward and backward hooks record the batch means ``a`` of the layer inputs (with a
+input column; an ``nn.Conv2d`` with ``groups=1`` counts as the linear map from its unfolded
+``in * kh * kw`` input patches to its output channels) forward and backward hooks record the batch means ``a`` of the layer inputs (with a
 1 appended for the bias) and ``g`` of the output gradients. Every ``inv_freq`` steps the factors
 
 .. math::  L \leftarrow \gamma L + (1-\gamma) a a^\top, \qquad R \leftarrow \gamma R + (1-\gamma) g g^\top
@@ -25,8 +26,8 @@ updates have stopped accelerating the loss decrease, and the optimizer switches 
 its base optimizer (logged at INFO level and recorded in ``optimizer.switched_at_step``).
 
 Layers are excluded by name or ``re:`` pattern (``exclude``), e.g. a 30k-wide vocabulary
-projection whose ``R`` would be 30k x 30k. Layers other than ``nn.Linear`` are updated by the base
-optimizer alone.
+projection whose ``R`` would be 30k x 30k. Other layers (embeddings, norms, grouped or
+depthwise convolutions) are updated by the base optimizer alone.
 
 References:
     Mozaffari, Li, Zhang, Mehri Dehnavi, "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer
@@ -62,35 +63,69 @@ def _base(name: str, params, lr, momentum, betas, weight_decay, eps):
     raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {name!r}")
 
 
-class _LayerState:
-    """Hooks and factor inverses of one linear layer."""
+def _supported(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return (
+        isinstance(module, torch.nn.Conv2d)
+        and module.groups == 1
+        and isinstance(module.padding, tuple)  # 'same'/'valid' strings are resolved by torch only
+        and module.padding_mode == "zeros"
+    )
 
-    def __init__(self, name: str, module: torch.nn.Linear, decay: float, damp: float):
+
+class _LayerState:
+    """Hooks and factor inverses of one ``nn.Linear`` or ``nn.Conv2d`` layer.
+
+    A convolution is treated as the linear map from its unfolded input patches
+    (``in_channels * kh * kw`` values) to its output channels: ``a`` is the mean patch over the
+    batch and all output positions, ``g`` the mean output gradient over the batch and positions,
+    and the weight gradient is viewed as ``[out_channels, in_channels * kh * kw]``.
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, decay: float, damp: float):
         self.name = name
         self.module = module
         self.has_bias = module.bias is not None
+        self.conv = isinstance(module, torch.nn.Conv2d)
+        out_dim = module.weight.shape[0]
+        in_dim = module.weight[0].numel()
         dev = module.weight.device
         self.left = KroneckerFactorInverse(
-            module.in_features + int(self.has_bias), decay=decay, damp=damp, device=dev
+            in_dim + int(self.has_bias), decay=decay, damp=damp, device=dev
         )
-        self.right = KroneckerFactorInverse(module.out_features, decay=decay, damp=damp, device=dev)
+        self.right = KroneckerFactorInverse(out_dim, decay=decay, damp=damp, device=dev)
         self.a: torch.Tensor | None = None
         self.g: torch.Tensor | None = None
-        self.handles = [
-            module.register_forward_pre_hook(self._forward),
-            module.register_full_backward_hook(self._backward),
-        ]
+        self.handles = [module.register_forward_hook(self._forward)]
 
-    def _forward(self, module, inputs):
-        if not torch.is_grad_enabled():
+    def _forward(self, module, inputs, output):
+        if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        x = inputs[0].detach().reshape(-1, module.in_features).mean(0)
+        # the output gradient is read by a hook on the output tensor (a module backward hook
+        # would warn for first layers, whose inputs need no gradient)
+        output.register_hook(self._backward)
+        x = inputs[0].detach()
+        if self.conv:
+            if x.dim() == 3:  # unbatched input
+                x = x[None]
+            m = module
+            patches = torch.nn.functional.unfold(
+                x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )  # [N, C*kh*kw, L]
+            x = patches.mean(dim=(0, 2))
+        else:
+            x = x.reshape(-1, module.in_features).mean(0)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(1)])
         self.a = x
 
-    def _backward(self, module, grad_input, grad_output):
-        self.g = grad_output[0].detach().reshape(-1, module.out_features).mean(0)
+    def _backward(self, grad: torch.Tensor) -> None:
+        module = self.module
+        g = grad.detach()
+        if self.conv:
+            g = g.movedim(-3, -1)  # channels last: [..., H, W, C]
+        self.g = g.reshape(-1, module.weight.shape[0]).mean(0)
 
     def remove(self):
         for h in self.handles:
@@ -101,7 +136,8 @@ class MKOR(Optimizer):
     """MKOR and MKOR-H; see the module docstring for the rule, stabiliser and switch.
 
     Args:
-        model: the module whose ``nn.Linear`` layers are preconditioned (hooks are attached).
+        model: the module whose ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned (hooks
+            are attached).
         lr: learning rate of the base optimizer.
         base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"lamb"``.
         momentum, betas, eps, weight_decay: passed to the base optimizer.
@@ -164,7 +200,7 @@ class MKOR(Optimizer):
         self.layers = [
             _LayerState(n, m, decay, damp)
             for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not excluded(n) and m.weight.requires_grad
+            if _supported(m) and not excluded(n) and m.weight.requires_grad
         ]
         self.base_optimizer = base_optimizer
         self.inv_freq = inv_freq
@@ -244,7 +280,7 @@ class MKOR(Optimizer):
                     layer.right.update(layer.g)
                     self._stabilise(layer.left)
                     self._stabilise(layer.right)
-                grad = w.grad
+                grad = w.grad.reshape(w.shape[0], -1)
                 if layer.has_bias:
                     b = layer.module.bias.grad
                     b = (
@@ -263,7 +299,7 @@ class MKOR(Optimizer):
                 if un > 0 and torch.isfinite(un):
                     u = u * (g64.norm() / un)
                     u = u.to(grad.dtype)
-                    w.grad.copy_(u[:, : w.shape[1]])
+                    w.grad.copy_(u[:, : grad.shape[1] - int(layer.has_bias)].view_as(w.grad))
                     if layer.has_bias and layer.module.bias.grad is not None:
                         layer.module.bias.grad.copy_(u[:, -1])
         self.steps += 1
