@@ -49,13 +49,12 @@ import math
 
 import torch
 
-from curvature import _checks
+from curvature import _checks, kernels
 
 ALGORITHMS = ("auto", "woodbury", "mfac")
 # Everything except the large stored buffers is computed in this dtype (see the module docstring).
 COMPUTE_DTYPE = torch.float64
 # Blocks processed per chunk in the Woodbury update: bounds the float64 temporaries.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def choose_algorithm(num_params: int, num_grads: int, block_size: int | None) -> str:
@@ -65,29 +64,17 @@ def choose_algorithm(num_params: int, num_grads: int, block_size: int | None) ->
 
 
 def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, num_grads: int) -> None:
-    """Apply ``k`` gradients to block inverses in place (rank-k Woodbury, float64 compute).
+    """Apply ``k`` gradients to block inverses in place (rank-k Woodbury).
 
     Args:
         blocks: ``[n, B, B]`` block inverses.
         grads: ``[k, n, B]`` gradients split into the same blocks.
         num_grads: the ``m`` of ``F = damp I + (1/m) sum g g^T``.
+
+    Runs through :func:`curvature.kernels.woodbury_update`: the fused Triton kernel for CUDA
+    tensors, the float64 rank-k torch form otherwise.
     """
-    n, bsz, _ = blocks.shape
-    k = grads.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // (bsz * bsz))
-    eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=blocks.device) * num_grads
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        finv = blocks[sl].to(COMPUTE_DTYPE)  # a view when the storage is already float64
-        g = grads[:, sl].to(COMPUTE_DTYPE).permute(1, 2, 0)  # [c, B, k]
-        u = finv @ g  # U = F^-1 G^T, [c, B, k]
-        c = eye + g.transpose(1, 2) @ u  # C = m I + G U, [c, k, k], SPD
-        chol = torch.linalg.cholesky(c)
-        # With C = L L^T and V = L^-1 U^T: F^-1 <- F^-1 - V^T V, symmetric by construction.
-        v = torch.linalg.solve_triangular(chol, u.transpose(1, 2), upper=False)  # [c, k, B]
-        finv.baddbmm_(v.transpose(1, 2), v, alpha=-1.0)
-        if finv.data_ptr() != blocks[sl].data_ptr():
-            blocks[sl] = finv.to(blocks.dtype)
+    kernels.woodbury_update(blocks, grads, num_grads)
 
 
 class FisherInverse:

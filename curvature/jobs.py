@@ -7,6 +7,7 @@ place only when the job succeeds, so a failed run never leaves a half-written ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -54,24 +55,35 @@ def _check_output(path: Path, overwrite: bool) -> None:
         )
 
 
-def run_prune(job: PruneJob) -> dict:
-    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+@contextlib.contextmanager
+def _atomic_output(out: Path):
+    """Yield a temporary folder beside ``out``; it replaces ``out`` only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_for_job(job):
+    """Seed, then load the job's task, classifier and tokenized splits.
+
+    ``job`` has ``model``, ``data``, ``seed``, ``max_train``, ``max_eval``, ``max_length``,
+    ``eval_batch_size``, ``threads`` and ``progress``. Returns ``(model, tokenizer, encoded
+    splits, collator, validation loader)``.
+    """
+    from transformers import DataCollatorWithPadding, set_seed
     from transformers.utils import logging as hf_logging
 
     from curvature.data import load_task, tokenize
-    from curvature.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy, model_loss
     from curvature.models import load_classifier
-    from curvature.recipes import RecipeManager, load_recipe
-    from curvature.recipes.schema import DistillationModifier
     from curvature.utils import quiet_progress
 
-    start = time.perf_counter()
-    # validate before anything else
-    recipe = (
-        job.recipe if isinstance(job.recipe, Recipe) else load_recipe(job.recipe, job.overrides)
-    )
-    out = Path(job.output)
-    _check_output(out, job.overwrite)
     if job.threads:
         torch.set_num_threads(job.threads)
     hf_logging.set_verbosity_error()
@@ -81,18 +93,34 @@ def run_prune(job: PruneJob) -> dict:
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_validation=job.max_eval)
     model, tokenizer = load_classifier(job.model, task.num_labels, task.label_names)
     enc = tokenize(task, tokenizer, max_length=job.max_length)
-    manager = RecipeManager(recipe, model)  # checks every params entry against this model
     collator = DataCollatorWithPadding(tokenizer)
     eval_loader = torch.utils.data.DataLoader(
         enc["validation"], batch_size=job.eval_batch_size, collate_fn=collator
     )
+    return model, tokenizer, enc, collator, eval_loader
+
+
+def run_prune(job: PruneJob) -> dict:
+    from transformers import TrainingArguments
+
+    from curvature.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy, model_loss
+    from curvature.recipes import RecipeManager, load_recipe
+    from curvature.recipes.schema import DistillationModifier
+
+    start = time.perf_counter()
+    # validate before anything else
+    recipe = (
+        job.recipe if isinstance(job.recipe, Recipe) else load_recipe(job.recipe, job.overrides)
+    )
+    out = Path(job.output)
+    _check_output(out, job.overwrite)
+    model, tokenizer, enc, collator, eval_loader = load_for_job(job)
+    manager = RecipeManager(recipe, model)  # checks every params entry against this model
     epochs = 0.0 if job.oneshot else recipe.num_epochs
     distill = recipe.of(DistillationModifier)
     teacher = job.teacher or (distill[0].teacher if distill else None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with _atomic_output(out) as tmp:
         metrics: dict = {"recipe": recipe.source, "model": str(job.model), "data": job.data}
         metrics["train_examples"] = len(enc["train"])
         metrics["validation_examples"] = len(enc["validation"])
@@ -184,12 +212,6 @@ def run_prune(job: PruneJob) -> dict:
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(render_report(metrics))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metrics
 
 

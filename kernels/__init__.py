@@ -1,4 +1,117 @@
-"""GPU kernels (installed as ``curvature.kernels``).
+"""GPU kernels for the memory-bound hot paths, each beside a plain torch reference.
 
-No Triton kernels exist yet: every operation runs through the torch implementations in the core.
+Installed as ``curvature.kernels``. Every operation has one public function here, and one
+function, :func:`backend`, decides which implementation runs:
+
+- ``"triton"`` when Triton is installed, the tensors are on a CUDA device and the kernel supports
+  the shapes and dtypes;
+- ``"torch"`` otherwise: CPU tensors, no Triton, or ``CURVATURE_KERNELS=torch`` in the environment.
+
+``CURVATURE_KERNELS=triton`` forces the Triton path for any device; with ``TRITON_INTERPRET=1``
+(set before this package is imported) that runs the kernels in Triton's CPU interpreter, which is
+how the tests check kernel == reference without a GPU.
+
+Operations:
+
+- :func:`woodbury_update` — batched block Woodbury update of Fisher block inverses (oBERT).
+- :func:`obs_scores` — OBS saliencies of single weights or ``g``-weight groups, and the N:M mask.
+- :func:`obs_update` — the oBERT weight update fused with zeroing the pruned weights.
+- :func:`adahessian_update` — the fused AdaHessian parameter update.
+- :func:`mkor_rank1_update` — Sherman-Morrison updates of many MKOR factor inverses at once.
+
+This package depends on torch (and optionally Triton) only, never on the rest of ``curvature``,
+so the core can call it without a cycle.
 """
+
+from __future__ import annotations
+
+import os
+
+import torch
+from curvature.kernels import adahessian as _adahessian
+from curvature.kernels import mkor as _mkor
+from curvature.kernels import obs as _obs
+from curvature.kernels import woodbury as _woodbury
+from curvature.kernels._triton import AVAILABLE as TRITON_AVAILABLE
+
+MODES = ("auto", "torch", "triton")
+
+
+def _mode() -> str:
+    mode = os.environ.get("CURVATURE_KERNELS", "auto").lower()
+    if mode not in MODES:
+        raise ValueError(f"CURVATURE_KERNELS must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def backend(*tensors: torch.Tensor, supported: bool = True) -> str:
+    """``"triton"`` or ``"torch"`` for an operation on ``tensors`` (the one place that decides)."""
+    mode = _mode()
+    if mode == "torch" or not TRITON_AVAILABLE or not supported:
+        return "torch"
+    if mode == "triton":
+        return "triton"
+    return "triton" if all(t.is_cuda for t in tensors) else "torch"
+
+
+def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
+    """In place: block inverses ``[n, B, B]`` gain the gradients ``[k, n, B]`` (``F = damp I + GG^T/m``)."""
+    if backend(blocks, grads, supported=_woodbury.supported(blocks, grads)) == "triton":
+        _woodbury.launch(blocks, grads, num_grads)
+    else:
+        _woodbury.reference(blocks, grads, num_grads)
+
+
+def obs_scores(
+    w: torch.Tensor, hinv: torch.Tensor, group: int = 1, nm: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """OBS scores ``[n, B/g]`` of ``w [n, B]`` under block inverses ``[n, B, B]``.
+
+    With ``nm=(N, M)`` (``group=1``) also returns the bool mask of the ``M - N`` lowest scores in
+    every run of ``M`` (True = pruned); otherwise the mask is ``None``.
+    """
+    if backend(w, hinv, supported=_obs.supported(w, group, nm)) == "triton":
+        return _obs.launch_scores(w, hinv, group, nm)
+    scores = _obs.reference_scores(w, hinv, group)
+    return scores, (_obs.reference_nm_select(scores, *nm) if nm is not None else None)
+
+
+def obs_update(
+    w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, group: int = 1
+) -> torch.Tensor:
+    """oBERT weight update: ``w - H c`` with the pruned groups' ``c_Q = (H_QQ)^-1 w_Q``; pruned -> 0."""
+    if backend(w, hinv, supported=_obs.supported(w, group)) == "triton":
+        return _obs.launch_update(w, hinv, pruned, group)
+    return _obs.reference_update(w, hinv, pruned, group)
+
+
+def adahessian_update(p, g, d, m, v, **hyper) -> None:
+    """In place AdaHessian step of one parameter (``d`` = raw Hessian-diagonal estimate or None)."""
+    if backend(p, supported=_adahessian.supported(p, m, v)) == "triton":
+        _adahessian.launch(p, g, d, m, v, **hyper)
+    else:
+        _adahessian.reference(p, g, d, m, v, **hyper)
+
+
+def mkor_rank1_update(
+    inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float
+) -> None:
+    """In place: each factor inverse folds in its vector (``L <- decay L + (1-decay) u u^T``)."""
+    if not inverses:
+        return
+    if backend(*inverses, supported=_mkor.supported(inverses)) == "triton":
+        _mkor.launch(inverses, vectors, decay)
+    else:
+        _mkor.reference(inverses, vectors, decay)
+
+
+__all__ = [
+    "MODES",
+    "TRITON_AVAILABLE",
+    "adahessian_update",
+    "backend",
+    "mkor_rank1_update",
+    "obs_scores",
+    "obs_update",
+    "woodbury_update",
+]

@@ -50,56 +50,10 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from curvature import kernels
 from curvature.optim import _common as chk
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def spatial_average(d: torch.Tensor, block_length: int) -> torch.Tensor:
-    """Average a Hessian-diagonal estimate over the dims AdaHessian treats as one curvature."""
-    if d.dim() == 4:
-        return d.mean(dim=(2, 3), keepdim=True).expand_as(d)
-    if d.dim() == 3:
-        return d.mean(dim=2, keepdim=True).expand_as(d)
-    if d.dim() in (1, 2) and block_length > 1:
-        last = d.shape[-1]
-        full = last - last % block_length
-        out = torch.empty_like(d)
-        if full:
-            head = d[..., :full].reshape(*d.shape[:-1], full // block_length, block_length)
-            out[..., :full] = (
-                head.mean(-1, keepdim=True).expand_as(head).reshape(*d.shape[:-1], full)
-            )
-        if full < last:
-            out[..., full:] = d[..., full:].mean(-1, keepdim=True)
-        return out
-    return d
-
-
-def adahessian_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_hessians: list[torch.Tensor],
-    *,
-    step: int,
-    hessian_step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-) -> None:
-    """The functional parameter update (moments already updated by the caller)."""
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2 ** max(hessian_step, 1)
-    for p, m, v in zip(params, exp_avgs, exp_hessians):
-        denom = (v / bc2).sqrt().pow(hessian_power).add_(eps)
-        update = (m / bc1) / denom
-        if weight_decay:
-            update = update + weight_decay * p
-        p.add_(update, alpha=-lr)
 
 
 class AdaHessian(Optimizer):
@@ -226,7 +180,6 @@ class AdaHessian(Optimizer):
         self.state["hessian_counter"] = counter + 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            ps, gs, ms, vs = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -237,32 +190,25 @@ class AdaHessian(Optimizer):
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_hessian_diag_sq"] = torch.zeros_like(p)
                 st["step"] += 1
-                g = p.grad.detach()
-                st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
                 if diag is not None:
-                    d = spatial_average(diag[index[p]], group["block_length"])
-                    st["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
                     st["hessian_step"] += 1
-                ps.append(p)
-                gs.append(g)
-                ms.append(st["exp_avg"])
-                vs.append(st["exp_hessian_diag_sq"])
+                g = p.grad.detach()
                 # release the graph held by the gradient (param -> grad -> graph -> param cycle)
                 p.grad = g
-            if ps:
-                st0 = self.state[ps[0]]
-                adahessian_update(
-                    ps,
-                    gs,
-                    ms,
-                    vs,
-                    step=st0["step"],
-                    hessian_step=st0["hessian_step"],
+                kernels.adahessian_update(
+                    p,
+                    g,
+                    diag[index[p]] if diag is not None else None,
+                    st["exp_avg"],
+                    st["exp_hessian_diag_sq"],
+                    step=st["step"],
+                    hessian_step=st["hessian_step"],
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     hessian_power=group["hessian_power"],
+                    block_length=group["block_length"],
                 )
         return loss

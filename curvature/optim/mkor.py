@@ -264,22 +264,31 @@ class MKOR(Optimizer):
             factor.reset(self.stability_blend)
             self.stabilised += 1
 
+    def _update_factors(self) -> None:
+        """All layers' factor inverses in one batched Sherman-Morrison call, then the stabiliser."""
+        ready = [
+            l
+            for l in self.layers
+            if l.module.weight.grad is not None and l.a is not None and l.g is not None
+        ]
+        factors = [f for l in ready for f in (l.left, l.right)]
+        vectors = [v for l in ready for v in (l.a, l.g)]
+        KroneckerFactorInverse.update_many(factors, vectors)
+        for f in factors:
+            self._stabilise(f)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = chk.run_closure(closure)
         if loss is not None:
             self.observe_loss(loss)
         if self.switched_at_step is None:
-            update_factors = self.steps % self.inv_freq == 0
+            if self.steps % self.inv_freq == 0:
+                self._update_factors()
             for layer in self.layers:
                 w = layer.module.weight
                 if w.grad is None:
                     continue
-                if update_factors and layer.a is not None and layer.g is not None:
-                    layer.left.update(layer.a)
-                    layer.right.update(layer.g)
-                    self._stabilise(layer.left)
-                    self._stabilise(layer.right)
                 grad = w.grad.reshape(w.shape[0], -1)
                 if layer.has_bias:
                     b = layer.module.bias.grad

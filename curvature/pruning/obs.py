@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from curvature import kernels
+
 F64 = torch.float64
 # Score of a group that must be pruned first (already pruned in an earlier step).
 FIXED_SCORE = -1.0
@@ -47,17 +49,17 @@ def independent_scores(
     ``skip`` ``[n, B/g]`` marks groups whose sub-block may be singular (already pruned in a
     greedy pass); their score is meaningless and must be masked by the caller.
     """
+    if skip is None:
+        return kernels.obs_scores(w, hinv, group)[0]
     n, b = w.shape
     if group == 1:
         diag = torch.diagonal(hinv, dim1=1, dim2=2)
-        if skip is not None:
-            diag = torch.where(skip, torch.ones_like(diag), diag)
+        diag = torch.where(skip, torch.ones_like(diag), diag)
         return w * w / (2.0 * diag)
     idx = _group_index(b, group, w.device)
     sub = hinv[:, idx[:, :, None], idx[:, None, :]]  # [n, G, g, g]
-    if skip is not None:
-        eye = torch.eye(group, dtype=sub.dtype, device=sub.device)
-        sub = torch.where(skip[:, :, None, None], eye, sub)
+    eye = torch.eye(group, dtype=sub.dtype, device=sub.device)
+    sub = torch.where(skip[:, :, None, None], eye, sub)
     wg = w.view(n, b // group, group)
     z = torch.linalg.solve(sub, wg.unsqueeze(-1)).squeeze(-1)
     return 0.5 * (wg * z).sum(-1)
@@ -65,18 +67,7 @@ def independent_scores(
 
 def independent_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, group: int):
     """oBERT's summed single-group corrections for the pruned groups; pruned weights set to 0."""
-    n, b = w.shape
-    if group == 1:
-        coef = torch.where(pruned, w / torch.diagonal(hinv, dim1=1, dim2=2), torch.zeros_like(w))
-    else:
-        idx = _group_index(b, group, w.device)
-        sub = hinv[:, idx[:, :, None], idx[:, None, :]]
-        wg = w.view(n, b // group, group)
-        z = torch.linalg.solve(sub, wg.unsqueeze(-1)).squeeze(-1)  # [n, G, g]
-        mask = pruned.view(n, b // group, group)
-        coef = torch.where(mask, z, torch.zeros_like(z)).view(n, b)
-    new = w - (hinv @ coef.unsqueeze(-1)).squeeze(-1)
-    return torch.where(pruned, torch.zeros_like(new), new)
+    return kernels.obs_update(w, hinv, pruned, group)
 
 
 def masked_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

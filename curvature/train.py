@@ -1,0 +1,169 @@
+"""The ``curvature train`` job: fine-tune a classifier with a chosen optimizer and evaluate it.
+
+The same Hugging Face ``Trainer`` loop serves every optimizer (:class:`~curvature.hf.RecipeTrainer`
+does AdaHessian's ``create_graph`` backward and feeds MKOR-H its losses), so differences between
+runs come from the optimizer alone. Optionally the validation accuracy is measured every
+``eval_every`` steps, which gives the learning curve and the steps needed to reach a target.
+Output is written atomically like the prune job's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from curvature.jobs import JobError, _atomic_output, _check_output, load_for_job
+
+# Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
+# probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
+DEFAULTS: dict[str, tuple[float, dict]] = {
+    "adamw": (5e-5, {"weight_decay": 0.01}),
+    "adahessian": (2e-4, {"weight_decay": 0.01}),
+    "mkor": (5e-5, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
+    "mkor-h": (5e-5, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
+    "mfac": (1e-5, {"num_grads": 32, "damp": 1e-4}),
+    "sgd": (1e-2, {"momentum": 0.9}),
+    "lamb": (1e-3, {"weight_decay": 0.01}),
+}
+
+
+@dataclass
+class TrainJob:
+    optimizer: str = "adamw"
+    model: str = "default"
+    data: str = "bbc-news"
+    output: str | None = "runs/train"  # None: do not save the model (benchmarks)
+    lr: float | None = None  # None: DEFAULTS[optimizer]
+    optimizer_kwargs: dict | None = None  # merged over DEFAULTS[optimizer]
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_train: int | None = None
+    max_eval: int | None = None
+    max_length: int = 128
+    eval_every: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+    def resolved(self) -> tuple[float, dict]:
+        from curvature.optim import OPTIMIZERS
+
+        name = self.optimizer.lower()
+        if name not in DEFAULTS:
+            raise JobError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        lr, kwargs = DEFAULTS[name]
+        return (self.lr if self.lr is not None else lr), {**kwargs, **(self.optimizer_kwargs or {})}
+
+
+class EvalEvery(TrainerCallback):
+    """Evaluate every ``every`` optimizer steps; append ``{step, seconds, accuracy, loss}``."""
+
+    def __init__(self, eval_loader, every: int):
+        self.eval_loader, self.every = eval_loader, every
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self._t = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.train_seconds += time.perf_counter() - self._t
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            from curvature.hf import evaluate_accuracy
+
+            ev = evaluate_accuracy(model, self.eval_loader)
+            self.history.append({"step": state.global_step, "seconds": self.train_seconds, **ev})
+
+
+def steps_to_reach(history: list[dict], target: float) -> int | None:
+    """First evaluated step whose accuracy is at least ``target`` (None if never)."""
+    return next((h["step"] for h in history if h["accuracy"] >= target), None)
+
+
+def run_train(job: TrainJob) -> dict:
+    from transformers import TrainingArguments
+
+    from curvature.hf import RecipeTrainer, evaluate_accuracy
+    from curvature.optim import build_optimizer
+    from curvature.utils import peak_memory_bytes, reset_peak_memory
+
+    lr, kwargs = job.resolved()
+    out = Path(job.output) if job.output else None
+    if out is not None:
+        _check_output(out, job.overwrite)
+    if job.eval_every is not None and job.eval_every < 1:
+        raise JobError(f"--eval-every must be a positive number of steps, got {job.eval_every}")
+    # names and values of the optimizer's settings are checked on a 1x1 layer before loading
+    build_optimizer(job.optimizer, torch.nn.Linear(1, 1), lr=lr, **kwargs)
+    model, tokenizer, enc, collator, eval_loader = load_for_job(job)
+
+    start = time.perf_counter()
+    output = _atomic_output(out) if out else tempfile.TemporaryDirectory(prefix="curvature-train-")
+    with output as tmp:
+        args = TrainingArguments(
+            output_dir=str(Path(tmp) / "trainer"),
+            num_train_epochs=job.epochs,
+            max_steps=job.max_steps if job.max_steps else -1,
+            per_device_train_batch_size=job.batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            seed=job.seed,
+            disable_tqdm=not job.progress,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = RecipeTrainer(
+            model=model,
+            args=args,
+            train_dataset=enc["train"],
+            data_collator=collator,
+            optimizer_name=job.optimizer,
+            optimizer_kwargs=kwargs,
+        )
+        curve = EvalEvery(eval_loader, job.eval_every or 10**9)
+        trainer.add_callback(curve)
+        reset_peak_memory()
+        result = trainer.train()
+        steps = result.global_step
+        final = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval")
+        metrics = {
+            "optimizer": job.optimizer.lower(),
+            "optimizer_class": type(trainer._inner_optimizer()).__name__,
+            "lr": lr,
+            "optimizer_kwargs": kwargs,
+            "model": str(job.model),
+            "data": job.data,
+            "seed": job.seed,
+            "steps": steps,
+            "batch_size": job.batch_size,
+            "train_loss": result.training_loss,
+            "train_seconds": curve.train_seconds,
+            "seconds_per_step": curve.train_seconds / max(steps, 1),
+            "peak_memory_bytes": peak_memory_bytes(),
+            "validation": final,
+            "curve": curve.history,
+            "seconds": time.perf_counter() - start,
+        }
+        switched = getattr(trainer._inner_optimizer(), "switched_at_step", None)
+        if switched is not None:
+            metrics["switched_to_base_at_step"] = switched
+        if out is not None:
+            shutil.rmtree(Path(tmp) / "trainer", ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,245 @@
+"""Every Triton kernel equals its torch reference (and the references equal dense math).
+
+On this CPU-only machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py before the kernels are decorated); with a CUDA device the same tests run on the GPU
+(marker ``gpu``). Shapes are small because the interpreter is slow: few programs, odd sizes.
+"""
+
+import os
+
+import pytest
+import torch
+from curvature.kernels import adahessian, mkor, obs, woodbury
+
+from curvature import kernels
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="Triton is not installed")
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=[
+            pytest.mark.interpreter,
+            pytest.mark.skipif(
+                os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
+            ),
+        ],
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+def spd_inverse(n, b, *, damp=1e-2, rank=None, seed=0, dtype=F64):
+    """``n`` inverses of ``damp I + X X^T / b`` (nearly low-rank when ``rank`` is small)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, b, rank or b, generator=gen, dtype=F64)
+    f = damp * torch.eye(b, dtype=F64) + x @ x.transpose(1, 2) / b
+    return torch.linalg.inv(f).to(dtype)
+
+
+# ------------------------------------------------------------------ Woodbury
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bsz", [1, 3, 50, 127])
+@pytest.mark.parametrize(
+    "dtype,grad_dtype",
+    [(F64, F64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_woodbury_kernel_equals_reference_and_dense(device, bsz, dtype, grad_dtype):
+    n, k, m, damp = 3, 5, 16, 1e-3
+    gen = torch.Generator().manual_seed(bsz)
+    grads = (torch.randn(k, n, bsz, generator=gen, dtype=F64) * 10.0).to(grad_dtype)
+    blocks = torch.eye(bsz, dtype=F64).repeat(n, 1, 1) / damp
+    ref = blocks.clone()
+    woodbury.reference(ref, grads, m)
+    out = blocks.to(dtype).to(device)
+    woodbury.launch(out, grads.to(device), m)
+    out = out.cpu().to(F64)
+    # storage rounding of the starting inverse (1/damp) cancels as the Fisher fills up: the
+    # error is bounded by a few eps of the storage dtype times 1/damp (the precision policy)
+    eps = torch.finfo(dtype).eps
+    assert (out - ref).abs().max() < 50 * eps / damp
+    # and the reference is the dense inverse of the damped Fisher
+    g = grads.to(F64)
+    dense = damp * torch.eye(bsz, dtype=F64) + torch.einsum("knb,knc->nbc", g, g) / m
+    torch.testing.assert_close(ref, torch.linalg.inv(dense), rtol=1e-8, atol=1e-10 / damp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_woodbury_kernel_hard_cases(device):
+    # tiny and huge gradients, a zero gradient, tiny damping and nearly low-rank history
+    n, bsz, m = 4, 12, 8
+    blocks = spd_inverse(n, bsz, damp=1e-6, rank=2)
+    grads = torch.randn(6, n, bsz, dtype=F64)
+    grads[0] *= 1e-6
+    grads[1] *= 1e4
+    grads[2] = 0.0
+    ref = blocks.clone()
+    woodbury.reference(ref, grads, m)
+    out = blocks.clone().to(device)
+    woodbury.launch(out, grads.to(device), m)
+    scale = ref.abs().amax(dim=(1, 2), keepdim=True)
+    assert ((out.cpu() - ref).abs() / scale).max() < 1e-8
+
+
+# ------------------------------------------------------------------ OBS scores, N:M, update
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bsz,group", [(1, 1), (3, 1), (50, 1), (127, 1), (4, 4), (52, 4), (48, 2)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_obs_scores_and_update_kernels_equal_reference(device, bsz, group, dtype):
+    n = 3
+    h = spd_inverse(n, bsz, damp=0.1, seed=bsz)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, bsz, generator=gen, dtype=F64)
+    w[0, 0] = 0.0  # a zero weight scores zero
+    pruned = (torch.rand(n, bsz // group, generator=gen) < 0.5).repeat_interleave(group, 1)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+    scores, mask = obs.launch_scores(w.to(dtype).to(device), h.to(dtype).to(device), group)
+    assert mask is None
+    ref_scores = obs.reference_scores(w, h, group)
+    torch.testing.assert_close(scores.cpu().to(F64), ref_scores, **tol)
+    new = obs.launch_update(
+        w.to(dtype).to(device), h.to(dtype).to(device), pruned.to(device), group
+    )
+    ref_new = obs.reference_update(w, h, pruned, group)
+    torch.testing.assert_close(new.cpu().to(F64), ref_new, **tol)
+    assert (new.cpu()[pruned] == 0).all()
+
+
+def test_obs_references_equal_dense_math():
+    n, bsz, group = 2, 8, 4
+    h = spd_inverse(n, bsz, damp=0.5)
+    w = torch.randn(n, bsz, dtype=F64)
+    pruned = torch.zeros(n, bsz, dtype=torch.bool)
+    pruned[:, 4:] = True
+    scores = obs.reference_scores(w, h, group)
+    new = obs.reference_update(w, h, pruned, group)
+    for b in range(n):
+        q = slice(4, 8)
+        hq = h[b, q, q]
+        z = torch.linalg.solve(hq, w[b, q])
+        torch.testing.assert_close(scores[b, 1], 0.5 * w[b, q] @ z)
+        expect = w[b] - h[b][:, q] @ z
+        torch.testing.assert_close(new[b, :4], expect[:4])
+        # single-group OBS lands the pruned group at exactly zero before the explicit zeroing
+        torch.testing.assert_close(expect[4:], torch.zeros(4, dtype=F64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("bsz", [8, 24, 40])
+def test_fused_nm_selection_equals_reference(device, nm, bsz):
+    n = 3
+    h = spd_inverse(n, bsz, damp=0.3, seed=7)
+    w = torch.randn(n, bsz, dtype=F64)
+    w[1, :4] = 0.5  # ties inside a run: broken toward the lower index
+    h[1, :4, :4] = torch.eye(4, dtype=F64)
+    scores, mask = obs.launch_scores(w.to(device), h.to(device), 1, nm)
+    ref_scores = obs.reference_scores(w, h, 1)
+    ref_mask = obs.reference_nm_select(ref_scores, *nm)
+    torch.testing.assert_close(scores.cpu(), ref_scores)
+    assert torch.equal(mask.cpu(), ref_mask)
+    keep, m = nm
+    assert (mask.view(n, -1, m).sum(-1) == m - keep).all()
+    # the pruned ones are the lowest scores of each run
+    runs, pr = ref_scores.view(-1, m), ref_mask.view(-1, m)
+    assert (
+        runs[pr].view(-1, m - keep).max(-1).values <= runs[~pr].view(-1, keep).min(-1).values
+    ).all()
+
+
+# ------------------------------------------------------------------ AdaHessian
+HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-4, weight_decay=0.01, hessian_power=0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,block_length",
+    [((37,), 1), ((37,), 4), ((5, 11), 3), ((3, 4, 7), 1), ((4, 3, 3, 3), 1), ((2, 3, 1, 5), 1)],
+)
+@pytest.mark.parametrize("refresh", [True, False])
+def test_adahessian_kernel_equals_reference(device, shape, block_length, refresh):
+    gen = torch.Generator().manual_seed(len(shape))
+    p, g, d = (torch.randn(shape, generator=gen) for _ in range(3))
+    m = torch.randn(shape, generator=gen) * 0.1
+    v = torch.rand(shape, generator=gen)
+    hyper = dict(HYPER, step=3, hessian_step=2, block_length=block_length)
+    ref = [t.clone() for t in (p, m, v)]
+    adahessian.reference(*ref[:1], g, d if refresh else None, *ref[1:], **hyper)
+    out = [t.clone().to(device) for t in (p, m, v)]
+    adahessian.launch(out[0], g.to(device), d.to(device) if refresh else None, *out[1:], **hyper)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_adahessian_spatial_average_segments():
+    d = torch.arange(10.0)
+    torch.testing.assert_close(
+        adahessian.spatial_average(d, 4),
+        torch.tensor([1.5] * 4 + [5.5] * 4 + [8.5] * 2),  # the last run is shorter
+    )
+    d4 = torch.randn(2, 3, 3, 3)
+    torch.testing.assert_close(
+        adahessian.spatial_average(d4, 1), d4.mean((2, 3), keepdim=True).expand_as(d4)
+    )
+
+
+# ------------------------------------------------------------------ MKOR
+@pytest.mark.parametrize("device", DEVICES)
+def test_mkor_batched_rank1_equals_reference_and_dense(device):
+    sizes = [1, 3, 50, 33, 65]  # different sizes in one launch, none a multiple of the tile
+    decay = 0.9
+    gen = torch.Generator().manual_seed(0)
+    invs = [spd_inverse(1, s, damp=0.5, seed=s)[0] for s in sizes]
+    vecs = [torch.randn(s, generator=gen, dtype=F64) * (100.0 if s == 33 else 1.0) for s in sizes]
+    ref = [a.clone() for a in invs]
+    mkor.reference(ref, vecs, decay)
+    out = [a.clone().to(device) for a in invs]
+    mkor.launch(out, [v.to(device) for v in vecs], decay, tile=16)
+    for a, r, inv, u in zip(out, ref, invs, vecs):
+        torch.testing.assert_close(a.cpu(), r, rtol=1e-10, atol=1e-12)
+        dense = decay * torch.linalg.inv(inv) + (1 - decay) * torch.outer(u, u)
+        torch.testing.assert_close(r, torch.linalg.inv(dense), rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------------------ dispatch
+def test_dispatch_chooses_once_and_respects_the_environment(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setenv("CURVATURE_KERNELS", "auto")
+    assert kernels.backend(x) == "torch"  # CPU tensors take the reference
+    assert kernels.backend(x, supported=False) == "torch"
+    monkeypatch.setenv("CURVATURE_KERNELS", "torch")
+    assert kernels.backend(x) == "torch"
+    monkeypatch.setenv("CURVATURE_KERNELS", "triton")
+    assert kernels.backend(x) == "triton"
+    monkeypatch.setenv("CURVATURE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="CURVATURE_KERNELS must be one of auto, torch, triton"):
+        kernels.backend(x)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_forced_triton_path_through_the_core(monkeypatch):
+    """The core's Fisher and pruning calls give the same numbers through either backend."""
+    from curvature import FisherInverse, KroneckerFactorInverse
+
+    grads = torch.randn(6, 23)
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("CURVATURE_KERNELS", mode)
+        f = FisherInverse(23, num_grads=6, damp=1e-3, block_size=5, algorithm="woodbury")
+        f.add_grad(grads)
+        k = KroneckerFactorInverse(7, decay=0.8, damp=1.0)
+        k.update(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)))
+        w = torch.randn(5, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+        h = f.blocks().to(F64)
+        s = kernels.obs_scores(w, h, 1)[0]
+        results[mode] = (f.blocks().clone(), k.inverse.clone(), s)
+    for a, b in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
