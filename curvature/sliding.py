@@ -80,11 +80,20 @@ class SlidingWindowFisherInverse:
         for row in rows.to(device=self.device):
             slot = self.num_seen % self.window
             self.grads[slot] = row.to(self.dtype)
-            dots = self.grads.to(COMPUTE_DTYPE) @ self.grads[slot].to(COMPUTE_DTYPE)
+            dots = torch.zeros(self.window, dtype=COMPUTE_DTYPE, device=self.device)
+            for cols in self._column_chunks():  # float64 a chunk at a time, not the whole window
+                dots += self.grads[:, cols].to(COMPUTE_DTYPE) @ self.grads[slot, cols].to(
+                    COMPUTE_DTYPE
+                )
             self.gram[slot, :] = dots
             self.gram[:, slot] = dots
             self.num_seen += 1
         self.refactor()
+
+    def _column_chunks(self):
+        """Column slices covering ``d`` with about ``2**22`` window elements each."""
+        step = max(1, (1 << 22) // self.window)
+        return [slice(i, min(self.num_params, i + step)) for i in range(0, self.num_params, step)]
 
     def refactor(self) -> None:
         """Refresh the Cholesky factor of ``c damp I + G G^T`` from the stored Gram matrix."""
@@ -102,8 +111,14 @@ class SlidingWindowFisherInverse:
         if self._chol is None:
             out = xs / self.damp
         else:
-            g = self.grads[: self.count].to(COMPUTE_DTYPE)
-            coef = torch.cholesky_solve((g @ xs.T), self._chol)  # [c, k]
-            out = (xs - (g.T @ coef).T) / self.damp
+            c = self.count
+            gx = torch.zeros(c, xs.shape[0], dtype=COMPUTE_DTYPE, device=self.device)
+            for cols in self._column_chunks():
+                gx += self.grads[:c, cols].to(COMPUTE_DTYPE) @ xs[:, cols].T
+            coef = torch.cholesky_solve(gx, self._chol)  # [c, k]
+            out = xs.clone()
+            for cols in self._column_chunks():
+                out[:, cols] -= (self.grads[:c, cols].to(COMPUTE_DTYPE).T @ coef).T
+            out /= self.damp
         out = out.to(x.dtype)
         return out[0] if single else out

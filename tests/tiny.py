@@ -44,7 +44,7 @@ def make_model_dir(root: Path, num_labels: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     cfg = tiny_bert_config(len(vocab), num_labels)
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(root)
