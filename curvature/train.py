@@ -24,11 +24,11 @@ from curvature.jobs import JobError, _atomic_output, _check_output, load_for_job
 # Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
 # probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
 DEFAULTS: dict[str, tuple[float, dict]] = {
-    "adamw": (5e-5, {"weight_decay": 0.01}),
-    "adahessian": (2e-4, {"weight_decay": 0.01}),
-    "mkor": (5e-5, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
-    "mkor-h": (5e-5, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
-    "mfac": (1e-5, {"num_grads": 32, "damp": 1e-4}),
+    "adamw": (1e-4, {"weight_decay": 0.01}),
+    "adahessian": (1e-2, {"weight_decay": 0.01}),
+    "mkor": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
+    "mkor-h": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
+    "mfac": (1e-2, {"num_grads": 16, "damp": 1e-4}),
     "sgd": (1e-2, {"momentum": 0.9}),
     "lamb": (1e-3, {"weight_decay": 0.01}),
 }

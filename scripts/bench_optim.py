@@ -1,0 +1,229 @@
+"""Benchmark the optimizers against AdamW: cost per step, and a short fine-tuning comparison.
+
+Part 1 (cost): time per optimizer step (forward + backward + step, with AdaHessian's
+create_graph backward) and peak resident memory, relative to AdamW on the same model and batch:
+a small MLP (784-512-512-10, batch 128) and the default MiniLM (batch 16, 128 tokens). Every
+measurement runs in a fresh subprocess so peak memory is the optimizer's own.
+
+Part 2 (quality): fine-tune MiniLM on bbc-news for ``--steps`` steps with each optimizer and each
+seed (`curvature train` with its default learning rates), evaluating every ``--eval-every``
+steps: validation accuracy after N steps and steps to reach ``--target`` accuracy.
+
+    python scripts/bench_optim.py                    # both parts (about 40 min on 2 CPU cores)
+    python scripts/bench_optim.py --part cost --quick
+
+Timings on a shared machine are noisy; the ratios to AdamW measured in the same run are the
+figures to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+OPTIMIZERS = ["adamw", "adahessian", "mkor", "mkor-h", "mfac"]
+
+
+def _cost_one(name: str, model_kind: str, steps: int) -> dict:
+    import torch
+
+    from curvature.optim import build_optimizer, needs_create_graph
+    from curvature.train import DEFAULTS
+    from curvature.utils import peak_memory_bytes, reset_peak_memory
+
+    torch.manual_seed(0)
+    if model_kind == "mlp":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(784, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 10),
+        )
+        x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        lr, kwargs = DEFAULTS[name]
+        kwargs = {k: v for k, v in kwargs.items() if k != "exclude"}
+        if name == "mfac":
+            kwargs["num_grads"] = 64
+    else:
+        from curvature.models import load_classifier
+
+        model, _ = load_classifier("default", 5)
+        ids = torch.randint(1000, 20000, (16, 128))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        labels = torch.randint(0, 5, (16,))
+
+        def loss_fn():
+            return model(**batch, labels=labels).loss
+
+        lr, kwargs = DEFAULTS[name]
+    opt = build_optimizer(name, model, lr=lr, **kwargs)
+    graph = needs_create_graph(opt)
+    reset_peak_memory()
+    base = peak_memory_bytes()
+
+    def one_step():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward(create_graph=graph)
+        if hasattr(opt, "observe_loss"):
+            opt.observe_loss(loss)
+        opt.step()
+
+    for _ in range(2):  # warm-up: allocate state, first factor updates
+        one_step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t)
+    peak = peak_memory_bytes()
+    return {
+        "optimizer": name,
+        "model": model_kind,
+        "seconds_per_step": statistics.median(times),
+        "peak_bytes": peak,
+        "peak_over_start_bytes": (peak - base) if peak and base else None,
+    }
+
+
+def _quality_one(name: str, seed: int, steps: int, eval_every: int, max_eval: int) -> dict:
+    from curvature.train import TrainJob, run_train
+
+    m = run_train(
+        TrainJob(
+            optimizer=name,
+            output=None,
+            max_steps=steps,
+            max_length=64,
+            max_eval=max_eval,
+            eval_every=eval_every,
+            seed=seed,
+            progress=False,
+        )
+    )
+    return {k: m[k] for k in ("optimizer", "lr", "seed", "steps", "seconds_per_step", "curve")} | {
+        "accuracy": m["validation"]["accuracy"],
+        "loss": m["validation"]["loss"],
+        "peak_bytes": m["peak_memory_bytes"],
+    }
+
+
+def _sub(args: list[str]) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _gb(b) -> str:
+    return f"{b / 2**30:.2f}" if b else "n/a"
+
+
+def part_cost(quick: bool) -> list[str]:
+    lines = [
+        "| model | optimizer | s/step | x AdamW | peak RSS GiB | peak growth over start GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_kind, steps in (("mlp", 5 if quick else 20), ("minilm", 2 if quick else 5)):
+        rows = [_sub(["cost", name, model_kind, str(steps)]) for name in OPTIMIZERS]
+        ref = rows[0].get("seconds_per_step")
+        for name, r in zip(OPTIMIZERS, rows):
+            if "error" in r:
+                lines.append(f"| {model_kind} | {name} | error: {r['error']} | | | |")
+                continue
+            ratio = r["seconds_per_step"] / ref if ref else float("nan")
+            lines.append(
+                f"| {model_kind} | {name} | {r['seconds_per_step']:.3f} | {ratio:.2f} | "
+                f"{_gb(r['peak_bytes'])} | {_gb(r['peak_over_start_bytes'])} |"
+            )
+        print("\n".join(lines[-len(OPTIMIZERS) :]), flush=True)
+    return lines
+
+
+def part_quality(seeds: list[int], steps: int, eval_every: int, target: float, max_eval: int):
+    runs = {}
+    for name in OPTIMIZERS:
+        runs[name] = [
+            _sub(["quality", name, str(s), str(steps), str(eval_every), str(max_eval)])
+            for s in seeds
+        ]
+        ok = [r for r in runs[name] if "error" not in r]
+        accs = ", ".join(f"{r['accuracy']:.3f}" for r in ok)
+        print(f"{name}: accuracy after {steps} steps per seed: {accs}", flush=True)
+    lines = [
+        f"| optimizer | lr | accuracy after {steps} steps (mean; per seed) | steps to {target:.0%} "
+        "(per seed) | s/step |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            lines.append(f"| {name} | | error: {rs[0]['error']} | | |")
+            continue
+        from curvature.train import steps_to_reach
+
+        accs = [r["accuracy"] for r in ok]
+        reach = [steps_to_reach(r["curve"], target) for r in ok]
+        reach_s = ", ".join("never" if s is None else str(s) for s in reach)
+        lines.append(
+            f"| {name} | {ok[0]['lr']:g} | {statistics.mean(accs):.3f} "
+            f"({', '.join(f'{a:.3f}' for a in accs)}) | {reach_s} | "
+            f"{statistics.mean(r['seconds_per_step'] for r in ok):.2f} |"
+        )
+    return lines, runs
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, *rest = sys.argv[2:]
+        if kind == "cost":
+            res = _cost_one(rest[0], rest[1], int(rest[2]))
+        else:
+            res = _quality_one(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+        print(json.dumps(res))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["cost", "quality", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--max-eval", type=int, default=300)
+    ap.add_argument("--json", default=None, help="also write all results to this file")
+    args = ap.parse_args()
+    import platform
+
+    print(
+        f"# bench_optim on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
+    )
+    out = {}
+    if args.part in ("cost", "all"):
+        lines = part_cost(args.quick)
+        print("\n" + "\n".join(lines) + "\n", flush=True)
+        out["cost"] = lines
+    if args.part in ("quality", "all"):
+        seeds = [int(s) for s in args.seeds.split(",")]
+        lines, runs = part_quality(seeds, args.steps, args.eval_every, args.target, args.max_eval)
+        print("\n" + "\n".join(lines) + "\n", flush=True)
+        out["quality"] = {"table": lines, "runs": runs}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
