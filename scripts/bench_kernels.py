@@ -19,6 +19,7 @@ import argparse
 import os
 import platform
 import time
+from functools import partial
 
 import torch
 
@@ -46,9 +47,9 @@ def copy_bandwidth(device, numel: int) -> float:
 def rows(device, quick: bool, triton_ok: bool, reps: int):
     from curvature.kernels import adahessian, mkor, obs, woodbury
 
-    weights = 85_000_000 // (20 if quick else 1)
+    weights = 85_000_000 // (100 if quick else 1)
     if device.type == "cpu" and not quick:
-        weights //= 4  # float64 blocks of all 85M weights do not fit a small machine's memory
+        weights //= 10  # float64 blocks of all 85M weights do not fit a small machine's memory
     dtype = torch.float32 if device.type == "cuda" else torch.float64
     out = []
     for bsz in (32, 50):
@@ -59,26 +60,28 @@ def rows(device, quick: bool, triton_ok: bool, reps: int):
             nbytes = (
                 2 * blocks.numel() * blocks.element_size() + grads.numel() * grads.element_size()
             )
-            t_ref = _timeit(lambda: woodbury.reference(blocks, grads, 64), reps)
-            t_tri = _timeit(lambda: woodbury.launch(blocks, grads, 64), reps) if triton_ok else None
+            t_ref = _timeit(partial(woodbury.reference, blocks, grads, 64), reps)
+            t_tri = (
+                _timeit(partial(woodbury.launch, blocks, grads, 64), reps) if triton_ok else None
+            )
             out.append((f"woodbury B={bsz} k={k}", n * bsz, nbytes, t_ref, t_tri))
             del grads
         w = torch.randn(n, bsz, dtype=dtype, device=device)
         pruned = torch.rand(n, bsz, device=device) < 0.5
         nbytes = blocks.numel() * blocks.element_size() + 2 * w.numel() * w.element_size()
-        t_ref = _timeit(lambda: obs.reference_update(w, blocks, pruned, 1), reps)
+        t_ref = _timeit(partial(obs.reference_update, w, blocks, pruned, 1), reps)
         t_tri = (
-            _timeit(lambda: obs.launch_update(w, blocks, pruned, 1), reps) if triton_ok else None
+            _timeit(partial(obs.launch_update, w, blocks, pruned, 1), reps) if triton_ok else None
         )
         out.append((f"obs update B={bsz}", n * bsz, nbytes, t_ref, t_tri))
 
-        def ref_nm():
+        def ref_nm(w=w, blocks=blocks):
             obs.reference_nm_select(obs.reference_scores(w, blocks, 1), 2, 4)
 
         nbytes = n * bsz * blocks.element_size() + 2 * w.numel() * w.element_size()
         t_ref = _timeit(ref_nm, reps)
         t_tri = (
-            _timeit(lambda: obs.launch_scores(w, blocks, 1, (2, 4)), reps) if triton_ok else None
+            _timeit(partial(obs.launch_scores, w, blocks, 1, (2, 4)), reps) if triton_ok else None
         )
         out.append((f"obs scores+2:4 B={bsz}", n * bsz, nbytes, t_ref, t_tri))
         del blocks, w
@@ -98,8 +101,8 @@ def rows(device, quick: bool, triton_ok: bool, reps: int):
         block_length=1,
     )
     nbytes = 8 * p.numel() * 4  # read p, g, d, m, v; write p, m, v
-    t_ref = _timeit(lambda: adahessian.reference(p, g, d, m, v, **hyper), reps)
-    t_tri = _timeit(lambda: adahessian.launch(p, g, d, m, v, **hyper), reps) if triton_ok else None
+    t_ref = _timeit(partial(adahessian.reference, p, g, d, m, v, **hyper), reps)
+    t_tri = _timeit(partial(adahessian.launch, p, g, d, m, v, **hyper), reps) if triton_ok else None
     out.append(("adahessian update", p.numel(), nbytes, t_ref, t_tri))
     del p, g, d, m, v
     # MKOR: the 72 factors of a BERT-base (768 and 3072 wide), float64
@@ -109,8 +112,8 @@ def rows(device, quick: bool, triton_ok: bool, reps: int):
     invs = [torch.eye(s, dtype=torch.float64, device=device) for s in sizes]
     vecs = [torch.randn(s, dtype=torch.float64, device=device) for s in sizes]
     nbytes = sum(2 * s * s * 8 for s in sizes)
-    t_ref = _timeit(lambda: mkor.reference(invs, vecs, 0.95), reps)
-    t_tri = _timeit(lambda: mkor.launch(invs, vecs, 0.95), reps) if triton_ok else None
+    t_ref = _timeit(partial(mkor.reference, invs, vecs, 0.95), reps)
+    t_tri = _timeit(partial(mkor.launch, invs, vecs, 0.95), reps) if triton_ok else None
     out.append((f"mkor rank-1, {len(sizes)} factors", sum(sizes), nbytes, t_ref, t_tri))
     return out
 
