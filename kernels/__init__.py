@@ -85,12 +85,19 @@ def obs_update(
     return _obs.reference_update(w, hinv, pruned, group)
 
 
-def adahessian_update(p, g, d, m, v, **hyper) -> None:
-    """In place AdaHessian step of one parameter (``d`` = raw Hessian-diagonal estimate or None)."""
-    if backend(p, supported=_adahessian.supported(p, m, v)) == "triton":
-        _adahessian.launch(p, g, d, m, v, **hyper)
+def adahessian_update(params, grads, diags, exp_avgs, exp_hessians, steps, hessian_steps, **hyper):
+    """In place AdaHessian step of a group's parameters (``diags`` = raw estimates, or None)."""
+    if (
+        backend(*params, supported=_adahessian.supported(params, exp_avgs, exp_hessians))
+        == "triton"
+    ):
+        _adahessian.launch_group(
+            params, grads, diags, exp_avgs, exp_hessians, steps, hessian_steps, **hyper
+        )
     else:
-        _adahessian.reference(p, g, d, m, v, **hyper)
+        _adahessian.reference_group(
+            params, grads, diags, exp_avgs, exp_hessians, steps, hessian_steps, **hyper
+        )
 
 
 def mkor_rank1_update(

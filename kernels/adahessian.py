@@ -13,8 +13,10 @@ where ``\bar d`` is ``d`` averaged over its spatial segment: the kernel dims of 
 weight, the last dim of a 3-D weight, and runs of ``block_length`` along the last dim of 1-D and
 2-D weights (the last run of a row may be shorter). ``t_h`` counts the Hessian refreshes.
 
-The Triton kernel does all of it in one pass per parameter (each program owns whole segments, so
-the average needs no second pass); the torch reference does the same math with tensor ops.
+The Triton kernel updates all float32 parameters of a group in one launch (one per distinct
+segment length), in one pass over each (a program owns whole segments, so the average needs no
+second pass), addressing the tensors through tables of their pointers; the torch reference does
+the same math with tensor ops, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -86,62 +88,76 @@ def reference(
 
 @jit
 def _adahessian_kernel(
-    p_ptr,
-    g_ptr,
-    d_ptr,
-    m_ptr,
-    v_ptr,
-    nseg_total,
-    row,
-    seg,
-    segs_per_row,
+    p_tab,
+    g_tab,
+    d_tab,
+    m_tab,
+    v_tab,
+    meta_ptr,
+    bc_ptr,
     lr,
     beta1,
     beta2,
     eps,
     weight_decay,
     hessian_power,
-    bc1,
-    bc2,
     HAS_D: tl.constexpr,
     TILE: tl.constexpr,
     SP: tl.constexpr,
 ):
-    sid = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)  # segment ids [TILE]
-    t = tl.arange(0, SP)
-    r = sid // segs_per_row
-    start = (sid % segs_per_row) * seg
-    col = start[:, None] + t[None, :]
-    msk = (sid[:, None] < nseg_total) & (t[None, :] < seg) & (col < row)
-    off = r[:, None] * row + col
-    g = tl.load(g_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    m = beta1 * m + (1.0 - beta1) * g
-    if HAS_D:
-        d = tl.load(d_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        n = tl.sum(msk.to(tl.float32), axis=1)
-        da = tl.sum(d, axis=1) / tl.maximum(n, 1.0)
-        v = beta2 * v + (1.0 - beta2) * (da * da)[:, None]
-    root = tl.sqrt(v / bc2)
-    powed = tl.where(root > 0, tl.exp(hessian_power * tl.log(root)), 0.0)
-    upd = (m / bc1) / (powed + eps) + weight_decay * p
-    p = p - lr * upd
-    tl.store(m_ptr + off, m.to(m_ptr.dtype.element_ty), mask=msk)
-    tl.store(v_ptr + off, v.to(v_ptr.dtype.element_ty), mask=msk)
-    tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=msk)
+    # program (tensor i, tile j): the tensor's addresses come from the pointer tables
+    i = tl.program_id(0)
+    nseg_total = tl.load(meta_ptr + i * 4 + 3)
+    if tl.program_id(1).to(tl.int64) * TILE < nseg_total:
+        row = tl.load(meta_ptr + i * 4)
+        seg = tl.load(meta_ptr + i * 4 + 1)
+        segs_per_row = tl.load(meta_ptr + i * 4 + 2)
+        bc1 = tl.load(bc_ptr + i * 2)
+        bc2 = tl.load(bc_ptr + i * 2 + 1)
+        p_ptr = tl.load(p_tab + i).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(g_tab + i).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(m_tab + i).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(v_tab + i).to(tl.pointer_type(tl.float32))
+        sid = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)  # segment ids [TILE]
+        t = tl.arange(0, SP)
+        r = sid // segs_per_row
+        start = (sid % segs_per_row) * seg
+        col = start[:, None] + t[None, :]
+        msk = (sid[:, None] < nseg_total) & (t[None, :] < seg) & (col < row)
+        off = r[:, None] * row + col
+        g = tl.load(g_ptr + off, mask=msk, other=0.0)
+        m = tl.load(m_ptr + off, mask=msk, other=0.0)
+        v = tl.load(v_ptr + off, mask=msk, other=0.0)
+        p = tl.load(p_ptr + off, mask=msk, other=0.0)
+        m = beta1 * m + (1.0 - beta1) * g
+        if HAS_D:
+            d_ptr = tl.load(d_tab + i).to(tl.pointer_type(tl.float32))
+            d = tl.load(d_ptr + off, mask=msk, other=0.0)
+            n = tl.sum(msk.to(tl.float32), axis=1)
+            da = tl.sum(d, axis=1) / tl.maximum(n, 1.0)
+            v = beta2 * v + (1.0 - beta2) * (da * da)[:, None]
+        root = tl.sqrt(v / bc2)
+        powed = tl.where(root > 0, tl.exp(hessian_power * tl.log(root)), 0.0)
+        upd = (m / bc1) / (powed + eps) + weight_decay * p
+        p = p - lr * upd
+        tl.store(m_ptr + off, m, mask=msk)
+        tl.store(v_ptr + off, v, mask=msk)
+        tl.store(p_ptr + off, p, mask=msk)
 
 
-def launch(
-    p,
-    g,
-    d,
-    m,
-    v,
+def _table(tensors, device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def launch_group(
+    params,
+    grads,
+    diags,
+    exp_avgs,
+    exp_hessians,
+    steps,
+    hessian_steps,
     *,
-    step,
-    hessian_step,
     lr,
     beta1,
     beta2,
@@ -150,44 +166,73 @@ def launch(
     hessian_power,
     block_length,
 ) -> None:
-    """Triton: one pass over the parameter, a tile of whole averaging segments per program."""
-    row, seg = segments(p.shape, block_length)
-    numel = p.numel()
-    if numel == 0:
+    """Triton: every float32 parameter of a group, one launch per segment-length class.
+
+    ``diags`` is a list of raw Hessian-diagonal estimates, or ``None`` when this step does not
+    refresh the Hessian. Parameters whose averaging segments have the same padded length share a
+    launch (all of them when ``block_length == 1`` and no convolution is present).
+    """
+    if not params:
         return
-    segs_per_row = math.ceil(row / seg)
-    nseg_total = (numel // row) * segs_per_row
-    sp = next_pow2(seg)
-    tile = max(1, 1024 // sp)
-    g = g.contiguous()
-    _adahessian_kernel[(math.ceil(nseg_total / tile),)](
-        p,
-        g,
-        d.contiguous() if d is not None else g,
-        m,
-        v,
-        nseg_total,
-        row,
-        seg,
-        segs_per_row,
-        float(lr),
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        float(hessian_power),
-        1.0 - beta1**step,
-        1.0 - beta2 ** max(hessian_step, 1),
-        HAS_D=d is not None,
-        TILE=tile,
-        SP=sp,
-    )
+    dev = params[0].device
+    grads = [g.contiguous() for g in grads]
+    diags = [d.contiguous() for d in diags] if diags is not None else None
+    classes: dict[int, list[int]] = {}
+    meta = []
+    for i, p in enumerate(params):
+        row, seg = segments(p.shape, block_length)
+        segs_per_row = math.ceil(row / seg)
+        meta.append((row, seg, segs_per_row, (p.numel() // row) * segs_per_row))
+        classes.setdefault(next_pow2(seg), []).append(i)
+    for sp, idx in classes.items():
+        tile = max(1, 1024 // sp)
+        sel = [params[i] for i in idx]
+        bcs = [(1.0 - beta1 ** steps[i], 1.0 - beta2 ** max(hessian_steps[i], 1)) for i in idx]
+        tiles = max(math.ceil(meta[i][3] / tile) for i in idx)
+        if tiles == 0:
+            continue
+        gtab = _table([grads[i] for i in idx], dev)
+        _adahessian_kernel[(len(idx), tiles)](
+            _table(sel, dev),
+            gtab,
+            _table([diags[i] for i in idx], dev) if diags is not None else gtab,
+            _table([exp_avgs[i] for i in idx], dev),
+            _table([exp_hessians[i] for i in idx], dev),
+            torch.tensor([meta[i] for i in idx], dtype=torch.int64, device=dev),
+            torch.tensor(bcs, dtype=torch.float32, device=dev),
+            float(lr),
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            float(hessian_power),
+            HAS_D=diags is not None,
+            TILE=tile,
+            SP=sp,
+        )
 
 
-def supported(p, m, v) -> bool:
+def reference_group(
+    params, grads, diags, exp_avgs, exp_hessians, steps, hessian_steps, **hyper
+) -> None:
+    """The same update, one parameter at a time through :func:`reference`."""
+    for i, p in enumerate(params):
+        reference(
+            p,
+            grads[i],
+            diags[i] if diags is not None else None,
+            exp_avgs[i],
+            exp_hessians[i],
+            step=steps[i],
+            hessian_step=hessian_steps[i],
+            **hyper,
+        )
+
+
+def supported(params, exp_avgs, exp_hessians) -> bool:
+    tensors = [*params, *exp_avgs, *exp_hessians]
     return (
         AVAILABLE
-        and p.dtype != torch.float64
-        and all(t.is_contiguous() for t in (p, m, v))
-        and segments(p.shape, 1)[1] <= 4096
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and all(segments(p.shape, 1)[1] <= 4096 for p in params)
     )

@@ -101,8 +101,10 @@ def rows(device, quick: bool, triton_ok: bool, reps: int):
         block_length=1,
     )
     nbytes = 8 * p.numel() * 4  # read p, g, d, m, v; write p, m, v
-    t_ref = _timeit(partial(adahessian.reference, p, g, d, m, v, **hyper), reps)
-    t_tri = _timeit(partial(adahessian.launch, p, g, d, m, v, **hyper), reps) if triton_ok else None
+    step = hyper.pop("step"), hyper.pop("hessian_step")
+    args = ([p], [g], [d], [m], [v], [step[0]], [step[1]])
+    t_ref = _timeit(partial(adahessian.reference_group, *args, **hyper), reps)
+    t_tri = _timeit(partial(adahessian.launch_group, *args, **hyper), reps) if triton_ok else None
     out.append(("adahessian update", p.numel(), nbytes, t_ref, t_tri))
     del p, g, d, m, v
     # MKOR: the 72 factors of a BERT-base (768 and 3072 wide), float64

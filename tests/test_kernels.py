@@ -159,23 +159,29 @@ HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-4, weight_decay=0.01, hessi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "shape,block_length",
-    [((37,), 1), ((37,), 4), ((5, 11), 3), ((3, 4, 7), 1), ((4, 3, 3, 3), 1), ((2, 3, 1, 5), 1)],
-)
+@pytest.mark.parametrize("block_length", [1, 3])
 @pytest.mark.parametrize("refresh", [True, False])
-def test_adahessian_kernel_equals_reference(device, shape, block_length, refresh):
-    gen = torch.Generator().manual_seed(len(shape))
-    p, g, d = (torch.randn(shape, generator=gen) for _ in range(3))
-    m = torch.randn(shape, generator=gen) * 0.1
-    v = torch.rand(shape, generator=gen)
-    hyper = dict(HYPER, step=3, hessian_step=2, block_length=block_length)
-    ref = [t.clone() for t in (p, m, v)]
-    adahessian.reference(*ref[:1], g, d if refresh else None, *ref[1:], **hyper)
-    out = [t.clone().to(device) for t in (p, m, v)]
-    adahessian.launch(out[0], g.to(device), d.to(device) if refresh else None, *out[1:], **hyper)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+def test_adahessian_group_kernel_equals_reference(device, block_length, refresh):
+    # one group with 1-D, 2-D, 3-D and 4-D parameters (two segment-length classes), odd sizes
+    shapes = [(37,), (5, 11), (3, 4, 7), (4, 3, 3, 3), (2, 3, 1, 5), (1,)]
+    gen = torch.Generator().manual_seed(block_length)
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    ds = [torch.randn(s, generator=gen) for s in shapes] if refresh else None
+    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    vs = [torch.rand(s, generator=gen) for s in shapes]
+    steps, hsteps = [3] * 6, [2] * 6
+    hyper = dict(HYPER, block_length=block_length)
+    ref = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    adahessian.reference_group(ref[0], gs, ds, ref[1], ref[2], steps, hsteps, **hyper)
+    out = [[t.clone().to(device) for t in ts] for ts in (ps, ms, vs)]
+    dev = None if ds is None else [d.to(device) for d in ds]
+    adahessian.launch_group(
+        out[0], [g.to(device) for g in gs], dev, out[1], out[2], steps, hsteps, **hyper
+    )
+    for a_list, b_list in zip(out, ref):
+        for a, b in zip(a_list, b_list):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
 
 
 def test_adahessian_spatial_average_segments():
@@ -243,3 +249,27 @@ def test_forced_triton_path_through_the_core(monkeypatch):
         results[mode] = (f.blocks().clone(), k.inverse.clone(), s)
     for a, b in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_optimizers_take_the_same_steps_through_either_backend(monkeypatch):
+    from curvature.optim import MKOR, AdaHessian
+
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    finals = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("CURVATURE_KERNELS", mode)
+        torch.manual_seed(0)
+        a = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        b = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        oa = AdaHessian(a.parameters(), lr=0.05, weight_decay=0.01, seed=0, block_length=2)
+        ob = MKOR(b, lr=0.05, inv_freq=1)
+        for _ in range(3):
+            for model, opt, graph in ((a, oa, True), (b, ob, False)):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=graph)
+                opt.step()
+        finals[mode] = [p.detach().clone() for p in [*a.parameters(), *b.parameters()]]
+    for p, q in zip(finals["torch"], finals["triton"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

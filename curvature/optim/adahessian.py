@@ -180,6 +180,7 @@ class AdaHessian(Optimizer):
         self.state["hessian_counter"] = counter + 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            ps, gs, ds, ms, vs, steps, hsteps = [], [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -192,23 +193,30 @@ class AdaHessian(Optimizer):
                 st["step"] += 1
                 if diag is not None:
                     st["hessian_step"] += 1
+                    ds.append(diag[index[p]])
                 g = p.grad.detach()
                 # release the graph held by the gradient (param -> grad -> graph -> param cycle)
                 p.grad = g
-                kernels.adahessian_update(
-                    p,
-                    g,
-                    diag[index[p]] if diag is not None else None,
-                    st["exp_avg"],
-                    st["exp_hessian_diag_sq"],
-                    step=st["step"],
-                    hessian_step=st["hessian_step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    hessian_power=group["hessian_power"],
-                    block_length=group["block_length"],
-                )
+                ps.append(p)
+                gs.append(g)
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_hessian_diag_sq"])
+                steps.append(st["step"])
+                hsteps.append(st["hessian_step"])
+            kernels.adahessian_update(
+                ps,
+                gs,
+                ds if diag is not None else None,
+                ms,
+                vs,
+                steps,
+                hsteps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                hessian_power=group["hessian_power"],
+                block_length=group["block_length"],
+            )
         return loss

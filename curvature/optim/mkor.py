@@ -224,7 +224,7 @@ class MKOR(Optimizer):
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         if not self.hybrid or self.switched_at_step is not None:
             return
-        value = float(loss)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             return
         self._losses.append(value)
