@@ -55,3 +55,28 @@ def as_rows(name: str, x: torch.Tensor, length: int) -> tuple[torch.Tensor, bool
             f"{name} contains {bad} NaN or Inf entries; it was rejected and the estimator is unchanged"
         )
     return rows, single
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def fits(what: str, nbytes: int, device: torch.device, hint: str) -> None:
+    """Raise ``MemoryError`` naming ``what`` and ``hint`` when ``nbytes`` exceed free memory."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise MemoryError(
+            f"{what} would take {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB "
+            f"free; {hint}"
+        )

@@ -63,6 +63,13 @@ class SlidingWindowFisherInverse:
         self.damp = _checks.positive("damp", damp)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        _checks.fits(
+            f"the gradient window ({window} x {num_params:,})",
+            window * num_params * itemsize,
+            self.device,
+            "lower num_grads (the window) or store it in a smaller dtype",
+        )
         # State (all of it):
         self.grads = torch.zeros(window, num_params, dtype=self.dtype, device=self.device)  # ring
         self.gram = torch.zeros(window, window, dtype=COMPUTE_DTYPE, device=self.device)  # G G^T

@@ -440,3 +440,9 @@ def test_build_optimizer_errors():
         build_optimizer("shampoo", mlp(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer mfac: .*unexpected keyword"):
         build_optimizer("mfac", mlp(), lr=0.1, bogus=1)
+
+
+def test_mfac_refuses_a_window_that_cannot_fit():
+    big = torch.nn.Parameter(torch.zeros(1_000_000))
+    with pytest.raises(MemoryError, match="lower num_grads"):
+        MFAC([big], lr=1e-3, num_grads=10**7)  # 40 TB of window

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from curvature import _checks
 from curvature.optim import _common as chk
 from curvature.sliding import SlidingWindowFisherInverse
 
@@ -68,6 +69,20 @@ class MFAC(Optimizer):
         super().__init__(params, defaults)
         self.fisher_dtype = fisher_dtype
         self._fishers: dict[int, SlidingWindowFisherInverse] = {}
+        # the windows are allocated at the first step: check now that they will fit
+        itemsize = torch.empty(0, dtype=fisher_dtype).element_size()
+        need: dict[torch.device, int] = {}
+        for group in self.param_groups:
+            numel = sum(p.numel() for p in group["params"] if p.requires_grad)
+            dev = group["params"][0].device if group["params"] else torch.device("cpu")
+            need[dev] = need.get(dev, 0) + group["num_grads"] * numel * itemsize
+        for dev, nbytes in need.items():
+            _checks.fits(
+                "M-FAC's gradient windows",
+                nbytes,
+                dev,
+                "lower num_grads or pass fisher_dtype=torch.bfloat16",
+            )
 
     def _fisher(self, index: int, group, numel: int, device) -> SlidingWindowFisherInverse:
         f = self._fishers.get(index)
