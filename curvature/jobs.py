@@ -100,9 +100,24 @@ def load_for_job(job):
     return model, tokenizer, enc, collator, eval_loader
 
 
-def run_prune(job: PruneJob) -> dict:
+def training_args(job, output_dir, **kwargs):
+    """``TrainingArguments`` shared by the jobs: no checkpoints or reporting, the job's seed,
+    batch size and progress switch, the CPU when there is no CUDA device."""
     from transformers import TrainingArguments
 
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=job.batch_size,
+        save_strategy="no",
+        report_to=[],
+        seed=job.seed,
+        disable_tqdm=not job.progress,
+        use_cpu=not torch.cuda.is_available(),
+        **kwargs,
+    )
+
+
+def run_prune(job: PruneJob) -> dict:
     from curvature.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy, model_loss
     from curvature.recipes import RecipeManager, load_recipe
     from curvature.recipes.schema import DistillationModifier
@@ -150,18 +165,13 @@ def run_prune(job: PruneJob) -> dict:
                 teacher = AutoModelForSequenceClassification.from_pretrained(
                     resolve_model_path(teacher), attn_implementation="eager"
                 ).eval()
-            args = TrainingArguments(
-                output_dir=str(tmp / "trainer"),
+            args = training_args(
+                job,
+                tmp / "trainer",
                 num_train_epochs=epochs,
-                per_device_train_batch_size=job.batch_size,
                 learning_rate=job.lr,
                 lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
-                save_strategy="no",
-                report_to=[],
                 logging_strategy="epoch",
-                seed=job.seed,
-                disable_tqdm=not job.progress,
-                use_cpu=not torch.cuda.is_available(),
             )
             trainer = RecipeTrainer(
                 model=model,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from curvature.jobs import JobError, _atomic_output, _check_output, load_for_job
+from curvature.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
 
 # Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
 # probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
@@ -92,8 +92,6 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
 
 
 def run_train(job: TrainJob) -> dict:
-    from transformers import TrainingArguments
-
     from curvature.hf import RecipeTrainer, evaluate_accuracy
     from curvature.optim import build_optimizer
     from curvature.utils import peak_memory_bytes, reset_peak_memory
@@ -111,20 +109,14 @@ def run_train(job: TrainJob) -> dict:
     start = time.perf_counter()
     output = _atomic_output(out) if out else tempfile.TemporaryDirectory(prefix="curvature-train-")
     with output as tmp:
-        args = TrainingArguments(
-            output_dir=str(Path(tmp) / "trainer"),
+        args = training_args(
+            job,
+            Path(tmp) / "trainer",
             num_train_epochs=job.epochs,
             max_steps=job.max_steps if job.max_steps else -1,
-            per_device_train_batch_size=job.batch_size,
             learning_rate=lr,
             lr_scheduler_type="linear",
-            warmup_steps=0,
-            save_strategy="no",
-            report_to=[],
             logging_strategy="no",
-            seed=job.seed,
-            disable_tqdm=not job.progress,
-            use_cpu=not torch.cuda.is_available(),
         )
         trainer = RecipeTrainer(
             model=model,
