@@ -207,18 +207,15 @@ def _append(out: Path, point: dict, points: list) -> None:
 
 
 def _finetune(model, train, collator, cfg: SweepConfig) -> None:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(
-        output_dir=str(Path(cfg.output) / ".trainer"),
+    from curvature.jobs import training_args
+
+    args = training_args(
+        cfg,
+        Path(cfg.output) / ".trainer",
         num_train_epochs=cfg.finetune_epochs,
-        per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        disable_tqdm=not cfg.progress,
-        use_cpu=not torch.cuda.is_available(),
         logging_strategy="no",
     )
     Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
