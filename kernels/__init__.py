@@ -28,11 +28,12 @@ from __future__ import annotations
 import os
 
 import torch
-from curvature.kernels import adahessian as _adahessian
-from curvature.kernels import mkor as _mkor
-from curvature.kernels import obs as _obs
-from curvature.kernels import woodbury as _woodbury
-from curvature.kernels._triton import AVAILABLE as TRITON_AVAILABLE
+
+from . import adahessian as _adahessian
+from . import mkor as _mkor
+from . import obs as _obs
+from . import woodbury as _woodbury
+from ._triton import AVAILABLE as TRITON_AVAILABLE
 
 MODES = ("auto", "torch", "triton")
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-from curvature.kernels._triton import AVAILABLE, jit, next_pow2, tl
+
+from ._triton import AVAILABLE, jit, next_pow2, tl
 
 
 def segments(shape: torch.Size, block_length: int) -> tuple[int, int]:

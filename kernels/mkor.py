@@ -15,7 +15,8 @@ pointers. The torch reference loops over the factors. Both compute in the factor
 from __future__ import annotations
 
 import torch
-from curvature.kernels._triton import AVAILABLE, jit, tl
+
+from ._triton import AVAILABLE, jit, tl
 
 
 def reference(inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float) -> None:

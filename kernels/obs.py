@@ -19,7 +19,8 @@ references do the same math with ``torch.linalg.solve`` and batched products.
 from __future__ import annotations
 
 import torch
-from curvature.kernels._triton import AVAILABLE, acc_is_f64, jit, next_pow2, tl
+
+from ._triton import AVAILABLE, acc_is_f64, jit, next_pow2, tl
 
 
 def _sub_blocks(h: torch.Tensor, group: int) -> torch.Tensor:

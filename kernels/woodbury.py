@@ -17,7 +17,8 @@ Accumulation: float64 for float64 blocks, float32 otherwise (bfloat16 gradients 
 from __future__ import annotations
 
 import torch
-from curvature.kernels._triton import AVAILABLE, acc_is_f64, jit, next_pow2, tl
+
+from ._triton import AVAILABLE, acc_is_f64, jit, next_pow2, tl
 
 COMPUTE_DTYPE = torch.float64
 _CHUNK_ELEMENTS = 1 << 24  # float64 elements of blocks processed at once by the reference

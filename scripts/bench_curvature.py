@@ -18,7 +18,7 @@ import time
 import torch
 
 from curvature import FisherInverse, SlidingWindowFisherInverse
-from curvature.utils import peak_memory_bytes, reset_peak_memory
+from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
 
 
 def copy_bandwidth(nbytes=1 << 29) -> float:

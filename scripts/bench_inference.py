@@ -102,8 +102,8 @@ def _semi_structured_status() -> str:
 
 
 def model_table(model_path: str | None, sparsities: list[float], reps: int) -> list[str]:
-    from curvature.models import load_classifier
     from curvature.pruning.params import select_params
+    from curvature.tasks.models import load_classifier
 
     torch.manual_seed(0)
     ids = torch.randint(1000, 20000, (16, 128))

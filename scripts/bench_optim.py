@@ -32,9 +32,9 @@ OPTIMIZERS = ["adamw", "adahessian", "mkor", "mkor-h", "mfac"]
 def _cost_one(name: str, model_kind: str, steps: int) -> dict:
     import torch
 
+    from curvature.cli.train import DEFAULTS
+    from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
     from curvature.optim import build_optimizer, needs_create_graph
-    from curvature.train import DEFAULTS
-    from curvature.utils import peak_memory_bytes, reset_peak_memory
 
     torch.manual_seed(0)
     if model_kind == "mlp":
@@ -55,7 +55,7 @@ def _cost_one(name: str, model_kind: str, steps: int) -> dict:
         if name == "mfac":
             kwargs["num_grads"] = 64
     else:
-        from curvature.models import load_classifier
+        from curvature.tasks.models import load_classifier
 
         model, _ = load_classifier("default", 5)
         ids = torch.randint(1000, 20000, (16, 128))
@@ -97,7 +97,7 @@ def _cost_one(name: str, model_kind: str, steps: int) -> dict:
 
 
 def _quality_one(name: str, seed: int, steps: int, eval_every: int, max_eval: int) -> dict:
-    from curvature.train import TrainJob, run_train
+    from curvature.cli.train import TrainJob, run_train
 
     m = run_train(
         TrainJob(
@@ -173,7 +173,7 @@ def part_quality(seeds: list[int], steps: int, eval_every: int, target: float, m
         if not ok:
             lines.append(f"| {name} | | error: {rs[0]['error']} | | |")
             continue
-        from curvature.train import steps_to_reach
+        from curvature.cli.train import steps_to_reach
 
         accs = [r["accuracy"] for r in ok]
         reach = [steps_to_reach(r["curve"], target) for r in ok]

@@ -3,7 +3,7 @@ import torch
 from dense import F64, cancellation_factor, fisher_inverse, make_grads, rel_err
 
 from curvature import FisherInverse
-from curvature.fisher import choose_algorithm
+from curvature.core.fisher import choose_algorithm
 
 ALGS = ["woodbury", "mfac"]
 

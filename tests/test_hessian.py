@@ -57,7 +57,7 @@ def test_rademacher_probes_are_signs_with_mean_zero():
     gen = torch.Generator().manual_seed(0)
     est = hutchinson_diagonal(loss, [w], 1, generator=gen)[0]
     torch.testing.assert_close(est, torch.ones_like(w))  # z*z = 1 only for +-1 entries
-    from curvature.hessian import _probe
+    from curvature.core.hessian import _probe
 
     z = _probe(w, "rademacher", torch.Generator().manual_seed(3))
     assert set(z.unique().tolist()) == {-1.0, 1.0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import make_csv, make_model_dir
 
-from curvature.cli import main
+from curvature.cli.main import main
 
 RECIPE = """
 num_epochs: 3.0

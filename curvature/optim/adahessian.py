@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from curvature import kernels
-from curvature.optim import _common as chk
+from curvature.core import checks
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -87,17 +87,15 @@ class AdaHessian(Optimizer):
         block_length: int = 1,
         seed: int | None = None,
     ) -> None:
-        chk.check_lr(lr)
-        chk.check_betas(betas)
-        chk.check_nonneg("eps", eps)
-        chk.check_nonneg("weight_decay", weight_decay)
-        if not 0.0 <= hessian_power <= 1.0:
-            raise ValueError(f"hessian_power must be in [0, 1], got {hessian_power!r}")
-        chk.check_int("update_each", update_each)
-        chk.check_int("n_samples", n_samples)
-        chk.check_int("block_length", block_length)
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        checks.learning_rate(lr)
+        checks.betas(betas)
+        checks.nonnegative("eps", eps)
+        checks.nonnegative("weight_decay", weight_decay)
+        checks.in_range("hessian_power", hessian_power, 0, 1, "[]")
+        checks.integer_at_least("update_each", update_each)
+        checks.integer_at_least("n_samples", n_samples)
+        checks.integer_at_least("block_length", block_length)
+        checks.one_of("distribution", distribution, DISTRIBUTIONS)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

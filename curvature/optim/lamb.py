@@ -16,22 +16,23 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from curvature.optim import _common as chk
+from curvature.core import checks
+from curvature.optim._closure import run_closure
 
 
 class LAMB(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        chk.check_lr(lr)
-        chk.check_betas(betas)
-        chk.check_nonneg("eps", eps)
-        chk.check_nonneg("weight_decay", weight_decay)
+        checks.learning_rate(lr)
+        checks.betas(betas)
+        checks.nonnegative("eps", eps)
+        checks.nonnegative("weight_decay", weight_decay)
         super().__init__(
             params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         )
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = chk.run_closure(closure)
+        loss = run_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

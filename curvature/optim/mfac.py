@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from curvature import _checks
-from curvature.optim import _common as chk
-from curvature.sliding import SlidingWindowFisherInverse
+from curvature.core import checks
+from curvature.core.sliding import SlidingWindowFisherInverse
+from curvature.optim._closure import run_closure
 
 
 class MFAC(Optimizer):
@@ -57,12 +57,11 @@ class MFAC(Optimizer):
         weight_decay: float = 0.0,
         fisher_dtype: torch.dtype = torch.float32,
     ) -> None:
-        chk.check_lr(lr)
-        chk.check_int("num_grads", num_grads)
-        chk.check_positive("damp", damp)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        chk.check_nonneg("weight_decay", weight_decay)
+        checks.learning_rate(lr)
+        checks.integer_at_least("num_grads", num_grads)
+        checks.positive("damp", damp)
+        checks.in_range("momentum", momentum, 0, 1, "[)")
+        checks.nonnegative("weight_decay", weight_decay)
         defaults = dict(
             lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay
         )
@@ -77,7 +76,7 @@ class MFAC(Optimizer):
             dev = group["params"][0].device if group["params"] else torch.device("cpu")
             need[dev] = need.get(dev, 0) + group["num_grads"] * numel * itemsize
         for dev, nbytes in need.items():
-            _checks.fits(
+            checks.fits(
                 "M-FAC's gradient windows",
                 nbytes,
                 dev,
@@ -99,7 +98,7 @@ class MFAC(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = chk.run_closure(closure)
+        loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

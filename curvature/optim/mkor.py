@@ -43,8 +43,9 @@ import re
 import torch
 from torch.optim import Optimizer
 
-from curvature.kronecker import KroneckerFactorInverse
-from curvature.optim import _common as chk
+from curvature.core import checks
+from curvature.core.kronecker import KroneckerFactorInverse
+from curvature.optim._closure import run_closure
 from curvature.optim.lamb import LAMB
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def _base(name: str, params, lr, momentum, betas, weight_decay, eps):
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "lamb":
         return LAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {name!r}")
+    checks.one_of("base_optimizer", name, BASE_OPTIMIZERS)
+    raise AssertionError("unreachable")
 
 
 def _supported(module: torch.nn.Module) -> bool:
@@ -175,19 +177,16 @@ class MKOR(Optimizer):
             raise TypeError(
                 "MKOR takes the model (it hooks its linear layers), not a parameter list"
             )
-        chk.check_lr(lr)
-        chk.check_betas(betas)
-        chk.check_positive("damp", damp)
-        chk.check_int("inv_freq", inv_freq)
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        if not 0.0 < stability_blend <= 1.0:
-            raise ValueError(f"stability_blend must be in (0, 1], got {stability_blend!r}")
-        chk.check_positive("stability_threshold", stability_threshold)
-        chk.check_int("switch_window", switch_window)
-        chk.check_int("switch_patience", switch_patience)
-        if not 0.0 < switch_ratio < 1.0:
-            raise ValueError(f"switch_ratio must be in (0, 1), got {switch_ratio!r}")
+        checks.learning_rate(lr)
+        checks.betas(betas)
+        checks.positive("damp", damp)
+        checks.integer_at_least("inv_freq", inv_freq)
+        checks.in_range("decay", decay, 0, 1, "()")
+        checks.in_range("stability_blend", stability_blend, 0, 1, "(]")
+        checks.positive("stability_threshold", stability_threshold)
+        checks.integer_at_least("switch_window", switch_window)
+        checks.integer_at_least("switch_patience", switch_patience)
+        checks.in_range("switch_ratio", switch_ratio, 0, 1, "()")
         params = [p for p in model.parameters() if p.requires_grad]
         self.base = _base(base_optimizer, params, lr, momentum, tuple(betas), weight_decay, eps)
         super().__init__(params, dict(lr=lr))
@@ -279,7 +278,7 @@ class MKOR(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = chk.run_closure(closure)
+        loss = run_closure(closure)
         if loss is not None:
             self.observe_loss(loss)
         if self.switched_at_step is None:

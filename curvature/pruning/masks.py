@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature.utils import unwrap_optimizer
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside wrappers that keep it in ``.optimizer`` (accelerate's, for one)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 MASK_TYPES = ("unstructured", "block4", "N:M (e.g. 2:4, 4:8)")

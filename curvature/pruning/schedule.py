@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from curvature.core import checks
+
 INTER_FUNCS = ("cubic", "linear", "inverse_cubic")
 
 
@@ -26,7 +28,8 @@ def interpolate(x: float, inter_func: str = "cubic") -> float:
         return x
     if inter_func == "inverse_cubic":
         return x**3
-    raise ValueError(f"inter_func must be one of {INTER_FUNCS}, got {inter_func!r}")
+    checks.one_of("inter_func", inter_func, INTER_FUNCS)
+    raise AssertionError("unreachable")
 
 
 def sparsity_at(

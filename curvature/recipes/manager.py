@@ -1,7 +1,7 @@
 """Apply a recipe during training: pruning schedules, masks, learning rate, distillation.
 
 The manager is framework-free: a plain PyTorch loop calls :meth:`RecipeManager.step` with the
-current (fractional) epoch; the Hugging Face callback in :mod:`curvature.hf` does the same.
+current (fractional) epoch; the Hugging Face callback in :mod:`curvature.integrations.hf` does the same.
 """
 
 from __future__ import annotations

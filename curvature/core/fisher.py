@@ -49,7 +49,8 @@ import math
 
 import torch
 
-from curvature import _checks, kernels
+from curvature import kernels
+from curvature.core import checks as _checks
 
 ALGORITHMS = ("auto", "woodbury", "mfac")
 # Everything except the large stored buffers is computed in this dtype (see the module docstring).
@@ -107,8 +108,7 @@ class FisherInverse:
         self.damp = _checks.positive("damp", damp)
         if block_size is not None:
             _checks.positive_int("block_size", block_size)
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        _checks.one_of("algorithm", algorithm, ALGORITHMS)
         if algorithm == "auto":
             algorithm = choose_algorithm(num_params, num_grads, block_size)
         self.algorithm = algorithm

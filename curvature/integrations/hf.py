@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
+from curvature.pruning.masks import unwrap_optimizer
 from curvature.recipes.manager import RecipeManager, distillation_loss
-from curvature.utils import unwrap_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -80,9 +80,9 @@ def load_for_job(job):
     from transformers import DataCollatorWithPadding, set_seed
     from transformers.utils import logging as hf_logging
 
-    from curvature.data import load_task, tokenize
-    from curvature.models import load_classifier
-    from curvature.utils import quiet_progress
+    from curvature.cli.utils import quiet_progress
+    from curvature.tasks.data import load_task, tokenize
+    from curvature.tasks.models import load_classifier
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -118,7 +118,12 @@ def training_args(job, output_dir, **kwargs):
 
 
 def run_prune(job: PruneJob) -> dict:
-    from curvature.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy, model_loss
+    from curvature.integrations.hf import (
+        RecipeCallback,
+        RecipeTrainer,
+        evaluate_accuracy,
+        model_loss,
+    )
     from curvature.recipes import RecipeManager, load_recipe
     from curvature.recipes.schema import DistillationModifier
 
@@ -160,7 +165,7 @@ def run_prune(job: PruneJob) -> dict:
             if teacher not in (None, "self"):
                 from transformers import AutoModelForSequenceClassification
 
-                from curvature.models import resolve_model_path
+                from curvature.tasks.models import resolve_model_path
 
                 teacher = AutoModelForSequenceClassification.from_pretrained(
                     resolve_model_path(teacher), attn_implementation="eager"

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from curvature import _checks, kernels
+from curvature import kernels
+from curvature.core import checks as _checks
 
 COMPUTE_DTYPE = torch.float64
 

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curvature.models import _package_dir
+from curvature.tasks.models import _package_dir
 
 BUILTIN = ("bbc-news", "tweet-sentiment")
 TEXT_COLUMNS = (("text",), ("sentence1", "sentence2"))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from curvature import _checks
+from curvature.core import checks as _checks
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -90,8 +90,7 @@ def _probe(p: torch.Tensor, distribution: str, generator: torch.Generator | None
 
 def _check_sampling(num_samples: int, distribution: str) -> None:
     _checks.positive_int("num_samples", num_samples)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    _checks.one_of("distribution", distribution, DISTRIBUTIONS)
 
 
 def hutchinson_diagonal(

@@ -1,6 +1,6 @@
 """The ``curvature train`` job: fine-tune a classifier with a chosen optimizer and evaluate it.
 
-The same Hugging Face ``Trainer`` loop serves every optimizer (:class:`~curvature.hf.RecipeTrainer`
+The same Hugging Face ``Trainer`` loop serves every optimizer (:class:`~curvature.integrations.hf.RecipeTrainer`
 does AdaHessian's ``create_graph`` backward and feeds MKOR-H its losses), so differences between
 runs come from the optimizer alone. Optionally the validation accuracy is measured every
 ``eval_every`` steps, which gives the learning curve and the steps needed to reach a target.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from curvature.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
+from curvature.cli.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
 
 # Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
 # probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
@@ -80,7 +80,7 @@ class EvalEvery(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.train_seconds += time.perf_counter() - self._t
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            from curvature.hf import evaluate_accuracy
+            from curvature.integrations.hf import evaluate_accuracy
 
             ev = evaluate_accuracy(model, self.eval_loader)
             self.history.append({"step": state.global_step, "seconds": self.train_seconds, **ev})
@@ -92,9 +92,9 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
 
 
 def run_train(job: TrainJob) -> dict:
-    from curvature.hf import RecipeTrainer, evaluate_accuracy
+    from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
+    from curvature.integrations.hf import RecipeTrainer, evaluate_accuracy
     from curvature.optim import build_optimizer
-    from curvature.utils import peak_memory_bytes, reset_peak_memory
 
     lr, kwargs = job.resolved()
     out = Path(job.output) if job.output else None

@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from curvature.data import DataError
-    from curvature.jobs import JobError
-    from curvature.models import ModelNotFoundError
+    from curvature.cli.jobs import JobError
     from curvature.recipes import RecipeError
+    from curvature.tasks.data import DataError
+    from curvature.tasks.models import ModelNotFoundError
 
     user_errors = (
         RecipeError,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
-            from curvature.sweep import render
+            from curvature.cli.sweep import render
 
             render(args.folder)
             print((__import__("pathlib").Path(args.folder) / "results.md").read_text())
@@ -260,7 +260,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from curvature.sweep import SweepConfig, run_sweep
+    from curvature.cli.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(
         output=args.output,
@@ -290,7 +290,7 @@ def _sweep(args) -> int:
 
 
 def _train(args) -> int:
-    from curvature.train import TrainJob, run_train
+    from curvature.cli.train import TrainJob, run_train
 
     kwargs = _overrides(args.optimizer_kwargs)
     job = TrainJob(
@@ -325,7 +325,7 @@ def _train(args) -> int:
 
 
 def _prune(args) -> int:
-    from curvature.jobs import PruneJob, run_prune
+    from curvature.cli.jobs import PruneJob, run_prune
 
     job = PruneJob(
         recipe=args.recipe,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from curvature import _checks
+from curvature.core import checks as _checks
 
 COMPUTE_DTYPE = torch.float64
 

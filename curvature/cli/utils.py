@@ -1,17 +1,8 @@
-"""Small helpers shared by the jobs: progress switches, peak memory, sizes on disk."""
+"""Small helpers shared by the command-line jobs: progress switches, peak memory, sizes on disk."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def unwrap_optimizer(optimizer):
-    """The optimizer inside wrappers that keep it in ``.optimizer`` (accelerate's, for one)."""
-    import torch
-
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def quiet_progress() -> None:

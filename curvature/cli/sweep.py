@@ -110,10 +110,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     from transformers import DataCollatorWithPadding, set_seed
     from transformers.utils import logging as hf_logging
 
-    from curvature.data import load_task, tokenize
-    from curvature.hf import evaluate_accuracy, model_loss
-    from curvature.models import load_classifier
-    from curvature.utils import quiet_progress
+    from curvature.cli.utils import quiet_progress
+    from curvature.integrations.hf import evaluate_accuracy, model_loss
+    from curvature.tasks.data import load_task, tokenize
+    from curvature.tasks.models import load_classifier
 
     cfg.validate()
     out = Path(cfg.output)
@@ -190,7 +190,7 @@ def _ev(ev: dict) -> dict:
 def _sizes(model, out: Path) -> dict:
     import shutil
 
-    from curvature.compress import save_compressed
+    from curvature.integrations.compress import save_compressed
 
     tmp = out / ".size.tmp"
     sizes = save_compressed(model, tmp)
@@ -209,7 +209,7 @@ def _append(out: Path, point: dict, points: list) -> None:
 def _finetune(model, train, collator, cfg: SweepConfig) -> None:
     from transformers import Trainer
 
-    from curvature.jobs import training_args
+    from curvature.cli.jobs import training_args
 
     args = training_args(
         cfg,
@@ -224,10 +224,10 @@ def _finetune(model, train, collator, cfg: SweepConfig) -> None:
 def _run_point(
     cfg, method, s, mode, task, tok, enc, collator, eval_loader, dense_dir, model_loss
 ) -> dict:
-    from curvature.hf import evaluate_accuracy
-    from curvature.models import load_classifier
+    from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
+    from curvature.integrations.hf import evaluate_accuracy
     from curvature.pruning import prune
-    from curvature.utils import peak_memory_bytes, reset_peak_memory
+    from curvature.tasks.models import load_classifier
 
     reset_peak_memory()
     start = time.perf_counter()
@@ -259,7 +259,7 @@ def _run_point(
         )
         reached = report.global_sparsity
     else:
-        from curvature.jobs import PruneJob, run_prune
+        from curvature.cli.jobs import PruneJob, run_prune
         from curvature.recipes import load_recipe
 
         recipe = _recipe_for(load_recipe(cfg.recipe), obs_method, selection, s, cfg.mask)

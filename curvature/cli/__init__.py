@@ -1,0 +1,1 @@
+"""The ``curvature`` command and the jobs behind it (prune, train, sweep, report, check)."""

@@ -1,0 +1,1 @@
+"""Tasks: the models and data a job works on (offline packages, local folders and files)."""
