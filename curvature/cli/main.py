@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", default="default")
     w.add_argument("--data", default="bbc-news")
     w.add_argument(
-        "--methods", default="obs,magnitude", help="comma list of obs, obs-independent, magnitude"
+        "--methods",
+        default="obs,magnitude",
+        help="comma list of registered methods: obs, obs-independent, mfac, magnitude",
     )
     w.add_argument("--sparsities", default="0.5,0.7,0.8,0.9", help="comma list in [0, 1)")
     w.add_argument("--mask", default="unstructured", help="unstructured, block4 or N:M such as 2:4")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from curvature.pruning import METHODS as PRUNING_METHODS
 from curvature.pruning.masks import parse_mask
 
 COLUMNS = [
@@ -37,7 +38,7 @@ COLUMNS = [
     "prune_seconds",
     "peak_memory_mb",
 ]
-METHODS = ("obs", "obs-independent", "magnitude")
+METHODS = PRUNING_METHODS.names()
 
 
 class SweepError(ValueError):
@@ -231,8 +232,6 @@ def _run_point(
 
     reset_peak_memory()
     start = time.perf_counter()
-    obs_method = "magnitude" if method == "magnitude" else "obs"
-    selection = "independent" if method == "obs-independent" else "greedy"
     if mode == "oneshot":
         model, _ = load_classifier(str(dense_dir), task.num_labels, task.label_names)
         grads = torch.utils.data.DataLoader(
@@ -247,14 +246,13 @@ def _run_point(
             grads,
             loss_fn=model_loss,
             sparsity=s,
-            method=obs_method,
+            method=method,
             mask=cfg.mask,
             params=cfg.params,
             num_grads=cfg.num_grads,
             block_size=cfg.block_size,
             damp=cfg.damp,
             num_recomputations=cfg.num_recomputations,
-            selection=selection,
             progress=cfg.progress,
         )
         reached = report.global_sparsity
@@ -262,7 +260,7 @@ def _run_point(
         from curvature.cli.jobs import PruneJob, run_prune
         from curvature.recipes import load_recipe
 
-        recipe = _recipe_for(load_recipe(cfg.recipe), obs_method, selection, s, cfg.mask)
+        recipe = _recipe_for(load_recipe(cfg.recipe), method, s, cfg.mask)
         tmp = Path(cfg.output) / f".point-{method}-{s}"
         job = PruneJob(
             recipe=recipe,
@@ -300,8 +298,9 @@ def _run_point(
     }
 
 
-def _recipe_for(recipe, method, selection, sparsity, mask):
+def _recipe_for(recipe, method, sparsity, mask):
     """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``."""
+    from curvature.pruning import METHODS
     from curvature.recipes.schema import MagnitudePruningModifier, OBSPruningModifier, _Pruning
 
     recipe = copy.deepcopy(recipe)
@@ -314,14 +313,14 @@ def _recipe_for(recipe, method, selection, sparsity, mask):
                 init_sparsity=min(m.init_sparsity, sparsity),
                 mask_type=mask,
             )
-            if method == "magnitude":
+            if not METHODS[method].needs_gradients:
                 fields = {
                     k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
                 }
                 m = MagnitudePruningModifier(**fields)
             else:
                 base = {k: v for k, v in fields.items() if k in OBSPruningModifier.model_fields}
-                m = OBSPruningModifier(**{**base, "selection": selection})
+                m = OBSPruningModifier(**{**base, "method_name": method})
         mods.append(m)
     recipe.modifiers = mods
     return recipe

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 import torch
 
 from curvature.pruning import MaskSet, prune
-from curvature.pruning.masks import parse_mask
 from curvature.pruning.params import select_params
 from curvature.recipes.loader import Recipe
 from curvature.recipes.schema import (
@@ -20,7 +19,6 @@ from curvature.recipes.schema import (
     DistillationModifier,
     GlobalMagnitudePruningModifier,
     LearningRateFunctionModifier,
-    OBSPruningModifier,
     OptimizerModifier,
     _Pruning,
 )
@@ -88,25 +86,22 @@ class RecipeManager:
                 self._done.add(key)
         for e, i, target in self.due(epoch):
             m = self.recipe.modifiers[i]
-            is_obs = isinstance(m, OBSPruningModifier)
-            if is_obs and (grad_data is None or loss_fn is None):
-                raise ValueError("OBS pruning needs grad_data and loss_fn at each pruning step")
+            grads = m.needs_gradients
+            if grads and (grad_data is None or loss_fn is None):
+                raise ValueError(
+                    f"{m.method} pruning needs grad_data and loss_fn at each pruning step"
+                )
+            settings = m.engine_settings()
+            if isinstance(m, GlobalMagnitudePruningModifier):
+                settings["global_sparsity"] = True
             report = prune(
                 self.model,
-                grad_data if is_obs else [],
+                grad_data if grads else [],
                 loss_fn=loss_fn or (lambda *_: None),
                 sparsity=target,
-                method="obs" if is_obs else "magnitude",
-                mask=m.mask_type,
-                params=m.params,
-                num_grads=m.num_grads if is_obs else 1,
-                block_size=m.fisher_block_size if is_obs else parse_mask(m.mask_type).run,
-                damp=m.damp if is_obs else 1.0,
-                num_recomputations=m.num_recomputations if is_obs else 1,
-                selection=m.selection if is_obs else "greedy",
-                global_sparsity=m.global_sparsity or isinstance(m, GlobalMagnitudePruningModifier),
                 masks=self.masks,
                 progress=progress,
+                **settings,
             )
             self._done.add((i, e))
             entry = {"epoch": e, "modifier": type(m).__name__, **report.to_dict()}

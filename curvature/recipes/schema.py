@@ -6,10 +6,12 @@ errors into messages with the recipe line and the nearest valid field name.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from curvature.core import checks
+from curvature.pruning import METHODS
 from curvature.pruning.masks import parse_mask
 from curvature.pruning.schedule import interpolate, pruning_points
 
@@ -44,6 +46,28 @@ class _Pruning(Modifier):
     leave_enabled: bool = True
     mask_type: str = "unstructured"
     log_types: Any = None  # accepted for compatibility; logging goes through the trainer
+    #: the registered pruning method this modifier runs (``curvature.pruning.METHODS``)
+    METHOD: ClassVar[str] = "magnitude"
+
+    @property
+    def method(self) -> str:
+        return self.METHOD
+
+    def engine_settings(self) -> dict:
+        """Keywords of :func:`curvature.pruning.prune` for one pruning point of this modifier."""
+        return dict(
+            method=self.method,
+            mask=self.mask_type,
+            params=self.params,
+            num_grads=1,
+            block_size=parse_mask(self.mask_type).run,
+            damp=1.0,
+            global_sparsity=self.global_sparsity,
+        )
+
+    @property
+    def needs_gradients(self) -> bool:
+        return METHODS[self.method].needs_gradients
 
     @field_validator("params")
     @classmethod
@@ -101,6 +125,28 @@ class OBSPruningModifier(_Pruning):
     grad_sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
     num_recomputations: int = Field(1, ge=1)
     selection: Literal["greedy", "independent"] = "greedy"
+    # Not a field of the published recipes: any registered gradient-curvature method.
+    method_name: str = Field("obs", alias="method")
+
+    @property
+    def method(self) -> str:
+        return self.method_name
+
+    @field_validator("method_name")
+    @classmethod
+    def _method(cls, v):
+        checks.one_of("method", v, [m for m in METHODS.names() if METHODS[m].needs_gradients])
+        return v
+
+    def engine_settings(self) -> dict:
+        return dict(
+            super().engine_settings(),
+            num_grads=self.num_grads,
+            block_size=self.fisher_block_size,
+            damp=self.damp,
+            num_recomputations=self.num_recomputations,
+            selection=self.selection,
+        )
 
     @model_validator(mode="after")
     def _block(self):

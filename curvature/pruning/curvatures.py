@@ -1,0 +1,116 @@
+"""Curvature parts: what the engine knows about the loss near the current weights of a target.
+
+A :class:`Curvature` builds, for each target, a :class:`CurvatureBlocks` from the stage before it
+(gradients, or nothing). The solvers read it per chunk of blocks:
+
+- ``inverse(sl)``: ``[n, B, B]`` float64 inverse-curvature blocks (OBS solvers);
+- ``diagonal(sl)``: ``[n, B]`` float64 curvature diagonal, or ``None`` for the identity (score-only
+  solvers: magnitude is the identity, a layer-input diagonal gives activation-aware scores).
+
+Adding a curvature (the layer-input Hessian of a linear layer, say) is one new class here and
+one row in :mod:`curvature.pruning.registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from curvature.core import FisherInverse
+from curvature.pruning.targets import Target
+
+F64 = torch.float64
+
+
+class CurvatureBlocks:
+    """The curvature of one target, read per slice of its blocks."""
+
+    def inverse(self, sl: slice) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} has no inverse blocks")
+
+    def diagonal(self, sl: slice) -> torch.Tensor | None:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} has no diagonal")
+
+
+class Curvature:
+    """Builds the curvature of every target of a pruning step."""
+
+    name = "curvature"
+    #: whether :meth:`build` consumes per-sample gradients (the gradient-collection stage runs)
+    needs_gradients = False
+
+    def estimate_bytes(self, target: Target, settings) -> int:
+        """Bytes the built curvature of ``target`` holds (for the memory plan)."""
+        return 0
+
+    def build(
+        self, targets: list[Target], gradients: Iterable[dict[str, torch.Tensor]] | None, settings
+    ) -> dict[str, CurvatureBlocks]:
+        raise NotImplementedError
+
+
+class _IdentityBlocks(CurvatureBlocks):
+    def diagonal(self, sl: slice) -> None:
+        return None
+
+
+class Identity(Curvature):
+    """No curvature: every weight costs its square (magnitude pruning)."""
+
+    name = "identity"
+
+    def build(self, targets, gradients, settings):
+        return {t.name: _IdentityBlocks() for t in targets}
+
+
+class _FisherBlocks(CurvatureBlocks):
+    def __init__(self, fisher: FisherInverse):
+        self.fisher = fisher
+
+    def inverse(self, sl: slice) -> torch.Tensor:
+        return self.fisher.blocks()[sl].to(F64)
+
+    def diagonal(self, sl: slice) -> torch.Tensor:
+        raise NotImplementedError("the Fisher curvature is held as its inverse")
+
+
+class EmpiricalFisher(Curvature):
+    """Block-diagonal empirical Fisher ``damp*I + (1/m) sum g g^T``, held as its inverse.
+
+    ``algorithm``: ``"woodbury"`` (``[n, B, B]`` inverse blocks), ``"mfac"`` (the M-FAC form,
+    ``m`` rows per weight) or ``"auto"`` (whichever stores less).
+    """
+
+    name = "fisher"
+    needs_gradients = True
+
+    def __init__(self, algorithm: str = "auto"):
+        self.algorithm = algorithm
+
+    def estimate_bytes(self, target: Target, settings) -> int:
+        return FisherInverse.estimate_bytes(
+            target.numel,
+            num_grads=settings.num_grads,
+            block_size=target.block,
+            dtype=settings.fisher_dtype,
+            algorithm=self.algorithm,
+        )
+
+    def build(self, targets, gradients, settings):
+        fishers = {
+            t.name: FisherInverse(
+                t.numel,
+                num_grads=settings.num_grads,
+                damp=settings.damp,
+                block_size=t.block,
+                dtype=settings.fisher_dtype,
+                device=t.param.device,
+                algorithm=self.algorithm,
+            )
+            for t in targets
+        }
+        for batch in gradients:
+            for t in targets:
+                fishers[t.name].add_grad(batch[t.name])
+        return {name: _FisherBlocks(f) for name, f in fishers.items()}

@@ -1,0 +1,106 @@
+"""The method registry: a pruning method is a named preset of parts.
+
+A method is one row: a :mod:`curvature <curvature.pruning.curvatures>` part and a
+:mod:`solver <curvature.pruning.solvers>` part (the mask structure and the allocation are chosen
+per call by ``mask=`` and ``global_sparsity=``). ``prune()``, the recipe modifiers and
+``curvature sweep --methods`` resolve names here, so a new method is one :func:`register` call.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from curvature.pruning.curvatures import Curvature, EmpiricalFisher, Identity
+from curvature.pruning.solvers import GreedyOBS, IndependentOBS, ScoreOnly, Solver
+
+#: OBS solvers a ``selection=`` argument may choose for a method whose solver is selectable
+SOLVERS: dict[str, Callable[[], Solver]] = {"greedy": GreedyOBS, "independent": IndependentOBS}
+SOLVER_CHOICES = tuple(SOLVERS)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: how to make its parts."""
+
+    name: str
+    curvature: Callable[[], Curvature]
+    solver: Callable[[], Solver]
+    description: str
+    #: whether ``selection=`` picks the solver among :data:`SOLVERS` (the OBS methods)
+    selectable: bool = False
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.curvature().needs_gradients
+
+    def parts(self, selection: str = "greedy") -> tuple[Curvature, Solver]:
+        solver = SOLVERS[selection]() if self.selectable else self.solver()
+        return self.curvature(), solver
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+
+    def register(self, method: Method) -> Method:
+        if method.name in self._methods:
+            raise ValueError(f"a pruning method named {method.name!r} is already registered")
+        self._methods[method.name] = method
+        return method
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._methods)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._methods
+
+    def __getitem__(self, name: str) -> Method:
+        try:
+            return self._methods[name]
+        except KeyError:
+            near = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(
+                f"unknown pruning method {name!r}{hint}; registered: {', '.join(self.names())}"
+            ) from None
+
+    def describe(self) -> str:
+        return "\n".join(f"{m.name}: {m.description}" for m in self._methods.values())
+
+
+METHODS = Registry()
+
+
+def register(name, curvature, solver, description, *, selectable=False) -> Method:
+    """Add a method (``curvature`` and ``solver`` are classes or factories of the parts)."""
+    return METHODS.register(Method(name, curvature, solver, description, selectable))
+
+
+register(
+    "obs",
+    EmpiricalFisher,
+    GreedyOBS,
+    "gradient-Fisher OBS; selection='greedy' (exact, default) or 'independent' (oBERT)",
+    selectable=True,
+)
+register(
+    "obs-independent",
+    EmpiricalFisher,
+    IndependentOBS,
+    "gradient-Fisher OBS, oBERT's independent scores and summed corrections",
+)
+register(
+    "mfac",
+    lambda: EmpiricalFisher(algorithm="mfac"),
+    GreedyOBS,
+    "gradient-Fisher OBS with the Fisher inverse held in the M-FAC form",
+    selectable=True,
+)
+register("magnitude", Identity, ScoreOnly, "weight magnitude, no curvature and no correction")
+
+
+def resolve(method: str, selection: str = "greedy") -> tuple[Curvature, Solver]:
+    """The parts of ``method`` (``selection`` picks the OBS solver where the method allows)."""
+    return METHODS[method].parts(selection)

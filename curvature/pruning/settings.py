@@ -1,0 +1,65 @@
+"""The settings of one pruning call: one frozen object, validated once when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from curvature.core import checks
+from curvature.pruning.masks import MaskStructure, parse_mask
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything that decides what a pruning call computes (the model, data and loss aside).
+
+    Made by :func:`curvature.pruning.prune` from its keywords; every field is checked here, with
+    a message naming the argument, the value and what is allowed.
+    """
+
+    sparsity: float
+    method: str = "obs"
+    mask: str = "unstructured"
+    params: str | tuple[str, ...] = "__ALL_PRUNABLE__"
+    num_grads: int = 1024
+    block_size: int = 50
+    damp: float = 1e-7
+    num_recomputations: int = 1
+    selection: str = "greedy"
+    global_sparsity: bool = True
+    fisher_dtype: torch.dtype = torch.float64
+    max_memory: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        from curvature.pruning.registry import METHODS, SOLVER_CHOICES
+
+        checks.one_of("method", self.method, METHODS.names())
+        checks.one_of("selection", self.selection, SOLVER_CHOICES)
+        checks.in_unit_interval("sparsity", self.sparsity)
+        structure = self.structure  # parses, or names the mask
+        fixed = structure.fixed_sparsity
+        if fixed is not None and abs(self.sparsity - fixed) > 1e-9:
+            raise ValueError(
+                f"mask {structure.name} prunes exactly {fixed:g}; got sparsity {self.sparsity}"
+            )
+        checks.positive_int("block_size", self.block_size)
+        if self.block_size % structure.run:
+            raise ValueError(
+                f"block_size {self.block_size} is not a multiple of the {structure.name} group "
+                f"of {structure.run}"
+            )
+        checks.integer_at_least("num_recomputations", self.num_recomputations, 1)
+        if METHODS[self.method].needs_gradients:
+            checks.positive_int("num_grads", self.num_grads)
+            if not isinstance(self.damp, (int, float)) or not self.damp > 0:
+                raise ValueError(f"damp must be > 0, got {self.damp!r}")
+        if self.max_memory is not None:
+            checks.positive_int("max_memory", self.max_memory)
+        if not isinstance(self.params, str):
+            object.__setattr__(self, "params", tuple(self.params))
+
+    @property
+    def structure(self) -> MaskStructure:
+        return parse_mask(self.mask)

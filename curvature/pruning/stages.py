@@ -1,0 +1,135 @@
+"""The stages of one pruning step, each with named inputs and outputs.
+
+1. :func:`collect_gradients`: the model, data and loss -> batches of per-sample gradients
+   (``{target name: [k, numel]}``), one gradient per data batch;
+2. ``Curvature.build`` (:mod:`.curvatures`): gradients -> the curvature of each target;
+3. :func:`score`: weights + curvature -> per-block orders and costs (``Solver.order``);
+4. ``Allocation.counts`` (:mod:`.allocation`): costs -> how many groups of each block to prune;
+5. :func:`update`: weights + curvature + chosen mask -> new weights (``Solver.update``).
+
+:func:`plan_groups` is the memory plan: it splits the targets so that the curvature built at
+stage 2 for one group fits the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from curvature.pruning import obs
+from curvature.pruning.targets import Target
+
+F64 = obs.F64
+
+
+def collect_gradients(
+    model, data, loss_fn, targets: list[Target], *, num_grads: int, batch: int = 16, progress=True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield ``{target name: [k, numel]}`` gradient batches (``k <= batch``), ``num_grads`` in all.
+
+    One gradient per item of ``data`` (a re-iterable, cycled if shorter than ``num_grads``), the
+    model in eval mode (no dropout: the same batches give the same gradients), its train mode and
+    ``.grad`` fields restored at the end.
+    """
+    pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+
+    def flush():
+        out = {t.name: torch.stack(pending[t.name]) for t in targets}
+        for t in targets:
+            pending[t.name] = []
+        return out
+
+    was_training = model.training
+    model.eval()
+    seen = 0
+    bar = tqdm(total=num_grads, desc="Fisher gradients", disable=not progress, leave=False)
+    try:
+        while seen < num_grads:
+            before = seen
+            for item in data:
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model, item)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss_fn returned {loss.item()} for a batch: cannot build the Fisher"
+                    )
+                loss.backward()
+                for t in targets:
+                    g = t.param.grad
+                    pending[t.name].append(
+                        torch.zeros(t.numel, device=t.param.device)
+                        if g is None
+                        else g.detach().flatten().clone()
+                    )
+                seen += 1
+                bar.update(1)
+                if len(pending[targets[0].name]) >= batch:
+                    yield flush()
+                if seen >= num_grads:
+                    break
+            if seen == before:
+                raise ValueError("data yielded no batches: pass a re-iterable of batches")
+        if pending[targets[0].name]:
+            yield flush()
+    finally:
+        bar.close()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def plan_groups(targets: list[Target], curvature, settings, budget: int) -> list[list[Target]]:
+    """Split ``targets`` into groups whose built curvature fits in ``budget`` bytes together."""
+    groups, current, used = [], [], 0
+    for t in targets:
+        need = curvature.estimate_bytes(t, settings)
+        if need > budget:
+            raise MemoryError(
+                f"the Fisher blocks of {t.name} ({t.numel:,} weights, block_size {t.block}) need "
+                f"{need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB budget: lower "
+                "block_size (fisher_block_size), use fisher_dtype=torch.float32, or raise max_memory"
+            )
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(t)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_curvature(problem, group, curvature, settings):
+    """Stages 1 and 2 for one group of targets (``problem``: model, data and loss_fn)."""
+    grads = None
+    if curvature.needs_gradients:
+        grads = collect_gradients(
+            problem.model,
+            problem.data,
+            problem.loss_fn,
+            group,
+            num_grads=settings.num_grads,
+            progress=settings.progress,
+        )
+    return curvature.build(group, grads, settings)
+
+
+def score(group, weights, fixed, curvatures, solver, structure, progress=True):
+    """Stage 3: ``{name: (orders, costs)}`` for every target of ``group``."""
+    out = {}
+    desc = "OBS blocks" if solver.needs_inverse else "scores"
+    for t in tqdm(group, desc=desc, disable=not progress, leave=False):
+        out[t.name] = solver.order(t, weights[t.name], curvatures[t.name], structure, fixed[t.name])
+    return out
+
+
+def update(t, w, curvature, solver, order, cost, count, structure):
+    """Stage 5 for one target: ``(new weights [n, B], pruned mask [n, B], summed cost)``."""
+    g = structure.group
+    pruned = obs.order_to_mask(order, count, t.block, g) & t.valid()
+    take = torch.arange(order.shape[1], device=order.device)[None, :] < count[:, None]
+    est = float(
+        torch.where(take & torch.isfinite(cost), cost.clamp_min(0), torch.zeros_like(cost)).sum()
+    )
+    return solver.update(t, w, curvature, pruned, structure), pruned, est

@@ -1,0 +1,157 @@
+"""The layers are enforced, the engine is made of registered parts, and settings are one object."""
+
+import dataclasses
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import batches, ce_loss, correlated_inputs, trained_mlp
+
+import curvature.pruning as pruning
+from curvature.pruning import METHODS, PruneSettings, prune, register
+from curvature.pruning.curvatures import Curvature, CurvatureBlocks
+from curvature.pruning.solvers import ScoreOnly
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "lint-imports"
+    exe = str(exe) if exe.exists() else shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("lint-imports is not installed: pip install -e '.[dev]'")
+    return subprocess.run([exe], cwd=tree, capture_output=True, text=True, timeout=120)
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    for part in ("curvature", "kernels"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def test_layer_contract_holds():
+    r = _lint_imports(ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "module,bad_import",
+    [
+        ("curvature/core/fisher.py", "import curvature.pruning.engine"),  # core -> engine
+        ("curvature/pruning/engine.py", "import curvature.recipes"),  # engine -> recipes
+        ("curvature/recipes/loader.py", "import curvature.cli.main"),  # recipes -> cli
+        ("curvature/tasks/data.py", "import curvature.recipes.loader"),  # sibling layers
+        ("kernels/obs.py", "import curvature.core.fisher"),  # kernels -> core
+        ("curvature/optim/mfac.py", "import transformers"),  # engine -> Hugging Face
+    ],
+)
+def test_layer_contract_fails_on_a_wrong_import(tmp_path, module, bad_import):
+    tree = _copy_tree(tmp_path)
+    with open(tree / module, "a") as fh:
+        fh.write(f"\n{bad_import}  # noqa\n")
+    r = _lint_imports(tree)
+    assert r.returncode != 0, f"{bad_import} in {module} was not caught:\n{r.stdout}"
+    assert "BROKEN" in r.stdout
+
+
+def test_every_method_is_a_registry_row():
+    assert set(METHODS.names()) >= {"obs", "obs-independent", "mfac", "magnitude"}
+    with pytest.raises(ValueError, match=r"method must be one of .*'obs'.*'magnitude'"):
+        PruneSettings(sparsity=0.5, method="obz")
+    with pytest.raises(ValueError, match="did you mean 'obs'"):
+        PruneSettings(sparsity=0.5, method="obz")
+    with pytest.raises(ValueError, match="already registered"):
+        register("obs", Curvature, ScoreOnly, "again")
+
+
+def test_a_new_method_is_one_new_part_and_one_row(monkeypatch):
+    """A diagonal curvature (per input column) + the score-only solver: a new method without
+    touching the engine; it must prune by |w| * scale, not by |w|."""
+
+    class ColumnScale(Curvature):
+        name = "column-scale"
+
+        def build(self, targets, gradients, settings):
+            class Blocks(CurvatureBlocks):
+                def __init__(self, t):
+                    cols = t.param.shape[1]
+                    scale = (torch.arange(t.numel) % cols).to(torch.float64) + 1.0
+                    self.d = t.blocks_of(scale, fill=1.0)
+
+                def diagonal(self, sl):
+                    return self.d[sl]
+
+            return {t.name: Blocks(t) for t in targets}
+
+    monkeypatch.setattr(pruning.registry.METHODS, "_methods", dict(METHODS._methods))
+    register("column-scaled", ColumnScale, ScoreOnly, "test: w^2 times the column index")
+    layer = torch.nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    prune(
+        layer, [], loss_fn=None, sparsity=0.5, method="column-scaled", block_size=8, progress=False
+    )
+    zero_cols = (layer.weight == 0).all(0)
+    assert zero_cols.tolist() == [True] * 4 + [False] * 4  # the low-scale columns went first
+
+
+def test_settings_are_one_frozen_validated_object():
+    s = PruneSettings(sparsity=0.5, params=["a", "b"])
+    assert s.params == ("a", "b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.sparsity = 0.1  # type: ignore[misc]
+    for kw, msg in [
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+        ({"sparsity": 0.3, "mask": "2:4"}, "prunes exactly 0.5"),
+        ({"sparsity": 0.5, "block_size": 6, "mask": "block4"}, "not a multiple"),
+        ({"sparsity": 0.5, "num_grads": 0}, "num_grads must be a positive integer"),
+        ({"sparsity": 0.5, "damp": 0}, "damp must be > 0"),
+        ({"sparsity": 0.5, "selection": "greedyy"}, "did you mean 'greedy'"),
+        ({"sparsity": 0.5, "num_recomputations": 0}, "num_recomputations must be an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            PruneSettings(**kw)
+    # magnitude needs no gradient settings
+    PruneSettings(sparsity=0.5, method="magnitude", num_grads=0, damp=0)
+
+
+def test_engine_functions_take_few_parameters():
+    """Internal engine functions take at most 8 parameters (the public prune() keywords aside)."""
+    mods = [pruning.engine, pruning.stages, pruning.solvers, pruning.allocation]
+    mods += [pruning.curvatures, pruning.registry]
+    too_many = []
+    for mod in mods:
+        for name, fn in inspect.getmembers(mod, inspect.isfunction):
+            if fn.__module__ != mod.__name__ or name == "prune":
+                continue
+            n = len(inspect.signature(fn).parameters)
+            if n > 8:
+                too_many.append(f"{mod.__name__}.{name}: {n}")
+    assert not too_many
+
+
+def test_methods_resolve_through_the_registry_everywhere(tmp_path):
+    """obs-independent by name equals obs with selection='independent'; mfac runs the M-FAC form."""
+    x = correlated_inputs(n=64, pairs=4)
+    model, y = trained_mlp(x, hidden=8, steps=50)
+    data = batches(x, y, 8)
+    outs = []
+    for kw in [
+        {"method": "obs-independent"},
+        {"method": "obs", "selection": "independent"},
+        {"method": "mfac", "selection": "independent"},
+    ]:
+        m = __import__("copy").deepcopy(model)
+        prune(
+            m, data, loss_fn=ce_loss, sparsity=0.5, num_grads=8, block_size=8, damp=1e-4,
+            progress=False, **kw,
+        )  # fmt: skip
+        outs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-7)
