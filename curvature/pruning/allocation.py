@@ -26,17 +26,31 @@ def _monotone(costs: torch.Tensor) -> torch.Tensor:
 
 
 def take_cheapest(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Counts per block: the ``k`` cheapest steps across all blocks of all ``costs``."""
-    flat = [_monotone(c) for c in costs]
+    """Counts per block: the ``k`` cheapest steps across all blocks of all ``costs``.
+
+    One selection over all costs: the ``k``-th smallest value is the threshold; every block takes
+    its steps below it, and the steps equal to it are taken in the order the blocks are listed
+    (first cost tensor first, row by row) until ``k`` are taken, which is the choice a stable sort
+    of all costs would make. Linear in the number of costs, not in ``k`` times the targets.
+    """
+    flat = [_monotone(c).cpu() for c in costs]
+    total = sum(f.numel() for f in flat)
+    k = max(0, min(int(k), total))
+    devices = [c.device for c in costs]
+    if k == 0:
+        return [torch.zeros(f.shape[0], dtype=torch.long, device=d) for f, d in zip(flat, devices)]
     allv = torch.cat([f.flatten() for f in flat])
-    owner = torch.cat([torch.full((f.numel(),), i, dtype=torch.long) for i, f in enumerate(flat)])
-    order = torch.argsort(allv.cpu(), stable=True)[:k]
-    counts = []
-    for i, f in enumerate(flat):
-        picked = order[owner[order] == i]
-        offset = sum(x.numel() for x in flat[:i])
-        block_ids = (picked - offset) // f.shape[1]
-        counts.append(torch.bincount(block_ids, minlength=f.shape[0]).to(f.device))
+    threshold = torch.kthvalue(allv, k).values
+    below = [(f < threshold).sum(1) for f in flat]
+    ties = [(f == threshold).sum(1) for f in flat]
+    need = k - int(sum(b.sum() for b in below))
+    tie_all = torch.cat(ties)
+    before = torch.cumsum(tie_all, 0) - tie_all  # ties in earlier blocks, in listing order
+    take_all = (need - before).clamp(min=0).minimum(tie_all)
+    counts, start = [], 0
+    for b, t, d in zip(below, ties, devices):
+        counts.append((b + take_all[start : start + t.numel()]).to(d))
+        start += t.numel()
     return counts
 
 

@@ -26,6 +26,14 @@ F64 = torch.float64
 class CurvatureBlocks:
     """The curvature of one target, read per slice of its blocks."""
 
+    def store(self, path) -> CurvatureBlocks:
+        """The same curvature kept in the file ``path`` (memory-mapped) instead of in memory.
+
+        The engine stores the curvature of every memory group but the last between the scoring
+        and the update stage, so that gradients are collected once per step whatever the split.
+        """
+        return self
+
     def inverse(self, sl: slice) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} has no inverse blocks")
 
@@ -73,6 +81,21 @@ class _FisherBlocks(CurvatureBlocks):
 
     def diagonal(self, sl: slice) -> torch.Tensor:
         raise NotImplementedError("the Fisher curvature is held as its inverse")
+
+    def store(self, path) -> CurvatureBlocks:
+        torch.save(self.fisher.blocks().cpu(), path)
+        return _StoredBlocks(path, self.fisher.device)
+
+
+class _StoredBlocks(CurvatureBlocks):
+    """Inverse blocks read back from a file, memory-mapped: the same numbers, off the heap."""
+
+    def __init__(self, path, device):
+        self.blocks = torch.load(path, mmap=True, weights_only=True)
+        self.device = device
+
+    def inverse(self, sl: slice) -> torch.Tensor:
+        return self.blocks[sl].to(device=self.device, dtype=F64)
 
 
 class EmpiricalFisher(Curvature):

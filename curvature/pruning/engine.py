@@ -12,15 +12,24 @@ stages of :mod:`curvature.pruning.stages`:
 4. allocate the global (or per-layer) target across blocks by those costs;
 5. correct the kept weights (the solver's update) and set the pruned ones exactly to zero.
 
+When the curvature of all targets does not fit the memory budget, the targets are split into
+groups. Gradients are then recomputed per group from the same batches (the data's shuffling
+generators are replayed, see :class:`~curvature.pruning.stages.ReplayableData`), never from a
+partly pruned model: every group's curvature is built and scored before any weight changes, and
+the curvature of all groups but the last waits on disk (memory-mapped) for the update stage. The
+answer is the same as without a split; the cost is one gradient pass per group.
+
 ``num_recomputations > 1`` splits the step into equal sparsity increments and re-collects the
 gradients after each (the Fisher then describes the partly pruned model).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,6 +60,7 @@ class PruneReport:
     estimated_loss_increase: float | None  # sum of the OBS costs of the pruned groups
     num_grads: int
     seconds: float
+    memory_groups: int = 1  # groups of parameters whose curvature was built at once (most per step)
     masks: MaskSet = field(repr=False, default_factory=MaskSet)
 
     def to_dict(self) -> dict:
@@ -153,8 +163,11 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         steps = [s0 + (max(settings.sparsity, s0) - s0) * (r + 1) / r_ for r in range(r_)]
     budget = settings.max_memory or int(0.6 * (available_bytes(targets[0].param.device) or 8 << 30))
     parts = _Parts(curvature, solver, allocation, structure)
-    problem = _Problem(model, data, loss_fn)
-    est = sum(_prune_step(problem, targets, masks, s, parts, settings, budget) for s in steps)
+    problem = _Problem(model, stages.ReplayableData(data), loss_fn)
+    est, groups = 0.0, 1
+    for s in steps:
+        e, g = _prune_step(problem, targets, masks, s, parts, settings, budget)
+        est, groups = est + e, max(groups, g)
     per = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
     reached = sum(per[t.name] * t.numel for t in targets) / total
     uses_curvature = METHODS[settings.method].needs_gradients
@@ -168,6 +181,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         estimated_loss_increase=est if uses_curvature else None,
         num_grads=settings.num_grads if uses_curvature else 0,
         seconds=time.perf_counter() - start,
+        memory_groups=groups,
         masks=masks,
     )
 
@@ -189,10 +203,11 @@ class _Parts:
     structure: MaskStructure
 
 
-def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> float:
+def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> tuple[float, int]:
     """One pruning step to ``sparsity``: the stages of :mod:`curvature.pruning.stages`."""
     structure = parts.structure
     groups = stages.plan_groups(targets, parts.curvature, settings, budget)
+    problem.data.new_step()  # recomputations draw fresh batches; groups of one step replay them
     weights = {t.name: t.blocks_of(t.param.detach().flatten().to(obs.F64)) for t in targets}
     fixed = {
         t.name: t.blocks_of(masks.get(t.name).flatten(), fill=False)
@@ -201,41 +216,51 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> f
         for t in targets
     }
 
-    def build(group):
-        return stages.build_curvature(problem, group, parts.curvature, settings)
-
-    scored, kept = {}, None
-    for group in groups:
-        curv = build(group)
-        scored.update(
-            stages.score(group, weights, fixed, curv, parts.solver, structure, settings.progress)
-        )
-        if len(groups) == 1:
-            kept = curv  # the only group: no need to build it again for the update
-    if structure.nm:
-        counts = {t.name: (scored[t.name][0] >= 0).sum(1) for t in targets}
-    else:
-        costs = {t.name: scored[t.name][1] for t in targets}
-        counts = parts.allocation.counts(targets, costs, sparsity, structure.group)
-    est = 0.0
-    for group in groups:
-        curv = kept or build(group)
-        for t in group:
-            order, cost = scored[t.name]
-            new, pruned, e = stages.update(
-                t,
-                weights[t.name],
-                curv[t.name],
-                parts.solver,
-                order,
-                cost,
-                counts[t.name],
-                structure,
+    with tempfile.TemporaryDirectory(prefix="curvature-prune-") as spill:
+        built, scored = [], {}
+        for gi, group in enumerate(groups):
+            curv = stages.build_curvature(problem, group, parts.curvature, settings)
+            scored.update(
+                stages.score(
+                    group, weights, fixed, curv, parts.solver, structure, settings.progress
+                )
             )
-            est += e
-            with torch.no_grad():
-                t.param.copy_(new.flatten()[: t.numel].view_as(t.param).to(t.param.dtype))
-            masks.update(t.name, pruned.flatten()[: t.numel].view_as(t.param))
-        del curv
+            if gi < len(groups) - 1:  # keep it on disk until the update: no second collection
+                curv = {
+                    t.name: curv[t.name].store(Path(spill) / f"{gi}-{ti}.pt")
+                    for ti, t in enumerate(group)
+                }
+            built.append(curv)
+            del curv
+        counts = _allocate(targets, scored, sparsity, parts)
+        est = 0.0
+        for gi, group in enumerate(groups):  # stored groups read back, the last one in memory
+            curv = built[gi]
+            for t in group:
+                order, cost = scored[t.name]
+                new, pruned, e = stages.update(
+                    t,
+                    weights[t.name],
+                    curv[t.name],
+                    parts.solver,
+                    order,
+                    cost,
+                    counts[t.name],
+                    structure,
+                )
+                est += e
+                with torch.no_grad():
+                    t.param.copy_(new.flatten()[: t.numel].view_as(t.param).to(t.param.dtype))
+                masks.update(t.name, pruned.flatten()[: t.numel].view_as(t.param))
+            built[gi] = None
+            del curv
     masks.apply(problem.model)
-    return est
+    return est, len(groups)
+
+
+def _allocate(targets, scored, sparsity, parts):
+    """Stage 4: groups to prune per block (N:M: fixed by the structure)."""
+    if parts.structure.nm:
+        return {t.name: (scored[t.name][0] >= 0).sum(1) for t in targets}
+    costs = {t.name: scored[t.name][1] for t in targets}
+    return parts.allocation.counts(targets, costs, sparsity, parts.structure.group)

@@ -83,7 +83,7 @@ class MaskSet:
 
     def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
-        self._handles: list = []
+        self._handles: dict[str, object] = {}  # parameter name (or "" for the optimizer) -> hook
 
     def __contains__(self, name: str) -> bool:
         return name in self.masks
@@ -107,19 +107,30 @@ class MaskSet:
         self.detach()
         params = dict(model.named_parameters())
         for name in self.masks:
-            p = params[name]
-            self._handles.append(
-                p.register_hook(lambda g, n=name: g.masked_fill(self.masks[n].to(g.device), 0.0))
+            self._handles[name] = params[name].register_hook(
+                lambda g, n=name: self._mask_grad(n, g)
             )
         if optimizer is not None:
             inner = unwrap_optimizer(optimizer)
-            self._handles.append(inner.register_step_post_hook(lambda *_: self.apply(model)))
+            self._handles[""] = inner.register_step_post_hook(lambda *_: self.apply(model))
         self.apply(model)
 
+    def _mask_grad(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.get(name)
+        return g if mask is None else g.masked_fill(mask.to(g.device), 0.0)
+
+    def release(self, names) -> None:
+        """Stop enforcing the masks of ``names``: the weights may grow back (hooks removed)."""
+        for name in names:
+            self.masks.pop(name, None)
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+
     def detach(self) -> None:
-        for h in self._handles:
+        for h in self._handles.values():
             h.remove()
-        self._handles = []
+        self._handles = {}
 
     def sparsity(self) -> dict[str, float]:
         return {n: m.float().mean().item() for n, m in self.masks.items()}

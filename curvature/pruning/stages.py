@@ -24,6 +24,40 @@ from curvature.pruning.targets import Target
 F64 = obs.F64
 
 
+class ReplayableData:
+    """``data`` whose every pass yields the same batches in the same order.
+
+    A shuffling ``DataLoader`` draws a new order from its generator at each pass (or from torch's
+    global generator when it has none). The engine collects gradients once per memory group, and
+    every group must see the same gradients: :meth:`replay` restores, before each pass, the
+    generator states found at the first pass. After the last pass the states are what one pass
+    left them at, as if the data had been read once.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self._generators = []
+        for obj in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+            gen = getattr(obj, "generator", None)
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in self._generators):
+                self._generators.append(gen)
+        self._states = None
+
+    def new_step(self) -> None:
+        """Forget the recorded states: the next pass draws fresh batches (a new pruning step)."""
+        self._states = None
+
+    def replay(self):
+        if self._states is None:
+            self._states = [g.get_state() for g in self._generators]
+            self._global = torch.get_rng_state()
+        else:
+            for g, s in zip(self._generators, self._states):
+                g.set_state(s)
+            torch.set_rng_state(self._global)
+        return self.data
+
+
 def collect_gradients(
     model, data, loss_fn, targets: list[Target], *, num_grads: int, batch: int = 16, progress=True
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -101,12 +135,15 @@ def plan_groups(targets: list[Target], curvature, settings, budget: int) -> list
 
 
 def build_curvature(problem, group, curvature, settings):
-    """Stages 1 and 2 for one group of targets (``problem``: model, data and loss_fn)."""
+    """Stages 1 and 2 for one group of targets (``problem``: model, data and loss_fn).
+
+    ``problem.data`` is a :class:`ReplayableData`: every group sees the same batches.
+    """
     grads = None
     if curvature.needs_gradients:
         grads = collect_gradients(
             problem.model,
-            problem.data,
+            problem.data.replay(),
             problem.loss_fn,
             group,
             num_grads=settings.num_grads,

@@ -52,12 +52,21 @@ class RecipeManager:
         return sorted(out)
 
     def due(self, epoch: float) -> list[tuple[float, int, float]]:
-        """Pruning points at or before ``epoch`` not yet applied; only the latest per modifier."""
+        """Pruning points at or before ``epoch`` not yet applied; only the latest per modifier.
+
+        The earlier ones were overtaken (training steps coarser than the schedule): applying the
+        latest marks them done too (:meth:`_mark_done`), so they never come back.
+        """
         latest: dict[int, tuple[float, int, float]] = {}
         for e, i, s in self.pruning_schedule():
             if e <= epoch + _EPS and (i, e) not in self._done:
                 latest[i] = (e, i, s)
         return sorted(latest.values())
+
+    def _mark_done(self, index: int, epoch: float) -> None:
+        for e, i, _ in self.pruning_schedule():
+            if i == index and e <= epoch + _EPS:
+                self._done.add((i, e))
 
     @property
     def first_pruning_epoch(self) -> float | None:
@@ -103,7 +112,7 @@ class RecipeManager:
                 progress=progress,
                 **settings,
             )
-            self._done.add((i, e))
+            self._mark_done(i, e)
             entry = {"epoch": e, "modifier": type(m).__name__, **report.to_dict()}
             self.history.append(entry)
             taken.append(entry)
@@ -118,8 +127,7 @@ class RecipeManager:
                 and epoch > m.end_epoch + _EPS
                 and i not in self._released
             ):
-                for n, _ in select_params(self.model, m.params):
-                    self.masks.masks.pop(n, None)
+                self.masks.release([n for n, _ in select_params(self.model, m.params)])
                 self._released.add(i)
         if taken or self.masks.masks:
             self.masks.apply(self.model)
