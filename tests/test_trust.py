@@ -3,7 +3,6 @@
 Each test here failed on the engine and manager before the fixes it guards.
 """
 
-
 import pytest
 import torch
 from engine_golden import fixed_batches, loss_fn, tiny_bert
