@@ -116,6 +116,31 @@ def test_prune_cli_oneshot(assets, tmp_path):
         ),
         (("!OBSPruningModifier", "!OBSPruner"), "unknown modifier !OBSPruner"),
         (("re:bert.encoder", "re:bert.encodr"), "matches no parameter"),
+        (
+            (
+                "  - !OBSPruningModifier",
+                "  - !DistillationModifier {distill_output_keys: [logitz]}\n  - !OBSPruningModifier",
+            ),
+            "distill_output_keys 'logitz' is not an output of the model (its outputs: logits); did you mean 'logits'?",
+        ),
+        (
+            (
+                "  - !OBSPruningModifier",
+                "  - !OptimizerModifier {name: adamx, kwargs: {bogus: 1}}\n  - !OBSPruningModifier",
+            ),
+            "got 'adamx' (did you mean 'adamw'?)",
+        ),
+        (
+            (
+                "  - !OBSPruningModifier",
+                "  - !OptimizerModifier {name: mkor, kwargs: {exclude: classifier}}\n  - !OBSPruningModifier",
+            ),
+            "exclude must be list[str] | tuple[str, ...], got 'classifier'",
+        ),
+        (
+            ("!OBSPruningModifier", "!QuantizationModifier"),
+            "!QuantizationModifier (quantization-aware training) is not supported",
+        ),
     ],
 )
 def test_bad_recipe_refused_before_any_output(assets, tmp_path, capsys, edit, message):
@@ -321,4 +346,32 @@ def test_train_cli_refuses_bad_optimizer_settings(assets, tmp_path, capsys):
     assert "optimizer mfac" in err and "dampp" in err
     assert main([*base, "--optimizer", "adamw", "--lr", "-1", "--output", str(out)]) == 2
     assert "learning rate" in capsys.readouterr().err
+    assert (
+        main([*base, "--optimizer", "mkor", "--opt", "exclude=classifier", "--output", str(out)])
+        == 2
+    )
+    assert (
+        "exclude must be list[str] | tuple[str, ...], got 'classifier'" in capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_command_line_values_are_yaml():
+    from curvature.cli.main import _overrides
+    from curvature.optim import build_optimizer
+
+    kw = _overrides(["hybrid=false", "exclude=[classifier, pooler]", "damp=1e-4", "inv_freq=2"])
+    assert kw == {"hybrid": False, "exclude": ["classifier", "pooler"], "damp": 1e-4, "inv_freq": 2}
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    opt = build_optimizer("mkor", model, lr=0.1, **kw)
+    assert opt.hybrid is False and list(opt.exclude) == ["classifier", "pooler"]
+
+
+def test_mask_the_model_cannot_hold_is_refused_before_training(assets, tmp_path, capsys):
+    """3:5 is a valid N:M pattern, but rows of 16 and 32 weights cannot hold it."""
+    text = RECIPE.replace("MASK", "'3:5'").replace("final_sparsity: 0.6", "final_sparsity: 0.4")
+    text = text.replace("fisher_block_size: 8", "fisher_block_size: 10")
+    rc, out = run_prune(assets, tmp_path, text, "never")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "3:5" in err and "line 6" in err, err
     assert not out.exists()

@@ -100,6 +100,17 @@ def load_for_job(job):
     return model, tokenizer, enc, collator, eval_loader
 
 
+@torch.no_grad()
+def _output_keys(model, batch) -> list[str]:
+    """Names of the outputs ``model`` returns on ``batch`` (what distillation can read)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    model.train(was)
+    return [k for k in out.keys() if k != "loss"]
+
+
 def training_args(job, output_dir, **kwargs):
     """``TrainingArguments`` shared by the jobs: no checkpoints or reporting, the job's seed,
     batch size and progress switch, the CPU when there is no CUDA device."""
@@ -138,6 +149,8 @@ def run_prune(job: PruneJob) -> dict:
     manager = RecipeManager(recipe, model)  # checks every params entry against this model
     epochs = 0.0 if job.oneshot else recipe.num_epochs
     distill = recipe.of(DistillationModifier)
+    if distill and epochs > 0:
+        manager.check_outputs(_output_keys(model, collator([enc["train"][0]])))
     teacher = job.teacher or (distill[0].teacher if distill else None)
 
     with _atomic_output(out) as tmp:

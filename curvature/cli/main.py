@@ -29,11 +29,24 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SystemExit(f"error: expected NAME=VALUE, got {pair!r}")
         k, v = pair.split("=", 1)
-        try:
-            out[k] = float(v) if any(c in v for c in ".e") else int(v)
-        except ValueError:
-            out[k] = v
+        out[k.strip()] = _yaml_value(v)
     return out
+
+
+def _yaml_value(text: str):
+    """A command-line value read as a YAML scalar or list (``false``, ``[a, b]``, ``1e-4``)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,12 @@
 recipes' ``OptimizerModifier``, the ``Trainer`` integration and the CLI).
 """
 
+import inspect
+import typing
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from curvature.core import checks
 from curvature.optim.adahessian import AdaHessian
 from curvature.optim.lamb import LAMB
 from curvature.optim.mfac import MFAC
@@ -18,11 +24,63 @@ from curvature.optim.mkor import MKOR
 OPTIMIZERS = ("adamw", "sgd", "adahessian", "mfac", "mkor", "mkor-h", "lamb")
 
 
+def _optimizer_class(name: str):
+    import torch
+
+    return {
+        "adamw": torch.optim.AdamW,
+        "sgd": torch.optim.SGD,
+        "lamb": LAMB,
+        "adahessian": AdaHessian,
+        "mfac": MFAC,
+        "mkor": MKOR,
+        "mkor-h": MKOR,
+    }[name]
+
+
+def check_optimizer(name: str, kwargs: dict) -> dict:
+    """Check an optimizer name and keywords against its signature, before any model exists.
+
+    Unknown names and keywords are refused with the nearest valid one; values are validated
+    against the constructor's type annotations (``exclude=classifier`` is a string, not the list
+    ``exclude`` takes). Returns the keywords, coerced to the annotated types.
+    """
+    checks.one_of("optimizer", str(name).lower(), OPTIMIZERS)
+    cls = _optimizer_class(str(name).lower())
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "params", "model", "lr")]
+    if name.lower() in ("mkor", "mkor-h"):
+        allowed = [p for p in allowed if p != "hybrid"] if name.lower() == "mkor-h" else allowed
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # torch's own optimizers: names only
+        hints = {}
+    out = {}
+    for key, value in kwargs.items():
+        checks.one_of(f"optimizer {name}: keyword", key, allowed)
+        hint = hints.get(key)
+        if hint is None:
+            out[key] = value
+            continue
+        try:
+            adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+            out[key] = adapter.validate_python(value)
+        except ValidationError:
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ValueError(
+                f"optimizer {name}: {key} must be {shown}, got {value!r}"
+                + (" (a list is written [a, b])" if isinstance(value, str) else "")
+            ) from None
+    return out
+
+
 def build_optimizer(name: str, model, *, lr: float, **kwargs):
     """Make an optimizer by name for ``model``; unknown names and keywords raise ``ValueError``."""
     import torch
 
     name = name.lower()
+    if name in OPTIMIZERS:
+        kwargs = check_optimizer(name, kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         if name == "adamw":
@@ -56,5 +114,6 @@ __all__ = [
     "OPTIMIZERS",
     "AdaHessian",
     "build_optimizer",
+    "check_optimizer",
     "needs_create_graph",
 ]

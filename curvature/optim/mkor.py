@@ -206,6 +206,7 @@ class MKOR(Optimizer):
         self.stability_threshold = stability_threshold
         self.stability_blend = stability_blend
         self.hybrid = hybrid
+        self.exclude = tuple(exclude)
         self.switch_window, self.switch_ratio, self.switch_patience = (
             switch_window,
             switch_ratio,

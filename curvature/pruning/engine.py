@@ -106,7 +106,8 @@ def prune(
         data: a re-iterable of batches (a list or a ``DataLoader``); one gradient per batch.
         loss_fn: ``loss_fn(model, batch) -> scalar loss``.
         sparsity: target fraction of zeros over the selected parameters, in ``[0, 1)``
-            (for ``N:M`` masks it must be ``1 - N/M``).
+            (for ``N:M`` masks it must be ``1 - N/M``); or a mapping ``{parameter name:
+            sparsity}``, a target per parameter (``params`` is then those names).
         method: a registered method (``curvature.pruning.METHODS.names()``): ``"obs"``,
             ``"obs-independent"``, ``"mfac"`` or ``"magnitude"``.
         mask: ``"unstructured"``, ``"block4"`` or ``"N:M"`` such as ``"2:4"``.
@@ -122,6 +123,8 @@ def prune(
         fisher_dtype: storage dtype of the Fisher blocks (float64; float32 halves the memory).
         max_memory: bytes the Fisher blocks may take (default: 60% of the available memory).
     """
+    if isinstance(sparsity, dict):
+        params = list(sparsity)
     settings = PruneSettings(
         sparsity=sparsity,
         method=method,
@@ -151,21 +154,39 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     )
     for name, p in named:
         check_param_fits(name, p, structure)
-    targets = [Target(n, p, settings.block_size) for n, p in named]
+    # a parameter smaller than a block is one block of its own size (a multiple of the mask's run)
+    targets = [Target(n, p, min(settings.block_size, p.numel())) for n, p in named]
     masks = masks if masks is not None else MaskSet()
     total = sum(t.numel for t in targets)
     already = sum(int(masks.get(t.name).sum()) for t in targets if t.name in masks)
     s0 = already / total
-    if structure.nm:
-        steps = [settings.sparsity]
+    r_ = 1 if structure.nm else settings.num_recomputations
+    if settings.per_parameter:
+        final = settings.targets()
+        reached0 = {
+            t.name: float(masks.get(t.name).float().mean()) if t.name in masks else 0.0
+            for t in targets
+        }
+        target = sum(final[t.name] * t.numel for t in targets) / total
+        steps = [
+            {
+                n: reached0[n] + (max(final[n], reached0[n]) - reached0[n]) * (r + 1) / r_
+                for n in final
+            }
+            for r in range(r_)
+        ]
     else:
-        r_ = settings.num_recomputations
-        steps = [s0 + (max(settings.sparsity, s0) - s0) * (r + 1) / r_ for r in range(r_)]
+        target = settings.sparsity
+        steps = [s0 + (max(target, s0) - s0) * (r + 1) / r_ for r in range(r_)]
     budget = settings.max_memory or int(0.6 * (available_bytes(targets[0].param.device) or 8 << 30))
-    parts = _Parts(curvature, solver, allocation, structure)
     problem = _Problem(model, stages.ReplayableData(data), loss_fn)
     est, groups = 0.0, 1
     for s in steps:
+        if isinstance(s, dict):  # a target per parameter: the allocation carries them
+            parts = _Parts(curvature, solver, LayerTargets(s), structure)
+            s = sum(s[t.name] * t.numel for t in targets) / total
+        else:
+            parts = _Parts(curvature, solver, allocation, structure)
         e, g = _prune_step(problem, targets, masks, s, parts, settings, budget)
         est, groups = est + e, max(groups, g)
     per = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
@@ -175,7 +196,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         method=settings.method,
         mask=structure.name,
         selection=solver.name if uses_curvature else "-",
-        target_sparsity=float(settings.sparsity),
+        target_sparsity=float(target),
         global_sparsity=reached,
         param_sparsity=per,
         estimated_loss_increase=est if uses_curvature else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ class PruneSettings:
     a message naming the argument, the value and what is allowed.
     """
 
-    sparsity: float
+    #: one target over the selected parameters, or ``((name, sparsity), ...)`` per parameter
+    sparsity: float | tuple[tuple[str, float], ...]
     method: str = "obs"
     mask: str = "unstructured"
     params: str | tuple[str, ...] = "__ALL_PRUNABLE__"
@@ -37,13 +39,22 @@ class PruneSettings:
 
         checks.one_of("method", self.method, METHODS.names())
         checks.one_of("selection", self.selection, SOLVER_CHOICES)
-        checks.in_unit_interval("sparsity", self.sparsity)
+        if isinstance(self.sparsity, Mapping):
+            object.__setattr__(self, "sparsity", tuple(self.sparsity.items()))
+        if isinstance(self.sparsity, tuple):
+            if not self.sparsity:
+                raise ValueError("sparsity: the mapping of parameter names to sparsities is empty")
+            for name, s in self.sparsity:
+                checks.in_unit_interval(f"sparsity[{name!r}]", s)
+        else:
+            checks.in_unit_interval("sparsity", self.sparsity)
         structure = self.structure  # parses, or names the mask
         fixed = structure.fixed_sparsity
-        if fixed is not None and abs(self.sparsity - fixed) > 1e-9:
-            raise ValueError(
-                f"mask {structure.name} prunes exactly {fixed:g}; got sparsity {self.sparsity}"
-            )
+        for s in self.targets().values():
+            if fixed is not None and abs(s - fixed) > 1e-9:
+                raise ValueError(
+                    f"mask {structure.name} prunes exactly {fixed:g}; got sparsity {s}"
+                )
         checks.positive_int("block_size", self.block_size)
         if self.block_size % structure.run:
             raise ValueError(
@@ -63,3 +74,11 @@ class PruneSettings:
     @property
     def structure(self) -> MaskStructure:
         return parse_mask(self.mask)
+
+    @property
+    def per_parameter(self) -> bool:
+        return isinstance(self.sparsity, tuple)
+
+    def targets(self) -> dict[str, float]:
+        """``{parameter name: sparsity}`` (``{"": sparsity}`` for one target over all)."""
+        return dict(self.sparsity) if self.per_parameter else {"": self.sparsity}

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from curvature.recipes.schema import MODIFIERS, Modifier
+from curvature.recipes.schema import MODIFIERS, UNSUPPORTED, Modifier
 
 
 class RecipeError(ValueError):
@@ -141,16 +141,23 @@ def _resolve(value, variables):
     return value
 
 
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+
+
 def _front_matter(text: str) -> str:
     """A Markdown recipe keeps its YAML between the first two ``---`` lines.
 
-    The opening line is kept as a blank line so that YAML line numbers are the file's.
+    HTML comments (a licence header, say) and blank lines may stand before the opening line.
+    Everything outside the front matter becomes blank lines so that YAML line numbers are the
+    file's.
     """
-    lines = text.splitlines()
-    if lines and lines[0].strip() == "---":
-        for i in range(1, len(lines)):
+    blanked = _HTML_COMMENT.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    lines = blanked.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is not None and lines[first].strip() == "---":
+        for i in range(first + 1, len(lines)):
             if lines[i].strip() == "---":
-                return "\n".join([""] + lines[1:i])
+                return "\n".join([""] * (first + 1) + lines[first + 1 : i])
     return text
 
 
@@ -208,6 +215,11 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = N
                     f"{source}: {key}: every entry needs a tag such as !OBSPruningModifier, got {item!r}"
                 )
             cls = MODIFIERS.get(item.tag)
+            if cls is None and item.tag in UNSUPPORTED:
+                raise RecipeError(
+                    f"{source} line {item.line}: !{item.tag} ({UNSUPPORTED[item.tag]}) is not "
+                    "supported by this toolkit; remove it or run it elsewhere"
+                )
             if cls is None:
                 near = difflib.get_close_matches(item.tag, list(MODIFIERS), n=1)
                 hint = f"did you mean !{near[0]}? " if near else ""

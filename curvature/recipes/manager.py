@@ -6,20 +6,23 @@ current (fractional) epoch; the Hugging Face callback in :mod:`curvature.integra
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable, Iterable
 
 import torch
 
 from curvature.pruning import MaskSet, prune
+from curvature.pruning.masks import check_param_fits, parse_mask
 from curvature.pruning.params import select_params
 from curvature.recipes.loader import Recipe
 from curvature.recipes.schema import (
     ConstantPruningModifier,
     DistillationModifier,
-    GlobalMagnitudePruningModifier,
     LearningRateFunctionModifier,
     OptimizerModifier,
+    SetLearningRateModifier,
+    SetWeightDecayModifier,
     _Pruning,
 )
 
@@ -37,8 +40,22 @@ class RecipeManager:
         self.history: list[dict] = []  # one entry per pruning step
         self._done: set[tuple[int, float]] = set()
         self._released: set[int] = set()
-        for m in recipe.of(_Pruning, ConstantPruningModifier):
-            select_params(model, m.params)  # fail now, naming the entry, not mid-training
+        self._check_against_model()
+
+    def _check_against_model(self) -> None:
+        """Everything the recipe says about this model, checked before any training: parameter
+        names and patterns match, and every pruned parameter fits its modifier's mask."""
+        for m in self.recipe.of(ConstantPruningModifier):
+            select_params(self.model, m.params)
+        for m in self.recipe.of(_Pruning):
+            structure = parse_mask(m.mask_type)
+            for patterns in m.finals().values():
+                try:
+                    for name, p in select_params(self.model, patterns):
+                        check_param_fits(name, p, structure)
+                except ValueError as exc:
+                    where = f"line {m.line}: " if m.line else ""
+                    raise ValueError(f"{where}{type(m).__name__}: {exc}") from None
 
     # ------------------------------------------------------------------ schedule
     def pruning_schedule(self) -> list[tuple[float, int, float]]:
@@ -62,6 +79,40 @@ class RecipeManager:
             if e <= epoch + _EPS and (i, e) not in self._done:
                 latest[i] = (e, i, s)
         return sorted(latest.values())
+
+    def check_outputs(self, output_keys) -> None:
+        """Refuse distillation of outputs the model does not produce (before any training)."""
+        keys = list(output_keys)
+        for m in self.recipe.of(DistillationModifier):
+            for key in m.distill_output_keys:
+                if key not in keys:
+                    near = difflib.get_close_matches(key, keys, n=1)
+                    hint = f"; did you mean {near[0]!r}?" if near else ""
+                    where = f"line {m.line}: " if m.line else ""
+                    raise ValueError(
+                        f"{where}DistillationModifier: distill_output_keys {key!r} is not an "
+                        f"output of the model (its outputs: {', '.join(keys)}){hint}"
+                    )
+
+    def _targets(self, m: _Pruning, epoch: float) -> float | dict[str, float]:
+        """The target at ``epoch``: one sparsity, or ``{parameter: sparsity}`` for a modifier
+        whose ``final_sparsity`` maps sparsities to parameters."""
+        x = next(p for e, p in m.progress() if abs(e - epoch) <= _EPS)
+        finals = m.finals()
+        if len(finals) == 1 and not isinstance(m.final_sparsity, dict):
+            return m.target_at(x, next(iter(finals)))
+        out = {}
+        for final, patterns in finals.items():
+            for name, _ in select_params(self.model, patterns):
+                out[name] = m.target_at(x, final)
+        return out
+
+    def _sparsity_of(self, m: _Pruning) -> float:
+        """Sparsity the modifier's parameters have reached (what a num_grads schedule reads)."""
+        names = self._names_of(m)
+        total = sum(self.masks.get(n).numel() for n in names if n in self.masks)
+        pruned = sum(int(self.masks.get(n).sum()) for n in names if n in self.masks)
+        return pruned / total if total else 0.0
 
     def _mark_done(self, index: int, epoch: float) -> None:
         for e, i, _ in self.pruning_schedule():
@@ -93,21 +144,22 @@ class RecipeManager:
                     if n not in self.masks:
                         self.masks.update(n, mask)
                 self._done.add(key)
-        for e, i, target in self.due(epoch):
+        for e, i, _target in self.due(epoch):
             m = self.recipe.modifiers[i]
             grads = m.needs_gradients
             if grads and (grad_data is None or loss_fn is None):
                 raise ValueError(
                     f"{m.method} pruning needs grad_data and loss_fn at each pruning step"
                 )
-            settings = m.engine_settings()
-            if isinstance(m, GlobalMagnitudePruningModifier):
-                settings["global_sparsity"] = True
+            settings = m.engine_settings(self._sparsity_of(m))
+            sparsity = self._targets(m, e)
+            if isinstance(sparsity, dict):
+                settings.pop("params")
             report = prune(
                 self.model,
                 grad_data if grads else [],
                 loss_fn=loss_fn or (lambda *_: None),
-                sparsity=target,
+                sparsity=sparsity,
                 masks=self.masks,
                 progress=progress,
                 **settings,
@@ -127,7 +179,7 @@ class RecipeManager:
                 and epoch > m.end_epoch + _EPS
                 and i not in self._released
             ):
-                self.masks.release([n for n, _ in select_params(self.model, m.params)])
+                self.masks.release(self._names_of(m))
                 self._released.add(i)
         if taken or self.masks.masks:
             self.masks.apply(self.model)
@@ -136,10 +188,19 @@ class RecipeManager:
             if lr is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+            for m in self.recipe.of(SetWeightDecayModifier):
+                key = ("weight_decay", id(m))
+                if epoch + _EPS >= m.start_epoch and key not in self._done:
+                    groups = optimizer.param_groups
+                    chosen = m.param_groups if m.param_groups is not None else range(len(groups))
+                    for gi in chosen:
+                        groups[gi]["weight_decay"] = m.weight_decay
+                    self._done.add(key)
         return taken
 
     def lr_at(self, epoch: float) -> float | None:
-        """Learning rate from the recipe's ``LearningRateFunctionModifier`` s (None: no override)."""
+        """Learning rate from the recipe (None: no override): an active
+        ``LearningRateFunctionModifier``, else the latest ``SetLearningRateModifier`` started."""
         for m in self.recipe.of(LearningRateFunctionModifier):
             end = m.end_epoch if m.end_epoch != -1 else float("inf")
             if m.start_epoch - _EPS <= epoch <= end + _EPS:
@@ -149,6 +210,11 @@ class RecipeManager:
                 else:  # cyclic_linear: linear from init_lr to final_lr in every cycle
                     x = ((epoch - m.start_epoch) % m.cycle_epochs) / m.cycle_epochs
                 return m.init_lr + (m.final_lr - m.init_lr) * min(1.0, max(0.0, x))
+        started = [
+            m for m in self.recipe.of(SetLearningRateModifier) if m.start_epoch <= epoch + _EPS
+        ]
+        if started:
+            return max(started, key=lambda m: m.start_epoch).learning_rate
         return None
 
     def distillation_at(self, epoch: float) -> DistillationModifier | None:
@@ -166,8 +232,13 @@ class RecipeManager:
     def pruned_param_names(self) -> list[str]:
         names: list[str] = []
         for m in self.recipe.of(_Pruning, ConstantPruningModifier):
-            names += [n for n, _ in select_params(self.model, m.params) if n not in names]
+            names += [n for n in self._names_of(m) if n not in names]
         return names
+
+    def _names_of(self, m) -> list[str]:
+        """Parameter names a pruning or constant modifier applies to."""
+        groups = m.finals().values() if isinstance(m, _Pruning) else [m.params]
+        return [n for patterns in groups for n, _ in select_params(self.model, patterns)]
 
     def sparsity(self) -> float:
         params = dict(self.model.named_parameters())

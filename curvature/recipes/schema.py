@@ -1,11 +1,14 @@
 """Recipe modifiers: strict pydantic models in the recipe format's own field names.
 
 Every modifier rejects unknown fields (``extra="forbid"``) and checks ranges; the loader turns the
-errors into messages with the recipe line and the nearest valid field name.
+errors into messages with the recipe line and the nearest valid field name. Fields that only made
+sense in another runtime (device lists, gradient buffering switches) are accepted and logged with
+what this toolkit does instead (:data:`RUNTIME_ONLY_FIELDS`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +17,30 @@ from curvature.core import checks
 from curvature.pruning import METHODS
 from curvature.pruning.masks import parse_mask
 from curvature.pruning.schedule import interpolate, pruning_points
+
+log = logging.getLogger(__name__)
+
+#: fields accepted for compatibility that change nothing here, and what happens instead
+RUNTIME_ONLY_FIELDS = {
+    "available_gpus": "the Fisher is built on the device of the model's parameters",
+    "available_devices": "the Fisher is built on the device of the model's parameters",
+    "grads_device": "gradients stream into the Fisher on the parameters' device; none are buffered",
+    "num_pages": "the memory plan splits parameters into groups (max_memory) instead of pages",
+    "use_gradient_buffering": "gradients are always sampled from the training data at each point",
+}
+
+
+def _note_runtime_fields(modifier, fields) -> None:
+    for name in fields:
+        value = getattr(modifier, name, None)
+        if value is not None:
+            log.info(
+                "%s: %s=%r accepted for compatibility; %s",
+                type(modifier).__name__,
+                name,
+                value,
+                RUNTIME_ONLY_FIELDS[name],
+            )
 
 
 class Modifier(BaseModel):
@@ -39,7 +66,9 @@ class EpochRangeModifier(Modifier):
 class _Pruning(Modifier):
     params: list[str] | str = "__ALL_PRUNABLE__"
     init_sparsity: float = Field(0.0, ge=0, lt=1)
-    final_sparsity: float = Field(..., ge=0, lt=1)
+    # a sparsity for all ``params``, or {sparsity: [parameter names or re: patterns]} with
+    # ``params: []`` (a target per group of layers)
+    final_sparsity: float | dict[float, list[str]]
     update_frequency: float = Field(1.0, ge=0)
     inter_func: Literal["cubic", "linear", "inverse_cubic"] = "cubic"
     global_sparsity: bool = True
@@ -53,8 +82,9 @@ class _Pruning(Modifier):
     def method(self) -> str:
         return self.METHOD
 
-    def engine_settings(self) -> dict:
-        """Keywords of :func:`curvature.pruning.prune` for one pruning point of this modifier."""
+    def engine_settings(self, sparsity: float = 0.0) -> dict:
+        """Keywords of :func:`curvature.pruning.prune` for one pruning point of this modifier
+        (``sparsity``: what the pruned parameters have reached before it)."""
         return dict(
             method=self.method,
             mask=self.mask_type,
@@ -74,23 +104,42 @@ class _Pruning(Modifier):
     def _params(cls, v):
         return [v] if isinstance(v, str) else v
 
-    def schedule(self) -> list[tuple[float, float]]:
-        """``(epoch, target sparsity)`` at every pruning point of this modifier."""
+    @field_validator("final_sparsity")
+    @classmethod
+    def _final(cls, v):
+        for s in v if isinstance(v, dict) else [v]:
+            if s < 0:
+                raise ValueError("Input should be greater than or equal to 0")
+            if s >= 1:
+                raise ValueError("Input should be less than 1")
+        return v
+
+    def progress(self) -> list[tuple[float, float]]:
+        """``(epoch, interpolated progress in [0, 1])`` at every pruning point of this modifier."""
         end = self.end_epoch if self.end_epoch != -1 else self.start_epoch
         span = end - self.start_epoch
         points = pruning_points(
             start_epoch=self.start_epoch, end_epoch=end, update_frequency=self.update_frequency
         )
-        delta = self.final_sparsity - self.init_sparsity
         return [
-            (
-                e,
-                self.init_sparsity
-                + delta
-                * interpolate(1.0 if span <= 0 else (e - self.start_epoch) / span, self.inter_func),
-            )
+            (e, interpolate(1.0 if span <= 0 else (e - self.start_epoch) / span, self.inter_func))
             for e in points
         ]
+
+    def finals(self) -> dict[float, list[str]]:
+        """``{final sparsity: params}``: one entry unless ``final_sparsity`` is a mapping."""
+        if isinstance(self.final_sparsity, dict):
+            return dict(self.final_sparsity)
+        return {self.final_sparsity: list(self.params)}
+
+    def target_at(self, progress: float, final: float) -> float:
+        return self.init_sparsity + (final - self.init_sparsity) * progress
+
+    def schedule(self) -> list[tuple[float, float]]:
+        """``(epoch, target sparsity)`` at every pruning point (the highest final's target when
+        ``final_sparsity`` is a mapping)."""
+        top = max(self.finals())
+        return [(e, self.target_at(x, top)) for e, x in self.progress()]
 
     @field_validator("mask_type")
     @classmethod
@@ -100,13 +149,28 @@ class _Pruning(Modifier):
 
     @model_validator(mode="after")
     def _sparsities(self):
-        if self.final_sparsity < self.init_sparsity:
+        if isinstance(self.final_sparsity, dict):
+            if self.params:
+                raise ValueError(
+                    "final_sparsity is a mapping of sparsity to parameters: set params: [] "
+                    f"(got params {self.params})"
+                )
+            if not self.final_sparsity:
+                raise ValueError("final_sparsity mapping is empty")
+        elif not self.params:
             raise ValueError(
-                f"final_sparsity ({self.final_sparsity}) is below init_sparsity ({self.init_sparsity})"
+                "params is empty: name the parameters to prune or use __ALL_PRUNABLE__"
             )
         nm = parse_mask(self.mask_type).fixed_sparsity
-        if nm is not None and abs(self.final_sparsity - nm) > 1e-9:
-            raise ValueError(f"mask_type {self.mask_type} needs final_sparsity {nm:g}")
+        for final in self.finals():
+            if not 0.0 <= final < 1.0:
+                raise ValueError(f"final_sparsity {final} is outside [0, 1)")
+            if final < self.init_sparsity:
+                raise ValueError(
+                    f"final_sparsity ({final}) is below init_sparsity ({self.init_sparsity})"
+                )
+            if nm is not None and abs(final - nm) > 1e-9:
+                raise ValueError(f"mask_type {self.mask_type} needs final_sparsity {nm:g}")
         return self
 
 
@@ -116,6 +180,33 @@ class MagnitudePruningModifier(_Pruning):
 
 class GlobalMagnitudePruningModifier(_Pruning):
     global_sparsity: bool = True
+
+    @field_validator("global_sparsity")
+    @classmethod
+    def _global(cls, v):
+        if not v:
+            raise ValueError(
+                "GlobalMagnitudePruningModifier is global by definition; "
+                "use !MagnitudePruningModifier for per-layer targets"
+            )
+        return v
+
+
+class GMPruningModifier(_Pruning):
+    """Gradual magnitude pruning in its other spelling: per-layer targets unless
+    ``global_sparsity: true``."""
+
+    global_sparsity: bool = False
+    phased: bool = False
+
+    @field_validator("phased")
+    @classmethod
+    def _phased(cls, v):
+        if v:
+            raise ValueError(
+                "phased pruning (alternating pruned and dense phases) is not supported"
+            )
+        return v
 
 
 class OBSPruningModifier(_Pruning):
@@ -138,9 +229,9 @@ class OBSPruningModifier(_Pruning):
         checks.one_of("method", v, [m for m in METHODS.names() if METHODS[m].needs_gradients])
         return v
 
-    def engine_settings(self) -> dict:
+    def engine_settings(self, sparsity: float = 0.0) -> dict:
         return dict(
-            super().engine_settings(),
+            super().engine_settings(sparsity),
             num_grads=self.num_grads,
             block_size=self.fisher_block_size,
             damp=self.damp,
@@ -162,6 +253,72 @@ class OBSPruningModifier(_Pruning):
                 f"grad_sampler_kwargs: unknown key(s) {sorted(unknown)}; allowed: batch_size"
             )
         return self
+
+
+class MFACPruningModifier(OBSPruningModifier):
+    """M-FAC pruning: the OBS engine with the Fisher inverse in the M-FAC form, oBERT-style
+    independent scores ``w^2 / (2 [F^-1]_qq)`` and summed corrections (the published method).
+
+    ``num_grads`` may be ``{sparsity reached: gradients}`` (more gradients as the model gets
+    sparser); ``0.0`` must be a key.
+    """
+
+    num_grads: int | dict[float, int] = 64
+    damp: float = Field(1e-5, gt=0)
+    fisher_block_size: int = Field(2000, gt=0)
+    global_sparsity: bool = False
+    selection: Literal["greedy", "independent"] = "independent"
+    method_name: str = Field("mfac", alias="method")
+    available_gpus: list[str] | None = None
+    available_devices: list[str] | None = None
+    grads_device: str | int | None = None
+    num_pages: int | None = Field(None, ge=1)
+    use_gradient_buffering: bool | None = None
+
+    @field_validator("num_grads")
+    @classmethod
+    def _num_grads(cls, v):
+        if isinstance(v, dict):
+            if 0.0 not in v:
+                raise ValueError(f"a num_grads mapping needs the key 0.0 (got keys {sorted(v)})")
+            bad = {k: n for k, n in v.items() if not 0 <= k < 1 or n <= 0}
+            if bad:
+                raise ValueError(f"num_grads mapping: sparsities in [0, 1), counts > 0 (got {bad})")
+        elif v <= 0:
+            raise ValueError(f"num_grads must be > 0 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _runtime(self):
+        _note_runtime_fields(self, RUNTIME_ONLY_FIELDS)
+        return self
+
+    def grads_at(self, sparsity: float) -> int:
+        """Gradients to collect when the pruned parameters are at ``sparsity``."""
+        if isinstance(self.num_grads, int):
+            return self.num_grads
+        return self.num_grads[max(k for k in self.num_grads if k <= sparsity + 1e-12)]
+
+    def engine_settings(self, sparsity: float = 0.0) -> dict:
+        return dict(super().engine_settings(sparsity), num_grads=self.grads_at(sparsity))
+
+
+class SetLearningRateModifier(Modifier):
+    """Set the learning rate from ``start_epoch`` on (a learning-rate function active at the same
+    epoch takes precedence)."""
+
+    learning_rate: float = Field(..., ge=0)
+    constant_logging: bool | None = None
+    log_types: Any = None
+
+
+class SetWeightDecayModifier(Modifier):
+    """Set the optimizer's weight decay at ``start_epoch`` (all parameter groups, or those listed)."""
+
+    weight_decay: float = Field(..., ge=0)
+    param_groups: list[int] | None = None
+    constant_logging: bool | None = None
+    log_types: Any = None
 
 
 class ConstantPruningModifier(Modifier):
@@ -196,6 +353,13 @@ class OptimizerModifier(Modifier):
     name: str = "adamw"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _known(self):
+        from curvature.optim import check_optimizer
+
+        self.kwargs = check_optimizer(self.name, self.kwargs)
+        return self
+
 
 MODIFIERS: dict[str, type[Modifier]] = {
     cls.__name__: cls
@@ -208,5 +372,26 @@ MODIFIERS: dict[str, type[Modifier]] = {
         LearningRateFunctionModifier,
         DistillationModifier,
         OptimizerModifier,
+        MFACPruningModifier,
+        GMPruningModifier,
+        SetLearningRateModifier,
+        SetWeightDecayModifier,
     )
+}
+
+#: modifiers of the recipe format that this toolkit does not implement, and what they do
+UNSUPPORTED: dict[str, str] = {
+    "QuantizationModifier": "quantization-aware training",
+    "LegacyQuantizationModifier": "quantization-aware training",
+    "ACDCPruningModifier": "alternating compressed/decompressed training",
+    "MovementPruningModifier": "movement pruning",
+    "LayerPruningModifier": "removing whole layers",
+    "StructuredPruningModifier": "structured (channel/filter) pruning",
+    "LayerThinningModifier": "layer thinning",
+    "TrainableParamsModifier": "freezing parameters",
+    "SetParamModifier": "setting parameter values",
+    "GradualParamModifier": "interpolating parameter values",
+    "LegacyGMPruningModifier": "the legacy gradual magnitude schedule",
+    "TopKASTPruningModifier": "top-KAST pruning",
+    "MagnitudePruningModifierLegacy": "the legacy magnitude modifier",
 }
