@@ -165,3 +165,50 @@ def test_allocation_by_threshold_equals_a_stable_sort(seed):
         for g, w in zip(got, want):
             assert torch.equal(g, w), (k, g, w)
         assert sum(int(g.sum()) for g in got) == k
+
+
+def test_pruning_keeps_the_users_gradients():
+    model = tiny_bert()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    prune(model, fixed_batches(), loss_fn=loss_fn, sparsity=0.5, params=BERT_PARAMS,
+          num_grads=4, block_size=8, damp=1e-4, progress=False)  # fmt: skip
+    assert all(p.grad is not None and torch.all(p.grad == 0.5) for p in model.parameters())
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from curvature.cli.sweep import plot
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        rows = [
+            {"method": "dense", "mask": "-", "mode": "-", "sparsity": 0.0, "accuracy": 0.9},
+            {
+                "method": "obs",
+                "mask": "unstructured",
+                "mode": "oneshot",
+                "sparsity": 0.5,
+                "accuracy": 0.8,
+            },
+        ]
+        plot(rows, tmp_path / "p.png")
+        assert (tmp_path / "p.png").stat().st_size > 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_trainer_does_not_mutate_the_callers_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    from curvature.integrations.hf import RecipeTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_grad_norm=1.0, report_to=[], use_cpu=True
+    )
+    trainer = RecipeTrainer(model=tiny_bert().float(), args=args, optimizer_name="adahessian")
+    assert trainer.args.max_grad_norm == 0.0
+    assert args.max_grad_norm == 1.0

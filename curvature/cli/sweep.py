@@ -360,12 +360,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    # A Figure of its own (no pyplot): the caller's backend and open figures stay untouched.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
     dense = [r for r in rows if r["method"] == "dense"]
     curves: dict[tuple, list] = {}
     for r in rows:
@@ -388,7 +387,6 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 __all__ = ["SweepConfig", "render", "run_sweep"]

@@ -156,6 +156,13 @@ class RecipeTrainer(Trainer):
         self.optimizer_name = optimizer_name or (spec[0] if spec else None)
         self.optimizer_kwargs = dict(optimizer_kwargs or (spec[1] if spec else {}))
         if self.optimizer_name and self.optimizer_name.lower() == "adahessian":
+            if self.args.max_grad_norm:
+                log.info(
+                    "AdaHessian: gradient clipping turned off for this trainer (max_grad_norm "
+                    "%s -> 0): clipping in place would corrupt the gradient's graph",
+                    self.args.max_grad_norm,
+                )
+            self.args = copy.copy(self.args)  # the caller's TrainingArguments stay as they were
             self.args.max_grad_norm = 0.0
 
     def create_optimizer(self, *args, **kwargs):

@@ -65,7 +65,7 @@ def collect_gradients(
 
     One gradient per item of ``data`` (a re-iterable, cycled if shorter than ``num_grads``), the
     model in eval mode (no dropout: the same batches give the same gradients), its train mode and
-    ``.grad`` fields restored at the end.
+    ``.grad`` fields restored at the end (the user's accumulated gradients survive pruning).
     """
     pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
 
@@ -76,6 +76,7 @@ def collect_gradients(
         return out
 
     was_training = model.training
+    saved_grads = [(p, p.grad) for p in model.parameters()]
     model.eval()
     seen = 0
     bar = tqdm(total=num_grads, desc="Fisher gradients", disable=not progress, leave=False)
@@ -109,7 +110,8 @@ def collect_gradients(
             yield flush()
     finally:
         bar.close()
-        model.zero_grad(set_to_none=True)
+        for p, g in saved_grads:
+            p.grad = g
         model.train(was_training)
 
 
