@@ -375,3 +375,38 @@ def test_mask_the_model_cannot_hold_is_refused_before_training(assets, tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "3:5" in err and "line 6" in err, err
     assert not out.exists()
+
+
+def test_prune_job_resumes_after_an_interruption(assets, tmp_path, monkeypatch):
+    from curvature.cli.jobs import checkpoint_dir
+    from curvature.integrations.hf import RecipeCallback
+
+    text = RECIPE.replace("MASK", "unstructured")
+    rc, full = run_prune(assets, tmp_path, text, "full")
+    assert rc == 0
+    want = json.loads((full / "metrics.json").read_text())
+
+    original = RecipeCallback.on_step_end
+
+    def interrupt(self, args, state, control, **kw):
+        if state.global_step >= 13:  # after the points at epochs 1.0 and 1.5 and a checkpoint
+            raise KeyboardInterrupt
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(RecipeCallback, "on_step_end", interrupt, raising=False)
+    rc, _ = run_prune(assets, tmp_path, text, "cut", "--checkpoint-every", "4")
+    assert rc == 130  # interrupted
+    assert (
+        not (tmp_path / "cut").exists()
+        and (checkpoint_dir(tmp_path / "cut") / "checkpoint-12").is_dir()
+    )
+    monkeypatch.undo()
+    rc, cut = run_prune(assets, tmp_path, text, "cut", "--resume")
+    assert rc == 0
+    got = json.loads((cut / "metrics.json").read_text())
+    assert got["resumed_from"].endswith("checkpoint-12")
+    assert [s["epoch"] for s in got["pruning_steps"]] == [s["epoch"] for s in want["pruning_steps"]]
+    assert got["sparsity"] == pytest.approx(want["sparsity"])
+    assert got["dense"] == want["dense"]
+    assert got["pruned"]["accuracy"] == pytest.approx(want["pruned"]["accuracy"], abs=0.05)
+    assert not checkpoint_dir(tmp_path / "cut").exists()

@@ -212,3 +212,86 @@ def test_trainer_does_not_mutate_the_callers_training_arguments(tmp_path):
     trainer = RecipeTrainer(model=tiny_bert().float(), args=args, optimizer_name="adahessian")
     assert trainer.args.max_grad_norm == 0.0
     assert args.max_grad_norm == 1.0
+
+
+RESUME_RECIPE = """
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: 3.0}
+  - !OBSPruningModifier
+    params: ["re:.*encoder.*(query|key|value|dense)\\\\.weight"]
+    init_sparsity: 0.2
+    final_sparsity: 0.7
+    start_epoch: 0.5
+    end_epoch: 2.0
+    update_frequency: 0.5
+    num_grads: 4
+    fisher_block_size: 8
+    damp: 1e-4
+    grad_sampler_kwargs: {batch_size: 4}
+  - !DistillationModifier {hardness: 0.5, temperature: 2.0, distill_output_keys: [logits]}
+"""
+
+
+def _resume_run(out_dir, stop_at=None, resume=None):
+    from transformers import TrainerCallback, TrainingArguments
+
+    from curvature.integrations.hf import RecipeCallback, RecipeTrainer
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if stop_at is not None and state.global_step >= stop_at:
+                control.should_training_stop = True
+
+    torch.manual_seed(0)
+    model = tiny_bert().float()
+    gen = torch.Generator().manual_seed(5)
+    rows = [
+        {"input_ids": torch.randint(5, 17, (8,), generator=gen), "labels": int(i % 2)}
+        for i in range(32)
+    ]
+    manager = RecipeManager(parse_recipe(RESUME_RECIPE, "r.yaml"), model)
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=8, num_train_epochs=3,
+        learning_rate=1e-3, save_strategy="steps", save_steps=5, report_to=[], use_cpu=True,
+        seed=0, disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    trainer = RecipeTrainer(
+        model=model, args=args, train_dataset=rows, manager=manager, teacher="self"
+    )
+    trainer.add_callback(
+        RecipeCallback(
+            manager, grad_dataset=rows, before_first_prune=trainer.snapshot_teacher, progress=False
+        )
+    )
+    trainer.add_callback(Stop())
+    trainer.train(resume_from_checkpoint=resume)
+    return model, manager, trainer
+
+
+def test_gradual_pruning_resumes_from_a_checkpoint(tmp_path):
+    full_model, full, _ = _resume_run(tmp_path / "full")
+    _, cut, _ = _resume_run(tmp_path / "cut", stop_at=5)
+    assert len(cut.history) == 2  # interrupted after the second pruning point
+    model, resumed, trainer = _resume_run(
+        tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-5")
+    )
+    assert isinstance(trainer.teacher, torch.nn.Module)  # the dense "self" teacher came back
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in full.history]
+    assert [h["target_sparsity"] for h in resumed.history] == [
+        h["target_sparsity"] for h in full.history
+    ]
+    for name, mask in full.masks.masks.items():
+        assert torch.equal(resumed.masks.get(name), mask), name
+    for (n, p), (_, q) in zip(model.named_parameters(), full_model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_manager_and_masks_round_trip_their_state():
+    model = tiny_bert()
+    recipe = parse_recipe(SCHEDULE.format(leave="true"), "r.yaml")
+    a = RecipeManager(recipe, model)
+    a.step(0.5, grad_data=fixed_batches(), loss_fn=loss_fn, progress=False)
+    b = RecipeManager(recipe, tiny_bert())
+    b.load_state_dict(a.state_dict())
+    assert b.history == a.history and b.due(0.5) == [] and b.due(0.6) == a.due(0.6)
+    assert all(torch.equal(b.masks.get(n), m) for n, m in a.masks.masks.items())

@@ -46,6 +46,25 @@ class PruneJob:
     threads: int | None = None
     optimizer: str | None = None  # overrides the recipe's !OptimizerModifier
     optimizer_kwargs: dict | None = None
+    checkpoint_every: int | None = None  # save a resumable checkpoint every N training steps
+    resume: bool = False  # continue from the latest checkpoint of an interrupted run
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    """Where a prune job keeps its resumable checkpoints (beside the output, removed on success)."""
+    out = Path(output)
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def latest_checkpoint(output: str | Path) -> Path:
+    folder = checkpoint_dir(output)
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not found:
+        raise JobError(
+            f"--resume: no checkpoint in {folder}; an interrupted run leaves one there when it "
+            "was started with --checkpoint-every N"
+        )
+    return found[-1]
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -116,10 +135,14 @@ def training_args(job, output_dir, **kwargs):
     batch size and progress switch, the CPU when there is no CUDA device."""
     from transformers import TrainingArguments
 
+    every = getattr(job, "checkpoint_every", None)
+    saving = {"save_strategy": "no"}
+    if every or getattr(job, "resume", False):
+        saving = {"save_strategy": "steps", "save_steps": every or 10**9, "save_total_limit": 1}
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=job.batch_size,
-        save_strategy="no",
+        **saving,
         report_to=[],
         seed=job.seed,
         disable_tqdm=not job.progress,
@@ -145,6 +168,9 @@ def run_prune(job: PruneJob) -> dict:
     )
     out = Path(job.output)
     _check_output(out, job.overwrite)
+    resume_from = str(latest_checkpoint(out)) if job.resume else None
+    if job.checkpoint_every is not None and job.checkpoint_every < 1:
+        raise JobError(f"--checkpoint-every must be >= 1, got {job.checkpoint_every}")
     model, tokenizer, enc, collator, eval_loader = load_for_job(job)
     manager = RecipeManager(recipe, model)  # checks every params entry against this model
     epochs = 0.0 if job.oneshot else recipe.num_epochs
@@ -162,6 +188,10 @@ def run_prune(job: PruneJob) -> dict:
             metrics["dense"] = evaluate_accuracy(
                 m, eval_loader, progress=job.progress, desc="eval dense"
             )
+            if trainer is not None:
+                trainer.extra_state["dense"] = metrics["dense"]
+
+        trainer = None
 
         if epochs <= 0:
             record_dense(model)
@@ -183,9 +213,10 @@ def run_prune(job: PruneJob) -> dict:
                 teacher = AutoModelForSequenceClassification.from_pretrained(
                     resolve_model_path(teacher), attn_implementation="eager"
                 ).eval()
+            saving = job.checkpoint_every is not None or job.resume
             args = training_args(
                 job,
-                tmp / "trainer",
+                checkpoint_dir(out) if saving else tmp / "trainer",
                 num_train_epochs=epochs,
                 learning_rate=job.lr,
                 lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
@@ -217,9 +248,13 @@ def run_prune(job: PruneJob) -> dict:
                     seed=job.seed,
                 )
             )
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume_from)
+            if resume_from is not None and "dense" in trainer.extra_state:
+                metrics["dense"] = trainer.extra_state["dense"]
+                metrics["resumed_from"] = resume_from
             metrics["optimizer"] = type(trainer._inner_optimizer()).__name__
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
             if "dense" not in metrics:  # the recipe never pruned
                 metrics["dense"] = None
         manager.masks.apply(model)

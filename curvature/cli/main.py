@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe variable",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="save a resumable checkpoint every N training steps (in .OUTPUT.checkpoints/)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its latest checkpoint (same recipe and options)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     t = sub.add_parser(
@@ -245,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
+        hint = ""
+        if args.command == "prune":
+            from curvature.cli.jobs import checkpoint_dir
+
+            if any(checkpoint_dir(args.output).glob("checkpoint-*")):
+                hint = f"; checkpoints are in {checkpoint_dir(args.output)}: rerun with --resume"
+        print(f"interrupted; no output was written{hint}", file=sys.stderr)
         return 130
     return 0
 
@@ -358,6 +376,8 @@ def _prune(args) -> int:
         overrides=_overrides(args.overrides),
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     m = run_prune(job)
     dense, pruned = m.get("dense"), m["pruned"]

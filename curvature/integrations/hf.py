@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -84,6 +85,9 @@ class RecipeCallback(TrainerCallback):
         self.progress = progress
         self.seed = seed
         self.optimizer = None
+        # hooks for state that lives outside the manager (RecipeTrainer: the "self" teacher)
+        self.on_checkpoint = None
+        self.on_resume = None
 
     def _grad_loader(self, batch_size):
         if self.grad_dataset is None:
@@ -97,15 +101,41 @@ class RecipeCallback(TrainerCallback):
             generator=gen,
         )
 
+    STATE_FILE = "recipe_state.pt"
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.optimizer = optimizer
+        if state.global_step > 0:  # resumed from a checkpoint: restore the recipe's state too
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE_FILE
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was not written with a RecipeCallback, "
+                    "so the pruning masks and schedule cannot be resumed"
+                )
+            saved = torch.load(path, weights_only=False)
+            self.manager.load_state_dict(saved["manager"])
+            if self.on_resume is not None:
+                self.on_resume(saved)
+            log.info(
+                "recipe state restored from %s (%d pruning steps done)",
+                path,
+                len(self.manager.history),
+            )
         self.manager.masks.attach(model, optimizer)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            extra = self.on_checkpoint() if self.on_checkpoint is not None else {}
+            torch.save({"manager": self.manager.state_dict(), **extra}, folder / self.STATE_FILE)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._apply(state.epoch or 0.0, model, optimizer)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._apply(float(args.num_train_epochs), model, optimizer)
+        # the points due at the epoch reached (the end of the schedule after a full run; an
+        # interrupted run does not jump ahead to it)
+        self._apply(float(state.epoch or 0.0), model, optimizer)
         self.manager.masks.apply(model)
 
     def _apply(self, epoch, model, optimizer):
@@ -152,6 +182,8 @@ class RecipeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.manager = manager
         self.teacher = teacher
+        self._self_teacher = False
+        self.extra_state: dict = {}  # small job state saved with the checkpoints (metrics)
         spec = manager.optimizer_spec() if manager is not None else None
         self.optimizer_name = optimizer_name or (spec[0] if spec else None)
         self.optimizer_kwargs = dict(optimizer_kwargs or (spec[1] if spec else {}))
@@ -195,8 +227,32 @@ class RecipeTrainer(Trainer):
         loss.backward(create_graph=True)
         return loss.detach()
 
+    def add_callback(self, callback):
+        """Add a callback; a :class:`RecipeCallback` also checkpoints this trainer's "self"
+        teacher (and ``extra_state``), so a resumed run distills from the same dense model."""
+        if isinstance(callback, RecipeCallback):
+            callback.on_checkpoint = self._checkpoint_state
+            callback.on_resume = self._resume_state
+        return super().add_callback(callback)
+
+    def _checkpoint_state(self) -> dict:
+        out = {"extra": dict(self.extra_state)}
+        if self._self_teacher and isinstance(self.teacher, torch.nn.Module):
+            out["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+        return out
+
+    def _resume_state(self, saved: dict) -> None:
+        self.extra_state.update(saved.get("extra", {}))
+        if "teacher" in saved and self.teacher == "self":
+            self.teacher = copy.deepcopy(self.model).eval()
+            self.teacher.load_state_dict(saved["teacher"])
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            self._self_teacher = True
+
     def snapshot_teacher(self, model) -> None:
         if self.teacher == "self":
+            self._self_teacher = True
             self.teacher = copy.deepcopy(model).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)

@@ -10,6 +10,7 @@
 recipes' ``OptimizerModifier``, the ``Trainer`` integration and the CLI).
 """
 
+import difflib
 import inspect
 import typing
 
@@ -57,7 +58,12 @@ def check_optimizer(name: str, kwargs: dict) -> dict:
         hints = {}
     out = {}
     for key, value in kwargs.items():
-        checks.one_of(f"optimizer {name}: keyword", key, allowed)
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(
+                f"optimizer {name}: unexpected keyword {key!r}{hint}; valid: {', '.join(allowed)}"
+            )
         hint = hints.get(key)
         if hint is None:
             out[key] = value

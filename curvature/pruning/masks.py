@@ -132,6 +132,14 @@ class MaskSet:
             h.remove()
         self._handles = {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The masks (bool tensors on the CPU), for checkpoints."""
+        return {n: m.detach().cpu().clone() for n, m in self.masks.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the masks (hooks, if attached, read the new ones: re-attach to add names)."""
+        self.masks = {n: m.to(torch.bool) for n, m in state.items()}
+
     def sparsity(self) -> dict[str, float]:
         return {n: m.float().mean().item() for n, m in self.masks.items()}
 

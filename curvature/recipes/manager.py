@@ -38,7 +38,8 @@ class RecipeManager:
         self.model = model
         self.masks = MaskSet()
         self.history: list[dict] = []  # one entry per pruning step
-        self._done: set[tuple[int, float]] = set()
+        # applied pruning points (modifier index, epoch); ("constant" | "weight_decay", index)
+        self._done: set[tuple] = set()
         self._released: set[int] = set()
         self._check_against_model()
 
@@ -56,6 +57,28 @@ class RecipeManager:
                 except ValueError as exc:
                     where = f"line {m.line}: " if m.line else ""
                     raise ValueError(f"{where}{type(m).__name__}: {exc}") from None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to resume: masks, applied points, released modifiers, history."""
+        return {
+            "masks": self.masks.state_dict(),
+            "done": sorted(self._done, key=repr),
+            "released": sorted(self._released),
+            "history": [dict(h) for h in self.history],
+            "num_modifiers": len(self.recipe.modifiers),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_modifiers") != len(self.recipe.modifiers):
+            raise ValueError(
+                f"the saved recipe state has {state.get('num_modifiers')} modifiers, this recipe "
+                f"{len(self.recipe.modifiers)}: resume with the recipe the run started with"
+            )
+        self.masks.load_state_dict(state["masks"])
+        self._done = {tuple(k) for k in state["done"]}
+        self._released = set(state["released"])
+        self.history = [dict(h) for h in state["history"]]
 
     # ------------------------------------------------------------------ schedule
     def pruning_schedule(self) -> list[tuple[float, int, float]]:
@@ -137,7 +160,7 @@ class RecipeManager:
         """Run whatever the recipe asks for at ``epoch``; returns the pruning steps taken."""
         taken = []
         for m in self.recipe.of(ConstantPruningModifier):
-            key = (id(m), m.start_epoch)
+            key = ("constant", self.recipe.modifiers.index(m))
             if epoch + _EPS >= m.start_epoch and key not in self._done:
                 names = [n for n, _ in select_params(self.model, m.params)]
                 for n, mask in MaskSet.from_zeros(self.model, names).masks.items():
@@ -189,7 +212,7 @@ class RecipeManager:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             for m in self.recipe.of(SetWeightDecayModifier):
-                key = ("weight_decay", id(m))
+                key = ("weight_decay", self.recipe.modifiers.index(m))
                 if epoch + _EPS >= m.start_epoch and key not in self._done:
                     groups = optimizer.param_groups
                     chosen = m.param_groups if m.param_groups is not None else range(len(groups))
