@@ -410,3 +410,76 @@ def test_prune_job_resumes_after_an_interruption(assets, tmp_path, monkeypatch):
     assert got["dense"] == want["dense"]
     assert got["pruned"]["accuracy"] == pytest.approx(want["pruned"]["accuracy"], abs=0.05)
     assert not checkpoint_dir(tmp_path / "cut").exists()
+
+
+OBERT_SYNTAX = """
+num_epochs: &num_epochs 2
+init_sparsity: &init_sparsity 0.3
+final_sparsity: &final_sparsity 0.6
+
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: *num_epochs
+
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: 0.5
+    lr_func: linear
+    init_lr: 1e-3
+    final_lr: 1e-4
+
+  - !LearningRateFunctionModifier
+    start_epoch: 0.5
+    end_epoch: *num_epochs
+    lr_func: cyclic_linear
+    cycle_epochs: 0.5
+    init_lr: 1e-3
+    final_lr: 1e-4
+
+pruning_modifiers:
+  - !OBSPruningModifier
+    params: [
+      "re:bert.encoder.layer.*.attention.self.query.weight",
+      "re:bert.encoder.layer.*.attention.self.key.weight",
+      "re:bert.encoder.layer.*.attention.self.value.weight",
+      "re:bert.encoder.layer.*.attention.output.dense.weight",
+      "re:bert.encoder.layer.*.intermediate.dense.weight",
+      "re:bert.encoder.layer.*.output.dense.weight",
+    ]
+    init_sparsity: *init_sparsity
+    final_sparsity: *final_sparsity
+    start_epoch: 0.25
+    end_epoch: 1.5
+    update_frequency: 0.05
+    inter_func: cubic
+    global_sparsity: True
+    leave_enabled: True
+    mask_type: unstructured
+    num_grads: 8
+    damp: 1e-7
+    fisher_block_size: 16
+    grad_sampler_kwargs:
+      batch_size: 4
+
+distillation_modifiers:
+  - !DistillationModifier
+     hardness: 1.0
+     temperature: 2.0
+     distill_output_keys: [logits]
+"""
+
+
+def test_obert_syntax_recipe_with_more_pruning_points_than_steps(assets, tmp_path):
+    """The published recipes' exact syntax end to end: three modifier lists, a linear and a
+    cyclic_linear rate, every OBS field, distillation from the dense model; 26 pruning points
+    and 16 training steps, so most points are overtaken and must be skipped, not replayed."""
+    rc, out = run_prune(assets, tmp_path, OBERT_SYNTAX, "obert")
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["pruning_steps"]
+    targets = [s["target_sparsity"] for s in steps]
+    assert targets == sorted(targets) and len(steps) <= 16
+    assert len({s["epoch"] for s in steps}) == len(steps)
+    assert targets[-1] == pytest.approx(0.6) and metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert metrics["dense"] is not None
