@@ -97,3 +97,86 @@ def test_compressed_round_trip_is_exact(assets, tmp_path):
         assert torch.equal(a, b), n
     x = torch.randint(5, 17, (3, 7))
     assert torch.equal(model(input_ids=x).logits, back(input_ids=x).logits)
+
+
+def test_nothing_is_written_before_the_inputs_load(assets, tmp_path, capsys):
+    out = tmp_path / "s"
+    model_dir, data = assets
+    argv = ["sweep", "--model", str(model_dir), "--output", str(out), "--no-progress"]
+    assert main([*argv, "--data", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        ({"num_grads": 16}, "num_grads"),
+        ({"block_size": 16}, "block_size"),
+        ({"damp": 1e-4}, "damp"),
+        ({"params": ["re:bert.encoder.layer.0"]}, "params"),
+        ({"num_recomputations": 2}, "num_recomputations"),
+    ],
+)
+def test_a_changed_setting_is_refused_not_mixed_into_the_table(assets, tmp_path, change, name):
+    out = tmp_path / "sweep"
+    run_sweep(config(assets, out, methods=["magnitude"], sparsities=[0.5]))
+    with pytest.raises(SweepError, match=f"different {name} "):
+        run_sweep(config(assets, out, methods=["magnitude"], sparsities=[0.5], **change))
+
+
+def test_a_changed_recipe_file_is_refused(assets, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GRADUAL)
+    out = tmp_path / "sweep"
+    kw = dict(methods=["magnitude"], sparsities=[0.5], recipe=str(recipe), finetune_epochs=0)
+    run_sweep(config(assets, out, **kw))
+    recipe.write_text(GRADUAL.replace("end_epoch: 1.5", "end_epoch: 1.0"))
+    with pytest.raises(SweepError, match="different recipe_sha256"):
+        run_sweep(config(assets, out, **kw))
+
+
+GRADUAL = """
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: 2.0}
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.intermediate.dense.weight"]
+    init_sparsity: 0.1
+    final_sparsity: 0.5
+    start_epoch: 0.5
+    end_epoch: 1.5
+    update_frequency: 0.5
+    num_grads: 4
+    fisher_block_size: 8
+    damp: 1e-6
+"""
+
+
+def test_gradual_sweep_applies_the_pruning_options(assets, tmp_path, monkeypatch):
+    import curvature.recipes.manager as manager_module
+
+    seen = []
+    real = manager_module.prune
+    monkeypatch.setattr(manager_module, "prune", lambda *a, **k: seen.append(k) or real(*a, **k))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GRADUAL)
+    kw = dict(methods=["obs"], sparsities=[0.5], recipe=str(recipe), finetune_epochs=0)
+    run_sweep(
+        config(
+            assets, tmp_path / "a", **kw, num_grads=None, block_size=None, damp=None, params=None
+        )
+    )
+    assert {(k["num_grads"], k["block_size"], k["damp"]) for k in seen} == {
+        (4, 8, 1e-6)
+    }  # the recipe's
+    seen.clear()
+    run_sweep(config(assets, tmp_path / "b", **kw, num_grads=6, block_size=16, damp=1e-3))
+    assert {(k["num_grads"], k["block_size"], k["damp"]) for k in seen} == {(6, 16, 1e-3)}
+    assert all(k["params"] == ["re:bert.encoder"] for k in seen)
+
+
+def test_n_m_sweep_refuses_other_sparsities(assets, tmp_path):
+    with pytest.raises(SweepError, match="2:4 mask prunes exactly 0.5"):
+        config(assets, tmp_path / "x", mask="2:4", sparsities=[0.5, 0.8]).validate()
+    cfg = config(assets, tmp_path / "x", mask="2:4", sparsities=None)
+    cfg.validate()
+    assert cfg.sparsities == [0.5]

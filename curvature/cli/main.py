@@ -172,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="obs,magnitude",
         help="comma list of registered methods: obs, obs-independent, mfac, magnitude",
     )
-    w.add_argument("--sparsities", default="0.5,0.7,0.8,0.9", help="comma list in [0, 1)")
+    w.add_argument(
+        "--sparsities",
+        default=None,
+        help="comma list in [0, 1) (default 0.5,0.7,0.8,0.9; an N:M mask has its own, 1 - N/M)",
+    )
     w.add_argument("--mask", default="unstructured", help="unstructured, block4 or N:M such as 2:4")
     mode = w.add_mutually_exclusive_group()
     mode.add_argument("--oneshot", action="store_true", help="one-shot pruning (the default)")
@@ -182,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradual pruning with this recipe (method and sparsity are swept)",
     )
     w.add_argument(
-        "--params", default="__ALL_PRUNABLE__", help="comma list of names or re: patterns"
+        "--params",
+        default=None,
+        help="comma list of names or re: patterns (default __ALL_PRUNABLE__, or the recipe's)",
     )
     w.add_argument("--output", required=True)
     w.add_argument(
@@ -194,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-train", type=int, default=None)
     w.add_argument("--max-eval", type=int, default=None)
     w.add_argument("--max-length", type=int, default=128)
-    w.add_argument("--num-grads", type=int, default=64)
-    w.add_argument("--block-size", type=int, default=32)
-    w.add_argument("--damp", type=float, default=1e-7)
-    w.add_argument("--num-recomputations", type=int, default=1)
+    w.add_argument("--num-grads", type=int, default=None, help="default 64, or the recipe's")
+    w.add_argument("--block-size", type=int, default=None, help="default 32, or the recipe's")
+    w.add_argument("--damp", type=float, default=None, help="default 1e-7, or the recipe's")
+    w.add_argument(
+        "--num-recomputations", type=int, default=None, help="default 1, or the recipe's"
+    )
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--no-progress", action="store_true")
 
@@ -300,10 +308,10 @@ def _sweep(args) -> int:
         model=args.model,
         data=args.data,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        sparsities=_floats(args.sparsities, "--sparsities"),
+        sparsities=_floats(args.sparsities, "--sparsities") if args.sparsities else None,
         mask=args.mask,
         recipe=args.recipe,
-        params=[p.strip() for p in args.params.split(",") if p.strip()],
+        params=[p.strip() for p in args.params.split(",") if p.strip()] if args.params else None,
         finetune_epochs=args.finetune_epochs,
         max_train=args.max_train,
         max_eval=args.max_eval,

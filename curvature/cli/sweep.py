@@ -51,42 +51,91 @@ class SweepConfig:
     model: str = "default"
     data: str = "bbc-news"
     methods: list[str] = field(default_factory=lambda: ["obs", "magnitude"])
-    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
+    # None: 0.5, 0.7, 0.8, 0.9 (an N:M mask: its own 1 - N/M)
+    sparsities: list[float] | None = None
     mask: str = "unstructured"
     recipe: str | None = None  # gradual pruning recipe; None means one-shot
-    params: list[str] = field(default_factory=lambda: ["__ALL_PRUNABLE__"])
+    # The pruning settings below: None means the built-in default (one-shot) or the recipe's own
+    # value (gradual); a value given applies in both modes.
+    params: list[str] | None = None
     finetune_epochs: float = 1.0
     max_train: int | None = None
     max_eval: int | None = None
     max_length: int = 128
     batch_size: int = 16
     lr: float = 1e-4
-    num_grads: int = 64
+    num_grads: int | None = None
     grad_batch_size: int = 8
-    block_size: int = 32
-    damp: float = 1e-7
-    num_recomputations: int = 1
+    block_size: int | None = None
+    damp: float | None = None
+    num_recomputations: int | None = None
     seed: int = 0
     progress: bool = True
+
+    ONESHOT_DEFAULTS = {
+        "params": ["__ALL_PRUNABLE__"],
+        "num_grads": 64,
+        "block_size": 32,
+        "damp": 1e-7,
+        "num_recomputations": 1,
+    }
+    # settings that change a point's result: a rerun into the same folder must match them
+    RESULT_KEYS = (
+        "model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs",
+        "batch_size", "lr", "params", "num_grads", "grad_batch_size", "block_size", "damp",
+        "num_recomputations", "recipe", "recipe_sha256",
+    )  # fmt: skip
+
+    def setting(self, name: str):
+        """A pruning setting as it applies: the value given, else the one-shot default."""
+        value = getattr(self, name)
+        return self.ONESHOT_DEFAULTS[name] if value is None else value
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise SweepError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        structure = parse_mask(self.mask)
+        if structure.fixed_sparsity is not None:
+            given = self.sparsities
+            if given is not None and [round(s, 6) for s in given] != [
+                round(structure.fixed_sparsity, 6)
+            ]:
+                raise SweepError(
+                    f"--sparsities: a {structure.name} mask prunes exactly "
+                    f"{structure.fixed_sparsity:g}; drop --sparsities or pass {structure.fixed_sparsity:g}"
+                )
+            self.sparsities = [structure.fixed_sparsity]
+        elif self.sparsities is None:
+            self.sparsities = [0.5, 0.7, 0.8, 0.9]
         for s in self.sparsities:
             if not 0.0 <= s < 1.0:
                 raise SweepError(f"--sparsities: {s} is outside [0, 1)")
-        structure = parse_mask(self.mask)
-        if structure.fixed_sparsity is not None:
-            self.sparsities = [structure.fixed_sparsity]
-        if self.block_size % structure.run:
+        block = self.setting("block_size")
+        if block % structure.run:
             raise SweepError(
-                f"--block-size {self.block_size} is not a multiple of the {structure.name} group of {structure.run}"
+                f"--block-size {block} is not a multiple of the {structure.name} group of {structure.run}"
             )
+        for name in ("num_grads", "block_size", "num_recomputations"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SweepError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.damp is not None and not self.damp > 0:
+            raise SweepError(f"--damp must be > 0, got {self.damp}")
         if self.recipe is not None:
             from curvature.recipes import load_recipe
 
             load_recipe(self.recipe)
+
+    def record(self) -> dict:
+        """The settings as stored in ``sweep.json`` (with the recipe file's content hash)."""
+        import hashlib
+
+        out = asdict(self)
+        if self.recipe is not None:
+            out["recipe_sha256"] = hashlib.sha256(Path(self.recipe).read_bytes()).hexdigest()
+        return out
 
 
 def _key(p: dict) -> tuple:
@@ -109,7 +158,6 @@ def load_points(folder: Path) -> list[dict]:
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     from transformers import DataCollatorWithPadding, set_seed
-    from transformers.utils import logging as hf_logging
 
     from curvature.cli.utils import quiet_progress
     from curvature.integrations.hf import evaluate_accuracy, model_loss
@@ -118,24 +166,29 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
     cfg.validate()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "sweep.json"
+    record = cfg.record()
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        keys = ("model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs")
-        changed = [k for k in keys if old.get(k) != asdict(cfg).get(k)]
+        changed = [
+            f"{k} ({old.get(k)!r} there, {record.get(k)!r} now)"
+            for k in cfg.RESULT_KEYS
+            if old.get(k) != record.get(k)
+        ]
         if changed:
             raise SweepError(
-                f"{out} holds a sweep with different {', '.join(changed)}; use another --output"
+                f"{out} holds a sweep with different {'; '.join(changed)}: "
+                "use another --output, or the same settings to resume it"
             )
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
-    hf_logging.set_verbosity_error()
     if not cfg.progress:
         quiet_progress()
     set_seed(cfg.seed)
+    # load everything that can fail on the user's input before writing anything
     task = load_task(cfg.data, seed=cfg.seed, max_train=cfg.max_train, max_validation=cfg.max_eval)
-    dense_dir = out / "dense"
     model, tok = load_classifier(cfg.model, task.num_labels, task.label_names)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(record, indent=2))
+    dense_dir = out / "dense"
     enc = tokenize(task, tok, max_length=cfg.max_length)
     collator = DataCollatorWithPadding(tok)
     eval_loader = torch.utils.data.DataLoader(enc["validation"], batch_size=64, collate_fn=collator)
@@ -248,11 +301,11 @@ def _run_point(
             sparsity=s,
             method=method,
             mask=cfg.mask,
-            params=cfg.params,
-            num_grads=cfg.num_grads,
-            block_size=cfg.block_size,
-            damp=cfg.damp,
-            num_recomputations=cfg.num_recomputations,
+            params=cfg.setting("params"),
+            num_grads=cfg.setting("num_grads"),
+            block_size=cfg.setting("block_size"),
+            damp=cfg.setting("damp"),
+            num_recomputations=cfg.setting("num_recomputations"),
             progress=cfg.progress,
         )
         reached = report.global_sparsity
@@ -260,7 +313,7 @@ def _run_point(
         from curvature.cli.jobs import PruneJob, run_prune
         from curvature.recipes import load_recipe
 
-        recipe = _recipe_for(load_recipe(cfg.recipe), method, s, cfg.mask)
+        recipe = _recipe_for(load_recipe(cfg.recipe), method, s, cfg)
         tmp = Path(cfg.output) / f".point-{method}-{s}"
         job = PruneJob(
             recipe=recipe,
@@ -298,8 +351,9 @@ def _run_point(
     }
 
 
-def _recipe_for(recipe, method, sparsity, mask):
-    """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``."""
+def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
+    """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``, with every
+    pruning setting the sweep was given (params, num_grads, block size, damp, recomputations)."""
     from curvature.pruning import METHODS
     from curvature.recipes.schema import MagnitudePruningModifier, OBSPruningModifier, _Pruning
 
@@ -311,8 +365,16 @@ def _recipe_for(recipe, method, sparsity, mask):
             fields.update(
                 final_sparsity=sparsity,
                 init_sparsity=min(m.init_sparsity, sparsity),
-                mask_type=mask,
+                mask_type=cfg.mask,
             )
+            given = {
+                "params": cfg.params,
+                "num_grads": cfg.num_grads,
+                "fisher_block_size": cfg.block_size,
+                "damp": cfg.damp,
+                "num_recomputations": cfg.num_recomputations,
+            }
+            fields.update({k: v for k, v in given.items() if v is not None})
             if not METHODS[method].needs_gradients:
                 fields = {
                     k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
