@@ -52,6 +52,11 @@ class Curvature:
         """Bytes the built curvature of ``target`` holds (for the memory plan)."""
         return 0
 
+    def work_bytes(self, target: Target, settings, batch: int) -> tuple[int, int]:
+        """Peak temporaries ``(building with one gradient batch, reading)`` of the curvature of
+        ``target``, beyond what :meth:`estimate_bytes` counts."""
+        return 0, 0
+
     def build(
         self, targets: list[Target], gradients: Iterable[dict[str, torch.Tensor]] | None, settings
     ) -> dict[str, CurvatureBlocks]:
@@ -119,6 +124,29 @@ class EmpiricalFisher(Curvature):
             dtype=settings.fisher_dtype,
             algorithm=self.algorithm,
         )
+
+    def _algorithm(self, target: Target, settings) -> str:
+        if self.algorithm != "auto":
+            return self.algorithm
+        from curvature.core.fisher import choose_algorithm
+
+        return choose_algorithm(target.numel, settings.num_grads, target.block)
+
+    def work_bytes(self, target: Target, settings, batch: int) -> tuple[int, int]:
+        b, n = target.block, target.num_blocks
+        store = torch.empty(0, dtype=settings.fisher_dtype).element_size()
+        k = min(batch, settings.num_grads)
+        if self._algorithm(target, settings) == "woodbury":
+            # the float64 rank-k update runs over chunks of 2^24 block entries: G, U and V are
+            # [c, B, k] in float64, and a float64 copy of the chunk when storage is narrower;
+            # reading converts one chunk of blocks to float64 when storage is narrower
+            c = min(n, max(1, (1 << 24) // (b * b)))
+            narrow = c * b * b * 8 if store != 8 else 0
+            return 3 * c * b * k * 8 + narrow, narrow
+        # M-FAC form: each append converts the window to float64 and concatenates a new copy;
+        # reading materialises the float64 window and two float64 B x B temporaries per block
+        m = settings.num_grads
+        return n * b * m * (8 + store), n * b * (m * 8 + 2 * b * 8)
 
     def build(self, targets, gradients, settings):
         fishers = {

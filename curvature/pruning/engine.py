@@ -61,6 +61,7 @@ class PruneReport:
     num_grads: int
     seconds: float
     memory_groups: int = 1  # groups of parameters whose curvature was built at once (most per step)
+    memory_plan: dict = field(default_factory=dict)  # bytes of each large buffer (largest step)
     masks: MaskSet = field(repr=False, default_factory=MaskSet)
 
     def to_dict(self) -> dict:
@@ -178,7 +179,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     else:
         target = settings.sparsity
         steps = [s0 + (max(target, s0) - s0) * (r + 1) / r_ for r in range(r_)]
-    budget = settings.max_memory or int(0.6 * (available_bytes(targets[0].param.device) or 8 << 30))
+    budget = _curvature_budget(model, targets, curvature, settings)
     problem = _Problem(model, stages.ReplayableData(data), loss_fn)
     est, groups = 0.0, 1
     for s in steps:
@@ -203,8 +204,27 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         num_grads=settings.num_grads if uses_curvature else 0,
         seconds=time.perf_counter() - start,
         memory_groups=groups,
+        memory_plan=max((p.as_dict() for p in problem.plans), key=lambda d: d["total"]),
         masks=masks,
     )
+
+
+def _curvature_budget(model, targets, curvature, settings) -> int:
+    """Bytes the curvature may take: ``max_memory`` if given; otherwise 60% of the available
+    memory less every other buffer the step holds (the memory plan's other terms)."""
+    if settings.max_memory is not None:
+        return settings.max_memory
+    available = available_bytes(targets[0].param.device) or 8 << 30
+    others = stages.memory_plan(model, targets, [targets], curvature, settings)
+    rest = others.total - others.curvature
+    budget = int(0.6 * available) - rest
+    if budget <= 0:
+        raise MemoryError(
+            f"pruning {len(targets)} parameters needs {rest:,} bytes "
+            f"besides the curvature, more than 60% of the {available:,} bytes available: prune "
+            "fewer parameters at once (params) or free memory"
+        )
+    return budget
 
 
 @dataclass(frozen=True)
@@ -214,6 +234,7 @@ class _Problem:
     model: torch.nn.Module
     data: Iterable
     loss_fn: Callable
+    plans: list = field(default_factory=list)  # the memory plan of each step
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,9 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
     """One pruning step to ``sparsity``: the stages of :mod:`curvature.pruning.stages`."""
     structure = parts.structure
     groups = stages.plan_groups(targets, parts.curvature, settings, budget)
+    problem.plans.append(
+        stages.memory_plan(problem.model, targets, groups, parts.curvature, settings)
+    )
     problem.data.new_step()  # recomputations draw fresh batches; groups of one step replay them
     weights = {t.name: t.blocks_of(t.param.detach().flatten().to(obs.F64)) for t in targets}
     fixed = {

@@ -14,14 +14,16 @@ stage 2 for one group fits the budget.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from curvature.pruning import obs
-from curvature.pruning.targets import Target
+from curvature.pruning.targets import CHUNK_BYTES, Target
 
 F64 = obs.F64
+GRADIENT_BATCH = 16  # gradients stacked per curvature update
 
 
 class ReplayableData:
@@ -59,7 +61,14 @@ class ReplayableData:
 
 
 def collect_gradients(
-    model, data, loss_fn, targets: list[Target], *, num_grads: int, batch: int = 16, progress=True
+    model,
+    data,
+    loss_fn,
+    targets: list[Target],
+    *,
+    num_grads: int,
+    batch: int = GRADIENT_BATCH,
+    progress=True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{target name: [k, numel]}`` gradient batches (``k <= batch``), ``num_grads`` in all.
 
@@ -113,6 +122,66 @@ def collect_gradients(
         for p, g in saved_grads:
             p.grad = g
         model.train(was_training)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of every large buffer of one pruning step, and the peak they make together.
+
+    Held all step: ``weights``; from scoring to the update: ``scores``; per memory group:
+    ``curvature``. Building adds ``gradients``, ``model_grads`` and ``build_work``; scoring and the
+    update add ``read_work`` and ``solver_work``. The peak is the larger of the two stages.
+    """
+
+    curvature: int  # the largest memory group's curvature (stage 2)
+    build_work: int  # temporaries of adding one gradient batch to one target's curvature
+    read_work: int  # temporaries of reading one target's curvature (materialised blocks)
+    gradients: int  # one batch of per-sample gradients, listed and stacked, for the largest group
+    model_grads: int  # the model's own .grad buffers during collection
+    weights: int  # float64 weight copies and masks of every target (held all step)
+    scores: int  # orders and costs of every target (held from scoring to the update)
+    solver_work: int  # solver temporaries on one chunk of blocks, new weights of one target
+
+    @property
+    def build_peak(self) -> int:
+        return self.curvature + self.build_work + self.gradients + self.model_grads + self.weights
+
+    @property
+    def score_peak(self) -> int:
+        return self.curvature + self.read_work + self.solver_work + self.weights + self.scores
+
+    @property
+    def total(self) -> int:
+        return max(self.build_peak, self.score_peak)
+
+    def as_dict(self) -> dict:
+        return {
+            **self.__dict__,
+            "build_peak": self.build_peak,
+            "score_peak": self.score_peak,
+            "total": self.total,
+        }
+
+
+def memory_plan(model, targets, groups, curvature, settings) -> MemoryPlan:
+    """Count every large buffer of a step on ``targets`` split into ``groups``."""
+    per = {t.name: curvature.estimate_bytes(t, settings) for t in targets}
+    k = min(GRADIENT_BATCH, settings.num_grads) if curvature.needs_gradients else 0
+    item = {t.name: t.param.element_size() for t in targets}
+    padded = {t.name: t.num_blocks * t.block for t in targets}
+    g = settings.structure.group
+    largest = max(groups, key=lambda grp: sum(per[t.name] for t in grp))
+    model_grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return MemoryPlan(
+        curvature=sum(per[t.name] for t in largest),
+        build_work=max(curvature.work_bytes(t, settings, k)[0] for t in targets),
+        read_work=max(curvature.work_bytes(t, settings, k)[1] for t in targets),
+        gradients=max(sum(2 * k * t.numel * item[t.name] for t in grp) for grp in groups),
+        model_grads=model_grads if curvature.needs_gradients else 0,
+        weights=sum(padded[n] * (8 + 1) for n in padded),
+        scores=sum(padded[n] // g * 16 for n in padded),
+        solver_work=2 * CHUNK_BYTES + max(padded[n] * 9 for n in padded),
+    )
 
 
 def plan_groups(targets: list[Target], curvature, settings, budget: int) -> list[list[Target]]:
