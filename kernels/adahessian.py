@@ -138,7 +138,9 @@ def _adahessian_kernel(
             da = tl.sum(d, axis=1) / tl.maximum(n, 1.0)
             v = beta2 * v + (1.0 - beta2) * (da * da)[:, None]
         root = tl.sqrt(v / bc2)
-        powed = tl.where(root > 0, tl.exp(hessian_power * tl.log(root)), 0.0)
+        # root ** power, with 0 ** 0 = 1 as torch.pow has it
+        zero_pow = tl.where(hessian_power == 0.0, 1.0, 0.0)
+        powed = tl.where(root > 0, tl.exp(hessian_power * tl.log(root)), zero_pow)
         upd = (m / bc1) / (powed + eps) + weight_decay * p
         p = p - lr * upd
         tl.store(m_ptr + off, m, mask=msk)

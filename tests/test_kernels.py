@@ -161,17 +161,29 @@ HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-4, weight_decay=0.01, hessi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_length", [1, 3])
 @pytest.mark.parametrize("refresh", [True, False])
-def test_adahessian_group_kernel_equals_reference(device, block_length, refresh):
+@pytest.mark.parametrize(
+    "edge", ["none", "zero-moments", "zero-grads", "power-0", "power-1", "power-0-zero-moments"]
+)
+def test_adahessian_group_kernel_equals_reference(device, block_length, refresh, edge):
     # one group with 1-D, 2-D, 3-D and 4-D parameters (two segment-length classes), odd sizes
     shapes = [(37,), (5, 11), (3, 4, 7), (4, 3, 3, 3), (2, 3, 1, 5), (1,)]
     gen = torch.Generator().manual_seed(block_length)
     ps = [torch.randn(s, generator=gen) for s in shapes]
     gs = [torch.randn(s, generator=gen) for s in shapes]
-    ds = [torch.randn(s, generator=gen) for s in shapes] if refresh else None
+    ds = [torch.randn(s, generator=gen).abs() for s in shapes] if refresh else None
     ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
     vs = [torch.rand(s, generator=gen) for s in shapes]
     steps, hsteps = [3] * 6, [2] * 6
     hyper = dict(HYPER, block_length=block_length)
+    if "zero-moments" in edge:  # a first step: nothing accumulated yet, and no estimate
+        ms = [torch.zeros(s) for s in shapes]
+        vs = [torch.zeros(s) for s in shapes]
+        ds = None
+    if edge == "zero-grads":
+        gs = [torch.zeros(s) for s in shapes]
+        ds = None if ds is None else [torch.zeros(s) for s in shapes]
+    if edge.startswith("power-"):
+        hyper["hessian_power"] = float(edge.split("-")[1])
     ref = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
     adahessian.reference_group(ref[0], gs, ds, ref[1], ref[2], steps, hsteps, **hyper)
     out = [[t.clone().to(device) for t in ts] for ts in (ps, ms, vs)]
