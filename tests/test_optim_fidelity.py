@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from curvature.optim import MFAC, MKOR, AdaHessian
+from curvature.optim import MFAC, AdaHessian
 
 
 def mlp():
@@ -129,3 +129,59 @@ def test_adahessian_equals_the_reference(kind, hyper):
     ref = adahessian_reference(kind, 20, **hyper)
     ours = adahessian_ours(kind, 20, **hyper)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------------------- M-FAC
+def mfac_reference(kind, steps, lr, m, damp, mu, wd):
+    """The authors' M-FAC: a window of m zero rows, the divisor always m, the vector stored in
+    the window is grad + wd * p, momentum b = mu b + (1 - mu) u from zero, p -= lr b."""
+    model = model_of(kind)
+    x, y = data(kind)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    f = flat_loss(model, names, shapes, x, y)
+    window = torch.zeros(m, flat.numel(), dtype=torch.float64)
+    b = torch.zeros_like(flat)
+    for t in range(steps):
+        gh = torch.func.grad(f)(flat) + wd * flat
+        window[t % m] = gh
+        fisher = damp * torch.eye(flat.numel(), dtype=torch.float64) + window.T @ window / m
+        u = torch.linalg.solve(fisher, gh)
+        b = mu * b + (1 - mu) * u if mu else u
+        flat = flat - lr * b
+    return flat
+
+
+def mfac_ours(kind, steps, lr, m, damp, mu, wd, **extra):
+    model = model_of(kind)
+    x, y = data(kind)
+    opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp, momentum=mu, weight_decay=wd,
+               fisher_dtype=torch.float64, **extra)  # fmt: skip
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(lr=1e-3, m=8, damp=1e-2, mu=0.0, wd=0.0),
+        dict(lr=1e-3, m=8, damp=1e-2, mu=0.9, wd=0.01),
+        dict(lr=5e-4, m=32, damp=1e-3, mu=0.5, wd=0.003),  # the window never fills in 20 steps
+    ],
+)
+def test_mfac_equals_the_reference(kind, hyper):
+    ref = mfac_reference(kind, 20, **hyper)
+    ours = mfac_ours(kind, 20, **hyper)
+    torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_mfac_seen_warmup_is_the_switchable_deviation():
+    hyper = dict(lr=1e-3, m=32, damp=1e-3, mu=0.0, wd=0.0)
+    ref = mfac_reference("mlp", 5, **hyper)
+    assert not torch.allclose(mfac_ours("mlp", 5, **hyper, warmup="seen"), ref, rtol=1e-3)
+    torch.testing.assert_close(mfac_ours("mlp", 5, **hyper, warmup="window"), ref)

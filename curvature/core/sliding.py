@@ -1,13 +1,14 @@
 r"""Sliding-window damped-Fisher inverse (the structure of the M-FAC optimizer).
 
 Keeps a ring buffer ``G`` of the last ``window`` gradients and their Gram matrix ``G G^T``. With
-``c = min(seen, window)`` gradients in the buffer,
+``c = min(seen, window)`` gradients in the buffer and the divisor ``s``,
 
-.. math::  F = \lambda I + \frac{1}{c} G^\top G, \qquad
-           F^{-1} x = \frac{1}{\lambda}\Big(x - G^\top (c\lambda I + G G^\top)^{-1} G x\Big).
+.. math::  F = \lambda I + \frac{1}{s} G^\top G, \qquad
+           F^{-1} x = \frac{1}{\lambda}\Big(x - G^\top (s\lambda I + G G^\top)^{-1} G x\Big).
 
-Dividing by ``c`` rather than ``window`` during warm-up keeps the Fisher correctly scaled before the
-buffer is full. The ``c x c`` system is solved through a Cholesky factor refreshed on every
+``normalizer="window"`` divides by ``s = window`` from the first step, as if the buffer started
+full of zero gradients (the M-FAC reference); ``"seen"`` divides by ``s = c``, which keeps the
+Fisher's scale during warm-up. The two agree once ``window`` gradients have been added. The ``c x c`` system is solved through a Cholesky factor refreshed on every
 ``add_grad`` (``O(d m + m^3)``); a product costs ``O(d m + m^2)``. The reference code uses an LU
 without pivoting that PyTorch implements only on CUDA; the Cholesky form is mathematically the same
 and runs on any device. The order of rows in the ring buffer does not matter.
@@ -47,6 +48,8 @@ class SlidingWindowFisherInverse:
         damp: ``lambda > 0``.
         device: where the buffers live.
         dtype: storage dtype of the ``[m, d]`` gradient ring buffer (default float32).
+        normalizer: ``"seen"`` (divide by the gradients added so far, up to ``window``) or
+            ``"window"`` (always divide by ``window``).
     """
 
     def __init__(
@@ -57,7 +60,9 @@ class SlidingWindowFisherInverse:
         damp: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        normalizer: str = "seen",
     ) -> None:
+        self.normalizer = _checks.one_of("normalizer", normalizer, ("seen", "window"))
         self.num_params = _checks.positive_int("num_params", num_params)
         self.window = _checks.positive_int("window", window)
         self.damp = _checks.positive("damp", damp)
@@ -109,7 +114,8 @@ class SlidingWindowFisherInverse:
             self._chol = None
             return
         eye = torch.eye(c, dtype=COMPUTE_DTYPE, device=self.device)
-        self._chol = torch.linalg.cholesky(self.gram[:c, :c] + c * self.damp * eye)
+        scale = self.window if self.normalizer == "window" else c
+        self._chol = torch.linalg.cholesky(self.gram[:c, :c] + scale * self.damp * eye)
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x`` of shape ``[d]`` or ``[k, d]``; result in ``x``'s dtype."""
