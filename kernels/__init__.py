@@ -102,15 +102,17 @@ def adahessian_update(params, grads, diags, exp_avgs, exp_hessians, steps, hessi
 
 
 def mkor_rank1_update(
-    inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float
+    inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float, form: str = "factor"
 ) -> None:
-    """In place: each factor inverse folds in its vector (``L <- decay L + (1-decay) u u^T``)."""
+    """In place: each factor inverse folds in its vector. ``form="factor"``:
+    ``L <- decay L + (1-decay) u u^T`` inverted exactly; ``"inverse"``: the MKOR code's
+    ``A <- SM(decay A + (1-decay) I, u)`` (see :mod:`curvature.kernels.mkor`)."""
     if not inverses:
         return
     if backend(*inverses, supported=_mkor.supported(inverses)) == "triton":
-        _mkor.launch(inverses, vectors, decay)
+        _mkor.launch(inverses, vectors, decay, form)
     else:
-        _mkor.reference(inverses, vectors, decay)
+        _mkor.reference(inverses, vectors, decay, form)
 
 
 __all__ = [

@@ -1,9 +1,13 @@
 r"""Batched rank-1 Sherman-Morrison updates of many MKOR factor inverses of different sizes.
 
-For each factor ``i`` with inverse ``A_i = L_i^{-1}`` (size ``n_i``), vector ``u_i`` and decay
-``gamma``, the moving average ``L_i <- gamma L_i + (1 - gamma) u_i u_i^T`` is inverted by
+For each factor ``i`` with inverse ``A_i`` (size ``n_i``) and vector ``u_i``, one update is
 
-.. math::  B = A / \gamma, \qquad A \leftarrow B - \frac{(1-\gamma) (B u)(B u)^\top}{1 + (1-\gamma) u^\top B u}.
+.. math::  P = \alpha A + \beta I, \qquad A \leftarrow P - \frac{c\, (P u)(P u)^\top}{1 + c\, u^\top P u}.
+
+With ``(alpha, beta, c) = (1/gamma, 0, 1 - gamma)`` this inverts the moving average of the factor,
+``L <- gamma L + (1 - gamma) u u^T`` (``A = L^{-1}``); with ``(gamma, 1 - gamma, 1)`` it is the
+MKOR authors' update, a moving average of the inverse toward ``I`` followed by a rank-1 term of
+weight 1 (:func:`coefficients`).
 
 The Triton path updates all factors in two launches whatever their number and sizes: the first
 computes every ``A_i u_i`` (a program per factor and row tile), the second rewrites every factor
@@ -19,13 +23,30 @@ import torch
 from ._triton import AVAILABLE, jit, tl
 
 
-def reference(inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float) -> None:
+FORMS = ("factor", "inverse")
+
+
+def coefficients(decay: float, form: str = "factor") -> tuple[float, float, float]:
+    """``(alpha, beta, c)`` of the update for ``form``: ``"factor"`` (the moving average of the
+    factor, inverted exactly) or ``"inverse"`` (the MKOR code's blend of the inverse toward I)."""
+    if form == "factor":
+        return 1.0 / decay, 0.0, 1.0 - decay
+    if form == "inverse":
+        return decay, 1.0 - decay, 1.0
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def reference(
+    inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float, form: str = "factor"
+) -> None:
     """In place: every ``inverses[i]`` becomes the inverse after folding in ``vectors[i]``."""
-    w = 1.0 - decay
+    alpha, beta, c = coefficients(decay, form)
     for a, u in zip(inverses, vectors):
         u = u.to(a.dtype)
-        au = (a @ u) / decay
-        a.div_(decay).sub_(torch.outer(au, au) * (w / (1.0 + w * (u @ au))))
+        pu = alpha * (a @ u) + beta * u
+        a.mul_(alpha)
+        a.diagonal().add_(beta)
+        a.sub_(torch.outer(pu, pu) * (c / (1.0 + c * (u @ pu))))
 
 
 @jit
@@ -53,7 +74,7 @@ def _matvec_kernel(addr_ptr, vec_ptr, voff_ptr, size_ptr, out_ptr, TILE: tl.cons
 
 
 @jit
-def _rank1_kernel(addr_ptr, vec_ptr, au_ptr, voff_ptr, size_ptr, decay_ptr, TILE: tl.constexpr):
+def _rank1_kernel(addr_ptr, vec_ptr, au_ptr, voff_ptr, size_ptr, coef_ptr, TILE: tl.constexpr):
     f = tl.program_id(0)
     t = tl.program_id(1)
     n = tl.load(size_ptr + f)
@@ -63,33 +84,45 @@ def _rank1_kernel(addr_ptr, vec_ptr, au_ptr, voff_ptr, size_ptr, decay_ptr, TILE
     if rt < tiles:
         a_ptr = tl.load(addr_ptr + f).to(tl.pointer_type(tl.float64))
         voff = tl.load(voff_ptr + f)
-        decay = tl.load(decay_ptr)  # float64 (a Python float argument would arrive as float32)
-        # u^T A u over the whole factor (n values, cheap next to the tile)
+        # alpha, beta, c as float64 (a Python float argument would arrive as float32)
+        alpha = tl.load(coef_ptr)
+        beta = tl.load(coef_ptr + 1)
+        c = tl.load(coef_ptr + 2)
+        # u^T A u and u^T u over the whole factor (n values, cheap next to the tile)
         dot = tl.zeros((TILE,), dtype=tl.float64)
+        uu = tl.zeros((TILE,), dtype=tl.float64)
         for c0 in range(0, n, TILE):
             cols = c0 + tl.arange(0, TILE)
             mc = cols < n
-            dot += tl.load(vec_ptr + voff + cols, mask=mc, other=0.0) * tl.load(
-                au_ptr + voff + cols, mask=mc, other=0.0
-            )
-        w = 1.0 - decay
-        utau = tl.sum(dot, axis=0) / decay
-        coef = w / (1.0 + w * utau) / (decay * decay)
+            uv = tl.load(vec_ptr + voff + cols, mask=mc, other=0.0)
+            dot += uv * tl.load(au_ptr + voff + cols, mask=mc, other=0.0)
+            uu += uv * uv
+        upu = alpha * tl.sum(dot, axis=0) + beta * tl.sum(uu, axis=0)  # u^T P u
+        coef = c / (1.0 + c * upu)
         rows = rt * TILE + tl.arange(0, TILE)
         cols = ct * TILE + tl.arange(0, TILE)
         mr = rows < n
         mc = cols < n
-        ar = tl.load(au_ptr + voff + rows, mask=mr, other=0.0)
-        ac = tl.load(au_ptr + voff + cols, mask=mc, other=0.0)
+        pr = alpha * tl.load(au_ptr + voff + rows, mask=mr, other=0.0) + beta * tl.load(
+            vec_ptr + voff + rows, mask=mr, other=0.0
+        )
+        pc = alpha * tl.load(au_ptr + voff + cols, mask=mc, other=0.0) + beta * tl.load(
+            vec_ptr + voff + cols, mask=mc, other=0.0
+        )
         ptrs = a_ptr + rows[:, None].to(tl.int64) * n + cols[None, :]
         m2 = mr[:, None] & mc[None, :]
         a = tl.load(ptrs, mask=m2, other=0.0)
-        a = a / decay - coef * ar[:, None] * ac[None, :]
+        eye = (rows[:, None] == cols[None, :]).to(tl.float64)
+        a = alpha * a + beta * eye - coef * pr[:, None] * pc[None, :]
         tl.store(ptrs, a, mask=m2)
 
 
 def launch(
-    inverses: list[torch.Tensor], vectors: list[torch.Tensor], decay: float, tile: int = 32
+    inverses: list[torch.Tensor],
+    vectors: list[torch.Tensor],
+    decay: float,
+    form: str = "factor",
+    tile: int = 32,
 ) -> None:
     """Triton: all factors in two launches (float64 factors)."""
     if not inverses:
@@ -106,8 +139,9 @@ def launch(
     size = torch.tensor(sizes, dtype=torch.int32, device=dev)
     row_tiles = max(-(-s // tile) for s in sizes)
     _matvec_kernel[(len(inverses), row_tiles)](addr, vec, voff, size, au, TILE=tile)
+    coef = torch.tensor(coefficients(decay, form), dtype=torch.float64, device=dev)
     _rank1_kernel[(len(inverses), row_tiles * row_tiles)](
-        addr, vec, au, voff, size, torch.tensor([decay], dtype=torch.float64, device=dev), TILE=tile
+        addr, vec, au, voff, size, coef, TILE=tile
     )
 
 

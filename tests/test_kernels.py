@@ -210,19 +210,24 @@ def test_adahessian_spatial_average_segments():
 
 # ------------------------------------------------------------------ MKOR
 @pytest.mark.parametrize("device", DEVICES)
-def test_mkor_batched_rank1_equals_reference_and_dense(device):
+@pytest.mark.parametrize("form", ["factor", "inverse"])
+def test_mkor_batched_rank1_equals_reference_and_dense(device, form):
     sizes = [1, 3, 50, 33, 65]  # different sizes in one launch, none a multiple of the tile
     decay = 0.9
     gen = torch.Generator().manual_seed(0)
     invs = [spd_inverse(1, s, damp=0.5, seed=s)[0] for s in sizes]
     vecs = [torch.randn(s, generator=gen, dtype=F64) * (100.0 if s == 33 else 1.0) for s in sizes]
     ref = [a.clone() for a in invs]
-    mkor.reference(ref, vecs, decay)
+    mkor.reference(ref, vecs, decay, form)
     out = [a.clone().to(device) for a in invs]
-    mkor.launch(out, [v.to(device) for v in vecs], decay, tile=16)
+    mkor.launch(out, [v.to(device) for v in vecs], decay, form, tile=16)
     for a, r, inv, u in zip(out, ref, invs, vecs):
         torch.testing.assert_close(a.cpu(), r, rtol=1e-10, atol=1e-12)
-        dense = decay * torch.linalg.inv(inv) + (1 - decay) * torch.outer(u, u)
+        if form == "factor":  # L <- decay L + (1 - decay) u u^T
+            dense = decay * torch.linalg.inv(inv) + (1 - decay) * torch.outer(u, u)
+        else:  # the MKOR code: (decay A + (1 - decay) I)^-1 + u u^T
+            blend = decay * inv + (1 - decay) * torch.eye(len(u), dtype=F64)
+            dense = torch.linalg.inv(blend) + torch.outer(u, u)
         torch.testing.assert_close(r, torch.linalg.inv(dense), rtol=1e-7, atol=1e-9)
 
 

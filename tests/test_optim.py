@@ -269,7 +269,10 @@ def test_mkor_factor_inverses_equal_dense_inverses():
     x, y = mlp_data(dtype=F64)
     model = mlp(dtype=F64)
     decay, damp = 0.9, 0.5
-    opt = MKOR(model, lr=0.01, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12)
+    opt = MKOR(
+        model, lr=0.01, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12,
+        factor_update="factor",
+    )  # fmt: skip
     layer = opt.layers[0]
     left = damp * torch.eye(7, dtype=F64)
     right = damp * torch.eye(8, dtype=F64)
@@ -297,7 +300,10 @@ def test_mkor_conv2d_factors_and_preconditioned_gradient():
         conv, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 4, dtype=F64)
     )
     decay, damp = 0.8, 0.3
-    opt = MKOR(model, lr=0.0, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12)
+    opt = MKOR(
+        model, lr=0.0, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12,
+        factor_update="factor",
+    )  # fmt: skip
     layer = opt.layers[0]
     assert layer.name == "0" and layer.conv
     left = damp * torch.eye(2 * 9 + 1, dtype=F64)
@@ -311,14 +317,17 @@ def test_mkor_conv2d_factors_and_preconditioned_gradient():
         a = torch.cat([patches.mean((0, 2)), torch.ones(1, dtype=F64)])
         torch.testing.assert_close(layer.a, a)
         g = layer.g
-        # the mean output gradient per channel equals the bias gradient / (batch * positions)
-        torch.testing.assert_close(g, conv.bias.grad / (5 * 9))
+        # the per-sample output gradient (position mean) summed over the batch: the bias
+        # gradient / positions
+        torch.testing.assert_close(g, conv.bias.grad / 9)
         grad = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1)
         left = decay * left + (1 - decay) * torch.outer(a, a)
         right = decay * right + (1 - decay) * torch.outer(g, g)
         opt.step()
         u = torch.linalg.solve(right, grad) @ torch.linalg.inv(left)
-        u = u * grad.norm() / u.norm()
+        # rescaled by the summed norms of the weight and bias parts
+        gn = grad[:, :-1].norm() + grad[:, -1].norm()
+        u = u * gn / (u[:, :-1].norm() + u[:, -1].norm())
         torch.testing.assert_close(conv.weight.grad.reshape(3, -1), u[:, :-1])
         torch.testing.assert_close(conv.bias.grad, u[:, -1])
     # depthwise / grouped convolutions are left to the base optimizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from curvature.optim import MFAC, AdaHessian
+from curvature.optim import MFAC, MKOR, AdaHessian
 
 
 def mlp():
@@ -185,3 +185,95 @@ def test_mfac_seen_warmup_is_the_switchable_deviation():
     ref = mfac_reference("mlp", 5, **hyper)
     assert not torch.allclose(mfac_ours("mlp", 5, **hyper, warmup="seen"), ref, rtol=1e-3)
     torch.testing.assert_close(mfac_ours("mlp", 5, **hyper, warmup="window"), ref)
+
+
+# ------------------------------------------------------------------------------- MKOR
+def _sm(p, v):
+    pv = p @ v
+    return p - torch.outer(pv, pv) / (1 + v @ pv)
+
+
+def mkor_reference(kind, steps, lr, inv_freq, momentum):
+    """The authors' MKOR: a = batch mean of [x | 1] (conv: of position-mean patches), g = sum of
+    the output gradients over rows (conv: over the batch of their position mean), at factor steps
+    L^-1 <- SM(0.95 L^-1 + 0.05 I, a) then R^-1 likewise (the first factor step sets I and folds
+    nothing), U = R^-1 [dW | db] L^-1 rescaled by (|dW| + |db|) / (|U_W| + |U_b|), then SGD."""
+    model = model_of(kind)
+    x, y = data(kind)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    inv = {}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    stats = {}
+    for s in range(steps):
+        stats.clear()
+        handles = []
+        for m in layers:
+
+            def fwd(mod, inp, out):
+                xin = inp[0].detach()
+                if isinstance(mod, torch.nn.Conv2d):
+                    xin = torch.nn.functional.unfold(xin, mod.kernel_size).mean(2)
+                a = torch.cat([xin, torch.ones(xin.shape[0], 1, dtype=xin.dtype)], 1).mean(0)
+
+                def bwd(gout, mod=mod, a=a):
+                    g = gout.detach()
+                    g = g.mean((2, 3)).sum(0) if isinstance(mod, torch.nn.Conv2d) else g.sum(0)
+                    stats[mod] = (a, g)
+
+                out.register_hook(bwd)
+
+            handles.append(m.register_forward_hook(fwd))
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            if s % inv_freq == 0:
+                for m in layers:
+                    a, g = stats[m]
+                    if m not in inv:
+                        inv[m] = (
+                            torch.eye(len(a), dtype=a.dtype),
+                            torch.eye(len(g), dtype=g.dtype),
+                        )
+                        continue
+                    li, ri = inv[m]
+                    eye_l, eye_r = (
+                        torch.eye(len(a), dtype=a.dtype),
+                        torch.eye(len(g), dtype=g.dtype),
+                    )
+                    li = _sm(0.95 * li + 0.05 * eye_l, a)
+                    ri = _sm(0.95 * ri + 0.05 * eye_r, g)
+                    inv[m] = (li, ri)
+            for m in layers:
+                li, ri = inv[m]
+                dw = m.weight.grad.reshape(m.weight.shape[0], -1)
+                db = m.bias.grad
+                u = ri @ torch.cat([dw, db[:, None]], 1) @ li
+                uw, ub = u[:, :-1], u[:, -1]
+                ratio = (dw.norm() + db.norm()) / (uw.norm() + ub.norm())
+                m.weight.grad.copy_((ratio * uw).view_as(m.weight))
+                m.bias.grad.copy_(ratio * ub)
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def mkor_ours(kind, steps, lr, inv_freq, momentum):
+    model = model_of(kind)
+    x, y = data(kind)
+    opt = MKOR(model, lr=lr, base_optimizer="sgd", momentum=momentum, inv_freq=inv_freq)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize(
+    "hyper", [dict(lr=0.05, inv_freq=1, momentum=0.0), dict(lr=0.05, inv_freq=3, momentum=0.9)]
+)
+def test_mkor_equals_the_reference(kind, hyper):
+    ref = mkor_reference(kind, 20, **hyper)
+    ours = mkor_ours(kind, 20, **hyper)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)

@@ -7,6 +7,15 @@ The inverse is kept by Sherman-Morrison, ``O(dim^2)`` per update and never a mat
 .. math::  A = L_{t-1}^{-1} / \gamma, \qquad
            L_t^{-1} = A - \frac{(1-\gamma)\, A u u^\top A}{1 + (1-\gamma)\, u^\top A u}.
 
+``form="inverse"`` keeps instead the MKOR authors' code's rule, a moving average of the *inverse*
+toward ``I`` followed by a rank-1 term of weight 1,
+
+.. math::  P = \gamma L_{t-1}^{-1} + (1 - \gamma) I, \qquad
+           L_t^{-1} = P - \frac{P u u^\top P}{1 + u^\top P u}
+           \quad\big(L_t = P^{-1} + u u^\top\big),
+
+whose inverse stays bounded (its eigenvalues never exceed ``max(1, 1/damp)``).
+
 Precision: the inverse is stored in ``dtype`` (float64 by default) and each update is computed in
 float64. Directions that ``u`` stops visiting decay like ``gamma^t``, so their inverse grows like
 ``gamma^-t``; MKOR's stabiliser (in the optimizer) is what bounds that, not this class.
@@ -42,6 +51,8 @@ class KroneckerFactorInverse:
         decay: ``gamma`` in ``(0, 1)``.
         damp: ``lambda > 0``, the initial factor is ``damp * I``.
         device, dtype: storage of the inverse (float64 by default).
+        form: ``"factor"`` (moving average of the factor, the paper's equation) or
+            ``"inverse"`` (moving average of the inverse toward ``I``, the authors' code).
     """
 
     def __init__(
@@ -52,7 +63,9 @@ class KroneckerFactorInverse:
         damp: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        form: str = "factor",
     ) -> None:
+        self.form = _checks.one_of("form", form, ("factor", "inverse"))
         self.dim = _checks.positive_int("dim", dim)
         self.decay = _checks.in_unit_interval("decay", decay)
         if self.decay == 0.0:
@@ -68,7 +81,7 @@ class KroneckerFactorInverse:
         rows, _ = _checks.as_rows("u", u, self.dim)
         inv = self.inverse.to(COMPUTE_DTYPE).contiguous()  # the stored tensor when float64
         for row in rows.to(device=self.device, dtype=COMPUTE_DTYPE):
-            kernels.mkor_rank1_update([inv], [row], self.decay)
+            kernels.mkor_rank1_update([inv], [row], self.decay, self.form)
         self.inverse = inv.to(self.dtype)
         self.num_updates += rows.shape[0]
 
@@ -81,14 +94,14 @@ class KroneckerFactorInverse:
         """
         if not factors:
             return
-        decay = factors[0].decay
-        if any(f.decay != decay for f in factors):
-            raise ValueError("update_many needs factors with one decay")
+        decay, form = factors[0].decay, factors[0].form
+        if any(f.decay != decay or f.form != form for f in factors):
+            raise ValueError("update_many needs factors with one decay and one form")
         rows = [_checks.as_rows("u", u, f.dim)[0] for f, u in zip(factors, vectors)]
         if any(r.shape[0] != 1 for r in rows):
             raise ValueError("update_many takes one vector per factor")
         invs = [f.inverse.to(COMPUTE_DTYPE).contiguous() for f in factors]
-        kernels.mkor_rank1_update(invs, [r[0].to(COMPUTE_DTYPE) for r in rows], decay)
+        kernels.mkor_rank1_update(invs, [r[0].to(COMPUTE_DTYPE) for r in rows], decay, form)
         for f, inv in zip(factors, invs):
             f.inverse = inv.to(f.dtype)
             f.num_updates += 1
