@@ -22,7 +22,6 @@ import torch
 
 from ._triton import AVAILABLE, jit, tl
 
-
 FORMS = ("factor", "inverse")
 
 
