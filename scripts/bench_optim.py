@@ -186,6 +186,48 @@ def part_quality(seeds: list[int], steps: int, eval_every: int, target: float, m
     return lines, runs
 
 
+def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
+    """M-FAC's warm-up divisor: the reference's ``m`` from a zero window against the vectors seen
+    so far, on a 20-64-64-4 MLP fitting a teacher (full batch, float64); the training loss at
+    steps 5, 16, 32 and the end, mean over seeds, for several learning rates."""
+    import torch
+
+    from curvature.optim import MFAC
+
+    lines = [
+        f"| lr | warmup | loss @5 | @16 | @{m} | @{steps} |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for lr in (1e-4, 3e-4, 1e-3):
+        for warmup in ("window", "seen"):
+            curves = []
+            for seed in seeds:
+                gen = torch.Generator().manual_seed(seed)
+                x = torch.randn(256, 20, generator=gen, dtype=torch.float64)
+                y = (x @ torch.randn(20, 4, generator=gen, dtype=torch.float64)).argmax(1)
+                torch.manual_seed(seed)
+                model = torch.nn.Sequential(
+                    torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                    torch.nn.Tanh(), torch.nn.Linear(64, 4),
+                ).double()  # fmt: skip
+                opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=1e-4,
+                           fisher_dtype=torch.float64, warmup=warmup)  # fmt: skip
+                curve = []
+                for _ in range(steps):
+                    opt.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    opt.step()
+                    curve.append(loss.item())
+                curves.append(curve)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(steps)]
+            lines.append(
+                f"| {lr:g} | {warmup} | {mean[4]:.4f} | {mean[15]:.4f} | {mean[m - 1]:.4f} | "
+                f"{mean[-1]:.4f} |"
+            )
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, *rest = sys.argv[2:]
@@ -196,7 +238,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["cost", "quality", "all"], default="all")
+    ap.add_argument("--part", choices=["cost", "quality", "mfac-warmup", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=60)
@@ -211,6 +253,9 @@ def main() -> None:
         f"# bench_optim on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
     )
     out = {}
+    if args.part == "mfac-warmup":
+        print("\n".join(part_mfac_warmup()))
+        return
     if args.part in ("cost", "all"):
         lines = part_cost(args.quick)
         print("\n" + "\n".join(lines) + "\n", flush=True)
