@@ -459,3 +459,23 @@ def test_mfac_refuses_a_window_that_cannot_fit():
     big = torch.nn.Parameter(torch.zeros(1_000_000))
     with pytest.raises(MemoryError, match="lower num_grads"):
         MFAC([big], lr=1e-3, num_grads=10**7)  # 40 TB of window
+
+
+def test_mkor_releases_its_hooks_on_close_exit_and_garbage_collection():
+    import gc
+
+    def hooks(model):
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    model = mlp()
+    opt = MKOR(model, lr=0.01)
+    assert hooks(model) == 2
+    opt.close()
+    assert hooks(model) == 0
+    with MKOR(model, lr=0.01) as opt:
+        assert hooks(model) == 2
+    assert hooks(model) == 0
+    opt = MKOR(model, lr=0.01)
+    del opt
+    gc.collect()
+    assert hooks(model) == 0

@@ -62,6 +62,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 
 import torch
 from torch.optim import Optimizer
@@ -169,6 +170,11 @@ class _LayerState:
             h.remove()
 
 
+def _remove_hooks(layers) -> None:
+    for layer in layers:
+        layer.remove()
+
+
 class MKOR(Optimizer):
     """MKOR and MKOR-H; see the module docstring for the rule, stabiliser and switch.
 
@@ -256,6 +262,20 @@ class MKOR(Optimizer):
         self._best_rate = 0.0
         self._slow_windows = 0
         self.stabilised = 0  # how many times the stabiliser fired
+        # the hooks hold the layer states, not the optimizer: when it is garbage collected (or
+        # closed) they are removed from the model
+        self._finalizer = weakref.finalize(self, _remove_hooks, list(self.layers))
+
+    # ------------------------------------------------------------------ hooks
+    def close(self) -> None:
+        """Remove the hooks from the model (the optimizer then acts as its base optimizer)."""
+        self._finalizer()
+
+    def __enter__(self) -> MKOR:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ MKOR-H
     def observe_loss(self, loss: float | torch.Tensor) -> None:
