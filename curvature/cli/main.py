@@ -286,8 +286,10 @@ def _check(args) -> int:
         fields = m.model_dump(exclude_defaults=True)
         print(f"  line {m.line}: {type(m).__name__} {fields}")
     for m in recipe.of(_Pruning):
-        sched = " ".join(f"{e:g}:{target:.3f}" for e, target in m.schedule())
-        print(f"  {type(m).__name__} schedule (epoch:sparsity): {sched}")
+        for final, patterns in m.finals().items():
+            sched = " ".join(f"{e:g}:{m.target_at(x, final):.3f}" for e, x in m.progress())
+            whom = f" for {len(patterns)} parameter entries" if len(m.finals()) > 1 else ""
+            print(f"  {type(m).__name__} schedule{whom} (epoch:sparsity): {sched}")
     return 0
 
 
