@@ -43,7 +43,7 @@ print(json.dumps({"plan": r.memory_plan, "peak": peak_memory_bytes() - base}))
 def test_plan_is_within_25_percent_of_the_measured_peak(selection, dtype, block, num_grads):
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, selection, dtype, str(block), str(num_grads)],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=900, check=True,
     )  # fmt: skip
     got = json.loads(out.stdout.strip().splitlines()[-1])
     plan, peak = got["plan"]["total"], got["peak"]
