@@ -295,3 +295,27 @@ def test_manager_and_masks_round_trip_their_state():
     b.load_state_dict(a.state_dict())
     assert b.history == a.history and b.due(0.5) == [] and b.due(0.6) == a.due(0.6)
     assert all(torch.equal(b.masks.get(n), m) for n, m in a.masks.masks.items())
+
+
+@pytest.mark.parametrize("selection", ["greedy", "independent"])
+def test_weights_pruned_earlier_stay_pruned_beside_exact_zeros(selection):
+    """A weight pruned in an earlier step must not lose its slot to a weight that is exactly 0."""
+    from curvature.pruning import MaskSet
+
+    layer = torch.nn.Linear(8, 1, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 1, 2, 3, 0, 5, 6, 7]]))
+    masks = MaskSet({"weight": torch.tensor([[False] * 4 + [True] + [False] * 3])})
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
+    prune(layer, data, loss_fn=lambda m, x: m(x).pow(2).mean(), sparsity=0.125, num_grads=4,
+          block_size=4, damp=1e-3, masks=masks, selection=selection, progress=False)  # fmt: skip
+    assert masks.get("weight")[0, 4]
+
+
+def test_a_nan_cost_does_not_empty_the_allocation():
+    from curvature.pruning.allocation import take_cheapest
+
+    costs = [torch.tensor([[0.1, float("nan"), 0.3], [0.2, 0.5, 0.6]], dtype=torch.float64)]
+    assert [int(c.sum()) for c in take_cheapest(costs, 4)] == [4]
+    assert torch.equal(take_cheapest(costs, 4)[0], torch.tensor([1, 3]))

@@ -215,13 +215,16 @@ class FisherInverse:
             d = ((1.0 - (w * w).sum(0)) / self.damp).to(self.dtype)
         return d.reshape(-1)[: self.num_params]
 
-    def blocks(self) -> torch.Tensor:
-        """The block inverses ``[n_blocks, B, B]`` (padded coordinates carry ``1/damp``).
+    def blocks(self, sl: slice | None = None) -> torch.Tensor:
+        """The block inverses ``[n_blocks, B, B]`` (padded coordinates carry ``1/damp``), or only
+        the blocks ``sl``.
 
-        Materialised from ``W`` for ``"mfac"`` (``O(d B)`` memory), stored for ``"woodbury"``.
+        Materialised from ``W`` for ``"mfac"`` (``O(d B)`` memory for all blocks, so read them a
+        slice at a time), stored for ``"woodbury"``.
         """
+        sl = slice(None) if sl is None else sl
         if self.algorithm == "woodbury":
-            return self._blocks
-        w = self._w.to(COMPUTE_DTYPE).permute(1, 0, 2)  # [n, i, B]
+            return self._blocks[sl]
+        w = self._w[:, sl].to(COMPUTE_DTYPE).permute(1, 0, 2)  # [n, i, B]
         eye = torch.eye(self.block_size, dtype=COMPUTE_DTYPE, device=self.device)
         return ((eye - w.transpose(1, 2) @ w) / self.damp).to(self.dtype)

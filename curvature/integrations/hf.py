@@ -88,6 +88,7 @@ class RecipeCallback(TrainerCallback):
         # hooks for state that lives outside the manager (RecipeTrainer: the "self" teacher)
         self.on_checkpoint = None
         self.on_resume = None
+        self.resume_dir = None  # the checkpoint being resumed, when the trainer knows it
 
     def _grad_loader(self, batch_size):
         if self.grad_dataset is None:
@@ -106,7 +107,8 @@ class RecipeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.optimizer = optimizer
         if state.global_step > 0:  # resumed from a checkpoint: restore the recipe's state too
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE_FILE
+            folder = self.resume_dir or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            path = Path(folder) / self.STATE_FILE
             if not path.is_file():
                 raise FileNotFoundError(
                     f"{path} is missing: the checkpoint was not written with a RecipeCallback, "
@@ -184,6 +186,8 @@ class RecipeTrainer(Trainer):
         self.teacher = teacher
         self._self_teacher = False
         self.extra_state: dict = {}  # small job state saved with the checkpoints (metrics)
+        for cb in self.callback_handler.callbacks:  # callbacks given to the constructor
+            self._wire(cb)
         spec = manager.optimizer_spec() if manager is not None else None
         self.optimizer_name = optimizer_name or (spec[0] if spec else None)
         self.optimizer_kwargs = dict(optimizer_kwargs or (spec[1] if spec else {}))
@@ -196,6 +200,18 @@ class RecipeTrainer(Trainer):
                 )
             self.args = copy.copy(self.args)  # the caller's TrainingArguments stay as they were
             self.args.max_grad_norm = 0.0
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, RecipeCallback):
+                    cb.resume_dir = Path(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _wire(self, callback) -> None:
+        if isinstance(callback, RecipeCallback):
+            callback.on_checkpoint = self._checkpoint_state
+            callback.on_resume = self._resume_state
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None and self.optimizer_name:
@@ -230,9 +246,7 @@ class RecipeTrainer(Trainer):
     def add_callback(self, callback):
         """Add a callback; a :class:`RecipeCallback` also checkpoints this trainer's "self"
         teacher (and ``extra_state``), so a resumed run distills from the same dense model."""
-        if isinstance(callback, RecipeCallback):
-            callback.on_checkpoint = self._checkpoint_state
-            callback.on_resume = self._resume_state
+        self._wire(callback)
         return super().add_callback(callback)
 
     def _checkpoint_state(self) -> dict:
@@ -243,6 +257,12 @@ class RecipeTrainer(Trainer):
 
     def _resume_state(self, saved: dict) -> None:
         self.extra_state.update(saved.get("extra", {}))
+        if self.teacher == "self" and "teacher" not in saved and self.manager is not None:
+            if self.manager.history:  # pruned before the checkpoint: the dense copy is gone
+                raise ValueError(
+                    "the checkpoint holds no 'self' teacher (it was saved without RecipeTrainer's "
+                    "state): distillation from the dense model cannot resume"
+                )
         if "teacher" in saved and self.teacher == "self":
             self.teacher = copy.deepcopy(self.model).eval()
             self.teacher.load_state_dict(saved["teacher"])

@@ -22,6 +22,8 @@ from curvature.pruning.targets import Target
 
 
 def _monotone(costs: torch.Tensor) -> torch.Tensor:
+    # a NaN cost (a degenerate block) is never chosen: as +inf it cannot poison the threshold
+    costs = torch.nan_to_num(costs, nan=float("inf"))
     return torch.cummax(costs.clamp_min(obs.FIXED_SCORE), dim=1).values
 
 

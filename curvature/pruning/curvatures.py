@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from curvature.core import FisherInverse
-from curvature.pruning.targets import Target
+from curvature.pruning.targets import CHUNK_BYTES, Target
 
 F64 = torch.float64
 
@@ -82,7 +82,7 @@ class _FisherBlocks(CurvatureBlocks):
         self.fisher = fisher
 
     def inverse(self, sl: slice) -> torch.Tensor:
-        return self.fisher.blocks()[sl].to(F64)
+        return self.fisher.blocks(sl).to(F64)  # the M-FAC form builds only these blocks
 
     def diagonal(self, sl: slice) -> torch.Tensor:
         raise NotImplementedError("the Fisher curvature is held as its inverse")
@@ -144,9 +144,11 @@ class EmpiricalFisher(Curvature):
             narrow = c * b * b * 8 if store != 8 else 0
             return 3 * c * b * k * 8 + narrow, narrow
         # M-FAC form: each append converts the window to float64 and concatenates a new copy;
-        # reading materialises the float64 window and two float64 B x B temporaries per block
+        # reading builds one chunk of blocks at a time: its float64 window and two float64
+        # B x B temporaries per block
         m = settings.num_grads
-        return n * b * m * (8 + store), n * b * (m * 8 + 2 * b * 8)
+        c = min(n, max(1, CHUNK_BYTES // (b * b * 8)))
+        return n * b * m * (8 + store), c * b * (m * 8 + 2 * b * 8)
 
     def build(self, targets, gradients, settings):
         fishers = {

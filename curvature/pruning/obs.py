@@ -164,7 +164,10 @@ def greedy_order(
         )
         pruned[rows[ok], q[ok]] = True
         order[ok, t] = q[ok]
-        cost[ok, t] = best[ok].clamp_min(0.0)  # fixed groups cost nothing
+        # fixed groups keep FIXED_SCORE, below every real cost, so the allocation always takes
+        # them first (a cost of 0 would tie with weights that are exactly 0)
+        c = best[ok]
+        cost[ok, t] = torch.where(c == FIXED_SCORE, c, c.clamp_min(0.0))
     return order, cost
 
 

@@ -75,7 +75,10 @@ class RecipeManager:
                 f"the saved recipe state has {state.get('num_modifiers')} modifiers, this recipe "
                 f"{len(self.recipe.modifiers)}: resume with the recipe the run started with"
             )
-        self.masks.load_state_dict(state["masks"])
+        params = dict(self.model.named_parameters())
+        self.masks.load_state_dict(
+            {n: m.to(params[n].device) if n in params else m for n, m in state["masks"].items()}
+        )
         self._done = {tuple(k) for k in state["done"]}
         self._released = set(state["released"])
         self.history = [dict(h) for h in state["history"]]
@@ -130,12 +133,11 @@ class RecipeManager:
                 out[name] = m.target_at(x, final)
         return out
 
-    def _sparsity_of(self, m: _Pruning) -> float:
-        """Sparsity the modifier's parameters have reached (what a num_grads schedule reads)."""
-        names = self._names_of(m)
-        total = sum(self.masks.get(n).numel() for n in names if n in self.masks)
-        pruned = sum(int(self.masks.get(n).sum()) for n in names if n in self.masks)
-        return pruned / total if total else 0.0
+    def _last_target(self, index: int) -> float:
+        """The target of the modifier's last applied point (what a num_grads schedule reads:
+        the scheduled value, not the reached one, which rounding can leave just below it)."""
+        done = [h["target_sparsity"] for h in self.history if h.get("index") == index]
+        return done[-1] if done else 0.0
 
     def _mark_done(self, index: int, epoch: float) -> None:
         for e, i, _ in self.pruning_schedule():
@@ -174,7 +176,7 @@ class RecipeManager:
                 raise ValueError(
                     f"{m.method} pruning needs grad_data and loss_fn at each pruning step"
                 )
-            settings = m.engine_settings(self._sparsity_of(m))
+            settings = m.engine_settings(self._last_target(i))
             sparsity = self._targets(m, e)
             if isinstance(sparsity, dict):
                 settings.pop("params")
@@ -188,7 +190,7 @@ class RecipeManager:
                 **settings,
             )
             self._mark_done(i, e)
-            entry = {"epoch": e, "modifier": type(m).__name__, **report.to_dict()}
+            entry = {"epoch": e, "index": i, "modifier": type(m).__name__, **report.to_dict()}
             self.history.append(entry)
             taken.append(entry)
             log.info(

@@ -171,6 +171,11 @@ class _Pruning(Modifier):
                 )
             if nm is not None and abs(final - nm) > 1e-9:
                 raise ValueError(f"mask_type {self.mask_type} needs final_sparsity {nm:g}")
+        if nm is not None and len(self.progress()) > 1 and abs(self.init_sparsity - nm) > 1e-9:
+            raise ValueError(
+                f"mask_type {self.mask_type} prunes exactly {nm:g} at every pruning point: set "
+                f"init_sparsity to {nm:g} (got {self.init_sparsity}), or start_epoch = end_epoch"
+            )
         return self
 
 
