@@ -16,20 +16,10 @@ import math
 import time
 
 import torch
+from _bench import copy_bandwidth
 
 from curvature import FisherInverse, SlidingWindowFisherInverse
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
-
-
-def copy_bandwidth(nbytes=1 << 29) -> float:
-    a = torch.empty(nbytes // 8, dtype=torch.float64).fill_(1.0)
-    b = torch.empty_like(a)
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best  # read + write
 
 
 def timed(fn, repeat=3):

@@ -27,6 +27,7 @@ import math
 import time
 
 import torch
+from _bench import copy_bandwidth
 
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
 from curvature.pruning import obs, stages
@@ -36,17 +37,6 @@ from curvature.pruning.params import select_params
 from curvature.pruning.settings import PruneSettings
 from curvature.pruning.solvers import GreedyOBS, IndependentOBS
 from curvature.pruning.targets import Target
-
-
-def copy_bandwidth(nbytes=1 << 29) -> float:
-    a = torch.ones(nbytes // 8, dtype=torch.float64)
-    b = torch.empty_like(a)
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
 
 
 class Stopwatch:

@@ -50,6 +50,18 @@ def loss_of(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+def run_ours(kind, steps, make_optimizer, create_graph=False):
+    """``steps`` full-batch steps of this toolkit's optimizer; the flat parameters after them."""
+    model = model_of(kind)
+    x, y = data(kind)
+    opt = make_optimizer(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward(create_graph=create_graph)
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def flat_loss(model, names, shapes, x, y):
     def f(flat):
         params, i = {}, 0
@@ -103,17 +115,14 @@ def adahessian_reference(kind, steps, lr, betas, eps, wd, power, seed, update_ea
 
 
 def adahessian_ours(kind, steps, lr, betas, eps, wd, power, seed, update_each=1):
-    model = model_of(kind)
-    x, y = data(kind)
-    opt = AdaHessian(
-        model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd,
-        hessian_power=power, seed=seed, update_each=update_each,
+    return run_ours(
+        kind, steps,
+        lambda model: AdaHessian(
+            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd,
+            hessian_power=power, seed=seed, update_each=update_each,
+        ),
+        create_graph=True,
     )  # fmt: skip
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_of(model, x, y).backward(create_graph=True)
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
@@ -154,15 +163,11 @@ def mfac_reference(kind, steps, lr, m, damp, mu, wd):
 
 
 def mfac_ours(kind, steps, lr, m, damp, mu, wd, **extra):
-    model = model_of(kind)
-    x, y = data(kind)
-    opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp, momentum=mu, weight_decay=wd,
-               fisher_dtype=torch.float64, **extra)  # fmt: skip
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return run_ours(
+        kind, steps,
+        lambda model: MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp, momentum=mu,
+                           weight_decay=wd, fisher_dtype=torch.float64, **extra),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
@@ -259,14 +264,11 @@ def mkor_reference(kind, steps, lr, inv_freq, momentum):
 
 
 def mkor_ours(kind, steps, lr, inv_freq, momentum):
-    model = model_of(kind)
-    x, y = data(kind)
-    opt = MKOR(model, lr=lr, base_optimizer="sgd", momentum=momentum, inv_freq=inv_freq)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return run_ours(
+        kind, steps,
+        lambda model: MKOR(model, lr=lr, base_optimizer="sgd", momentum=momentum,
+                           inv_freq=inv_freq),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
