@@ -46,12 +46,10 @@ def check_optimizer(name: str, kwargs: dict) -> dict:
     against the constructor's type annotations (``exclude=classifier`` is a string, not the list
     ``exclude`` takes). Returns the keywords, coerced to the annotated types.
     """
-    checks.one_of("optimizer", str(name).lower(), OPTIMIZERS)
-    cls = _optimizer_class(str(name).lower())
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "params", "model", "lr")]
-    if name.lower() in ("mkor", "mkor-h"):
-        allowed = [p for p in allowed if p != "hybrid"] if name.lower() == "mkor-h" else allowed
+    key_name = checks.one_of("optimizer", str(name).lower(), OPTIMIZERS)
+    cls = _optimizer_class(key_name)
+    fixed = ("self", "params", "model", "lr") + (("hybrid",) if key_name == "mkor-h" else ())
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in fixed]
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # torch's own optimizers: names only

@@ -39,7 +39,7 @@ from curvature.pruning.allocation import Allocation, GlobalThreshold, LayerTarge
 from curvature.pruning.curvatures import Curvature, EmpiricalFisher
 from curvature.pruning.masks import MaskSet, MaskStructure, check_param_fits
 from curvature.pruning.params import select_params
-from curvature.pruning.registry import METHODS, resolve
+from curvature.pruning.registry import resolve
 from curvature.pruning.settings import PruneSettings
 from curvature.pruning.solvers import Solver
 from curvature.pruning.targets import Target
@@ -130,7 +130,7 @@ def prune(
         sparsity=sparsity,
         method=method,
         mask=mask,
-        params=params if isinstance(params, str) else tuple(params),
+        params=params,
         num_grads=num_grads,
         block_size=block_size,
         damp=damp,
@@ -192,7 +192,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         est, groups = est + e, max(groups, g)
     per = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
     reached = sum(per[t.name] * t.numel for t in targets) / total
-    uses_curvature = METHODS[settings.method].needs_gradients
+    uses_curvature = curvature.needs_gradients
     return PruneReport(
         method=settings.method,
         mask=structure.name,

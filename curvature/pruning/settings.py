@@ -9,6 +9,7 @@ import torch
 
 from curvature.core import checks
 from curvature.pruning.masks import MaskStructure, parse_mask
+from curvature.pruning.registry import METHODS, SOLVER_CHOICES
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ class PruneSettings:
     progress: bool = True
 
     def __post_init__(self):
-        from curvature.pruning.registry import METHODS, SOLVER_CHOICES
-
         checks.one_of("method", self.method, METHODS.names())
         checks.one_of("selection", self.selection, SOLVER_CHOICES)
         if isinstance(self.sparsity, Mapping):

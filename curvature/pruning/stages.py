@@ -172,10 +172,11 @@ def memory_plan(model, targets, groups, curvature, settings) -> MemoryPlan:
     g = settings.structure.group
     largest = max(groups, key=lambda grp: sum(per[t.name] for t in grp))
     model_grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    work = [curvature.work_bytes(t, settings, k) for t in targets]  # (build, read) per target
     return MemoryPlan(
         curvature=sum(per[t.name] for t in largest),
-        build_work=max(curvature.work_bytes(t, settings, k)[0] for t in targets),
-        read_work=max(curvature.work_bytes(t, settings, k)[1] for t in targets),
+        build_work=max(w[0] for w in work),
+        read_work=max(w[1] for w in work),
         gradients=max(sum(2 * k * t.numel * item[t.name] for t in grp) for grp in groups),
         model_grads=model_grads if curvature.needs_gradients else 0,
         weights=sum(padded[n] * (8 + 1) for n in padded),
