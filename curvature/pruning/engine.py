@@ -44,8 +44,6 @@ from curvature.pruning.settings import PruneSettings
 from curvature.pruning.solvers import Solver
 from curvature.pruning.targets import Target
 
-SELECTIONS = ("greedy", "independent")
-
 
 @dataclass
 class PruneReport:

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from curvature.pruning import obs
 from curvature.pruning.targets import CHUNK_BYTES, Target
 
-F64 = obs.F64
 GRADIENT_BATCH = 16  # gradients stacked per curvature update
 
 
