@@ -27,10 +27,15 @@ import sys
 import time
 
 OPTIMIZERS = ["adamw", "adahessian", "mkor", "mkor-h", "mfac"]
+# cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
+COST_ROWS = OPTIMIZERS + ["adahessian:update_each=2", "adahessian:update_each=4"]
 
 
-def _cost_one(name: str, model_kind: str, steps: int) -> dict:
+def _cost_one(row: str, model_kind: str, steps: int) -> dict:
     import torch
+
+    name, _, extra = row.partition(":")
+    extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
 
     from curvature.cli.train import DEFAULTS
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
@@ -54,6 +59,7 @@ def _cost_one(name: str, model_kind: str, steps: int) -> dict:
         kwargs = {k: v for k, v in kwargs.items() if k != "exclude"}
         if name == "mfac":
             kwargs["num_grads"] = 64
+        kwargs = kwargs | {k: int(v) for k, v in extra.items()}
     else:
         from curvature.tasks.models import load_classifier
 
@@ -66,20 +72,22 @@ def _cost_one(name: str, model_kind: str, steps: int) -> dict:
             return model(**batch, labels=labels).loss
 
         lr, kwargs = DEFAULTS[name]
+        kwargs = kwargs | {k: int(v) for k, v in extra.items()}
     opt = build_optimizer(name, model, lr=lr, **kwargs)
-    graph = needs_create_graph(opt)
     reset_peak_memory()
     base = peak_memory_bytes()
 
     def one_step():
         opt.zero_grad()
         loss = loss_fn()
-        loss.backward(create_graph=graph)
+        loss.backward(create_graph=needs_create_graph(opt))
         if hasattr(opt, "observe_loss"):
             opt.observe_loss(loss)
         opt.step()
 
-    for _ in range(2):  # warm-up: allocate state, first factor updates
+    # warm-up: allocate state, first factor updates; M-FAC until its window is full (the steady
+    # state: every row of the window is read on every step)
+    for _ in range(kwargs.get("num_grads", 0) + 2 if name == "mfac" else 2):
         one_step()
     times = []
     for _ in range(steps):
@@ -88,7 +96,7 @@ def _cost_one(name: str, model_kind: str, steps: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = peak_memory_bytes()
     return {
-        "optimizer": name,
+        "optimizer": row,
         "model": model_kind,
         "seconds_per_step": statistics.median(times),
         "peak_bytes": peak,
@@ -138,9 +146,9 @@ def part_cost(quick: bool) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for model_kind, steps in (("mlp", 5 if quick else 20), ("minilm", 2 if quick else 5)):
-        rows = [_sub(["cost", name, model_kind, str(steps)]) for name in OPTIMIZERS]
+        rows = [_sub(["cost", name, model_kind, str(steps)]) for name in COST_ROWS]
         ref = rows[0].get("seconds_per_step")
-        for name, r in zip(OPTIMIZERS, rows):
+        for name, r in zip(COST_ROWS, rows):
             if "error" in r:
                 lines.append(f"| {model_kind} | {name} | error: {r['error']} | | | |")
                 continue
@@ -149,7 +157,7 @@ def part_cost(quick: bool) -> list[str]:
                 f"| {model_kind} | {name} | {r['seconds_per_step']:.3f} | {ratio:.2f} | "
                 f"{_gb(r['peak_bytes'])} | {_gb(r['peak_over_start_bytes'])} |"
             )
-        print("\n".join(lines[-len(OPTIMIZERS) :]), flush=True)
+        print("\n".join(lines[-len(COST_ROWS) :]), flush=True)
     return lines
 
 
@@ -228,6 +236,57 @@ def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
     return lines
 
 
+def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
+    """M-FAC's inverse-Fisher product against a float32 matrix-vector product over the same
+    ``m x d`` window (``G @ x``), per storage dtype; ``d`` is the 784-512-512-10 MLP's size."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _bench import copy_bandwidth
+
+    from curvature import SlidingWindowFisherInverse
+
+    bw = copy_bandwidth()
+
+    def timed(fn, n=10):
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n
+
+    lines = [
+        f"copy bandwidth {bw / 1e9:.1f} GB/s (float64 copy, read + write)",
+        "",
+        "| m | storage | G@x float32 ms | mul ms | x G@x | add_and_mul ms | x G@x | mul GB/s | of copy |"
+        " refactors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in ms:
+        g32 = torch.randn(m, d)
+        x = torch.randn(d)
+        base = timed(lambda g32=g32, x=x: g32 @ x)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            f = SlidingWindowFisherInverse(d, window=m, damp=1e-5, dtype=dtype, normalizer="window")
+            f.add_grad(g32)
+            before = f.refactors
+            t_mul = timed(lambda f=f, x=x: f.mul(x))
+            pushes = 32  # fresh gradients (pushing one vector again makes the window singular)
+            pool = iter(torch.randn(pushes + 1, d))
+            t_am = timed(lambda f=f, pool=pool: f.add_and_mul(next(pool)), n=pushes)
+            nbytes = 2 * m * d * f.grads.element_size()
+            lines.append(
+                f"| {m} | {str(dtype).split('.')[-1]} | {base * 1e3:.1f} | {t_mul * 1e3:.1f} | "
+                f"{t_mul / base:.2f} | {t_am * 1e3:.1f} | {t_am / base:.2f} | "
+                f"{nbytes / t_mul / 1e9:.1f} | {nbytes / t_mul / bw:.0%} | "
+                f"{f.refactors - before} of {pushes + 12} |"
+            )
+            print(lines[-1], flush=True)
+            del f
+        del g32
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, *rest = sys.argv[2:]
@@ -238,7 +297,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["cost", "quality", "mfac-warmup", "all"], default="all")
+    ap.add_argument("--part", choices=["cost", "quality", "mfac-warmup", "mfac-product", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=60)
@@ -253,6 +312,9 @@ def main() -> None:
         f"# bench_optim on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
     )
     out = {}
+    if args.part == "mfac-product":
+        print("\n".join(part_mfac_product()))
+        return
     if args.part == "mfac-warmup":
         print("\n".join(part_mfac_warmup()))
         return

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from curvature.optim import MFAC, MKOR, AdaHessian
+from curvature.optim import MFAC, MKOR, AdaHessian, needs_create_graph
 
 
 def mlp():
@@ -50,14 +50,18 @@ def loss_of(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def run_ours(kind, steps, make_optimizer, create_graph=False):
-    """``steps`` full-batch steps of this toolkit's optimizer; the flat parameters after them."""
+def run_ours(kind, steps, make_optimizer, create_graph=False, micro=1):
+    # create_graph: True, False, or "auto" (only when needs_create_graph says the step needs it)
+    """``steps`` full-batch steps of this toolkit's optimizer (each batch as ``micro``
+    micro-batches whose losses are divided by ``micro``); the flat parameters after them."""
     model = model_of(kind)
     x, y = data(kind)
     opt = make_optimizer(model)
     for _ in range(steps):
         opt.zero_grad()
-        loss_of(model, x, y).backward(create_graph=create_graph)
+        graph = needs_create_graph(opt) if create_graph == "auto" else create_graph
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (loss_of(model, xs, ys) / micro).backward(create_graph=graph)
         opt.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -114,14 +118,14 @@ def adahessian_reference(kind, steps, lr, betas, eps, wd, power, seed, update_ea
     return flat
 
 
-def adahessian_ours(kind, steps, lr, betas, eps, wd, power, seed, update_each=1):
+def adahessian_ours(kind, steps, lr, betas, eps, wd, power, seed, update_each=1, graph=True):
     return run_ours(
         kind, steps,
         lambda model: AdaHessian(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd,
             hessian_power=power, seed=seed, update_each=update_each,
         ),
-        create_graph=True,
+        create_graph=graph,
     )  # fmt: skip
 
 
@@ -141,6 +145,27 @@ def test_adahessian_equals_the_reference(kind, hyper):
 
 
 # ------------------------------------------------------------------------------- M-FAC
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_adahessian_takes_the_graph_only_at_refresh_steps(kind):
+    """With update_each = 3 only every third backward needs create_graph (needs_create_graph
+    says which); the steps between are plain backwards and the result is the reference's."""
+    hyper = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-4, wd=0.0, power=1.0, seed=1, update_each=3)
+    ref = adahessian_reference(kind, 20, **hyper)
+    torch.testing.assert_close(adahessian_ours(kind, 20, graph="auto", **hyper), ref,
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
+    opt = AdaHessian(model_of(kind).parameters(), lr=0.1, update_each=3)
+    assert [needs_create_graph(opt)] == [True]
+    opt.state["hessian_counter"] = 1
+    assert not needs_create_graph(opt)
+    # a refresh step without the graph is one clear error
+    model = model_of(kind)
+    opt = AdaHessian(model.parameters(), lr=0.1, update_each=3)
+    x, y = data(kind)
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="refreshes its Hessian estimate at this step"):
+        opt.step()
+
+
 def mfac_reference(kind, steps, lr, m, damp, mu, wd):
     """The authors' M-FAC: a window of m zero rows, the divisor always m, the vector stored in
     the window is grad + wd * p, momentum b = mu b + (1 - mu) u from zero, p -= lr b."""
@@ -198,11 +223,14 @@ def _sm(p, v):
     return p - torch.outer(pv, pv) / (1 + v @ pv)
 
 
-def mkor_reference(kind, steps, lr, inv_freq, momentum):
+def mkor_reference(kind, steps, lr, inv_freq, momentum, micro=1):
     """The authors' MKOR: a = batch mean of [x | 1] (conv: of position-mean patches), g = sum of
     the output gradients over rows (conv: over the batch of their position mean), at factor steps
     L^-1 <- SM(0.95 L^-1 + 0.05 I, a) then R^-1 likewise (the first factor step sets I and folds
-    nothing), U = R^-1 [dW | db] L^-1 rescaled by (|dW| + |db|) / (|U_W| + |U_b|), then SGD."""
+    nothing), U = R^-1 [dW | db] L^-1 rescaled by (|dW| + |db|) / (|U_W| + |U_b|), then SGD.
+    With ``micro`` micro-batches of equal size (each loss divided by ``micro``) before a step, a
+    and g are each micro-batch's statistics divided by ``micro`` and summed, as the reference's
+    hooks accumulate them."""
     model = model_of(kind)
     x, y = data(kind)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
@@ -223,13 +251,15 @@ def mkor_reference(kind, steps, lr, inv_freq, momentum):
                 def bwd(gout, mod=mod, a=a):
                     g = gout.detach()
                     g = g.mean((2, 3)).sum(0) if isinstance(mod, torch.nn.Conv2d) else g.sum(0)
-                    stats[mod] = (a, g)
+                    a0, g0 = stats.get(mod, (0.0, 0.0))
+                    stats[mod] = (a0 + a / micro, g0 + g / micro)
 
                 out.register_hook(bwd)
 
             handles.append(m.register_forward_hook(fwd))
         opt.zero_grad()
-        loss_of(model, x, y).backward()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (loss_of(model, xs, ys) / micro).backward()
         for h in handles:
             h.remove()
         with torch.no_grad():
@@ -263,11 +293,12 @@ def mkor_reference(kind, steps, lr, inv_freq, momentum):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def mkor_ours(kind, steps, lr, inv_freq, momentum):
+def mkor_ours(kind, steps, lr, inv_freq, momentum, micro=1):
     return run_ours(
         kind, steps,
         lambda model: MKOR(model, lr=lr, base_optimizer="sgd", momentum=momentum,
                            inv_freq=inv_freq),
+        micro=micro,
     )  # fmt: skip
 
 
@@ -279,3 +310,19 @@ def test_mkor_equals_the_reference(kind, hyper):
     ref = mkor_reference(kind, 20, **hyper)
     ours = mkor_ours(kind, 20, **hyper)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("micro", [2, 3])
+def test_mkor_gradient_accumulation_equals_the_reference(kind, micro):
+    """Several backward passes before a step: the statistics of every micro-batch are averaged
+    with equal weights, as the reference's hooks do (the previous rule kept the last micro-batch's
+    statistics alone and fails this test)."""
+    hyper = dict(lr=0.05, inv_freq=2, momentum=0.9)
+    ref = mkor_reference(kind, 12, micro=micro, **hyper)
+    ours = mkor_ours(kind, 12, micro=micro, **hyper)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
+    # the reference's rule is not the one-pass batch: with each micro-batch loss divided by
+    # `micro`, g is 1/micro of the one-pass value (documented in MKOR's docstring)
+    last_only = mkor_reference(kind, 12, micro=1, **hyper)
+    assert (ours - last_only).abs().max() > 1e-6

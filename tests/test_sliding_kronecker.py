@@ -40,11 +40,56 @@ def test_sliding_hard_cases(scale, damp, rank):
     last = grads[-window:]
     ref = fisher_inverse(last, damp, window)
     x = torch.randn(3, d, dtype=F64)
-    # this form solves against G G^T (not an explicit inverse): only the solve's conditioning
-    # enters, and the null-space part is exact; bound the error with the same factor.
+    # the products solve against s damp I + G G^T (refined against it, whatever the state of the
+    # incrementally updated inverse): only the solve's conditioning enters, and the null-space
+    # part is exact; bound the error with the same factor.
     tol = max(1e-12, 1e-14 * cancellation_factor(last, damp, window))
     assert rel_err(f.mul(x), x @ ref) < tol
     assert rel_err(f.mul(last[:2]), last[:2] @ ref) < max(1e-10, 10 * tol)
+
+
+@pytest.mark.parametrize("normalizer", ["seen", "window"])
+def test_sliding_incremental_updates_match_dense_over_many_windows(normalizer):
+    """A long run (five windows) takes O(m^2) updates, not a factorisation per gradient, and
+    stays as accurate as a fresh solve; ``add_and_mul`` equals ``add_grad`` then ``mul``."""
+    d, window, total = 30, 6, 30
+    grads = make_grads(total, d, seed=5)
+    f = SlidingWindowFisherInverse(
+        d, window=window, damp=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
+    )
+    twin = SlidingWindowFisherInverse(
+        d, window=window, damp=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
+    )
+    for i in range(total):
+        u = f.add_and_mul(grads[i])
+        twin.add_grad(grads[i])
+        last = grads[max(0, i + 1 - window) : i + 1]
+        s = window if normalizer == "window" else last.shape[0]
+        ref = fisher_inverse(last, 1e-3, s)
+        assert rel_err(u, ref @ grads[i]) < 1e-11
+        assert rel_err(twin.mul(grads[i]), u) < 1e-11
+        # the inverse itself (before refinement) also stays close to a fresh one
+        fresh = torch.linalg.inv(f._matrix())
+        assert rel_err(f._inv, fresh) < 1e-9
+    # "seen" refactors while the divisor grows (the first `window` gradients), then updates
+    assert f.refactors == (1 if normalizer == "window" else window)
+
+
+def test_sliding_float32_window_accuracy():
+    """Float32 storage (the default): the window products run in float32, the m x m algebra in
+    float64; the result is as accurate as float32 storage of the gradients allows."""
+    d, window = 5000, 16
+    grads = make_grads(40, d, seed=7).float()
+    f = SlidingWindowFisherInverse(d, window=window, damp=1e-4, normalizer="window")
+    for g in grads:
+        u = f.add_and_mul(g)
+    last = grads[-window:].double()
+    ref = fisher_inverse(last, 1e-4, window)
+    x = torch.randn(d, dtype=F64)
+    cancel = cancellation_factor(last, 1e-4, window)
+    assert u.dtype == torch.float32
+    assert rel_err(u.double(), ref @ grads[-1].double()) < 1e-7 * cancel
+    assert rel_err(f.mul(x.float()).double(), ref @ x) < 1e-7 * cancel
 
 
 def test_sliding_rejects_bad_input_without_poisoning():

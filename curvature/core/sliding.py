@@ -8,13 +8,26 @@ Keeps a ring buffer ``G`` of the last ``window`` gradients and their Gram matrix
 
 ``normalizer="window"`` divides by ``s = window`` from the first step, as if the buffer started
 full of zero gradients (the M-FAC reference); ``"seen"`` divides by ``s = c``, which keeps the
-Fisher's scale during warm-up. The two agree once ``window`` gradients have been added. The ``c x c`` system is solved through a Cholesky factor refreshed on every
-``add_grad`` (``O(d m + m^3)``); a product costs ``O(d m + m^2)``. The reference code uses an LU
-without pivoting that PyTorch implements only on CUDA; the Cholesky form is mathematically the same
-and runs on any device. The order of rows in the ring buffer does not matter.
+Fisher's scale during warm-up. The two agree once ``window`` gradients have been added. The order
+of rows in the ring buffer does not matter.
 
-Precision: the Gram matrix and its factor are float64; the gradient buffer is stored in ``dtype``
-(float32 by default: it is the ``O(d m)`` memory, and the products with it are accumulated in float64).
+Cost per step: a product is two passes over the ``[m, d]`` window (``G x``, then ``x - G^T c``),
+and :meth:`add_and_mul` (the optimizer's step: push ``g``, return ``F^-1 g``) also takes two,
+because the new Gram row is ``G g``. The ``m x m`` system is kept as an explicit inverse
+``B = (s damp I + G G^T)^-1`` that a new gradient changes by a symmetric rank-2 term (its row and
+column of the Gram matrix), applied by a Woodbury update in ``O(m^2)`` instead of an ``O(m^3)``
+factorisation. After each update the changed column of ``A B - I`` is checked; when it exceeds
+``1e-6`` (nearly rank-deficient windows with a small ``damp``, where the update loses digits),
+and every ``refresh_every`` updates, ``B`` is recomputed from a Cholesky factor of the Gram
+matrix. Products solve with ``B`` and two steps of iterative refinement against ``A`` itself, so
+they keep the accuracy of a direct Cholesky solve (``tests/test_sliding_kronecker.py``). The
+reference code refactors an LU without pivoting every step, which PyTorch implements only on
+CUDA.
+
+Precision: the Gram matrix, ``B`` and every ``m x m`` step are float64. The ``O(d m)`` products
+run in the storage dtype (float32 by default, as in the reference; float32 for 16-bit storage),
+with ``G x`` summed over column chunks of about ``2**22`` window elements in float64; float64
+storage makes every step float64.
 
 References:
     Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
@@ -37,6 +50,7 @@ import torch
 from curvature.core import checks as _checks
 
 COMPUTE_DTYPE = torch.float64
+DRIFT_TOL = 1e-6  # largest entry of (A B - I) e_k tolerated after an incremental update
 
 
 class SlidingWindowFisherInverse:
@@ -50,6 +64,8 @@ class SlidingWindowFisherInverse:
         dtype: storage dtype of the ``[m, d]`` gradient ring buffer (default float32).
         normalizer: ``"seen"`` (divide by the gradients added so far, up to ``window``) or
             ``"window"`` (always divide by ``window``).
+        refresh_every: recompute the ``m x m`` inverse from the Gram matrix after this many
+            incremental updates (bounds the round-off the updates accumulate).
     """
 
     def __init__(
@@ -61,13 +77,18 @@ class SlidingWindowFisherInverse:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         normalizer: str = "seen",
+        refresh_every: int = 64,
     ) -> None:
         self.normalizer = _checks.one_of("normalizer", normalizer, ("seen", "window"))
         self.num_params = _checks.positive_int("num_params", num_params)
         self.window = _checks.positive_int("window", window)
         self.damp = _checks.positive("damp", damp)
+        self.refresh_every = _checks.positive_int("refresh_every", refresh_every)
+        self.refine = 2
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
+        # the dtype of the O(d m) products: the storage's own, float32 for 16-bit storage
+        self._work = torch.float64 if self.dtype == torch.float64 else torch.float32
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         _checks.fits(
             f"the gradient window ({window} x {num_params:,})",
@@ -79,59 +100,140 @@ class SlidingWindowFisherInverse:
         self.grads = torch.zeros(window, num_params, dtype=self.dtype, device=self.device)  # ring
         self.gram = torch.zeros(window, window, dtype=COMPUTE_DTYPE, device=self.device)  # G G^T
         self.num_seen = 0  # gradients added since creation
-        self._chol: torch.Tensor | None = None  # Cholesky factor of c*damp*I + G G^T (c x c)
+        # (s damp I + G G^T)^-1 over all m slots (rows not yet written are zero), and the number
+        # of incremental updates since it was last recomputed
+        self._inv: torch.Tensor | None = None
+        self._inv_scale = 0
+        self._since_refresh = 0
+        self.refactors = 0  # full O(m^3) factorisations so far (the rest were O(m^2) updates)
 
     @property
     def count(self) -> int:
         """How many gradients the Fisher currently averages: ``min(seen, window)``."""
         return min(self.num_seen, self.window)
 
+    def _scale(self) -> int:
+        return self.window if self.normalizer == "window" else self.count
+
     def add_grad(self, g: torch.Tensor) -> None:
         """Push one gradient ``[d]`` (or ``[k, d]``, pushed in order), evicting the oldest."""
         rows, _ = _checks.as_rows("g", g, self.num_params)
         for row in rows.to(device=self.device):
-            slot = self.num_seen % self.window
-            self.grads[slot] = row.to(self.dtype)
-            dots = torch.zeros(self.window, dtype=COMPUTE_DTYPE, device=self.device)
-            for cols in self._column_chunks():  # float64 a chunk at a time, not the whole window
-                dots += self.grads[:, cols].to(COMPUTE_DTYPE) @ self.grads[slot, cols].to(
-                    COMPUTE_DTYPE
-                )
-            self.gram[slot, :] = dots
-            self.gram[:, slot] = dots
-            self.num_seen += 1
-        self.refactor()
+            self._push(row)
 
-    def _column_chunks(self):
+    def add_and_mul(self, g: torch.Tensor) -> torch.Tensor:
+        """Push the gradient ``g`` ``[d]`` and return ``F^-1 g`` with the updated window.
+
+        The same as ``add_grad(g); mul(g)`` with one pass over the window fewer: the new row of
+        the Gram matrix is also ``G g``.
+        """
+        rows, _ = _checks.as_rows("g", g, self.num_params)
+        if rows.shape[0] != 1:
+            raise ValueError(f"g must have shape [{self.num_params}], got {list(g.shape)}")
+        row = rows[0].to(device=self.device)
+        gx = self._push(row).unsqueeze(1)
+        return self._apply(row.unsqueeze(0), gx)[0].to(g.dtype)
+
+    def _push(self, row: torch.Tensor) -> torch.Tensor:
+        """Write ``row`` over the oldest slot, update the Gram matrix and the inverse; return the
+        new Gram row ``G row`` (float64)."""
+        slot = self.num_seen % self.window
+        self.grads[slot] = row.to(self.dtype)
+        dots = self._gx(self.grads[slot].unsqueeze(0))[:, 0]
+        old = self.gram[slot].clone()
+        self.gram[slot, :] = dots
+        self.gram[:, slot] = dots
+        self.num_seen += 1
+        if (
+            self._inv is None
+            or self._inv_scale != self._scale()
+            or self._since_refresh >= self.refresh_every
+        ):
+            self.refactor()
+        else:
+            self._replace_row(slot, dots - old)
+        return dots
+
+    def _replace_row(self, k: int, delta: torch.Tensor) -> None:
+        """Woodbury update of the inverse for a change ``delta`` of row and column ``k``.
+
+        The change is ``e_k w^T + w e_k^T`` with ``w = delta - delta_k e_k / 2``: a symmetric
+        rank-2 term, so the update costs ``O(m^2)`` instead of a new ``O(m^3)`` factorisation.
+        """
+        b = self._inv
+        w = delta.clone()
+        w[k] -= 0.5 * delta[k]
+        bu = torch.stack([b[:, k], b @ w], dim=1)  # B [e_k, w]
+        bv = bu.flip(1)  # B [w, e_k]
+        u = torch.zeros(b.shape[0], 2, dtype=COMPUTE_DTYPE, device=self.device)
+        u[k, 0] = 1.0
+        u[:, 1] = w
+        cap = torch.eye(2, dtype=COMPUTE_DTYPE, device=self.device) + bv.T @ u  # I + V^T B U
+        b = b - bu @ torch.linalg.solve(cap, bv.T)
+        self._inv = 0.5 * (b + b.T)
+        self._since_refresh += 1
+        # drift check on the changed column: (A B - I) e_k, O(m^2)
+        resid = self._matrix() @ self._inv[:, k]
+        resid[k] -= 1.0
+        if not bool(torch.isfinite(resid).all()) or resid.abs().max().item() > DRIFT_TOL:
+            self.refactor()
+
+    def _chunks(self):
         """Column slices covering ``d`` with about ``2**22`` window elements each."""
         step = max(1, (1 << 22) // self.window)
         return [slice(i, min(self.num_params, i + step)) for i in range(0, self.num_params, step)]
 
+    def _gx(self, xs: torch.Tensor) -> torch.Tensor:
+        """``G x`` for rows ``xs`` ``[k, d]`` as ``[m, k]`` float64: each column chunk's product in
+        the working dtype, the chunks summed in float64."""
+        xs = xs.to(self._work)
+        out = torch.zeros(self.window, xs.shape[0], dtype=COMPUTE_DTYPE, device=self.device)
+        for cols in self._chunks():
+            out += (self.grads[:, cols].to(self._work) @ xs[:, cols].T).to(COMPUTE_DTYPE)
+        return out
+
+    def _apply(self, xs: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+        """``(x - G^T B G x) / damp`` from ``gx = G x``."""
+        a = self._matrix()
+        coef = self._inv @ gx
+        for _ in range(self.refine):  # iterative refinement against A itself
+            coef = coef + self._inv @ (gx - a @ coef)
+        coef = coef.T.to(self._work)  # [k, m]
+        xs = xs.to(self._work)
+        inv_damp = 1.0 / self.damp
+        if self.grads.dtype == self._work:  # no reduction over d here: one product, no chunks
+            return torch.addmm(xs, coef, self.grads, beta=inv_damp, alpha=-inv_damp)
+        parts = [
+            torch.addmm(xs[:, c], coef, self.grads[:, c].to(self._work), beta=inv_damp, alpha=-inv_damp)
+            for c in self._chunks()
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _matrix(self) -> torch.Tensor:
+        """``s damp I + G G^T`` (``m x m``, float64) at the scale of the current inverse."""
+        return self.gram + self._inv_scale * self.damp * torch.eye(
+            self.window, dtype=COMPUTE_DTYPE, device=self.device
+        )
+
     def refactor(self) -> None:
-        """Refresh the Cholesky factor of ``c damp I + G G^T`` from the stored Gram matrix."""
-        c = self.count
-        if c == 0:
-            self._chol = None
+        """Recompute the ``m x m`` inverse ``(s damp I + G G^T)^-1`` from the stored Gram matrix."""
+        scale = self._scale()
+        self._inv_scale, self._since_refresh = scale, 0
+        if scale == 0:
+            self._inv = None
             return
-        eye = torch.eye(c, dtype=COMPUTE_DTYPE, device=self.device)
-        scale = self.window if self.normalizer == "window" else c
-        self._chol = torch.linalg.cholesky(self.gram[:c, :c] + scale * self.damp * eye)
+        eye = torch.eye(self.window, dtype=COMPUTE_DTYPE, device=self.device)
+        chol = torch.linalg.cholesky(self.gram + scale * self.damp * eye)
+        self._inv = torch.cholesky_inverse(chol)
+        self.refactors += 1
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x`` of shape ``[d]`` or ``[k, d]``; result in ``x``'s dtype."""
         rows, single = _checks.as_rows("x", x, self.num_params)
-        xs = rows.to(device=self.device, dtype=COMPUTE_DTYPE)
-        if self._chol is None:
-            out = xs / self.damp
+        rows = rows.to(device=self.device)
+        if self._inv is None:
+            out = rows.to(self._work) / self.damp
         else:
-            c = self.count
-            gx = torch.zeros(c, xs.shape[0], dtype=COMPUTE_DTYPE, device=self.device)
-            for cols in self._column_chunks():
-                gx += self.grads[:c, cols].to(COMPUTE_DTYPE) @ xs[:, cols].T
-            coef = torch.cholesky_solve(gx, self._chol)  # [c, k]
-            out = xs.clone()
-            for cols in self._column_chunks():
-                out[:, cols] -= (self.grads[:c, cols].to(COMPUTE_DTYPE).T @ coef).T
-            out /= self.damp
+            out = self._apply(rows, self._gx(rows))
         out = out.to(x.dtype)
         return out[0] if single else out

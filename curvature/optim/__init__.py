@@ -107,8 +107,10 @@ def build_optimizer(name: str, model, *, lr: float, **kwargs):
 
 
 def needs_create_graph(optimizer) -> bool:
-    """True for optimizers that differentiate the gradient (backward with create_graph=True)."""
-    return isinstance(optimizer, AdaHessian)
+    """True when the optimizer's next step differentiates the gradient, so the backward before it
+    needs ``create_graph=True``: AdaHessian at the steps that refresh its Hessian estimate (every
+    ``update_each``-th)."""
+    return isinstance(optimizer, AdaHessian) and optimizer.refreshes_next_step
 
 
 __all__ = [

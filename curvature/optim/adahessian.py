@@ -145,13 +145,22 @@ class AdaHessian(Optimizer):
     def _params_with_grad(self):
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    @property
+    def refreshes_next_step(self) -> bool:
+        """Whether the next :meth:`step` computes a new Hessian estimate, so that its backward
+        needs ``create_graph=True``; with ``update_each > 1`` the other steps take a plain
+        backward (the cost of ``update_each = 2, 4`` in ``docs/bench-optim.md``)."""
+        return self.state["hessian_counter"] % self.update_each == 0
+
     @torch.no_grad()
     def _hessian_diag(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = [p.grad for p in params]
         if any(g.grad_fn is None for g in grads):
             raise RuntimeError(
-                "AdaHessian needs the graph of the gradient: call loss.backward(create_graph=True) "
-                "(for Hugging Face models with attn_implementation='eager'), or pass a closure"
+                "AdaHessian refreshes its Hessian estimate at this step and needs the graph of the "
+                "gradient: call loss.backward(create_graph=True) when "
+                "curvature.optim.needs_create_graph(optimizer) is True (for Hugging Face models "
+                "with attn_implementation='eager'), or pass a closure"
             )
         est = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():

@@ -126,8 +126,7 @@ class MFAC(Optimizer):
                 )
             if group["weight_decay"]:
                 g = g + group["weight_decay"] * torch.cat([p.reshape(-1) for p in params])
-            fisher.add_grad(g)
-            update = fisher.mul(g)
+            update = fisher.add_and_mul(g)
             if group["momentum"]:
                 st = self.state[params[0]]
                 buf = st.get("momentum_buffer")

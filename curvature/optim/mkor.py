@@ -27,6 +27,14 @@ takes the step:
 ``tests/test_optim_fidelity.py`` checks 20 steps against a dense float64 transcription of the
 reference on an MLP and a conv net (``inv_freq`` 1 and 3).
 
+Gradient accumulation: when several backward passes run before a step, ``a`` and ``g`` are
+the equal-weight averages of the micro-batches' statistics, as the reference's hooks accumulate
+them. Like the reference, ``g`` then follows the scale of the micro-batch losses: with each loss
+divided by the number of micro-batches (as HF ``Trainer`` does), ``g`` is that fraction of the
+one-pass value. Statistics are recorded only in steps that update the factors (every
+``inv_freq``-th), as in the reference; a forward pass repeated for activation checkpointing
+counts twice.
+
 Defects of the reference code that are not copied: its stabiliser's blend is dead code (a
 membership test of a module in a list of tensors is always true, so every reset is a hard reset),
 its reset threshold (``max |inverse| > 2``) cannot be reached because its update keeps the
@@ -128,13 +136,37 @@ class _LayerState:
             in_dim + int(self.has_bias), decay=decay, damp=damp, device=dev, form=form
         )
         self.right = KroneckerFactorInverse(out_dim, decay=decay, damp=damp, device=dev, form=form)
-        self.a: torch.Tensor | None = None
-        self.g: torch.Tensor | None = None
+        # statistics of the micro-batches since the last step: sums and counts
+        self._a_sum: torch.Tensor | None = None
+        self._g_sum: torch.Tensor | None = None
+        self._na = self._ng = 0
+        self.record = True  # set by the optimizer: only steps that update the factors record
         self.started = False  # had a factor step (the reference's first one only resets)
+        self._applied: tuple[torch.Tensor, torch.Tensor] | None = None  # inverses in grad dtype
         self.handles = [module.register_forward_hook(self._forward)]
 
+    @property
+    def a(self) -> torch.Tensor | None:
+        """The mean input over the micro-batches since the last step (equal weights)."""
+        return None if self._a_sum is None else self._a_sum / self._na
+
+    @property
+    def g(self) -> torch.Tensor | None:
+        """The per-sample output gradient, averaged over the micro-batches (equal weights)."""
+        return None if self._g_sum is None else self._g_sum / self._ng
+
+    def clear(self) -> None:
+        self._a_sum = self._g_sum = None
+        self._na = self._ng = 0
+
+    def inverses(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R^-1, L^-1)`` in ``dtype``, converted once per factor update."""
+        if self._applied is None or self._applied[0].dtype != dtype:
+            self._applied = (self.right.inverse.to(dtype), self.left.inverse.to(dtype))
+        return self._applied
+
     def _forward(self, module, inputs, output):
-        if not torch.is_grad_enabled() or not output.requires_grad:
+        if not self.record or not torch.is_grad_enabled() or not output.requires_grad:
             return
         # the output gradient is read by a hook on the output tensor (a module backward hook
         # would warn for first layers, whose inputs need no gradient)
@@ -152,7 +184,8 @@ class _LayerState:
             x = x.reshape(-1, module.in_features).mean(0)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(1)])
-        self.a = x
+        self._a_sum = x if self._a_sum is None else self._a_sum + x
+        self._na += 1
 
     def _backward(self, grad: torch.Tensor) -> None:
         module = self.module
@@ -161,9 +194,11 @@ class _LayerState:
             if g.dim() == 3:  # unbatched input
                 g = g[None]
             # per sample: the mean over positions; summed over the batch
-            self.g = g.mean(dim=(2, 3)).sum(0)
+            g = g.mean(dim=(2, 3)).sum(0)
         else:
-            self.g = g.reshape(-1, module.weight.shape[0]).sum(0)
+            g = g.reshape(-1, module.weight.shape[0]).sum(0)
+        self._g_sum = g if self._g_sum is None else self._g_sum + g
+        self._ng += 1
 
     def remove(self):
         for h in self.handles:
@@ -344,6 +379,8 @@ class MKOR(Optimizer):
         KroneckerFactorInverse.update_many(factors, vectors)
         for f in factors:
             self._stabilise(f)
+        for layer in self.layers:
+            layer._applied = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -366,24 +403,23 @@ class MKOR(Optimizer):
                         else b
                     )
                     grad = torch.cat([grad, b[:, None]], dim=1)
-                g64 = grad.to(torch.float64)
-                u = (
-                    layer.right.inverse.to(torch.float64)
-                    @ g64
-                    @ layer.left.inverse.to(torch.float64)
-                )
+                r_inv, l_inv = layer.inverses(grad.dtype)
+                u = r_inv @ grad @ l_inv
                 # rescale to the gradient's size: (|dW| + |db|) / (|U_W| + |U_b|), as the
                 # reference does (the norms of the weight and bias parts added, not joined)
                 nw = int(layer.has_bias)
-                gn = g64[:, : g64.shape[1] - nw].norm() + (g64[:, -1].norm() if nw else 0.0)
+                gn = grad[:, : grad.shape[1] - nw].norm() + (grad[:, -1].norm() if nw else 0.0)
                 un = u[:, : u.shape[1] - nw].norm() + (u[:, -1].norm() if nw else 0.0)
                 if un > 0 and torch.isfinite(un):
                     u = u * (gn / un)
-                    u = u.to(grad.dtype)
                     w.grad.copy_(u[:, : grad.shape[1] - int(layer.has_bias)].view_as(w.grad))
                     if layer.has_bias and layer.module.bias.grad is not None:
                         layer.module.bias.grad.copy_(u[:, -1])
         self.steps += 1
+        record = self.switched_at_step is None and self.steps % self.inv_freq == 0
+        for layer in self.layers:  # the next step's statistics start afresh
+            layer.clear()
+            layer.record = record
         self.base.step()
         return loss
 
@@ -418,6 +454,7 @@ class MKOR(Optimizer):
                 layer.left.inverse = left.clone().to(layer.left.inverse.device)
                 layer.right.inverse = right.clone().to(layer.right.inverse.device)
                 layer.started = state_dict.get("started", {}).get(layer.name, True)
+                layer._applied = None
         losses, means, best, slow = state_dict["hybrid"]
         self._losses, self._window_means, self._best_rate, self._slow_windows = (
             list(losses),
