@@ -98,31 +98,37 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
     return {
         "optimizer": row,
         "model": model_kind,
-        "seconds_per_step": statistics.median(times),
+        # the mean, not the median: with update_each > 1 the steps alternate between two costs
+        "seconds_per_step": statistics.mean(times),
         "peak_bytes": peak,
         "peak_over_start_bytes": (peak - base) if peak and base else None,
     }
 
 
-def _quality_one(name: str, seed: int, steps: int, eval_every: int, max_eval: int) -> dict:
+def _quality_one(
+    name: str, seed: int, steps: int, eval_every: int, max_eval: int, lr: float, threads: int
+) -> dict:
     from curvature.cli.train import TrainJob, run_train
 
     m = run_train(
         TrainJob(
             optimizer=name,
             output=None,
+            lr=lr if lr > 0 else None,
             max_steps=steps,
             max_length=64,
             max_eval=max_eval,
             eval_every=eval_every,
             seed=seed,
             progress=False,
+            threads=threads or None,
         )
     )
     return {k: m[k] for k in ("optimizer", "lr", "seed", "steps", "seconds_per_step", "curve")} | {
         "accuracy": m["validation"]["accuracy"],
         "loss": m["validation"]["loss"],
         "peak_bytes": m["peak_memory_bytes"],
+        "switched_to_base_at_step": m.get("switched_to_base_at_step"),
     }
 
 
@@ -145,7 +151,8 @@ def part_cost(quick: bool) -> list[str]:
         "| model | optimizer | s/step | x AdamW | peak RSS GiB | peak growth over start GiB |",
         "|---|---|---|---|---|---|",
     ]
-    for model_kind, steps in (("mlp", 5 if quick else 20), ("minilm", 2 if quick else 5)):
+    # whole multiples of update_each = 4, so that the means are the long-run cost
+    for model_kind, steps in (("mlp", 8 if quick else 40), ("minilm", 4 if quick else 8)):
         rows = [_sub(["cost", name, model_kind, str(steps)]) for name in COST_ROWS]
         ref = rows[0].get("seconds_per_step")
         for name, r in zip(COST_ROWS, rows):
@@ -161,37 +168,83 @@ def part_cost(quick: bool) -> list[str]:
     return lines
 
 
-def part_quality(seeds: list[int], steps: int, eval_every: int, target: float, max_eval: int):
+def part_quality(
+    names, seeds, steps, eval_every, target, max_eval, lrs: dict, threads: int, plot: str | None
+):
     runs = {}
-    for name in OPTIMIZERS:
+    for name in names:
+        lr = lrs.get(name, 0.0)
         runs[name] = [
-            _sub(["quality", name, str(s), str(steps), str(eval_every), str(max_eval)])
+            _sub(["quality", name, str(s), str(steps), str(eval_every), str(max_eval), str(lr),
+                  str(threads)])
             for s in seeds
-        ]
+        ]  # fmt: skip
         ok = [r for r in runs[name] if "error" not in r]
         accs = ", ".join(f"{r['accuracy']:.3f}" for r in ok)
         print(f"{name}: accuracy after {steps} steps per seed: {accs}", flush=True)
+    from curvature.cli.train import steps_to_reach
+
     lines = [
-        f"| optimizer | lr | accuracy after {steps} steps (mean; per seed) | steps to {target:.0%} "
-        "(per seed) | s/step |",
-        "|---|---|---|---|---|",
+        f"| optimizer | lr | accuracy after {steps} steps (mean +- std; per seed) | steps to "
+        f"{target:.0%} (per seed) | s/step | MKOR-H switch step |",
+        "|---|---|---|---|---|---|",
     ]
     for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            lines.append(f"| {name} | | error: {rs[0]['error']} | | |")
+            lines.append(f"| {name} | | error: {rs[0]['error']} | | | |")
             continue
-        from curvature.cli.train import steps_to_reach
-
         accs = [r["accuracy"] for r in ok]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         reach = [steps_to_reach(r["curve"], target) for r in ok]
         reach_s = ", ".join("never" if s is None else str(s) for s in reach)
-        lines.append(
-            f"| {name} | {ok[0]['lr']:g} | {statistics.mean(accs):.3f} "
-            f"({', '.join(f'{a:.3f}' for a in accs)}) | {reach_s} | "
-            f"{statistics.mean(r['seconds_per_step'] for r in ok):.2f} |"
+        switch = (
+            ", ".join(str(r["switched_to_base_at_step"] or "none") for r in ok)
+            if name == "mkor-h"
+            else ""
         )
+        lines.append(
+            f"| {name} | {ok[0]['lr']:g} | {statistics.mean(accs):.3f} +- {sd:.3f} "
+            f"({', '.join(f'{a:.3f}' for a in accs)}) | {reach_s} | "
+            f"{statistics.mean(r['seconds_per_step'] for r in ok):.2f} | {switch} |"
+        )
+    if plot:
+        _plot_curves(runs, plot, steps)
+        lines.append(f"\nLearning curves: {plot}")
     return lines, runs
+
+
+def _plot_curves(runs: dict, path: str, steps: int) -> None:
+    """Validation accuracy against step: the mean over seeds, the band from min to max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            continue
+        stepsx = [h["step"] for h in ok[0]["curve"]]
+        acc = [[h["accuracy"] for h in r["curve"]] for r in ok]
+        mean = [statistics.mean(c[i] for c in acc) for i in range(len(stepsx))]
+        (line,) = ax.plot(stepsx, mean, marker="o", label=f"{name} (lr {ok[0]['lr']:g})")
+        ax.fill_between(
+            stepsx,
+            [min(c[i] for c in acc) for i in range(len(stepsx))],
+            [max(c[i] for c in acc) for i in range(len(stepsx))],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+    ax.set_xlabel("optimizer step (batch 16)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"MiniLM on bbc-news, {len(next(iter(runs.values())))} seeds (band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
@@ -293,13 +346,28 @@ def main() -> None:
         if kind == "cost":
             res = _cost_one(rest[0], rest[1], int(rest[2]))
         else:
-            res = _quality_one(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+            res = _quality_one(
+                rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]),
+                int(rest[6]),
+            )  # fmt: skip
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["cost", "quality", "mfac-warmup", "mfac-product", "all"], default="all")
+    ap.add_argument(
+        "--part", choices=["cost", "quality", "mfac-warmup", "mfac-product", "all"], default="all"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="quality: which to run")
+    ap.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="quality: learning rate for one optimizer (default: curvature train's)",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="quality: torch threads per run")
+    ap.add_argument("--plot", default=None, help="quality: write the learning curves here (PNG)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--target", type=float, default=0.9)
@@ -324,7 +392,12 @@ def main() -> None:
         out["cost"] = lines
     if args.part in ("quality", "all"):
         seeds = [int(s) for s in args.seeds.split(",")]
-        lines, runs = part_quality(seeds, args.steps, args.eval_every, args.target, args.max_eval)
+        lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr)}
+        names = [n for n in args.optimizers.split(",") if n]
+        lines, runs = part_quality(
+            names, seeds, args.steps, args.eval_every, args.target, args.max_eval, lrs,
+            args.threads, args.plot,
+        )  # fmt: skip
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out["quality"] = {"table": lines, "runs": runs}
     if args.json:

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -377,6 +378,42 @@ def test_mkor_h_switches_when_acceleration_stops(caplog):
     assert opt.switched_at_step is not None and 20 <= opt.switched_at_step <= 35
     assert "MKOR-H: switching to sgd" in caplog.text
     assert all(not layer.module._forward_hooks for layer in opt.layers)  # hooks removed
+
+
+def test_mkor_h_switch_rule_exactly():
+    """The documented rule, step by step: window means 10, 8, 6, 5.5, 3.5, 3.0, 2.8 (rates 2, 2,
+    0.5, 2, 0.5, 0.2 per window against a best of 2 and a ratio of 0.5): the slow window at rate
+    0.5 is followed by a fast one, so the patience count resets; the switch comes at the end of
+    the second slow window in a row, the 35th loss. Non-finite losses are ignored."""
+    model = mlp()
+    opt = MKOR(model, lr=0.01, momentum=0.0, hybrid=True, switch_window=5, switch_ratio=0.5,
+               switch_patience=2)  # fmt: skip
+    means = [10.0, 8.0, 6.0, 5.5, 3.5, 3.0, 2.8, 2.7]
+    losses = [m for m in means for _ in range(5)]
+    losses.insert(3, float("nan"))
+    seen = 0
+    for value in losses:
+        if math.isfinite(value):
+            seen += 1
+        opt.steps = seen - 1
+        opt.observe_loss(torch.tensor(value))
+        if seen < 35:
+            assert opt.switched_at_step is None, seen
+    assert opt.switched_at_step == 34
+    # after the switch a step is the base optimizer's alone (SGD without momentum: -lr * grad)
+    x, y = mlp_data()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.01 * g)
+    # the switch survives a state_dict round trip
+    twin = MKOR(mlp(), lr=0.01, momentum=0.0, hybrid=True)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.switched_at_step == 34
+    assert all(not layer.module._forward_hooks for layer in twin.layers)  # hooks removed
 
 
 def test_mkor_excludes_layers_and_needs_model():

@@ -3,6 +3,7 @@ import torch
 from models import batches, ce_loss, correlated_inputs, full_loss, prune_copy, trained_mlp
 
 from curvature.pruning import MaskSet, interpolate, parse_mask, prune, select_params, sparsity_at
+from curvature.pruning.params import SKIP_1D
 from curvature.pruning.schedule import pruning_points
 
 
@@ -115,7 +116,9 @@ def test_masks_survive_optimizer_steps(problem):
 def test_param_selection_and_errors(problem):
     model, _, _ = problem
     assert [n for n, _ in select_params(model, "__ALL_PRUNABLE__")] == ["0.weight", "2.weight"]
-    assert [n for n, _ in select_params(model, ["re:2\\."])] == ["2.weight", "2.bias"]
+    assert [n for n, _ in select_params(model, ["re:2\\."])] == ["2.weight"]  # 1-D skipped
+    assert select_params(model, ["re:2\\."], with_skipped=True)[1] == {"2.bias": SKIP_1D}
+    assert [n for n, _ in select_params(model, ["re:.*bias"])] == ["0.bias", "2.bias"]
     with pytest.raises(
         ValueError, match="'0.wieght' matches no parameter.*nearest parameter names: 0.weight"
     ):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,7 @@ class PruneJob:
     optimizer_kwargs: dict | None = None
     checkpoint_every: int | None = None  # save a resumable checkpoint every N training steps
     resume: bool = False  # continue from the latest checkpoint of an interrupted run
+    dense_baseline: bool = False  # also train the dense model for the same steps (no pruning)
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -74,19 +77,105 @@ def _check_output(path: Path, overwrite: bool) -> None:
         )
 
 
+# partial output folders being written by this process (removed on SIGTERM by the CLI)
+_PARTIAL: set[Path] = set()
+
+
+def remove_partial_outputs() -> list[Path]:
+    """Remove every partial output folder this process is writing; return them."""
+    removed = sorted(_PARTIAL)
+    for tmp in removed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _PARTIAL.clear()
+    return removed
+
+
 @contextlib.contextmanager
 def _atomic_output(out: Path):
-    """Yield a temporary folder beside ``out``; it replaces ``out`` only if the block succeeds."""
+    """Yield a temporary folder beside ``out``; it replaces ``out`` only if the block succeeds.
+
+    On any exception (an error or Ctrl-C) the temporary folder is removed; on SIGTERM the CLI's
+    handler removes it (:func:`remove_partial_outputs`) before exiting. A process killed outright cannot clean up: the next run names what it
+    left (``.NAME.partial-*``) in a warning. The result gets the permissions of the user's umask
+    (a temporary folder is created owner-only).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
+    if leftovers:
+        warnings.warn(
+            f"{len(leftovers)} partial output folder(s) of an interrupted run remain: "
+            f"{', '.join(str(p) for p in leftovers)}; remove them if no other run is writing "
+            f"{out}",
+            stacklevel=3,
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _PARTIAL.add(tmp)
     try:
         yield tmp
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _PARTIAL.discard(tmp)
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes the user's umask gives new files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _dense_baseline(job, recipe: Recipe, epochs: float) -> dict:
+    """The dense model trained for the same steps as the pruned run: the same recipe without its
+    pruning and distillation modifiers (learning-rate and epoch modifiers kept), the same seed,
+    data order, batch size and optimizer; its validation accuracy and loss, and the steps."""
+    from curvature.integrations.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy
+    from curvature.recipes import RecipeManager
+    from curvature.recipes.schema import DistillationModifier, _Pruning
+
+    dense_recipe = Recipe(
+        modifiers=[
+            m for m in recipe.modifiers if not isinstance(m, (_Pruning, DistillationModifier))
+        ],
+        variables=recipe.variables,
+        source=recipe.source,
+    )
+    model, _, enc, collator, eval_loader = load_for_job(job)
+    manager = RecipeManager(dense_recipe, model)
+    with tempfile.TemporaryDirectory(prefix="curvature-dense-") as work:
+        args = training_args(
+            job,
+            Path(work),
+            num_train_epochs=epochs,
+            learning_rate=job.lr,
+            lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
+            logging_strategy="no",
+        )
+        trainer = RecipeTrainer(
+            model=model,
+            args=args,
+            train_dataset=enc["train"],
+            data_collator=collator,
+            manager=manager,
+            optimizer_name=job.optimizer,
+            optimizer_kwargs=job.optimizer_kwargs,
+        )
+        trainer.add_callback(RecipeCallback(manager, progress=job.progress, seed=job.seed))
+        result = trainer.train()
+    ev = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval dense baseline")
+    return {**ev, "steps": result.global_step, "epochs": epochs}
 
 
 def load_for_job(job):
@@ -253,6 +342,7 @@ def run_prune(job: PruneJob) -> dict:
                 metrics["dense"] = trainer.extra_state["dense"]
                 metrics["resumed_from"] = resume_from
             metrics["optimizer"] = type(trainer._inner_optimizer()).__name__
+            metrics["steps"] = trainer.state.global_step
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
             shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
             if "dense" not in metrics:  # the recipe never pruned
@@ -261,6 +351,8 @@ def run_prune(job: PruneJob) -> dict:
         metrics["pruned"] = evaluate_accuracy(
             model, eval_loader, progress=job.progress, desc="eval pruned"
         )
+        if job.dense_baseline and epochs > 0:
+            metrics["dense_equal_budget"] = _dense_baseline(job, recipe, epochs)
         metrics["sparsity"] = manager.sparsity()
         params = dict(model.named_parameters())
         metrics["param_sparsity"] = {

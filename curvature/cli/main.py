@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from curvature import __version__
 
@@ -50,6 +51,8 @@ def _yaml_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from curvature.cli.defaults import describe
+
     parser = argparse.ArgumentParser(
         prog="curvature",
         description=DESCRIPTION,
@@ -82,10 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--oneshot", action="store_true", help="prune to the final sparsity without training"
     )
-    p.add_argument("--max-train", type=int, default=None, help="use at most N training examples")
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="use at most N training examples (a quick smoke run: --max-train 128 --max-eval 64)",
+    )
     p.add_argument("--max-eval", type=int, default=None, help="use at most N validation examples")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="training batch (default 16)")
+    p.add_argument(
+        "--dense-baseline",
+        action="store_true",
+        help="also train the dense model for the same steps without pruning (an equal-budget "
+        "comparison; doubles the training time)",
+    )
     p.add_argument(
         "--lr", type=float, default=5e-5, help="learning rate unless the recipe sets one"
     )
@@ -124,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune a sequence classifier with the chosen optimizer through the Hugging Face "
             "Trainer (AdaHessian's create_graph backward and MKOR-H's loss feed are handled), "
             "evaluate it, and write the model, tokenizer and metrics.json to --output. Learning "
-            "rates default to values probed for MiniLM fine-tuning (see the README)."
+            "rates default to values probed for MiniLM fine-tuning (see the README): "
+            + describe()
+            + ". Other defaults: 1 epoch, batch 16, 128 tokens; all of them are recorded in "
+            "metrics.json."
         ),
     )
     t.add_argument(
@@ -143,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="optimizer keyword, e.g. --opt damp=1e-4 --opt num_grads=32 (repeatable)",
     )
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--max-train", type=int, default=None)
-    t.add_argument("--max-eval", type=int, default=None)
-    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
+    t.add_argument(
+        "--max-steps", type=int, default=None, help="stop after N optimizer steps (default: none)"
+    )
+    t.add_argument("--batch-size", type=int, default=16, help="training batch (default 16)")
+    t.add_argument("--max-train", type=int, default=None, help="use at most N training examples")
+    t.add_argument("--max-eval", type=int, default=None, help="use at most N validation examples")
+    t.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     t.add_argument(
         "--eval-every", type=int, default=None, help="also evaluate every N steps (learning curve)"
     )
@@ -226,7 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _terminate(signum, frame):
+    """SIGTERM: remove the partial outputs, say so, and exit with 143 at once (an exception
+    raised from a signal handler can land in a finalizer, where Python ignores it)."""
+    import os
+
+    from curvature.cli.jobs import remove_partial_outputs
+
+    remove_partial_outputs()
+    print("terminated; no output was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``curvature`` command; returns the exit code. SIGTERM is handled like Ctrl-C while
+    it runs (partial outputs removed), and the previous handler is restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -246,33 +296,37 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
     )
-    try:
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "report":
-            from curvature.cli.sweep import render
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # one line each, not a file:line + source dump
+        try:
+            if args.command == "sweep":
+                return _sweep(args)
+            if args.command == "report":
+                from curvature.cli.sweep import render
 
-            render(args.folder)
-            print((__import__("pathlib").Path(args.folder) / "results.md").read_text())
-            return 0
-        if args.command == "check":
-            return _check(args)
-        if args.command == "prune":
-            return _prune(args)
-        if args.command == "train":
-            return _train(args)
-    except user_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command == "prune":
-            from curvature.cli.jobs import checkpoint_dir
+                render(args.folder)
+                print((__import__("pathlib").Path(args.folder) / "results.md").read_text())
+                return 0
+            if args.command == "check":
+                return _check(args)
+            if args.command == "prune":
+                return _prune(args)
+            if args.command == "train":
+                return _train(args)
+        except user_errors as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            hint = ""
+            if args.command == "prune":
+                from curvature.cli.jobs import checkpoint_dir
 
-            if any(checkpoint_dir(args.output).glob("checkpoint-*")):
-                hint = f"; checkpoints are in {checkpoint_dir(args.output)}: rerun with --resume"
-        print(f"interrupted; no output was written{hint}", file=sys.stderr)
-        return 130
+                if any(checkpoint_dir(args.output).glob("checkpoint-*")):
+                    hint = (
+                        f"; checkpoints are in {checkpoint_dir(args.output)}: rerun with --resume"
+                    )
+            print(f"interrupted; no output was written{hint}", file=sys.stderr)
+            return 130
     return 0
 
 
@@ -388,6 +442,7 @@ def _prune(args) -> int:
         progress=not args.no_progress,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        dense_baseline=args.dense_baseline,
     )
     m = run_prune(job)
     dense, pruned = m.get("dense"), m["pruned"]
@@ -395,7 +450,12 @@ def _prune(args) -> int:
     print(f"{'':24}{'accuracy':>10}{'loss':>10}")
     if dense:
         print(f"{'dense (before pruning)':24}{dense['accuracy']:>10.4f}{dense['loss']:>10.4f}")
-    print(f"{'pruned':24}{pruned['accuracy']:>10.4f}{pruned['loss']:>10.4f}")
+    base = m.get("dense_equal_budget")
+    if base:
+        label = f"dense, {base['steps']} steps"
+        print(f"{label:24}{base['accuracy']:>10.4f}{base['loss']:>10.4f}")
+    steps = f", {m['steps']} steps" if m.get("steps") else ""
+    print(f"{'pruned' + steps:24}{pruned['accuracy']:>10.4f}{pruned['loss']:>10.4f}")
     print(
         f"sparsity {m['sparsity']:.2%} of the pruned parameters; {m['seconds']:.0f} s; saved to {args.output}"
     )

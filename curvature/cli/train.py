@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from curvature.cli.defaults import DEFAULTS  # noqa: E402
 from curvature.cli.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
-
-# Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
-# probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
-DEFAULTS: dict[str, tuple[float, dict]] = {
-    "adamw": (1e-4, {"weight_decay": 0.01}),
-    "adahessian": (1e-2, {"weight_decay": 0.01}),
-    "mkor": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
-    "mkor-h": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
-    "mfac": (1e-2, {"num_grads": 16, "damp": 1e-4}),
-    "sgd": (1e-2, {"momentum": 0.9}),
-    "lamb": (1e-3, {"weight_decay": 0.01}),
-}
 
 
 @dataclass
@@ -142,6 +131,13 @@ def run_train(job: TrainJob) -> dict:
             "seed": job.seed,
             "steps": steps,
             "batch_size": job.batch_size,
+            "epochs": job.epochs,
+            "max_steps": job.max_steps,
+            "max_length": job.max_length,
+            "max_train": job.max_train,
+            "max_eval": job.max_eval,
+            "train_examples": len(enc["train"]),
+            "validation_examples": len(enc["validation"]),
             "train_loss": result.training_loss,
             "train_seconds": curve.train_seconds,
             "seconds_per_step": curve.train_seconds / max(steps, 1),
@@ -150,9 +146,9 @@ def run_train(job: TrainJob) -> dict:
             "curve": curve.history,
             "seconds": time.perf_counter() - start,
         }
-        switched = getattr(trainer._inner_optimizer(), "switched_at_step", None)
-        if switched is not None:
-            metrics["switched_to_base_at_step"] = switched
+        inner = trainer._inner_optimizer()
+        if getattr(inner, "hybrid", False):  # MKOR-H: whether and when it switched
+            metrics["switched_to_base_at_step"] = inner.switched_at_step
         if out is not None:
             shutil.rmtree(Path(tmp) / "trainer", ignore_errors=True)
             model.save_pretrained(tmp)

@@ -204,7 +204,9 @@ class SlidingWindowFisherInverse:
         if self.grads.dtype == self._work:  # no reduction over d here: one product, no chunks
             return torch.addmm(xs, coef, self.grads, beta=inv_damp, alpha=-inv_damp)
         parts = [
-            torch.addmm(xs[:, c], coef, self.grads[:, c].to(self._work), beta=inv_damp, alpha=-inv_damp)
+            torch.addmm(
+                xs[:, c], coef, self.grads[:, c].to(self._work), beta=inv_damp, alpha=-inv_damp
+            )
             for c in self._chunks()
         ]
         return torch.cat(parts, dim=1)

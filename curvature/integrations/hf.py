@@ -226,6 +226,15 @@ class RecipeTrainer(Trainer):
     def _inner_optimizer(self):
         return unwrap_optimizer(self.optimizer)
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Log the learning rate the optimizer actually applies: a recipe's learning-rate
+        modifier sets it directly each step, past the Trainer's own scheduler."""
+        if "learning_rate" in logs and self.optimizer is not None:
+            groups = getattr(self._inner_optimizer(), "param_groups", None)
+            if groups:
+                logs = {**logs, "learning_rate": float(groups[0]["lr"])}
+        super().log(logs, *args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         from curvature.optim import MKOR, needs_create_graph
 

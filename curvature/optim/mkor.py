@@ -55,6 +55,13 @@ decrease per window is compared with the best rate seen so far; when it falls be
 ``switch_ratio`` times that best rate for ``switch_patience`` windows in a row, the second-order
 updates have stopped accelerating the loss decrease, and the optimizer switches permanently to
 its base optimizer (logged at INFO level and recorded in ``optimizer.switched_at_step``).
+Source of the rule: the MKOR paper describes MKOR-H's switch only as a "loss decrease
+rate-based" return to the first-order method once second-order steps stop paying off, with no
+equation, threshold or window, and the authors' public code has no MKOR-H (their BERT example
+resumes an MKOR checkpoint with LAMB by hand). The window / ratio / patience rule and its
+defaults are therefore this toolkit's reading of that sentence, not a transcription;
+``tests/test_optim.py`` pins the exact step at which it fires, the reset of the patience count,
+and that the steps after the switch are the base optimizer's alone.
 
 Layers are excluded by name or ``re:`` pattern (``exclude``), e.g. a 30k-wide vocabulary
 projection whose ``R`` would be 30k x 30k. Other layers (embeddings, norms, grouped or
@@ -448,6 +455,9 @@ class MKOR(Optimizer):
         self.param_groups = self.base.param_groups
         self.steps = state_dict["steps"]
         self.switched_at_step = state_dict["switched_at_step"]
+        if self.switched_at_step is not None:  # switched before the checkpoint: no more hooks
+            for layer in self.layers:
+                layer.remove()
         for layer in self.layers:
             if layer.name in state_dict["factors"]:
                 left, right = state_dict["factors"][layer.name]

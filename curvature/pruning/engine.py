@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,12 @@ class PruneReport:
     global_sparsity: float  # reached, over the selected parameters
     param_sparsity: dict[str, float]
     estimated_loss_increase: float | None  # sum of the OBS costs of the pruned groups
-    num_grads: int
+    num_grads: int  # gradients per Fisher (requested)
     seconds: float
+    # distinct batches behind them: fewer than num_grads when the data was cycled
+    distinct_batches: int | None = None
+    # parameters a ``re:`` pattern matched but that were left out, with the reason
+    skipped: dict[str, str] = field(default_factory=dict)
     memory_groups: int = 1  # groups of parameters whose curvature was built at once (most per step)
     memory_plan: dict = field(default_factory=dict)  # bytes of each large buffer (largest step)
     masks: MaskSet = field(repr=False, default_factory=MaskSet)
@@ -148,9 +153,17 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     structure = settings.structure
     curvature, solver = resolve(settings.method, settings.selection)
     allocation = GlobalThreshold() if settings.global_sparsity else LayerTargets()
-    named = select_params(
-        model, settings.params if isinstance(settings.params, str) else list(settings.params)
+    named, skipped = select_params(
+        model,
+        settings.params if isinstance(settings.params, str) else list(settings.params),
+        with_skipped=True,
     )
+    if skipped:
+        warnings.warn(
+            f"prune: {len(skipped)} parameters matched by a re: pattern were skipped "
+            f"({_skip_summary(skipped)}); the list is in report.skipped",
+            stacklevel=3,
+        )
     for name, p in named:
         check_param_fits(name, p, structure)
     # a parameter smaller than a block is one block of its own size (a multiple of the mask's run)
@@ -191,6 +204,14 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     per = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
     reached = sum(per[t.name] * t.numel for t in targets) / total
     uses_curvature = curvature.needs_gradients
+    distinct = problem.data.distinct_batches
+    if uses_curvature and distinct is not None and distinct < settings.num_grads:
+        warnings.warn(
+            f"prune: data has {distinct} batches but num_grads={settings.num_grads}: the "
+            f"batches were cycled, so the Fisher averages {distinct} distinct gradients, each "
+            f"repeated; pass at least num_grads batches or lower num_grads",
+            stacklevel=3,
+        )
     return PruneReport(
         method=settings.method,
         mask=structure.name,
@@ -201,10 +222,19 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         estimated_loss_increase=est if uses_curvature else None,
         num_grads=settings.num_grads if uses_curvature else 0,
         seconds=time.perf_counter() - start,
+        distinct_batches=distinct if uses_curvature else None,
+        skipped=skipped,
         memory_groups=groups,
         memory_plan=max((p.as_dict() for p in problem.plans), key=lambda d: d["total"]),
         masks=masks,
     )
+
+
+def _skip_summary(skipped: dict[str, str]) -> str:
+    reasons: dict[str, int] = {}
+    for why in skipped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return "; ".join(f"{n} {why}" for why, n in reasons.items())
 
 
 def _curvature_budget(model, targets, curvature, settings) -> int:

@@ -21,15 +21,20 @@ def prunable_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def select_params(
-    model: torch.nn.Module, params: str | list[str]
-) -> list[tuple[str, torch.nn.Parameter]]:
+SKIP_1D = "1-D (biases and norm weights): a pattern prunes matrices and kernels; name one exactly to prune it"
+
+
+def select_params(model: torch.nn.Module, params: str | list[str], *, with_skipped: bool = False):
     """Resolve a selection to ``(name, parameter)`` pairs in model order.
 
     Entries are exact parameter names, ``re:PATTERN`` (matched from the start of the name, as the
-    recipe format has always done), ``__ALL_PRUNABLE__`` or ``__ALL__``. An entry that matches
-    nothing is an error naming the entry and the nearest parameter names.
+    recipe format has always done), ``__ALL_PRUNABLE__`` or ``__ALL__``. A pattern selects the
+    parameters of two or more dimensions it matches; the 1-D ones it also matches (biases,
+    LayerNorm weights, as ``re:bert.encoder.*weight`` does) are skipped, and with
+    ``with_skipped=True`` returned as ``{name: reason}`` beside the selection. An entry that
+    matches nothing is an error naming the entry and the nearest parameter names.
     """
+    skipped: dict[str, str] = {}
     entries = [params] if isinstance(params, str) else list(params)
     if not entries:
         raise ValueError("params is empty: name the parameters to prune or use __ALL_PRUNABLE__")
@@ -48,6 +53,10 @@ def select_params(
                     f"params entry {entry!r} is not a valid regular expression: {exc}"
                 ) from None
             hits = [n for n in named if pattern.match(n)]
+            for n in hits:
+                if named[n].dim() < 2:
+                    skipped[n] = SKIP_1D
+            hits = [n for n in hits if named[n].dim() >= 2] or hits
         elif isinstance(entry, str):
             hits = [entry] if entry in named else []
         else:
@@ -57,4 +66,6 @@ def select_params(
             hint = f"; nearest parameter names: {', '.join(near)}" if near else ""
             raise ValueError(f"params entry {entry!r} matches no parameter of the model{hint}")
         chosen.update(hits)
-    return [(n, p) for n, p in named.items() if n in chosen]
+    skipped = {n: why for n, why in skipped.items() if n not in chosen}
+    selected = [(n, p) for n, p in named.items() if n in chosen]
+    return (selected, skipped) if with_skipped else selected

@@ -43,6 +43,8 @@ class ReplayableData:
             if isinstance(gen, torch.Generator) and all(gen is not g for g in self._generators):
                 self._generators.append(gen)
         self._states = None
+        # distinct batches behind the gradients of a collection (fewer than num_grads: cycled)
+        self.distinct_batches: int | None = None
 
     def new_step(self) -> None:
         """Forget the recorded states: the next pass draws fresh batches (a new pruning step)."""
@@ -59,6 +61,16 @@ class ReplayableData:
         return self.data
 
 
+def _counted(batches, counts: dict, data: ReplayableData):
+    """Pass ``batches`` through; at the end record on ``data`` the fewest distinct batches any
+    collection used."""
+    yield from batches
+    distinct = counts.get("distinct")
+    if distinct is not None:
+        prev = data.distinct_batches
+        data.distinct_batches = distinct if prev is None else min(prev, distinct)
+
+
 def collect_gradients(
     model,
     data,
@@ -68,12 +80,15 @@ def collect_gradients(
     num_grads: int,
     batch: int = GRADIENT_BATCH,
     progress=True,
+    counts: dict | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{target name: [k, numel]}`` gradient batches (``k <= batch``), ``num_grads`` in all.
 
     One gradient per item of ``data`` (a re-iterable, cycled if shorter than ``num_grads``), the
     model in eval mode (no dropout: the same batches give the same gradients), its train mode and
     ``.grad`` fields restored at the end (the user's accumulated gradients survive pruning).
+    ``counts["distinct"]`` (if given) is set to the number of distinct batches used: ``num_grads``,
+    or the length of one pass when ``data`` was cycled.
     """
     pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
 
@@ -114,6 +129,8 @@ def collect_gradients(
                     break
             if seen == before:
                 raise ValueError("data yielded no batches: pass a re-iterable of batches")
+            if counts is not None and "distinct" not in counts:
+                counts["distinct"] = seen  # the first pass: every later one repeats it
         if pending[targets[0].name]:
             yield flush()
     finally:
@@ -212,13 +229,19 @@ def build_curvature(problem, group, curvature, settings):
     """
     grads = None
     if curvature.needs_gradients:
-        grads = collect_gradients(
-            problem.model,
-            problem.data.replay(),
-            problem.loss_fn,
-            group,
-            num_grads=settings.num_grads,
-            progress=settings.progress,
+        counts: dict = {}
+        grads = _counted(
+            collect_gradients(
+                problem.model,
+                problem.data.replay(),
+                problem.loss_fn,
+                group,
+                num_grads=settings.num_grads,
+                progress=settings.progress,
+                counts=counts,
+            ),
+            counts,
+            problem.data,
         )
     return curvature.build(group, grads, settings)
 

@@ -1,0 +1,192 @@
+"""What a new user hits first: cycled batches, skipped parameters, warnings as one line, partial
+outputs, file modes, and the documented loaders."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from tiny import make_csv, make_model_dir
+
+from curvature.cli.main import main
+from curvature.pruning import prune
+
+
+def _mlp_problem(n_batches):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return model, batches
+
+
+def _loss(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def test_prune_says_when_batches_are_cycled():
+    model, batches = _mlp_problem(3)
+    with pytest.warns(UserWarning, match="data has 3 batches but num_grads=8") as rec:
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
+                       params=["0.weight", "3.weight"], progress=False)  # fmt: skip
+    assert len([w for w in rec if "num_grads" in str(w.message)]) == 1  # once, not per step
+    assert report.distinct_batches == 3 and report.num_grads == 8
+    assert report.to_dict()["distinct_batches"] == 3
+    model, batches = _mlp_problem(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough batches: no warning
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
+                       params=["0.weight", "3.weight"], progress=False)  # fmt: skip
+    assert report.distinct_batches == 8
+    # magnitude pruning reads no data: nothing to report
+    report = prune(model, batches, loss_fn=_loss, sparsity=0.6, method="magnitude",
+                   params=["0.weight"], progress=False)  # fmt: skip
+    assert report.distinct_batches is None
+
+
+def test_pattern_skips_biases_and_norms_and_says_so():
+    model, batches = _mlp_problem(8)
+    with pytest.warns(UserWarning, match=r"2 parameters matched by a re: pattern were skipped"):
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
+                       params=["re:.*weight", "re:0\\..*"], progress=False)  # fmt: skip
+    assert sorted(report.param_sparsity) == ["0.weight", "3.weight"]
+    assert sorted(report.skipped) == ["0.bias", "1.weight"]  # the bias and the LayerNorm weight
+    assert all("1-D" in why for why in report.skipped.values())
+    # a 1-D parameter named exactly is pruned as asked, and not reported as skipped
+    report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
+                   params=["re:.*weight", "1.weight"], progress=False)  # fmt: skip
+    assert "1.weight" in report.param_sparsity and "1.weight" not in report.skipped
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_model_dir(root / "model"), make_csv(root / "train.csv")
+
+
+RECIPE = """
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: 1.0}
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.*weight"]
+    init_sparsity: 0.5
+    final_sparsity: 0.5
+    start_epoch: 0.0
+    end_epoch: 0.0
+    update_frequency: 1.0
+    num_grads: 4
+    fisher_block_size: 8
+    damp: 1.0e-6
+"""
+
+
+def test_cli_prints_warnings_as_one_line_and_reports_skips(assets, tmp_path, capsys):
+    model_dir, data = assets
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    argv = ["prune", str(recipe), "--model", str(model_dir), "--data", str(data)]
+    assert main([*argv, "--output", str(out), "--batch-size", "8", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "skipped" in l]
+    assert lines and all(l.startswith("warning: prune: ") for l in lines), err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    skipped = metrics["pruning_steps"][0]["skipped"]
+    assert skipped and all("LayerNorm" in n or n.endswith("bias") for n in skipped)
+    assert not any("LayerNorm" in n for n in metrics["param_sparsity"])
+
+
+def test_partial_outputs_cleaned_named_and_files_follow_the_umask(assets, tmp_path, capsys):
+    from curvature.cli.jobs import _atomic_output
+
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError), _atomic_output(out):
+        raise RuntimeError("boom")
+    assert not list(tmp_path.glob(".o.partial-*")) and not out.exists()
+    # a killed process's leftover is named by the next run
+    (tmp_path / ".o.partial-abc123").mkdir()
+    with pytest.warns(UserWarning, match=r"\.o\.partial-abc123"), _atomic_output(out) as tmp:
+        (tmp / "f.txt").write_text("x")
+        (tmp / "sub").mkdir()
+    old = os.umask(0o022)
+    try:
+        with _atomic_output(tmp_path / "u") as tmp:
+            (tmp / "f.txt").write_text("x")
+            (tmp / "sub").mkdir()
+            os.chmod(tmp / "f.txt", 0o600)
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "u").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "u" / "sub").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "u" / "f.txt").stat().st_mode & 0o777) == "0o644"
+
+
+def test_sigterm_removes_the_partial_output(assets, tmp_path):
+    model_dir, data = assets
+    out = tmp_path / "t"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curvature.cli.main", "train", "--model", str(model_dir),
+         "--data", str(data), "--output", str(out), "--epochs", "200", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".t.partial-*")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert list(tmp_path.glob(".t.partial-*")), "the job never started writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated; no output was written" in err
+    assert not list(tmp_path.glob(".t.partial-*")) and not out.exists()
+
+
+def test_logged_learning_rate_is_the_applied_one(tmp_path):
+    from transformers import TrainingArguments
+
+    from curvature.integrations.hf import RecipeTrainer
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-5, report_to=[],
+                             use_cpu=True)  # fmt: skip
+    trainer = RecipeTrainer(model=model, args=args, optimizer_name="adamw")
+    trainer.create_optimizer()
+    trainer.optimizer.param_groups[0]["lr"] = 3e-4  # as a recipe's learning-rate modifier sets it
+    trainer.log({"loss": 1.0, "learning_rate": 5e-5})
+    assert trainer.state.log_history[-1]["learning_rate"] == 3e-4
+
+
+def test_train_says_its_defaults(assets, tmp_path, capsys):
+    import json
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "adamw lr 0.0001" in help_text and "mfac lr 0.01, num_grads=16" in help_text
+    assert "training batch (default 16)" in help_text and "(default 128)" in help_text
+    model_dir, data = assets
+    out = tmp_path / "t"
+    argv = ["train", "--optimizer", "mkor-h", "--model", str(model_dir), "--data", str(data)]
+    assert main([*argv, "--output", str(out), "--max-steps", "2", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key, value in dict(epochs=1.0, max_steps=2, max_length=128, batch_size=16).items():
+        assert m[key] == value, key
+    assert m["lr"] == 1e-4 and m["optimizer_kwargs"]["base_optimizer"] == "adamw"
+    assert "switched_to_base_at_step" in m and m["switched_to_base_at_step"] is None
