@@ -340,6 +340,53 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
     return lines
 
 
+def part_tiny_bert() -> list[str]:
+    """The test suite's tiny BERT (2 layers, hidden 16, 64 training sentences, batch 8, 64 steps):
+    final validation accuracy of M-FAC over a grid of settings, beside SGD with momentum and the
+    adaptive optimizers (the majority class gives 0.5625)."""
+    import contextlib
+    import io
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from tiny import make_csv, make_model_dir
+
+    from curvature.cli.main import main as cli
+
+    warnings.filterwarnings("ignore")
+    root = Path(tempfile.mkdtemp(prefix="bench-tiny-bert-"))
+    model_dir, data = make_model_dir(root / "model"), make_csv(root / "train.csv")
+    runs = [("adamw", 1e-2, {}), ("adahessian", 0.2, {})]
+    runs += [("sgd", lr, {}) for lr in (0.01, 0.1, 1.0)]
+    runs += [
+        ("mfac", lr, {"num_grads": m, "damp": d})
+        for lr in (0.01, 0.1, 1.0)
+        for d in (1e-3, 1e-1)
+        for m in (4, 16)
+    ]
+    lines = [
+        "| optimizer | lr | settings | accuracy at steps 20, 40, 60, 64 | train loss |",
+        "|---|---:|---|---|---:|",
+    ]
+    for i, (name, lr, kw) in enumerate(runs):
+        out = root / f"run{i}"
+        argv = ["train", "--optimizer", name, "--model", str(model_dir), "--data", str(data),
+                "--output", str(out), "--epochs", "8", "--batch-size", "8", "--eval-every", "20",
+                "--no-progress", "--lr", str(lr)]  # fmt: skip
+        for k, v in kw.items():
+            argv += ["--opt", f"{k}={v}"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli(argv)
+        m = json.loads((out / "metrics.json").read_text())
+        accs = ", ".join(f"{h['accuracy']:.3f}" for h in m["curve"])
+        settings = ", ".join(f"{k}={v:g}" for k, v in kw.items()) or "-"
+        lines.append(f"| {name} | {lr:g} | {settings} | {accs} | {m['train_loss']:.3f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, *rest = sys.argv[2:]
@@ -354,7 +401,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--part", choices=["cost", "quality", "mfac-warmup", "mfac-product", "all"], default="all"
+        "--part",
+        choices=["cost", "quality", "mfac-warmup", "mfac-product", "tiny-bert", "all"],
+        default="all",
     )
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--seeds", default="0,1,2")
@@ -380,6 +429,9 @@ def main() -> None:
         f"# bench_optim on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
     )
     out = {}
+    if args.part == "tiny-bert":
+        print("\n".join(part_tiny_bert()))
+        return
     if args.part == "mfac-product":
         print("\n".join(part_mfac_product()))
         return
