@@ -154,7 +154,7 @@ def test_sigterm_removes_the_partial_output(assets, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
-    assert "terminated; no output was written" in err
+    assert "terminated; unfinished output removed" in err
     assert not list(tmp_path.glob(".t.partial-*")) and not out.exists()
 
 
@@ -190,3 +190,50 @@ def test_train_says_its_defaults(assets, tmp_path, capsys):
         assert m[key] == value, key
     assert m["lr"] == 1e-4 and m["optimizer_kwargs"]["base_optimizer"] == "adamw"
     assert "switched_to_base_at_step" in m and m["switched_to_base_at_step"] is None
+
+
+def test_gradient_accumulation_gives_the_full_batch_step(assets, tmp_path):
+    """Two micro-batches of 4 with accumulation take the same step as one batch of 8: the
+    trainer's mean loss is divided by the accumulation steps (it was not, when the model accepts
+    loss keywords)."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        TrainingArguments,
+    )
+
+    from curvature.integrations.hf import RecipeTrainer
+    from curvature.tasks import load_task, tokenize
+
+    model_dir, data = assets
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    task = load_task(data, max_train=8)
+    enc = tokenize(task, tok, max_length=16)["train"]
+    after = []
+    for bs, ga in ((8, 1), (4, 2)):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )  # no dropout: the two runs see the same function
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{bs}"), per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga, max_steps=1, learning_rate=0.5, report_to=[],
+            use_cpu=True, lr_scheduler_type="constant", seed=0,
+        )  # fmt: skip
+        trainer = RecipeTrainer(model=model, args=args, train_dataset=enc,
+                                data_collator=DataCollatorWithPadding(tok), optimizer_name="sgd",
+                                optimizer_kwargs={"momentum": 0.0})  # fmt: skip
+        trainer.train()
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(after[0], after[1], rtol=1e-4, atol=1e-6)
+
+
+def test_data_file_columns(tmp_path):
+    from curvature.tasks import load_task
+
+    p = tmp_path / "d.csv"
+    p.write_text("text,sentence1,label\na b,c d,0\ne f,g h,1\ni j,k l,0\nm n,o p,1\n")
+    assert load_task(p).text_columns == ("text",)  # an extra sentence1 is ignored
+    p.write_text("sentence1,sentence2,label\na b,c d,x\ne f,g h,y\ni j,k l,x\nm n,o p,y\n")
+    t = load_task(p)
+    assert t.text_columns == ("sentence1", "sentence2") and t.label_names == ["x", "y"]

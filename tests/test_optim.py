@@ -416,6 +416,37 @@ def test_mkor_h_switch_rule_exactly():
     assert all(not layer.module._forward_hooks for layer in twin.layers)  # hooks removed
 
 
+def test_mkor_statistics_never_leak_into_a_later_step():
+    """A forward/backward that no step consumed (before the first step, or a step skipped by a
+    gradient scaler) is dropped by zero_grad; after load_state_dict the next step records if it
+    updates the factors."""
+    x, y = mlp_data()
+    model = mlp()
+    opt = MKOR(model, lr=0.05, momentum=0.0, inv_freq=2)
+    torch.nn.functional.cross_entropy(model(3 * x), y).backward()  # never stepped
+    opt.zero_grad()
+    assert all(layer.a is None and layer.g is None for layer in opt.layers)
+    twin_model = mlp()
+    twin = MKOR(twin_model, lr=0.05, momentum=0.0, inv_freq=2)
+    for o, m in ((opt, model), (twin, twin_model)):
+        for _ in range(3):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # state at step 3 (not a factor step): a fresh optimizer loading it records at step 4
+    fresh_model = mlp()
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = MKOR(fresh_model, lr=0.05, momentum=0.0, inv_freq=2)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.steps == 3 and not any(layer.record for layer in fresh.layers)
+    fresh.zero_grad()
+    torch.nn.functional.cross_entropy(fresh_model(x), y).backward()
+    fresh.step()
+    assert all(layer.record for layer in fresh.layers)  # step 4 updates the factors
+
+
 def test_mkor_excludes_layers_and_needs_model():
     model = mlp()
     opt = MKOR(model, lr=0.1, exclude=["re:2"])

@@ -36,3 +36,9 @@ def test_every_readme_python_example_runs(tmp_path):
     print(out.stdout)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"example {len(blocks)}:" in out.stdout
+    # what the examples print is what they claim: 50% after pruning, from 8 distinct batches,
+    # and still 50% after two training steps with the masks attached
+    pruned = re.search(r"^(\d\.\d+) sparse, (\d+) batches", out.stdout, flags=re.M)
+    assert pruned and abs(float(pruned[1]) - 0.5) < 1e-3 and pruned[2] == "8", out.stdout
+    kept = re.search(r"^(\d\.\d+) sparse after 2 steps", out.stdout, flags=re.M)
+    assert kept and float(kept[1]) >= 0.5 - 1e-3, out.stdout

@@ -92,6 +92,31 @@ def test_sliding_float32_window_accuracy():
     assert rel_err(f.mul(x.float()).double(), ref @ x) < 1e-7 * cancel
 
 
+def test_sliding_float32_nearly_parallel_large_gradients_stay_definite():
+    """Float32 Gram rows of nearly parallel gradients of norm 1e3 with damp 1e-8: the round-off
+    of the float32 products (about 0.1 on Gram entries of 1e6) dwarfs s * damp, and can make
+    s damp I + G G^T indefinite. The step must not fail (the inverse is rebuilt from the Gram
+    matrix projected to semi-definite); the answer is then only as good as float32 products
+    allow, which here is nothing: float64 storage (every step float64) is accurate."""
+    d, window = 2000, 8
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(d, generator=gen, dtype=F64)
+    grads = base + 1e-4 * torch.randn(40, d, generator=gen, dtype=F64)
+    grads = 1e3 * grads / grads.norm(dim=1, keepdim=True)
+    x = torch.randn(d, dtype=F64)
+    f32 = SlidingWindowFisherInverse(d, window=window, damp=1e-8, normalizer="window")
+    f64 = SlidingWindowFisherInverse(d, window=window, damp=1e-8, normalizer="window", dtype=F64)
+    for g in grads:
+        assert torch.isfinite(f32.add_and_mul(g.float())).all()
+        f64.add_grad(g)
+    assert f32.projections >= 1  # the branch really ran
+    last = grads[-window:]
+    ref = fisher_inverse(last, 1e-8, window)
+    tol = max(1e-12, 1e-14 * cancellation_factor(last, 1e-8, window))
+    assert rel_err(f64.mul(x), ref @ x) < tol
+    assert f64.projections == 0
+
+
 def test_sliding_rejects_bad_input_without_poisoning():
     f = SlidingWindowFisherInverse(4, window=2, damp=1e-2)
     f.add_grad(torch.ones(4))

@@ -130,7 +130,8 @@ def _apply_umask(root: Path) -> None:
     os.chmod(root, 0o777 & ~mask)
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+            if not os.path.islink(os.path.join(dirpath, d)):
+                os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             path = os.path.join(dirpath, f)
             if not os.path.islink(path):
@@ -155,6 +156,7 @@ def _dense_baseline(job, recipe: Recipe, epochs: float) -> dict:
     model, _, enc, collator, eval_loader = load_for_job(job)
     manager = RecipeManager(dense_recipe, model)
     with tempfile.TemporaryDirectory(prefix="curvature-dense-") as work:
+        _PARTIAL.add(Path(work))  # removed on SIGTERM too
         args = training_args(
             job,
             Path(work),
@@ -174,6 +176,7 @@ def _dense_baseline(job, recipe: Recipe, epochs: float) -> dict:
         )
         trainer.add_callback(RecipeCallback(manager, progress=job.progress, seed=job.seed))
         result = trainer.train()
+        _PARTIAL.discard(Path(work))
     ev = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval dense baseline")
     return {**ev, "steps": result.global_step, "epochs": epochs}
 

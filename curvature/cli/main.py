@@ -256,8 +256,9 @@ def _terminate(signum, frame):
 
     from curvature.cli.jobs import remove_partial_outputs
 
-    remove_partial_outputs()
-    print("terminated; no output was written", file=sys.stderr, flush=True)
+    removed = remove_partial_outputs()
+    what = "unfinished output removed" if removed else "stopped"
+    print(f"terminated; {what}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _main(argv: list[str] | None) -> int:

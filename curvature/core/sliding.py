@@ -27,7 +27,12 @@ CUDA.
 Precision: the Gram matrix, ``B`` and every ``m x m`` step are float64. The ``O(d m)`` products
 run in the storage dtype (float32 by default, as in the reference; float32 for 16-bit storage),
 with ``G x`` summed over column chunks of about ``2**22`` window elements in float64; float64
-storage makes every step float64.
+storage makes every step float64. The float32 Gram entries carry a round-off of about
+``1e-7 |g|^2``: when that is not small against ``s * damp`` (a tiny ``damp`` with large, nearly
+parallel gradients) the float32 answer is as poor as the reference's float32 one, and round-off
+can even make ``s damp I + G G^T`` indefinite; the Gram matrix is then projected back to
+semi-definite (counted in ``projections``) so that the step never fails. Use float64 storage
+there.
 
 References:
     Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
@@ -106,6 +111,7 @@ class SlidingWindowFisherInverse:
         self._inv_scale = 0
         self._since_refresh = 0
         self.refactors = 0  # full O(m^3) factorisations so far (the rest were O(m^2) updates)
+        self.projections = 0  # Gram matrices projected back to semi-definite (round-off)
 
     @property
     def count(self) -> int:
@@ -132,7 +138,10 @@ class SlidingWindowFisherInverse:
             raise ValueError(f"g must have shape [{self.num_params}], got {list(g.shape)}")
         row = rows[0].to(device=self.device)
         gx = self._push(row).unsqueeze(1)
-        return self._apply(row.unsqueeze(0), gx)[0].to(g.dtype)
+        # precondition the stored row: with 16-bit storage G g is a product with the rounded g,
+        # and the rounding error would otherwise pass through 1 / damp
+        stored = self.grads[(self.num_seen - 1) % self.window].unsqueeze(0)
+        return self._apply(stored, gx)[0].to(g.dtype)
 
     def _push(self, row: torch.Tensor) -> torch.Tensor:
         """Write ``row`` over the oldest slot, update the Gram matrix and the inverse; return the
@@ -169,7 +178,12 @@ class SlidingWindowFisherInverse:
         u[k, 0] = 1.0
         u[:, 1] = w
         cap = torch.eye(2, dtype=COMPUTE_DTYPE, device=self.device) + bv.T @ u  # I + V^T B U
-        b = b - bu @ torch.linalg.solve(cap, bv.T)
+        # det(cap) = det(A') / det(A): not positive when round-off left A' indefinite
+        sol, info = torch.linalg.solve_ex(cap, bv.T)
+        if info.item() != 0 or torch.linalg.det(cap).item() <= 0 or not torch.isfinite(sol).all():
+            self.refactor()
+            return
+        b = b - bu @ sol
         self._inv = 0.5 * (b + b.T)
         self._since_refresh += 1
         # drift check on the changed column: (A B - I) e_k, O(m^2)
@@ -218,15 +232,27 @@ class SlidingWindowFisherInverse:
         )
 
     def refactor(self) -> None:
-        """Recompute the ``m x m`` inverse ``(s damp I + G G^T)^-1`` from the stored Gram matrix."""
+        """Recompute the ``m x m`` inverse ``(s damp I + G G^T)^-1`` from the stored Gram matrix.
+
+        Gram rows of the float32 products carry round-off; if it makes ``s damp I + G G^T``
+        indefinite (nearly parallel gradients of large norm with a tiny ``damp``), the Gram
+        matrix is first projected back onto the positive semi-definite matrices (negative
+        eigenvalues set to zero), as ``G G^T`` is in exact arithmetic.
+        """
         scale = self._scale()
-        self._inv_scale, self._since_refresh = scale, 0
         if scale == 0:
-            self._inv = None
+            self._inv, self._inv_scale, self._since_refresh = None, scale, 0
             return
         eye = torch.eye(self.window, dtype=COMPUTE_DTYPE, device=self.device)
-        chol = torch.linalg.cholesky(self.gram + scale * self.damp * eye)
+        chol, info = torch.linalg.cholesky_ex(self.gram + scale * self.damp * eye)
+        if info.item() != 0:
+            evals, evecs = torch.linalg.eigh(self.gram)
+            self.gram.copy_((evecs * evals.clamp(min=0)) @ evecs.T)
+            self.gram.copy_(0.5 * (self.gram + self.gram.T))
+            chol = torch.linalg.cholesky(self.gram + scale * self.damp * eye)
+            self.projections += 1
         self._inv = torch.cholesky_inverse(chol)
+        self._inv_scale, self._since_refresh = scale, 0
         self.refactors += 1
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:

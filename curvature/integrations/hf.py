@@ -182,6 +182,9 @@ class RecipeTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        # compute_loss below returns the mean loss of the micro-batch (it does not use
+        # num_items_in_batch): the Trainer must divide it by the accumulation steps itself
+        self.model_accepts_loss_kwargs = False
         self.manager = manager
         self.teacher = teacher
         self._self_teacher = False
@@ -247,8 +250,10 @@ class RecipeTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         loss = self.compute_loss(model, inputs)
-        if self.args.gradient_accumulation_steps > 1:
-            loss = loss / self.args.gradient_accumulation_steps
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        steps = steps or self.args.gradient_accumulation_steps
+        if steps > 1:  # as the Trainer's own step divides (see __init__)
+            loss = loss / steps
         loss.backward(create_graph=True)
         return loss.detach()
 

@@ -16,8 +16,9 @@ the measurement in ``docs/bench-optim.md``. ``tests/test_optim_fidelity.py`` che
 against a dense float64 transcription of the reference on an MLP and a conv net.
 
 ``F^-1`` is applied matrix-free through :class:`~curvature.SlidingWindowFisherInverse`
-(``O(d m)`` memory, ``O(d m + m^2)`` per product, a Cholesky refresh of the ``m x m`` system per
-step; the reference's LU without pivoting is the same operator and runs only on CUDA). All
+(``O(d m)`` memory; a step is two passes over the window and an ``O(m^2)`` update of the
+``m x m`` inverse; the reference refactors an LU without pivoting every step, the same operator,
+which PyTorch implements only on CUDA). Cost and accuracy: ``docs/bench-optim.md``. All
 parameters of a group share one Fisher (their vectors are concatenated); the reference keeps one
 Fisher over every group, the same with one group.
 
@@ -50,7 +51,9 @@ class MFAC(Optimizer):
         damp: ``lambda > 0``.
         momentum: ``mu`` in ``[0, 1)``; an average, ``b = mu b + (1 - mu) u``, from zero.
         weight_decay: coupled weight decay (added to the gradient, and stored in the window).
-        fisher_dtype: storage of the gradient window (float32; products accumulate in float64).
+        fisher_dtype: storage of the gradient window (float32, as the reference; the window
+            products run in float32, the ``m x m`` algebra in float64; float64 storage makes
+            every step float64).
         warmup: ``"window"`` (divide by ``num_grads`` from the start, the reference) or
             ``"seen"`` (divide by the vectors seen so far).
     """

@@ -410,7 +410,11 @@ class MKOR(Optimizer):
                         else b
                     )
                     grad = torch.cat([grad, b[:, None]], dim=1)
-                r_inv, l_inv = layer.inverses(grad.dtype)
+                # 16-bit gradients are preconditioned in float32 (inverse entries reach
+                # stability_threshold / damp, past float16's range)
+                dtype = torch.promote_types(grad.dtype, torch.float32)
+                r_inv, l_inv = layer.inverses(dtype)
+                grad = grad.to(dtype)
                 u = r_inv @ grad @ l_inv
                 # rescale to the gradient's size: (|dW| + |db|) / (|U_W| + |U_b|), as the
                 # reference does (the norms of the weight and bias parts added, not joined)
@@ -431,7 +435,11 @@ class MKOR(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and drop statistics of passes that no step consumed (a forward
+        and backward before the first step, or a step skipped by a gradient scaler)."""
         self.base.zero_grad(set_to_none=set_to_none)
+        for layer in self.layers:
+            layer.clear()
 
     def state_dict(self):
         return {
@@ -458,6 +466,10 @@ class MKOR(Optimizer):
         if self.switched_at_step is not None:  # switched before the checkpoint: no more hooks
             for layer in self.layers:
                 layer.remove()
+        record = self.switched_at_step is None and self.steps % self.inv_freq == 0
+        for layer in self.layers:  # the next step's statistics start afresh, as after a step
+            layer.clear()
+            layer.record = record
         for layer in self.layers:
             if layer.name in state_dict["factors"]:
                 left, right = state_dict["factors"][layer.name]

@@ -207,9 +207,9 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     distinct = problem.data.distinct_batches
     if uses_curvature and distinct is not None and distinct < settings.num_grads:
         warnings.warn(
-            f"prune: data has {distinct} batches but num_grads={settings.num_grads}: the "
-            f"batches were cycled, so the Fisher averages {distinct} distinct gradients, each "
-            f"repeated; pass at least num_grads batches or lower num_grads",
+            f"prune: data has {distinct} batches but num_grads={settings.num_grads}: it was "
+            f"read more than once (the same batches again, or a shuffling loader's new batches "
+            f"of the same examples); pass at least num_grads batches or lower num_grads",
             stacklevel=3,
         )
     return PruneReport(

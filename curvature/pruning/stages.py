@@ -64,11 +64,13 @@ class ReplayableData:
 def _counted(batches, counts: dict, data: ReplayableData):
     """Pass ``batches`` through; at the end record on ``data`` the fewest distinct batches any
     collection used."""
-    yield from batches
-    distinct = counts.get("distinct")
-    if distinct is not None:
-        prev = data.distinct_batches
-        data.distinct_batches = distinct if prev is None else min(prev, distinct)
+    try:
+        yield from batches
+    finally:
+        distinct = counts.get("distinct")
+        if distinct is not None:
+            prev = data.distinct_batches
+            data.distinct_batches = distinct if prev is None else min(prev, distinct)
 
 
 def collect_gradients(

@@ -103,8 +103,9 @@ def _from_file(path: Path) -> tuple[dict, list[str]]:
     else:
         classes = sorted({str(v) for v in raw})
         labels = [classes.index(str(v)) for v in raw]
-    cols = {c: ds[c] for c in ds.column_names if c in ("text", "sentence1", "sentence2")}
-    return {**cols, "label": labels}, classes
+    # one text column, or the pair; other columns (an extra sentence1, ids, ...) are ignored
+    keep = ("text",) if "text" in columns else ("sentence1", "sentence2")
+    return {**{c: ds[c] for c in keep}, "label": labels}, classes
 
 
 def load_task(
@@ -144,7 +145,7 @@ def load_task(
         train = train.select(range(max_train))
     if max_validation is not None and max_validation < len(val):
         val = val.select(range(max_validation))
-    text_cols = tuple(c for c in ("text", "sentence1", "sentence2") if c in columns)
+    text_cols = ("text",) if "text" in columns else ("sentence1", "sentence2")
     return TaskData(DatasetDict(train=train, validation=val), classes, text_cols, name)
 
 
@@ -171,7 +172,13 @@ def _hub_task(name, *, seed, max_train, max_validation) -> TaskData:
         train = train.select(range(min(max_train, len(train))))
     if max_validation is not None:
         val = val.select(range(min(max_validation, len(val))))
-    cols = tuple(c for c in ("text", "sentence1", "sentence2") if c in train.column_names)
+    names = train.column_names
+    cols = ("text",) if "text" in names else ("sentence1", "sentence2")
+    if not set(cols) <= set(names):
+        raise DataError(
+            f"hub dataset {name!r} needs a 'text' column, or 'sentence1' and 'sentence2' "
+            f"(columns: {sorted(names)})"
+        )
     feat = train.features.get("label")
     classes = list(getattr(feat, "names", None) or sorted(set(train["label"])))
     from datasets import DatasetDict
