@@ -237,3 +237,27 @@ def test_data_file_columns(tmp_path):
     p.write_text("sentence1,sentence2,label\na b,c d,x\ne f,g h,y\ni j,k l,x\nm n,o p,y\n")
     t = load_task(p)
     assert t.text_columns == ("sentence1", "sentence2") and t.label_names == ["x", "y"]
+
+
+def test_dense_baseline_trains_the_same_steps(assets, tmp_path, capsys):
+    import json
+
+    model_dir, data = assets
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        RECIPE.replace("end_epoch: 1.0}", "end_epoch: 2.0}")
+        .replace("start_epoch: 0.0\n    end_epoch: 0.0", "start_epoch: 1.0\n    end_epoch: 1.0")
+        .replace('["re:bert.encoder.*weight"]', '["re:bert.encoder.*dense.weight"]')
+    )
+    out = tmp_path / "out"
+    argv = ["prune", str(recipe), "--model", str(model_dir), "--data", str(data), "--output"]
+    argv += [str(out), "--batch-size", "8", "--no-progress", "--dense-baseline"]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    base = m["dense_equal_budget"]
+    assert base["steps"] == m["steps"] > 0 and base["epochs"] == 2.0
+    assert 0.0 <= base["accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    assert f"dense, {m['steps']} steps" in printed and f"pruned, {m['steps']} steps" in printed
+    # the baseline really is dense, and the pruned model really is pruned
+    assert m["sparsity"] > 0.4
