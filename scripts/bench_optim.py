@@ -182,6 +182,15 @@ def part_quality(
         ok = [r for r in runs[name] if "error" not in r]
         accs = ", ".join(f"{r['accuracy']:.3f}" for r in ok)
         print(f"{name}: accuracy after {steps} steps per seed: {accs}", flush=True)
+    lines = quality_table(runs, steps, target)
+    if plot:
+        _plot_curves(runs, plot, steps)
+        lines.append(f"\nLearning curves: {plot}")
+    return lines, runs
+
+
+def quality_table(runs: dict, steps: int, target: float) -> list[str]:
+    """The fine-tuning table of ``runs`` (``{optimizer: [run per seed]}``)."""
     from curvature.cli.train import steps_to_reach
 
     lines = [
@@ -208,10 +217,7 @@ def part_quality(
             f"({', '.join(f'{a:.3f}' for a in accs)}) | {reach_s} | "
             f"{statistics.mean(r['seconds_per_step'] for r in ok):.2f} | {switch} |"
         )
-    if plot:
-        _plot_curves(runs, plot, steps)
-        lines.append(f"\nLearning curves: {plot}")
-    return lines, runs
+    return lines
 
 
 def _plot_curves(runs: dict, path: str, steps: int) -> None:

@@ -179,7 +179,7 @@ def test_train_says_its_defaults(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "adamw lr 0.0001" in help_text and "mfac lr 0.01, num_grads=16" in help_text
+    assert "adamw lr 0.0001" in help_text and "mfac lr 0.03, num_grads=16" in help_text
     assert "training batch (default 16)" in help_text and "(default 128)" in help_text
     model_dir, data = assets
     out = tmp_path / "t"

@@ -9,7 +9,7 @@ DEFAULTS: dict[str, tuple[float, dict]] = {
     "adahessian": (1e-2, {"weight_decay": 0.01}),
     "mkor": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
     "mkor-h": (1e-4, {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["classifier"]}),
-    "mfac": (1e-2, {"num_grads": 16, "damp": 1e-4}),
+    "mfac": (3e-2, {"num_grads": 16, "damp": 1e-4}),
     "sgd": (1e-2, {"momentum": 0.9}),
     "lamb": (1e-3, {"weight_decay": 0.01}),
 }
