@@ -261,3 +261,38 @@ def test_dense_baseline_trains_the_same_steps(assets, tmp_path, capsys):
     assert f"dense, {m['steps']} steps" in printed and f"pruned, {m['steps']} steps" in printed
     # the baseline really is dense, and the pruned model really is pruned
     assert m["sparsity"] > 0.4
+    report = (out / "report.md").read_text()
+    assert f"dense, the same {m['steps']} steps without pruning" in report
+
+
+def test_trainer_logs_the_recipes_learning_rate(assets, tmp_path):
+    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    from curvature.integrations.hf import RecipeCallback, RecipeTrainer
+    from curvature.recipes import RecipeManager, load_recipe
+    from curvature.tasks import load_classifier, load_task, tokenize
+
+    model_dir, data = assets
+    recipe = tmp_path / "lr.yaml"
+    recipe.write_text(
+        "modifiers:\n  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: 2.0}\n"
+        "  - !LearningRateFunctionModifier {lr_func: linear, init_lr: 1.0e-3, final_lr: 1.0e-4,"
+        " start_epoch: 0.0, end_epoch: 2.0}\n"
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    task = load_task(data, max_train=16)
+    model, _ = load_classifier(model_dir, task.num_labels)
+    manager = RecipeManager(load_recipe(str(recipe)), model)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8,
+                             num_train_epochs=2, learning_rate=5e-5, lr_scheduler_type="constant",
+                             logging_steps=1, report_to=[], use_cpu=True)  # fmt: skip
+    trainer = RecipeTrainer(model=model, args=args,
+                            train_dataset=tokenize(task, tok, max_length=16)["train"],
+                            data_collator=DataCollatorWithPadding(tok), manager=manager)  # fmt: skip
+    trainer.add_callback(RecipeCallback(manager, progress=False))
+    trainer.train()
+    logged = [(h["epoch"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4
+    for epoch, lr in logged:  # the recipe's rate at that point, not the Trainer's 5e-5
+        assert lr == pytest.approx(manager.lr_at(epoch)), (epoch, lr)
+    assert logged[0][1] != logged[-1][1]

@@ -397,7 +397,17 @@ def render_report(metrics: dict) -> str:
     ]
     if dense:
         lines.append(f"| dense (before pruning) | {dense['accuracy']:.4f} | {dense['loss']:.4f} |")
-    lines.append(f"| pruned | {pruned['accuracy']:.4f} | {pruned['loss']:.4f} |")
+    base = metrics.get("dense_equal_budget")
+    if base:
+        lines.append(
+            f"| dense, the same {base['steps']} steps without pruning | {base['accuracy']:.4f} | "
+            f"{base['loss']:.4f} |"
+        )
+    steps = f", {metrics['steps']} steps" if metrics.get("steps") else ""
+    lines.append(f"| pruned{steps} | {pruned['accuracy']:.4f} | {pruned['loss']:.4f} |")
+    skipped = sorted({n for s in metrics.get("pruning_steps", []) for n in s.get("skipped", {})})
+    if skipped:
+        lines += ["", f"Matched by a `re:` pattern but left dense (1-D): {', '.join(skipped)}"]
     if metrics.get("pruning_steps"):
         lines += ["", "| epoch | method | target | reached | seconds |", "|---|---|---|---|---|"]
         for s in metrics["pruning_steps"]:
