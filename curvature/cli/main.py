@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="bbc-news",
-        help="bbc-news, tweet-sentiment, or a .csv/.jsonl file with text and label columns",
+        help="bbc-news, tweet-sentiment, or a .csv/.jsonl/.json file with text and label columns",
     )
     p.add_argument(
         "--output", required=True, help="output folder (must not exist unless --overwrite)"
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-train",
         type=int,
         default=None,
-        help="use at most N training examples (a quick smoke run: --max-train 128 --max-eval 64)",
+        help="use at most N training examples (a quick smoke run: --max-train 256 --max-eval 100)",
     )
     p.add_argument("--max-eval", type=int, default=None, help="use at most N validation examples")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="adamw, adahessian, mkor, mkor-h, mfac, sgd or lamb (default adamw)",
     )
     t.add_argument("--model", default="default", help="model folder or 'default' (MiniLM)")
-    t.add_argument("--data", default="bbc-news", help="bbc-news, tweet-sentiment, or .csv/.jsonl")
+    t.add_argument(
+        "--data", default="bbc-news", help="bbc-news, tweet-sentiment, or .csv/.jsonl/.json"
+    )
     t.add_argument("--output", required=True, help="output folder")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer)")
     t.add_argument(

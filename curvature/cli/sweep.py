@@ -2,7 +2,7 @@
 
 Layout of a sweep folder::
 
-    DIR/dense/                 the dense reference (fine-tuned here unless --no-finetune)
+    DIR/dense/                 the dense reference (fine-tuned here unless --finetune-epochs 0)
     DIR/points.jsonl           one line per finished point (the resume log)
     DIR/results.csv|json|md    the table, rewritten after every point
     DIR/accuracy_vs_sparsity.png
