@@ -31,7 +31,7 @@ from _bench import copy_bandwidth
 
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
 from curvature.pruning import obs, stages
-from curvature.pruning.allocation import GlobalThreshold, _monotone, take_cheapest
+from curvature.pruning.allocation import GlobalThreshold, take_cheapest, take_cheapest_by_sorting
 from curvature.pruning.curvatures import EmpiricalFisher
 from curvature.pruning.params import select_params
 from curvature.pruning.settings import PruneSettings
@@ -165,19 +165,6 @@ def part_bert_base(args):
         table(f"BERT-base encoder (x12, extrapolated), {solver.name}", rows, plan, scale=12)
 
 
-def _sort_counts(costs, k):
-    flat = [_monotone(c) for c in costs]
-    allv = torch.cat([f.flatten() for f in flat])
-    owner = torch.cat([torch.full((f.numel(),), i, dtype=torch.long) for i, f in enumerate(flat)])
-    order = torch.argsort(allv, stable=True)[:k]
-    out, offset = [], 0
-    for i, f in enumerate(flat):
-        picked = order[owner[order] == i]
-        out.append(torch.bincount((picked - offset) // f.shape[1], minlength=f.shape[0]))
-        offset += f.numel()
-    return out
-
-
 def part_allocation(args):
     bw = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
@@ -193,7 +180,7 @@ def part_allocation(args):
     k = int(0.7 * total)
     results = {}
     for name, fn in (
-        ("stable sort of every cost (before)", _sort_counts),
+        ("stable sort of every cost (before)", take_cheapest_by_sorting),
         ("threshold (now)", take_cheapest),
     ):
         t = time.perf_counter()

@@ -66,7 +66,14 @@ def run_ours(kind, steps, make_optimizer, create_graph=False, micro=1):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def flat_loss(model, names, shapes, x, y):
+def flat_problem(kind):
+    """The full-batch loss of ``kind``'s model as a function of its flat parameters, the
+    starting point, and the parameter shapes (in ``model.named_parameters()`` order)."""
+    model = model_of(kind)
+    x, y = data(kind)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
     def f(flat):
         params, i = {}, 0
         for n, s in zip(names, shapes):
@@ -75,7 +82,7 @@ def flat_loss(model, names, shapes, x, y):
             i += k
         return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
 
-    return f
+    return f, torch.cat([p.detach().flatten() for p in model.parameters()]), shapes
 
 
 # ------------------------------------------------------------------------------- AdaHessian
@@ -83,12 +90,7 @@ def adahessian_reference(kind, steps, lr, betas, eps, wd, power, seed, update_ea
     """The authors' AdaHessian: D = |z * Hz| (full Hessian), averaged over a conv kernel's
     spatial dims, Adam moments, bias corrections with the step count, decoupled decay. With
     update_each > 1 (the port the authors link), the last D is folded into v at every step."""
-    model = model_of(kind)
-    x, y = data(kind)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    f = flat_loss(model, names, shapes, x, y)
+    f, flat, shapes = flat_problem(kind)
     gen = torch.Generator().manual_seed(seed)
     m = torch.zeros_like(flat)
     v = torch.zeros_like(flat)
@@ -169,12 +171,7 @@ def test_adahessian_takes_the_graph_only_at_refresh_steps(kind):
 def mfac_reference(kind, steps, lr, m, damp, mu, wd):
     """The authors' M-FAC: a window of m zero rows, the divisor always m, the vector stored in
     the window is grad + wd * p, momentum b = mu b + (1 - mu) u from zero, p -= lr b."""
-    model = model_of(kind)
-    x, y = data(kind)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    f = flat_loss(model, names, shapes, x, y)
+    f, flat, shapes = flat_problem(kind)
     window = torch.zeros(m, flat.numel(), dtype=torch.float64)
     b = torch.zeros_like(flat)
     for t in range(steps):

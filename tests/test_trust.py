@@ -130,25 +130,9 @@ def test_masks_released_after_end_epoch_when_leave_enabled_is_false():
     assert (w == 0).float().mean() < 0.5  # trained on: the released weights moved again
 
 
-def _take_cheapest_by_sorting(costs, k):
-    """The allocation as one stable sort of every cost (the reference the selection must equal)."""
-    from curvature.pruning import obs
-
-    flat = [torch.cummax(c.clamp_min(obs.FIXED_SCORE), dim=1).values for c in costs]
-    allv = torch.cat([f.flatten() for f in flat])
-    owner = torch.cat([torch.full((f.numel(),), i, dtype=torch.long) for i, f in enumerate(flat)])
-    order = torch.argsort(allv, stable=True)[:k]
-    out, offset = [], 0
-    for i, f in enumerate(flat):
-        picked = order[owner[order] == i]
-        out.append(torch.bincount((picked - offset) // f.shape[1], minlength=f.shape[0]))
-        offset += f.numel()
-    return out
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_allocation_by_threshold_equals_a_stable_sort(seed):
-    from curvature.pruning.allocation import take_cheapest
+    from curvature.pruning.allocation import take_cheapest, take_cheapest_by_sorting
 
     gen = torch.Generator().manual_seed(seed)
     costs = []
@@ -161,7 +145,7 @@ def test_allocation_by_threshold_equals_a_stable_sort(seed):
     total = sum(c.numel() for c in costs)
     for k in [0, 1, 7, total // 2, total - 3, total]:
         got = take_cheapest(costs, k)
-        want = _take_cheapest_by_sorting(costs, k)
+        want = take_cheapest_by_sorting(costs, k)
         for g, w in zip(got, want):
             assert torch.equal(g, w), (k, g, w)
         assert sum(int(g.sum()) for g in got) == k

@@ -138,11 +138,37 @@ def _apply_umask(root: Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-def _dense_baseline(job, recipe: Recipe, epochs: float) -> dict:
+def _recipe_trainer(job, manager, enc, collator, epochs, output_dir, logging, teacher=None):
+    """The Trainer of a prune job (and of its dense baseline): the recipe's rate when it sets
+    one (a constant scheduler the recipe overrides), else a linear decay from ``job.lr``."""
+    from curvature.integrations.hf import RecipeTrainer
+
+    args = training_args(
+        job,
+        output_dir,
+        num_train_epochs=epochs,
+        learning_rate=job.lr,
+        lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
+        logging_strategy=logging,
+    )
+    return RecipeTrainer(
+        model=manager.model,
+        args=args,
+        train_dataset=enc["train"],
+        data_collator=collator,
+        manager=manager,
+        teacher=teacher,
+        optimizer_name=job.optimizer,
+        optimizer_kwargs=job.optimizer_kwargs,
+    )
+
+
+def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
     """The dense model trained for the same steps as the pruned run: the same recipe without its
     pruning and distillation modifiers (learning-rate and epoch modifiers kept), the same seed,
-    data order, batch size and optimizer; its validation accuracy and loss, and the steps."""
-    from curvature.integrations.hf import RecipeCallback, RecipeTrainer, evaluate_accuracy
+    data order, batch size and optimizer; its validation accuracy and loss, and the steps.
+    ``work`` (inside the job's partial output, so removed with it) holds the Trainer's files."""
+    from curvature.integrations.hf import RecipeCallback, evaluate_accuracy
     from curvature.recipes import RecipeManager
     from curvature.recipes.schema import DistillationModifier, _Pruning
 
@@ -155,28 +181,10 @@ def _dense_baseline(job, recipe: Recipe, epochs: float) -> dict:
     )
     model, _, enc, collator, eval_loader = load_for_job(job)
     manager = RecipeManager(dense_recipe, model)
-    with tempfile.TemporaryDirectory(prefix="curvature-dense-") as work:
-        _PARTIAL.add(Path(work))  # removed on SIGTERM too
-        args = training_args(
-            job,
-            Path(work),
-            num_train_epochs=epochs,
-            learning_rate=job.lr,
-            lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
-            logging_strategy="no",
-        )
-        trainer = RecipeTrainer(
-            model=model,
-            args=args,
-            train_dataset=enc["train"],
-            data_collator=collator,
-            manager=manager,
-            optimizer_name=job.optimizer,
-            optimizer_kwargs=job.optimizer_kwargs,
-        )
-        trainer.add_callback(RecipeCallback(manager, progress=job.progress, seed=job.seed))
-        result = trainer.train()
-        _PARTIAL.discard(Path(work))
+    trainer = _recipe_trainer(job, manager, enc, collator, epochs, work, "no")
+    trainer.add_callback(RecipeCallback(manager, progress=job.progress, seed=job.seed))
+    result = trainer.train()
+    shutil.rmtree(work, ignore_errors=True)
     ev = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval dense baseline")
     return {**ev, "steps": result.global_step, "epochs": epochs}
 
@@ -246,7 +254,6 @@ def training_args(job, output_dir, **kwargs):
 def run_prune(job: PruneJob) -> dict:
     from curvature.integrations.hf import (
         RecipeCallback,
-        RecipeTrainer,
         evaluate_accuracy,
         model_loss,
     )
@@ -306,23 +313,15 @@ def run_prune(job: PruneJob) -> dict:
                     resolve_model_path(teacher), attn_implementation="eager"
                 ).eval()
             saving = job.checkpoint_every is not None or job.resume
-            args = training_args(
+            trainer = _recipe_trainer(
                 job,
+                manager,
+                enc,
+                collator,
+                epochs,
                 checkpoint_dir(out) if saving else tmp / "trainer",
-                num_train_epochs=epochs,
-                learning_rate=job.lr,
-                lr_scheduler_type="constant" if manager.lr_at(0.0) is not None else "linear",
-                logging_strategy="epoch",
-            )
-            trainer = RecipeTrainer(
-                model=model,
-                args=args,
-                train_dataset=enc["train"],
-                data_collator=collator,
-                manager=manager,
+                "epoch",
                 teacher=teacher if distill else None,
-                optimizer_name=job.optimizer,
-                optimizer_kwargs=job.optimizer_kwargs,
             )
 
             def before_first(m):
@@ -355,7 +354,9 @@ def run_prune(job: PruneJob) -> dict:
             model, eval_loader, progress=job.progress, desc="eval pruned"
         )
         if job.dense_baseline and epochs > 0:
-            metrics["dense_equal_budget"] = _dense_baseline(job, recipe, epochs)
+            metrics["dense_equal_budget"] = _dense_baseline(
+                job, recipe, epochs, tmp / "dense-trainer"
+            )
         metrics["sparsity"] = manager.sparsity()
         params = dict(model.named_parameters())
         metrics["param_sparsity"] = {

@@ -55,6 +55,7 @@ import torch
 from curvature.core import checks as _checks
 
 COMPUTE_DTYPE = torch.float64
+REFINE_STEPS = 2  # iterative-refinement steps of every product against A itself
 DRIFT_TOL = 1e-6  # largest entry of (A B - I) e_k tolerated after an incremental update
 
 
@@ -89,7 +90,6 @@ class SlidingWindowFisherInverse:
         self.window = _checks.positive_int("window", window)
         self.damp = _checks.positive("damp", damp)
         self.refresh_every = _checks.positive_int("refresh_every", refresh_every)
-        self.refine = 2
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
         # the dtype of the O(d m) products: the storage's own, float32 for 16-bit storage
@@ -210,7 +210,7 @@ class SlidingWindowFisherInverse:
         """``(x - G^T B G x) / damp`` from ``gx = G x``."""
         a = self._matrix()
         coef = self._inv @ gx
-        for _ in range(self.refine):  # iterative refinement against A itself
+        for _ in range(REFINE_STEPS):  # iterative refinement against A itself
             coef = coef + self._inv @ (gx - a @ coef)
         coef = coef.T.to(self._work)  # [k, m]
         xs = xs.to(self._work)

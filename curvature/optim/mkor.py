@@ -166,6 +166,10 @@ class _LayerState:
         self._a_sum = self._g_sum = None
         self._na = self._ng = 0
 
+    def factors_changed(self) -> None:
+        """Forget the converted inverses (after a factor update, a reset or a load)."""
+        self._applied = None
+
     def inverses(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R^-1, L^-1)`` in ``dtype``, converted once per factor update."""
         if self._applied is None or self._applied[0].dtype != dtype:
@@ -387,7 +391,7 @@ class MKOR(Optimizer):
         for f in factors:
             self._stabilise(f)
         for layer in self.layers:
-            layer._applied = None
+            layer.factors_changed()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -476,7 +480,7 @@ class MKOR(Optimizer):
                 layer.left.inverse = left.clone().to(layer.left.inverse.device)
                 layer.right.inverse = right.clone().to(layer.right.inverse.device)
                 layer.started = state_dict.get("started", {}).get(layer.name, True)
-                layer._applied = None
+                layer.factors_changed()
         losses, means, best, slow = state_dict["hybrid"]
         self._losses, self._window_means, self._best_rate, self._slow_windows = (
             list(losses),

@@ -61,18 +61,6 @@ class ReplayableData:
         return self.data
 
 
-def _counted(batches, counts: dict, data: ReplayableData):
-    """Pass ``batches`` through; at the end record on ``data`` the fewest distinct batches any
-    collection used."""
-    try:
-        yield from batches
-    finally:
-        distinct = counts.get("distinct")
-        if distinct is not None:
-            prev = data.distinct_batches
-            data.distinct_batches = distinct if prev is None else min(prev, distinct)
-
-
 def collect_gradients(
     model,
     data,
@@ -229,23 +217,22 @@ def build_curvature(problem, group, curvature, settings):
 
     ``problem.data`` is a :class:`ReplayableData`: every group sees the same batches.
     """
-    grads = None
+    grads, counts = None, {}
     if curvature.needs_gradients:
-        counts: dict = {}
-        grads = _counted(
-            collect_gradients(
-                problem.model,
-                problem.data.replay(),
-                problem.loss_fn,
-                group,
-                num_grads=settings.num_grads,
-                progress=settings.progress,
-                counts=counts,
-            ),
-            counts,
-            problem.data,
+        grads = collect_gradients(
+            problem.model,
+            problem.data.replay(),
+            problem.loss_fn,
+            group,
+            num_grads=settings.num_grads,
+            progress=settings.progress,
+            counts=counts,
         )
-    return curvature.build(group, grads, settings)
+    built = curvature.build(group, grads, settings)  # consumes every gradient batch
+    if "distinct" in counts:  # the fewest distinct batches any collection used
+        prev = problem.data.distinct_batches
+        problem.data.distinct_batches = min(prev or counts["distinct"], counts["distinct"])
+    return built
 
 
 def score(group, weights, fixed, curvatures, solver, structure, progress=True):
