@@ -263,6 +263,17 @@ def test_dense_baseline_trains_the_same_steps(assets, tmp_path, capsys):
     assert m["sparsity"] > 0.4
     report = (out / "report.md").read_text()
     assert f"dense, the same {m['steps']} steps without pruning" in report
+    # with no training steps to repeat the option is refused in one line, nothing written
+    capsys.readouterr()
+    other = tmp_path / "oneshot"
+    argv[argv.index(str(out))] = str(other)
+    assert main([*argv, "--oneshot"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --dense-baseline trains the dense model")
+        and len(err.splitlines()) == 1
+    )
+    assert not other.exists() and not list(tmp_path.glob(".oneshot.partial-*"))
 
 
 def test_trainer_logs_the_recipes_learning_rate(assets, tmp_path):

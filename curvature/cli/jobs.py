@@ -270,9 +270,14 @@ def run_prune(job: PruneJob) -> dict:
     resume_from = str(latest_checkpoint(out)) if job.resume else None
     if job.checkpoint_every is not None and job.checkpoint_every < 1:
         raise JobError(f"--checkpoint-every must be >= 1, got {job.checkpoint_every}")
+    epochs = 0.0 if job.oneshot else recipe.num_epochs
+    if job.dense_baseline and epochs <= 0:
+        raise JobError(
+            "--dense-baseline trains the dense model for the run's steps, and this run has none "
+            "(--oneshot, or a recipe without epochs): drop --dense-baseline"
+        )
     model, tokenizer, enc, collator, eval_loader = load_for_job(job)
     manager = RecipeManager(recipe, model)  # checks every params entry against this model
-    epochs = 0.0 if job.oneshot else recipe.num_epochs
     distill = recipe.of(DistillationModifier)
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(model, collator([enc["train"][0]])))
@@ -353,7 +358,7 @@ def run_prune(job: PruneJob) -> dict:
         metrics["pruned"] = evaluate_accuracy(
             model, eval_loader, progress=job.progress, desc="eval pruned"
         )
-        if job.dense_baseline and epochs > 0:
+        if job.dense_baseline:
             metrics["dense_equal_budget"] = _dense_baseline(
                 job, recipe, epochs, tmp / "dense-trainer"
             )
