@@ -185,7 +185,7 @@ def test_bad_data_and_model_and_output(assets, tmp_path, capsys):
     )
     assert "data file" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
-    bad.write_text("sentence,label\nhello,1\n")
+    bad.write_text("body,label\nhello,1\n")
     assert (
         main(
             [
@@ -201,7 +201,7 @@ def test_bad_data_and_model_and_output(assets, tmp_path, capsys):
         )
         == 2
     )
-    assert "needs a 'text' column" in capsys.readouterr().err
+    assert "needs a 'text' (or 'sentence') column" in capsys.readouterr().err
     assert (
         main(
             [

@@ -1,4 +1,5 @@
-"""The ``curvature prune`` job: fine-tune and prune a Hugging Face classifier per a recipe.
+"""The ``curvature prune`` job: fine-tune and prune a Hugging Face model per a recipe, on any task
+of :mod:`curvature.tasks.kinds` (classification, question answering, masked or causal LM).
 
 Everything that can be checked is checked before work starts (recipe, data, model, parameter
 names, output folder). Output is written to a temporary folder beside the target and renamed into
@@ -51,6 +52,9 @@ class PruneJob:
     checkpoint_every: int | None = None  # save a resumable checkpoint every N training steps
     resume: bool = False  # continue from the latest checkpoint of an interrupted run
     dense_baseline: bool = False  # also train the dense model for the same steps (no pruning)
+    task: str | None = None  # None: inferred from the data and the model
+    doc_stride: int = 128  # question answering: tokens shared by neighbouring windows
+    eval_split: str | None = None  # hub data: the split to evaluate on
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -138,7 +142,7 @@ def _apply_umask(root: Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-def _recipe_trainer(job, manager, enc, collator, epochs, output_dir, logging, teacher=None):
+def _recipe_trainer(job, manager, train, collator, epochs, output_dir, logging, teacher=None):
     """The Trainer of a prune job (and of its dense baseline): the recipe's rate when it sets
     one (a constant scheduler the recipe overrides), else a linear decay from ``job.lr``."""
     from curvature.integrations.hf import RecipeTrainer
@@ -154,7 +158,7 @@ def _recipe_trainer(job, manager, enc, collator, epochs, output_dir, logging, te
     return RecipeTrainer(
         model=manager.model,
         args=args,
-        train_dataset=enc["train"],
+        train_dataset=train,
         data_collator=collator,
         manager=manager,
         teacher=teacher,
@@ -166,9 +170,9 @@ def _recipe_trainer(job, manager, enc, collator, epochs, output_dir, logging, te
 def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
     """The dense model trained for the same steps as the pruned run: the same recipe without its
     pruning and distillation modifiers (learning-rate and epoch modifiers kept), the same seed,
-    data order, batch size and optimizer; its validation accuracy and loss, and the steps.
+    data order, batch size and optimizer; its validation metrics, and the steps.
     ``work`` (inside the job's partial output, so removed with it) holds the Trainer's files."""
-    from curvature.integrations.hf import RecipeCallback, evaluate_accuracy
+    from curvature.integrations.hf import RecipeCallback
     from curvature.recipes import RecipeManager
     from curvature.recipes.schema import DistillationModifier, _Pruning
 
@@ -179,29 +183,29 @@ def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
         variables=recipe.variables,
         source=recipe.source,
     )
-    model, _, enc, collator, eval_loader = load_for_job(job)
+    p = load_for_job(job)
+    model = p.model
     manager = RecipeManager(dense_recipe, model)
-    trainer = _recipe_trainer(job, manager, enc, collator, epochs, work, "no")
+    trainer = _recipe_trainer(job, manager, p.train, p.collator, epochs, work, "no")
     trainer.add_callback(RecipeCallback(manager, progress=job.progress, seed=job.seed))
     result = trainer.train()
     shutil.rmtree(work, ignore_errors=True)
-    ev = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval dense baseline")
+    ev = p.evaluate(model, progress=job.progress, desc="eval dense baseline")
     return {**ev, "steps": result.global_step, "epochs": epochs}
 
 
 def load_for_job(job):
-    """Seed, then load the job's task, classifier and tokenized splits.
+    """Seed, then load the job's task: model, tokenizer, training features, collator, evaluator.
 
     ``job`` has ``model``, ``data``, ``seed``, ``max_train``, ``max_eval``, ``max_length``,
-    ``eval_batch_size``, ``threads`` and ``progress``. Returns ``(model, tokenizer, encoded
-    splits, collator, validation loader)``.
+    ``eval_batch_size``, ``threads`` and ``progress``, and optionally ``task``, ``doc_stride`` and
+    ``eval_split``. Returns a :class:`curvature.tasks.kinds.Prepared`.
     """
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
     from curvature.cli.utils import quiet_progress
-    from curvature.tasks.data import load_task, tokenize
-    from curvature.tasks.models import load_classifier
+    from curvature.tasks.kinds import prepare
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -209,14 +213,18 @@ def load_for_job(job):
     if not job.progress:
         quiet_progress()
     set_seed(job.seed)
-    task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_validation=job.max_eval)
-    model, tokenizer = load_classifier(job.model, task.num_labels, task.label_names)
-    enc = tokenize(task, tokenizer, max_length=job.max_length)
-    collator = DataCollatorWithPadding(tokenizer)
-    eval_loader = torch.utils.data.DataLoader(
-        enc["validation"], batch_size=job.eval_batch_size, collate_fn=collator
+    return prepare(
+        getattr(job, "task", None),
+        job.model,
+        job.data,
+        seed=job.seed,
+        max_train=job.max_train,
+        max_eval=job.max_eval,
+        max_length=job.max_length,
+        eval_batch_size=job.eval_batch_size,
+        doc_stride=getattr(job, "doc_stride", 128),
+        eval_split=getattr(job, "eval_split", None),
     )
-    return model, tokenizer, enc, collator, eval_loader
 
 
 @torch.no_grad()
@@ -252,16 +260,14 @@ def training_args(job, output_dir, **kwargs):
 
 
 def run_prune(job: PruneJob) -> dict:
-    from curvature.integrations.hf import (
-        RecipeCallback,
-        evaluate_accuracy,
-        model_loss,
-    )
+    from curvature.integrations.hf import RecipeCallback, model_loss
     from curvature.recipes import RecipeManager, load_recipe
     from curvature.recipes.schema import DistillationModifier
+    from curvature.tasks.kinds import check_task
 
     start = time.perf_counter()
     # validate before anything else
+    check_task(job.task)
     recipe = (
         job.recipe if isinstance(job.recipe, Recipe) else load_recipe(job.recipe, job.overrides)
     )
@@ -276,22 +282,21 @@ def run_prune(job: PruneJob) -> dict:
             "--dense-baseline trains the dense model for the run's steps, and this run has none "
             "(--oneshot, or a recipe without epochs): drop --dense-baseline"
         )
-    model, tokenizer, enc, collator, eval_loader = load_for_job(job)
+    p = load_for_job(job)
+    model, tokenizer, collator = p.model, p.tokenizer, p.collator
     manager = RecipeManager(recipe, model)  # checks every params entry against this model
     distill = recipe.of(DistillationModifier)
     if distill and epochs > 0:
-        manager.check_outputs(_output_keys(model, collator([enc["train"][0]])))
+        manager.check_outputs(_output_keys(model, collator([p.train[0]])))
     teacher = job.teacher or (distill[0].teacher if distill else None)
 
     with _atomic_output(out) as tmp:
         metrics: dict = {"recipe": recipe.source, "model": str(job.model), "data": job.data}
-        metrics["train_examples"] = len(enc["train"])
-        metrics["validation_examples"] = len(enc["validation"])
+        metrics.update(task=p.task, metric=p.metric, higher_is_better=p.higher_is_better)
+        metrics.update(p.info)
 
         def record_dense(m):
-            metrics["dense"] = evaluate_accuracy(
-                m, eval_loader, progress=job.progress, desc="eval dense"
-            )
+            metrics["dense"] = p.evaluate(m, progress=job.progress, desc="eval dense")
             if trainer is not None:
                 trainer.extra_state["dense"] = metrics["dense"]
 
@@ -301,7 +306,7 @@ def run_prune(job: PruneJob) -> dict:
             record_dense(model)
             grad_bs = _grad_batch_size(recipe, job.batch_size)
             grad_loader = torch.utils.data.DataLoader(
-                enc["train"],
+                p.train,
                 batch_size=grad_bs,
                 shuffle=True,
                 collate_fn=collator,
@@ -310,18 +315,14 @@ def run_prune(job: PruneJob) -> dict:
             manager.step(math.inf, grad_data=grad_loader, loss_fn=model_loss, progress=job.progress)
         else:
             if teacher not in (None, "self"):
-                from transformers import AutoModelForSequenceClassification
+                from curvature.tasks.kinds import load_model
 
-                from curvature.tasks.models import resolve_model_path
-
-                teacher = AutoModelForSequenceClassification.from_pretrained(
-                    resolve_model_path(teacher), attn_implementation="eager"
-                ).eval()
+                teacher = load_model(p.task, teacher).eval()
             saving = job.checkpoint_every is not None or job.resume
             trainer = _recipe_trainer(
                 job,
                 manager,
-                enc,
+                p.train,
                 collator,
                 epochs,
                 checkpoint_dir(out) if saving else tmp / "trainer",
@@ -336,7 +337,7 @@ def run_prune(job: PruneJob) -> dict:
             trainer.add_callback(
                 RecipeCallback(
                     manager,
-                    grad_dataset=enc["train"],
+                    grad_dataset=p.train,
                     collator=collator,
                     grad_batch_size=job.batch_size,
                     before_first_prune=before_first,
@@ -355,9 +356,7 @@ def run_prune(job: PruneJob) -> dict:
             if "dense" not in metrics:  # the recipe never pruned
                 metrics["dense"] = None
         manager.masks.apply(model)
-        metrics["pruned"] = evaluate_accuracy(
-            model, eval_loader, progress=job.progress, desc="eval pruned"
-        )
+        metrics["pruned"] = p.evaluate(model, progress=job.progress, desc="eval pruned")
         if job.dense_baseline:
             metrics["dense_equal_budget"] = _dense_baseline(
                 job, recipe, epochs, tmp / "dense-trainer"
@@ -388,29 +387,49 @@ def _grad_batch_size(recipe, default: int) -> int:
     return default
 
 
+def metric_columns(metrics: dict) -> list[str]:
+    """The metrics a report shows for a run's task, the task's own metric first."""
+    first = metrics.get("metric", "accuracy")
+    names = {
+        "accuracy": ["accuracy", "f1", "loss"],
+        "f1": ["f1", "exact_match"],
+        "perplexity": ["perplexity", "loss"],
+    }[first]
+    pruned = metrics.get("pruned") or {}
+    return [n for n in names if n in pruned]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
 def render_report(metrics: dict) -> str:
     dense = metrics.get("dense")
     pruned = metrics["pruned"]
+    cols = metric_columns(metrics)
+    task = metrics.get("task", "sequence-classification")
     lines = [
         "# Pruning report",
         "",
         f"- recipe: `{metrics['recipe']}`, model: `{metrics['model']}`, data: `{metrics['data']}`",
+        f"- task: {task}",
         f"- sparsity of the pruned parameters: {metrics['sparsity']:.2%}",
         f"- wall time: {metrics['seconds']:.0f} s",
         "",
-        "| model | validation accuracy | validation loss |",
-        "|---|---|---|",
+        "| model | " + " | ".join(f"validation {c.replace('_', ' ')}" for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
     ]
+
+    def row(label, ev):
+        return f"| {label} | " + " | ".join(_fmt(ev[c]) for c in cols) + " |"
+
     if dense:
-        lines.append(f"| dense (before pruning) | {dense['accuracy']:.4f} | {dense['loss']:.4f} |")
+        lines.append(row("dense (before pruning)", dense))
     base = metrics.get("dense_equal_budget")
     if base:
-        lines.append(
-            f"| dense, the same {base['steps']} steps without pruning | {base['accuracy']:.4f} | "
-            f"{base['loss']:.4f} |"
-        )
+        lines.append(row(f"dense, the same {base['steps']} steps without pruning", base))
     steps = f", {metrics['steps']} steps" if metrics.get("steps") else ""
-    lines.append(f"| pruned{steps} | {pruned['accuracy']:.4f} | {pruned['loss']:.4f} |")
+    lines.append(row(f"pruned{steps}", pruned))
     skipped = sorted({n for s in metrics.get("pruning_steps", []) for n in s.get("skipped", {})})
     if skipped:
         lines += ["", f"Matched by a `re:` pattern but left dense (1-D): {', '.join(skipped)}"]

@@ -50,6 +50,30 @@ def _yaml_value(text: str):
     return value
 
 
+def _task_arguments(p) -> None:
+    p.add_argument(
+        "--task",
+        default=None,
+        help="sequence-classification, question-answering, masked-lm or causal-lm (default: "
+        "inferred from the data's columns and the model's config)",
+    )
+    p.add_argument(
+        "--doc-stride",
+        type=int,
+        default=128,
+        help="question answering: tokens shared by the windows of a long context (default 128)",
+    )
+    p.add_argument(
+        "--eval-split",
+        default=None,
+        help="hub data: the split to evaluate on (e.g. validation_mismatched for MNLI)",
+    )
+
+
+def _metric_line(ev: dict, names: list[str]) -> str:
+    return ", ".join(f"{n.replace('_', ' ')} {ev[n]:.4f}" for n in names if n in ev)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from curvature.cli.defaults import describe
 
@@ -65,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="fine-tune and prune with a recipe",
         description=(
-            "Fine-tune and prune a sequence classifier as the recipe says, evaluate the dense and the "
+            "Fine-tune and prune a model as the recipe says (sequence classification, question "
+            "answering, masked or causal LM: --task), evaluate the dense and the "
             "pruned model, and write the pruned model (save_pretrained), metrics.json and report.md "
             "to --output. With --oneshot (or a recipe with no epochs) it prunes without training."
         ),
@@ -77,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="bbc-news",
-        help="bbc-news, tweet-sentiment, or a .csv/.jsonl/.json file with text and label columns",
+        help="bbc-news, tweet-sentiment, a .csv/.jsonl/.json file (text or a sentence pair, and "
+        "label; SQuAD question/context/answers), a .txt corpus (one document per line), or a hub "
+        "name[:config] when online",
     )
+    _task_arguments(p)
     p.add_argument(
         "--output", required=True, help="output folder (must not exist unless --overwrite)"
     )
@@ -135,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="fine-tune with a chosen optimizer",
         description=(
-            "Fine-tune a sequence classifier with the chosen optimizer through the Hugging Face "
+            "Fine-tune a model on its task (--task) with the chosen optimizer through the Hugging Face "
             "Trainer (AdaHessian's create_graph backward and MKOR-H's loss feed are handled), "
             "evaluate it, and write the model, tokenizer and metrics.json to --output. Learning "
             "rates default to values probed for MiniLM fine-tuning (see the README): "
@@ -151,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", default="default", help="model folder or 'default' (MiniLM)")
     t.add_argument(
-        "--data", default="bbc-news", help="bbc-news, tweet-sentiment, or .csv/.jsonl/.json"
+        "--data",
+        default="bbc-news",
+        help="bbc-news, tweet-sentiment, a .csv/.jsonl/.json/.txt file, or a hub name[:config]",
     )
+    _task_arguments(t)
     t.add_argument("--output", required=True, help="output folder")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer)")
     t.add_argument(
@@ -188,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--model", default="default")
     w.add_argument("--data", default="bbc-news")
+    w.add_argument(
+        "--task",
+        default=None,
+        help="sequence-classification, question-answering, masked-lm or causal-lm (default: "
+        "inferred); the table and plot show the task's metric",
+    )
     w.add_argument(
         "--methods",
         default="obs,magnitude",
@@ -381,6 +418,7 @@ def _sweep(args) -> int:
         num_recomputations=args.num_recomputations,
         seed=args.seed,
         progress=not args.no_progress,
+        task=args.task,
     )
     cfg.validate()  # before any folder is created
     run_sweep(cfg)
@@ -407,18 +445,24 @@ def _train(args) -> int:
         max_eval=args.max_eval,
         max_length=args.max_length,
         eval_every=args.eval_every,
+        task=args.task,
+        doc_stride=args.doc_stride,
+        eval_split=args.eval_split,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    from curvature.cli.jobs import metric_columns
+
     m = run_train(job)
     v = m["validation"]
+    names = metric_columns({"metric": m["metric"], "pruned": v})
     print()
     print(f"optimizer {m['optimizer']} (lr {m['lr']:g}, {m['optimizer_kwargs']})")
     for h in m["curve"]:
-        print(f"  step {h['step']:>5}  accuracy {h['accuracy']:.4f}  loss {h['loss']:.4f}")
+        print(f"  step {h['step']:>5}  {_metric_line(h, names)}")
     print(
-        f"validation accuracy {v['accuracy']:.4f}, loss {v['loss']:.4f} after {m['steps']} steps; "
+        f"validation {_metric_line(v, names)} after {m['steps']} steps; "
         f"{m['seconds_per_step']:.2f} s/step; saved to {args.output}"
     )
     return 0
@@ -446,19 +490,28 @@ def _prune(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         dense_baseline=args.dense_baseline,
+        task=args.task,
+        doc_stride=args.doc_stride,
+        eval_split=args.eval_split,
     )
+    from curvature.cli.jobs import metric_columns
+
     m = run_prune(job)
     dense, pruned = m.get("dense"), m["pruned"]
+    names = metric_columns(m)
+
+    def row(label, ev):
+        print(f"{label:24}" + "".join(f"{ev[n]:>14.4f}" for n in names))
+
     print()
-    print(f"{'':24}{'accuracy':>10}{'loss':>10}")
+    print(f"{'':24}" + "".join(f"{n:>14}" for n in names))
     if dense:
-        print(f"{'dense (before pruning)':24}{dense['accuracy']:>10.4f}{dense['loss']:>10.4f}")
+        row("dense (before pruning)", dense)
     base = m.get("dense_equal_budget")
     if base:
-        label = f"dense, {base['steps']} steps"
-        print(f"{label:24}{base['accuracy']:>10.4f}{base['loss']:>10.4f}")
+        row(f"dense, {base['steps']} steps", base)
     steps = f", {m['steps']} steps" if m.get("steps") else ""
-    print(f"{'pruned' + steps:24}{pruned['accuracy']:>10.4f}{pruned['loss']:>10.4f}")
+    row("pruned" + steps, pruned)
     print(
         f"sparsity {m['sparsity']:.2%} of the pruned parameters; {m['seconds']:.0f} s; saved to {args.output}"
     )

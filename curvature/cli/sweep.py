@@ -71,6 +71,7 @@ class SweepConfig:
     num_recomputations: int | None = None
     seed: int = 0
     progress: bool = True
+    task: str | None = None  # None: inferred from the data and the model
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
@@ -83,7 +84,7 @@ class SweepConfig:
     RESULT_KEYS = (
         "model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs",
         "batch_size", "lr", "params", "num_grads", "grad_batch_size", "block_size", "damp",
-        "num_recomputations", "recipe", "recipe_sha256",
+        "num_recomputations", "recipe", "recipe_sha256", "task",
     )  # fmt: skip
 
     def setting(self, name: str):
@@ -92,6 +93,9 @@ class SweepConfig:
         return self.ONESHOT_DEFAULTS[name] if value is None else value
 
     def validate(self) -> None:
+        from curvature.tasks.kinds import check_task
+
+        check_task(self.task)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise SweepError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
@@ -157,12 +161,11 @@ def load_points(folder: Path) -> list[dict]:
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     from curvature.cli.utils import quiet_progress
-    from curvature.integrations.hf import evaluate_accuracy, model_loss
-    from curvature.tasks.data import load_task, tokenize
-    from curvature.tasks.models import load_classifier
+    from curvature.integrations.hf import model_loss
+    from curvature.tasks.kinds import load_model, prepare
 
     cfg.validate()
     out = Path(cfg.output)
@@ -184,14 +187,19 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         quiet_progress()
     set_seed(cfg.seed)
     # load everything that can fail on the user's input before writing anything
-    task = load_task(cfg.data, seed=cfg.seed, max_train=cfg.max_train, max_validation=cfg.max_eval)
-    model, tok = load_classifier(cfg.model, task.num_labels, task.label_names)
+    task = prepare(
+        cfg.task,
+        cfg.model,
+        cfg.data,
+        seed=cfg.seed,
+        max_train=cfg.max_train,
+        max_eval=cfg.max_eval,
+        max_length=cfg.max_length,
+    )
+    model, tok = task.model, task.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(record, indent=2))
     dense_dir = out / "dense"
-    enc = tokenize(task, tok, max_length=cfg.max_length)
-    collator = DataCollatorWithPadding(tok)
-    eval_loader = torch.utils.data.DataLoader(enc["validation"], batch_size=64, collate_fn=collator)
     points = load_points(out)
     # drop a line cut by an interruption so that new points append cleanly
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
@@ -199,14 +207,14 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
     if not (dense_dir / "config.json").is_file():
         if cfg.finetune_epochs > 0:
-            _finetune(model, enc["train"], collator, cfg)
+            _finetune(model, task.train, task.collator, cfg)
         tmp = out / ".dense.partial"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.rename(dense_dir)
-    dense_model, _ = load_classifier(str(dense_dir), task.num_labels, task.label_names)
+    dense_model = load_model(task.task, str(dense_dir))
     if ("dense", "-", "-", 0.0) not in done:
-        ev = evaluate_accuracy(dense_model, eval_loader, progress=cfg.progress, desc="eval dense")
+        ev = task.evaluate(dense_model, progress=cfg.progress, desc="eval dense")
         _append(
             out,
             {
@@ -215,7 +223,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 "mode": "-",
                 "target_sparsity": 0.0,
                 "sparsity": 0.0,
-                **_ev(ev),
+                **_ev(ev, task),
                 **_sizes(dense_model, out),
                 "prune_seconds": 0.0,
                 "peak_memory_mb": None,
@@ -229,16 +237,18 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             key = (method, parse_mask(cfg.mask).name, mode, round(s, 6))
             if key in done:
                 continue
-            point = _run_point(
-                cfg, method, s, mode, task, tok, enc, collator, eval_loader, dense_dir, model_loss
-            )
+            point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss)
             _append(out, point, points)
     render(out, points)
     return points
 
 
-def _ev(ev: dict) -> dict:
-    return {"accuracy": ev["accuracy"], "loss": ev["loss"]}
+METRICS = ("accuracy", "f1", "exact_match", "perplexity", "loss")  # table columns, in order
+
+
+def _ev(ev: dict, task) -> dict:
+    """A point's metrics: the task's (see :data:`METRICS`), and which one it is judged by."""
+    return {"metric": task.metric, **{k: ev[k] for k in METRICS if k in ev}}
 
 
 def _sizes(model, out: Path) -> dict:
@@ -275,23 +285,20 @@ def _finetune(model, train, collator, cfg: SweepConfig) -> None:
     Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
 
 
-def _run_point(
-    cfg, method, s, mode, task, tok, enc, collator, eval_loader, dense_dir, model_loss
-) -> dict:
+def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
-    from curvature.integrations.hf import evaluate_accuracy
     from curvature.pruning import prune
-    from curvature.tasks.models import load_classifier
+    from curvature.tasks.kinds import load_model
 
     reset_peak_memory()
     start = time.perf_counter()
     if mode == "oneshot":
-        model, _ = load_classifier(str(dense_dir), task.num_labels, task.label_names)
+        model = load_model(task.task, str(dense_dir))
         grads = torch.utils.data.DataLoader(
-            enc["train"],
+            task.train,
             batch_size=cfg.grad_batch_size,
             shuffle=True,
-            collate_fn=collator,
+            collate_fn=task.collator,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         report = prune(
@@ -328,23 +335,24 @@ def _run_point(
             seed=cfg.seed,
             overwrite=True,
             progress=cfg.progress,
+            task=task.task,
         )
         metrics = run_prune(job)
-        model, _ = load_classifier(str(tmp), task.num_labels, task.label_names)
+        model = load_model(task.task, str(tmp))
         reached = metrics["sparsity"]
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     peak = peak_memory_bytes()
-    ev = evaluate_accuracy(model, eval_loader, progress=cfg.progress, desc=f"eval {method} {s}")
+    ev = task.evaluate(model, progress=cfg.progress, desc=f"eval {method} {s}")
     return {
         "method": method,
         "mask": parse_mask(cfg.mask).name,
         "mode": mode,
         "target_sparsity": s,
         "sparsity": reached,
-        **_ev(ev),
+        **_ev(ev, task),
         **_sizes(model, Path(cfg.output)),
         "prune_seconds": seconds,
         "peak_memory_mb": peak / 2**20 if peak else None,
@@ -398,7 +406,7 @@ def render(folder: str | Path, points: list[dict] | None = None) -> None:
         points, key=lambda p: (p["method"] != "dense", p["mode"], p["method"], p["target_sparsity"])
     )
     with open(folder / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     (folder / "results.json").write_text(json.dumps(rows, indent=2))
@@ -406,16 +414,30 @@ def render(folder: str | Path, points: list[dict] | None = None) -> None:
     plot(rows, folder / "accuracy_vs_sparsity.png")
 
 
+def _metrics_of(rows: list[dict]) -> list[str]:
+    return [m for m in METRICS if any(m in r for r in rows)]
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """``results.csv``'s columns: :data:`COLUMNS` with the metrics of the sweep's task."""
+    i = COLUMNS.index("accuracy")
+    return [*COLUMNS[:i], *_metrics_of(rows), *COLUMNS[i + 2 :]]
+
+
 def markdown_table(rows: list[dict]) -> str:
+    names = _metrics_of(rows)
     lines = [
-        "| method | mask | mode | target | reached | accuracy | loss | size (compressed) | prune s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | mask | mode | target | reached | "
+        + " | ".join(n.replace("_", " ") for n in names)
+        + " | size (compressed) | prune s | peak MB |",
+        "|---" * (8 + len(names)) + "|",
     ]
     for r in rows:
         peak = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "-"
+        vals = " | ".join(f"{r[n]:.4f}" if n in r else "-" for n in names)
         lines.append(
             f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | {r['sparsity']:.4f} | "
-            f"{r['accuracy']:.4f} | {r['loss']:.4f} | {r['compressed_bytes'] / 2**20:.1f} MB "
+            f"{vals} | {r['compressed_bytes'] / 2**20:.1f} MB "
             f"({r['compressed_bytes'] / r['dense_bytes']:.0%}) | {r['prune_seconds']:.0f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
@@ -428,6 +450,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     dense = [r for r in rows if r["method"] == "dense"]
+    metric = rows[0].get("metric", "accuracy")  # points of sweeps before tasks: accuracy
+    scale = 100 if metric == "accuracy" else 1
     curves: dict[tuple, list] = {}
     for r in rows:
         if r["method"] != "dense":
@@ -436,15 +460,18 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted(pts, key=lambda r: r["sparsity"])
         ax.plot(
             [100 * r["sparsity"] for r in pts],
-            [100 * r["accuracy"] for r in pts],
+            [scale * r[metric] for r in pts],
             marker="o",
             label=f"{method} ({mask}, {mode})",
         )
     if dense:
-        ax.axhline(100 * dense[0]["accuracy"], color="gray", linestyle="--", label="dense")
+        ax.axhline(scale * dense[0][metric], color="gray", linestyle="--", label="dense")
     ax.set_xlabel("sparsity of the pruned weights (%)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Accuracy kept at each sparsity")
+    label = {"accuracy": "accuracy (%)", "f1": "F1", "perplexity": "perplexity"}.get(metric, metric)
+    ax.set_ylabel(f"validation {label}")
+    ax.set_title(f"{label.split(' ')[0].capitalize()} kept at each sparsity")
+    if metric == "perplexity":
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

