@@ -178,8 +178,29 @@ def test_params_checked_against_model_before_training():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_match_bert(path):
+    """Each shipped recipe against a tiny BERT with its task's head (BERT-base's names)."""
+    import transformers as tf
+
+    from curvature.recipes.schema import ConstantPruningModifier, DistillationModifier
+
     r = load_recipe(path)
-    assert r.of(OBSPruningModifier) or "magnitude" in path.name
-    manager = RecipeManager(r, tiny_bert())  # same parameter names as BERT-base
-    assert manager.pruned_param_names
+    head = (
+        tf.BertForQuestionAnswering
+        if "squad" in path.name
+        else tf.BertForMaskedLM
+        if "mlm" in path.name
+        else tf.BertForSequenceClassification
+    )
+    torch.manual_seed(0)
+    model = head(tiny_bert_config(64, 2 if "squad" in path.name else 3))
+    manager = RecipeManager(r, model)  # same parameter names as BERT-base
+    if "sparse-transfer" in path.name:
+        assert r.of(ConstantPruningModifier) and not r.of(OBSPruningModifier)
+        manager.step(0.0)  # the zeros of the given model become the masks
+    else:
+        assert r.of(OBSPruningModifier) or "magnitude" in path.name
+        assert manager.pruned_param_names
     assert math.isfinite(r.num_epochs)
+    outputs = model(input_ids=torch.randint(5, 60, (2, 8)))
+    if r.of(DistillationModifier):
+        manager.check_outputs(list(outputs.keys()))

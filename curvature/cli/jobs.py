@@ -282,13 +282,14 @@ def run_prune(job: PruneJob) -> dict:
             "--dense-baseline trains the dense model for the run's steps, and this run has none "
             "(--oneshot, or a recipe without epochs): drop --dense-baseline"
         )
+    distill = recipe.of(DistillationModifier)
+    teacher = job.teacher or (distill[0].teacher if distill else None)
+    _check_teacher(recipe, distill, teacher, epochs, job.teacher)
     p = load_for_job(job)
     model, tokenizer, collator = p.model, p.tokenizer, p.collator
     manager = RecipeManager(recipe, model)  # checks every params entry against this model
-    distill = recipe.of(DistillationModifier)
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(model, collator([p.train[0]])))
-    teacher = job.teacher or (distill[0].teacher if distill else None)
 
     with _atomic_output(out) as tmp:
         metrics: dict = {"recipe": recipe.source, "model": str(job.model), "data": job.data}
@@ -376,6 +377,32 @@ def run_prune(job: PruneJob) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(render_report(metrics))
     return metrics
+
+
+def _check_teacher(recipe, distill, teacher, epochs, given) -> None:
+    """Refuse a distillation that would silently not happen, and a teacher nothing reads."""
+    from curvature.recipes.schema import _Pruning
+
+    if given and not distill:
+        raise JobError(
+            f"--teacher {given}: the recipe has no !DistillationModifier, so nothing would read "
+            "the teacher; drop --teacher or add the modifier"
+        )
+    if not distill or epochs <= 0:
+        return
+    where = f"line {distill[0].line}: " if distill[0].line else ""
+    if teacher is None:
+        raise JobError(
+            f"{where}the recipe distils (!DistillationModifier) but names no teacher: pass "
+            "--teacher FOLDER (a dense model trained on this task) or --teacher self (the model "
+            "right before its first pruning step)"
+        )
+    if teacher == "self" and not recipe.of(_Pruning):
+        raise JobError(
+            f"{where}--teacher self is the model right before its first pruning step, and this "
+            "recipe never prunes (sparse transfer keeps the zeros it is given): pass --teacher "
+            "FOLDER, a dense model trained on this task"
+        )
 
 
 def _grad_batch_size(recipe, default: int) -> int:

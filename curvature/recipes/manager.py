@@ -276,8 +276,16 @@ class RecipeManager:
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """``T^2 KL(softmax(t/T) || softmax(s/T))``, batch-mean (the usual soft-target loss)."""
+    """``T^2 KL(softmax(t/T) || softmax(s/T))``, batch-mean (the usual soft-target loss).
+
+    Logits with more than two dimensions (a language model's ``[batch, tokens, vocabulary]``) are
+    one distribution per position: the mean is over positions, so the loss does not grow with
+    the sequence length (question answering's ``start_logits`` are one distribution over the
+    positions of each example, and stay as they are)."""
     t = temperature
+    if student_logits.dim() > 2:
+        student_logits = student_logits.reshape(-1, student_logits.shape[-1])
+        teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     return (
         torch.nn.functional.kl_div(
             torch.log_softmax(student_logits / t, dim=-1),

@@ -20,7 +20,8 @@ Causal LM
     by windows of ``max_length`` tokens that advance by ``stride`` tokens; each token is scored
     once, in the first window that reaches it, with the window's earlier tokens as context (up to
     ``max_length - stride`` tokens). Perplexity is ``exp`` of the mean negative log-likelihood per
-    scored token (the stream's first token has no context and is not scored).
+    scored token. The stream's first token has no context and is not scored; with ``stride ==
+    max_length`` (windows that do not overlap) neither is the first token of each window.
 """
 
 from __future__ import annotations

@@ -226,7 +226,10 @@ def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int
             starts.append(cls)  # the answer is not wholly inside this window
             ends.append(cls)
             continue
-        while tok_start < len(offsets) and offsets[tok_start][0] <= a_start:
+        # the walk stops at the window's last context token: past it come [SEP] and padding,
+        # whose (0, 0) offsets would carry it on when the answer ends the window
+        last = tok_end
+        while tok_start <= last and offsets[tok_start][0] <= a_start:
             tok_start += 1
         while offsets[tok_end][1] >= a_end:
             tok_end -= 1

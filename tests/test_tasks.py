@@ -1,0 +1,486 @@
+"""The task layer: question answering (SQuAD), sentence pairs, masked and causal LM, sparse
+transfer; each through its preprocessing, metric, a prune run of the CLI and plain transformers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import (
+    QA_WORDS,
+    make_corpus,
+    make_csv,
+    make_squad,
+    make_task_model_dir,
+    make_tokenizer,
+)
+
+from curvature.cli.main import main
+from curvature.tasks import lm, qa
+from curvature.tasks.data import DataError
+from curvature.tasks.kinds import classification_eval, infer_task, prepare
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "published-recipes" / "obert"
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- SQuAD metric
+
+
+def test_squad_metric_on_crafted_predictions_equals_hand_values():
+    assert qa.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert qa.normalize_answer("an apple, a pear") == "apple pear"
+    predictions = {"a": "the Eiffel Tower", "b": "Paris, France", "c": "", "d": "London", "e": ""}
+    references = {
+        "a": ["Eiffel Tower"],  # articles and case normalised away: EM 1, F1 1
+        "b": ["Paris"],  # EM 0; F1 precision 1/2, recall 1 -> 2/3
+        "c": [],  # unanswerable, empty prediction: 1 and 1
+        "d": ["Paris", "London"],  # the maximum over the ground truths: 1 and 1
+        "e": ["Rome"],  # answerable, empty prediction: 0 and 0
+    }
+    m = qa.squad_metrics(predictions, references)
+    assert m["exact_match"] == pytest.approx(100 * 3 / 5)
+    assert m["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 1 + 0) / 5)
+    assert (m["answerable"], m["unanswerable"]) == (4, 1)
+    # repeated tokens count once each (bag of tokens): "cat cat" vs "cat" -> P 1/2, R 1
+    assert qa.f1_score("a cat cat", "the cat") == pytest.approx(2 / 3)
+    assert qa.f1_score("", "") == 1.0 and qa.exact_match("Paris.", "paris") == 1.0
+    with pytest.raises(ValueError, match="no prediction"):
+        qa.squad_metrics({}, {"x": ["y"]})
+
+
+# ---------------------------------------------------------------------- SQuAD preprocessing
+
+
+def _long_context_rows(n=6, facts=8, seed=0):
+    rng = random.Random(seed)
+    people, cities = ["anna", "ben", "carl", "dora"], ["paris", "rome", "oslo", "lima", "cairo"]
+    rows = []
+    for i in range(n):
+        sentences = [f"{rng.choice(people)} lives in {rng.choice(cities)} ." for _ in range(facts)]
+        context = " ".join(sentences)
+        k = rng.randrange(facts)
+        start = len(" ".join(sentences[:k])) + (1 if k else 0)
+        answer = sentences[k].split()[3]
+        start += sentences[k].index(answer)
+        assert context[start : start + len(answer)] == answer
+        rows.append(
+            {
+                "id": f"x{i}",
+                "question": "where lives she ?",
+                "context": context,
+                "answers": {"text": [answer], "answer_start": [start]},
+            }
+        )
+    return rows
+
+
+def test_qa_windows_map_back_to_the_answer_text_across_doc_stride(tmp_path):
+    from datasets import Dataset
+
+    tok = make_tokenizer(tmp_path / "tok", QA_WORDS)
+    rows = _long_context_rows()
+    ex = Dataset.from_list(rows)
+    L, stride = 24, 10
+    train = qa.prepare_train_features(ex[:], tok, L, stride)
+    evalf = qa.prepare_eval_features(ex[:], tok, L, stride)  # the same windows, with offsets
+    assert len(train["input_ids"]) == len(evalf["input_ids"]) > 2 * len(rows)  # several windows
+    labelled = {r["id"]: 0 for r in rows}
+    unlabelled = 0
+    for i, ex_id in enumerate(evalf["example_id"]):
+        row = next(r for r in rows if r["id"] == ex_id)
+        s, e = train["start_positions"][i], train["end_positions"][i]
+        if s == 0 and e == 0:  # [CLS]: the answer is not wholly inside this window
+            unlabelled += 1
+            continue
+        off = evalf["offset_mapping"][i]
+        assert off[s] is not None and off[e] is not None  # inside the context
+        assert row["context"][off[s][0] : off[e][1]] == row["answers"]["text"][0]
+        labelled[ex_id] += 1
+    assert all(n >= 1 for n in labelled.values())  # every answer is found in some window
+    assert any(n >= 2 for n in labelled.values())  # an answer in the overlap of two windows
+    assert unlabelled > 0
+    # a window boundary that cuts an answer: a 2-word answer split by a 1-token stride
+    row = dict(rows[0])
+    words = row["context"].split()
+    row["answers"] = {
+        "text": [" ".join(words[10:13])],
+        "answer_start": [len(" ".join(words[:10])) + 1],
+    }
+    feats = qa.prepare_train_features(Dataset.from_list([row])[:], tok, 16, 2)
+    offs = qa.prepare_eval_features(Dataset.from_list([row])[:], tok, 16, 2)["offset_mapping"]
+    text = row["answers"]["text"][0]
+    for s, e, off in zip(feats["start_positions"], feats["end_positions"], offs):
+        if s:
+            assert row["context"][off[s][0] : off[e][1]] == text
+    assert 0 in feats["start_positions"] and any(feats["start_positions"])
+
+
+def test_qa_postprocess_picks_the_best_valid_span_over_windows():
+    context = "anna lives in rome ."
+    examples = [{"id": "a", "context": context}]
+    # two windows; token offsets None outside the context (question and special tokens)
+    off = [None, None, (0, 4), (5, 10), (11, 13), (14, 18), (19, 20), None]
+    features = [{"example_id": "a", "offset_mapping": off}] * 2
+    feats = {"example_id": ["a", "a"]}
+
+    class F(list):
+        def __getitem__(self, k):
+            return feats[k] if isinstance(k, str) else list.__getitem__(self, k)
+
+    s = np.full((2, 8), -10.0)
+    e = np.full((2, 8), -10.0)
+    s[0, 1], e[0, 1] = 9.0, 9.0  # the best logits are in the question: not a valid span
+    s[0, 6], e[0, 2] = 5.0, 5.0  # end before start: not valid
+    s[0, 3], e[0, 5] = 1.0, 1.0  # "lives in rome": 2
+    s[1, 5], e[1, 5] = 2.0, 1.5  # "rome" in the second window: 3.5, the best
+    assert qa.postprocess(examples, F(features), s, e) == {"a": "rome"}
+    assert qa.postprocess(examples, F(features), s, e, max_answer_length=0) == {"a": ""}
+    # SQuAD v2: the [CLS] score (start[0] + end[0], the smallest over windows) against the best
+    s[:, 0], e[:, 0] = 2.0, 2.0  # 4 > 3.5: no answer
+    assert qa.postprocess(examples, F(features), s, e, version_2=True) == {"a": ""}
+    assert qa.postprocess(examples, F(features), s, e, version_2=False) == {"a": "rome"}
+    s[:, 0] = 1.0  # 3 < 3.5: the span
+    assert qa.postprocess(examples, F(features), s, e, version_2=True) == {"a": "rome"}
+
+
+def test_squad_files_nested_and_flat_and_bad_ones(tmp_path):
+    nested = make_squad(tmp_path / "s.json", v2=True)
+    rows = qa.read_squad_file(nested)
+    assert any(not r["answers"]["text"] for r in rows)  # v2's unanswerable questions
+    flat = tmp_path / "s.jsonl"
+    flat.write_text("\n".join(json.dumps(r) for r in rows))
+    assert qa.read_squad_file(flat) == rows
+    train, val = qa.split_by_context(rows, 0.25, seed=0)
+    assert not {r["context"] for r in train} & {r["context"] for r in val}
+    bad = dict(rows[0], answers={"text": ["nowhere"], "answer_start": [0]})
+    flat.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="is not at character 0"):
+        qa.read_squad_file(flat)
+
+
+# --------------------------------------------------------------------------- sentence pairs
+
+
+def test_sentence_pairs_tokenize_as_pairs_and_report_f1(tmp_path):
+    path = tmp_path / "nli.csv"
+    rng = random.Random(0)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["premise", "hypothesis", "label", "idx"])
+        for i in range(40):
+            w.writerow(["good movie", rng.choice(["great film", "awful plot"]), i % 2, i])
+    model_dir = make_task_model_dir(tmp_path / "m", "sequence-classification", words=None)
+    p = prepare(None, str(model_dir), str(path), max_length=16)
+    assert p.task == "sequence-classification"
+    assert p.info["text_columns"] == ["premise", "hypothesis"]
+    assert 1 in p.train[0]["token_type_ids"]  # the second segment
+    ev = p.evaluate(p.model)
+    assert {"accuracy", "f1", "loss"} <= set(ev)
+
+    class Fixed(torch.nn.Module):  # predictions 1,1,0,0,1 against labels 1,0,1,0,1
+        config = type("C", (), {"num_labels": 2})()
+
+        def forward(self, labels, **kw):
+            logits = torch.tensor([[0.0, 1.0], [0, 1], [1, 0], [1, 0], [0, 1]])
+            return type("O", (), {"logits": logits, "loss": torch.tensor(0.0)})()
+
+    Fixed.parameters = lambda self: iter([torch.zeros(1)])
+    m = classification_eval(Fixed(), [{"labels": torch.tensor([1, 0, 1, 0, 1])}])
+    # tp 2, fp 1, fn 1: F1 = 4 / 6; accuracy 3/5
+    assert m["f1"] == pytest.approx(4 / 6) and m["accuracy"] == pytest.approx(0.6)
+
+
+# ------------------------------------------------------------------------- language models
+
+
+def test_masked_lm_evaluation_is_fixed_and_equals_its_definition(tmp_path):
+    model_dir = make_task_model_dir(tmp_path / "m", "masked-lm")
+    corpus = make_corpus(tmp_path / "c.txt")
+    p = prepare("masked-lm", str(model_dir), str(corpus), max_length=16)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    a = p.evaluate(p.model)
+    assert torch.equal(state, torch.get_rng_state())  # the fixed masking leaves the RNG alone
+    b = p.evaluate(p.model)
+    assert a == b and a["tokens"] > 0
+    assert a["perplexity"] == pytest.approx(math.exp(a["loss"]))
+    # the mean over masked tokens, recomputed directly from one fixed masking
+    from transformers import DataCollatorForLanguageModeling
+
+    val_docs = lm.split_documents(lm.read_corpus(str(corpus)), 0.2, 0)[1]
+    tok = p.tokenizer
+    ids = lm.blocks(
+        lm.token_stream(val_docs, tok, separator=tok.sep_token_id),
+        16,
+        cls=tok.cls_token_id,
+        sep=tok.sep_token_id,
+    )
+    batches = lm.mask_once(
+        lm.block_dataset(ids, labels=False), DataCollatorForLanguageModeling(tok)
+    )
+    nll = n = 0.0
+    p.model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = p.model(input_ids=batch["input_ids"]).logits
+            keep = batch["labels"] != -100
+            lp = torch.log_softmax(logits.double(), -1)[keep]
+            nll -= lp.gather(1, batch["labels"][keep][:, None]).sum().item()
+            n += keep.sum().item()
+    assert a["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+@pytest.mark.parametrize("L,stride", [(16, 5), (16, 16), (16, 1), (64, 8)])
+def test_causal_lm_window_perplexity_equals_per_token_brute_force(tmp_path, arch, L, stride):
+    from transformers import AutoModelForCausalLM
+
+    folder = make_task_model_dir(tmp_path / arch, "causal-lm", arch)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    stream = [
+        int(x) for x in torch.randint(5, 30, (41,), generator=torch.Generator().manual_seed(1))
+    ]
+    got = lm.causal_lm_eval(model, stream, max_length=L, stride=stride)
+    # each token t >= 1 scored once, in the first window [b, b + L) (b a multiple of the stride)
+    # that holds it and a token before it, with the window's tokens before it as context; with
+    # stride == L the first token of each window has none and is not scored
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for t in range(1, len(stream)):
+            b = next((b for b in range(0, t, stride) if b + L > t), None)
+            if b is None:
+                assert stride == L and t % L == 0
+                continue
+            ctx = torch.tensor([stream[b : t + 1]])
+            logp = torch.log_softmax(model(input_ids=ctx).logits[0, -2].double(), -1)
+            nll -= logp[stream[t]].item()
+            n += 1
+    assert got["tokens"] == n == len(stream) - 1 - (len(stream) - 1) // L * (stride == L)
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- task choice
+
+
+def test_the_task_is_inferred_from_data_and_model_or_refused(tmp_path):
+    bert = make_task_model_dir(tmp_path / "bert", "masked-lm")
+    gpt = make_task_model_dir(tmp_path / "gpt", "causal-lm", "gpt2")
+    squad = make_squad(tmp_path / "s.json")
+    corpus = make_corpus(tmp_path / "c.txt")
+    labelled = make_csv(tmp_path / "l.csv")
+    texts = tmp_path / "t.csv"
+    texts.write_text("text\nhello there\ngood film\n")
+    assert infer_task(str(bert), str(squad)) == "question-answering"
+    assert infer_task(str(bert), str(labelled)) == "sequence-classification"
+    assert infer_task("default", "bbc-news") == "sequence-classification"
+    assert infer_task(str(bert), str(corpus)) == "masked-lm"
+    assert infer_task(str(gpt), str(texts)) == "causal-lm"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    (plain / "config.json").write_text(json.dumps({"architectures": ["XForTokenClassification"]}))
+    assert infer_task(str(plain), str(corpus)) == "masked-lm"  # an encoder: masked LM
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match="pass --task with one of sequence-classification, "):
+        infer_task(str(bert), str(odd))
+    with pytest.raises(DataError, match="did you mean 'masked-lm'"):
+        prepare("masked_lm", str(bert), str(corpus))
+
+
+# ------------------------------------------------------------------- prune runs, end to end
+
+RECIPE = """
+num_epochs: 2.0
+modifiers:
+  - !EpochRangeModifier {{start_epoch: 0.0, end_epoch: 2.0}}
+  - !OBSPruningModifier
+    params: ["{params}"]
+    init_sparsity: 0.3
+    final_sparsity: 0.5
+    start_epoch: 1.0
+    end_epoch: 1.5
+    update_frequency: 0.5
+    num_grads: 4
+    fisher_block_size: 8
+    damp: 1.0e-4
+    grad_sampler_kwargs: {{batch_size: 2}}
+  - !DistillationModifier {{hardness: 0.5, temperature: 2.0, distill_output_keys: {keys}}}
+"""
+
+CASES = {
+    # task: (head, arch, data maker, params pattern, distilled outputs)
+    "question-answering": ("question-answering", "bert", "squad", "re:bert.encoder.*weight",
+                           "[start_logits, end_logits]"),
+    "pairs": ("sequence-classification", "bert", "pairs", "re:bert.encoder.*weight", "[logits]"),
+    "masked-lm": ("masked-lm", "bert", "corpus", "re:bert.encoder.*weight", "[logits]"),
+    "causal-lm-gpt2": ("causal-lm", "gpt2", "corpus", "re:transformer.h.*weight", "[logits]"),
+    "causal-lm-llama": ("causal-lm", "llama", "corpus", "re:model.layers.*proj.weight", "[logits]"),
+}  # fmt: skip
+
+
+def _data(kind: str, tmp_path: Path) -> Path:
+    if kind == "squad":
+        return make_squad(tmp_path / "squad.json", v2=True)
+    if kind == "corpus":
+        return make_corpus(tmp_path / "c.txt", n_docs=30)
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["question1", "question2", "label"])
+        for i in range(40):
+            w.writerow(["where lives anna ?", f"where lives {['anna', 'ben'][i % 2]} ?", i % 2])
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prune_cli_runs_each_task_with_distillation_and_saves_plain_loadable_zeros(
+    tmp_path, case, capsys
+):
+    import transformers
+
+    from curvature.tasks.kinds import _HEADS
+
+    head, arch, data_kind, params, keys = CASES[case]
+    model_dir = make_task_model_dir(tmp_path / "m", head, arch)
+    data = _data(data_kind, tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(params=params, keys=keys))
+    out = tmp_path / "out"
+    argv = ["prune", str(recipe), "--model", str(model_dir), "--data", str(data), "--output",
+            str(out), "--teacher", "self", "--max-length", "32", "--batch-size", "4",
+            "--doc-stride", "8", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == head and m["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert set(m["dense"]) == set(m["pruned"]) and m["metric"] in m["pruned"]
+    assert m["steps"] > 0 and len(m["pruning_steps"]) == 2
+    report = (out / "report.md").read_text()
+    assert f"validation {m['metric'].replace('_', ' ')}" in report
+    # plain transformers loads the saved model with its zeros where the job left them
+    model = getattr(transformers, _HEADS[head]).from_pretrained(out)
+    params_ = dict(model.named_parameters())
+    for name, sparsity in m["param_sparsity"].items():
+        assert float((params_[name] == 0).float().mean()) == pytest.approx(sparsity)
+    assert sum(m["param_sparsity"].values()) / len(m["param_sparsity"]) > 0.3
+
+
+def test_a_distilling_recipe_without_a_teacher_is_refused(tmp_path, capsys):
+    model_dir = make_task_model_dir(tmp_path / "m", "masked-lm")
+    corpus = make_corpus(tmp_path / "c.txt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(params="re:bert.encoder.*weight", keys="[logits]"))
+    argv = ["prune", str(recipe), "--model", str(model_dir), "--data", str(corpus), "--output",
+            str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "names no teacher: pass --teacher FOLDER" in err and len(err.splitlines()) == 1
+    transfer = ROOT / "recipes" / "obert-bert-base-sparse-transfer-mnli.yaml"
+    argv[1] = str(transfer)
+    assert main([*argv, "--teacher", "self"]) == 2
+    assert "this recipe never prunes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# -------------------------------------------------------------------------- sparse transfer
+
+
+def _sparsify(folder: Path, head, fraction=0.6, seed=0) -> dict[str, torch.Tensor]:
+    """Zero a random ``fraction`` of every encoder matrix of a saved model; return the masks."""
+    model = head.from_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("bert.encoder") and p.dim() == 2:
+                keep = torch.rand(p.shape, generator=gen) >= fraction
+                p.mul_(keep)
+                masks[name] = keep
+    model.save_pretrained(folder)
+    return masks
+
+
+def test_sparse_transfer_keeps_every_zero_through_training_and_saving(tmp_path, capsys):
+    import transformers
+
+    up = make_task_model_dir(tmp_path / "up", "masked-lm")
+    masks = _sparsify(up, transformers.BertForMaskedLM)
+    data = tmp_path / "d.csv"
+    rng = random.Random(0)
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(48):
+            w.writerow(
+                [f"{rng.choice(['anna', 'ben'])} lives in {rng.choice(['rome', 'oslo'])}", i % 2]
+            )
+    out = tmp_path / "out"
+    recipe = ROOT / "recipes" / "minilm-sparse-transfer.yaml"
+    argv = ["prune", str(recipe), "--model", str(up), "--data", str(data), "--output", str(out),
+            "--max-length", "16", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    before = transformers.BertForMaskedLM.from_pretrained(up).state_dict()
+    after = transformers.BertForSequenceClassification.from_pretrained(out)
+    state = after.state_dict()
+    for name, keep in masks.items():
+        assert torch.equal(state[name] == 0, ~keep | (before[name] == 0)), name
+        assert not torch.equal(state[name], before[name])  # the kept weights did train
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["sparsity"] == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the published recipes are not beside the repo")
+def test_published_squad_sparse_transfer_recipe_runs_unchanged_with_a_teacher(tmp_path, capsys):
+    import transformers
+
+    up = make_task_model_dir(tmp_path / "up", "question-answering")
+    masks = _sparsify(up, transformers.BertForQuestionAnswering)
+    teacher = make_task_model_dir(tmp_path / "teacher", "question-answering")
+    squad = make_squad(tmp_path / "s.json", n_contexts=8)
+    out = tmp_path / "out"
+    argv = ["prune", str(SHARED / "8epochs_sparse_transfer_squad.yaml"), "--model", str(up),
+            "--data", str(squad), "--teacher", str(teacher), "--output", str(out),
+            "--max-length", "32", "--doc-stride", "8", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 8 and {"exact_match", "f1"} <= set(m["pruned"])
+    state = transformers.BertForQuestionAnswering.from_pretrained(out).state_dict()
+    for name, keep in masks.items():
+        assert torch.equal(state[name] == 0, ~keep), name
+
+
+# ---------------------------------------------------------------- HF Trainer, every task
+
+
+@pytest.mark.parametrize("case", ["question-answering", "masked-lm", "causal-lm-llama", "pairs"])
+def test_recipe_callback_in_a_plain_trainer_prunes_every_task(tmp_path, case):
+    from transformers import Trainer, TrainingArguments
+
+    from curvature.integrations.hf import RecipeCallback
+    from curvature.recipes import RecipeManager, parse_recipe
+
+    head, arch, data_kind, params, _ = CASES[case]
+    model_dir = make_task_model_dir(tmp_path / "m", head, arch)
+    p = prepare(head, str(model_dir), str(_data(data_kind, tmp_path)), max_length=32, doc_stride=8)
+    text = RECIPE.format(params=params, keys="[logits]").split("  - !Distillation")[0]
+    manager = RecipeManager(parse_recipe(text), p.model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"), num_train_epochs=2, per_device_train_batch_size=4,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=p.model, args=args, train_dataset=p.train, data_collator=p.collator,
+        callbacks=[RecipeCallback(manager, grad_dataset=p.train, collator=p.collator,
+                                  grad_batch_size=2, progress=False)],
+    )  # fmt: skip
+    trainer.train()
+    assert manager.sparsity() == pytest.approx(0.5, abs=0.01)
+    ev = p.evaluate(p.model)
+    assert math.isfinite(ev[p.metric])
