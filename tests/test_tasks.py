@@ -484,3 +484,64 @@ def test_recipe_callback_in_a_plain_trainer_prunes_every_task(tmp_path, case):
     assert manager.sparsity() == pytest.approx(0.5, abs=0.01)
     ev = p.evaluate(p.model)
     assert math.isfinite(ev[p.metric])
+
+
+def test_sweep_of_a_language_model_reports_perplexity(tmp_path):
+    from curvature.cli.sweep import SweepConfig, run_sweep
+
+    model_dir = make_task_model_dir(tmp_path / "m", "masked-lm")
+    corpus = make_corpus(tmp_path / "c.txt", n_docs=30)
+    cfg = SweepConfig(
+        output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus),
+        methods=["obs", "magnitude"], sparsities=[0.5], finetune_epochs=0, max_length=16,
+        params=["re:bert.encoder.*weight"], num_grads=4, block_size=8, damp=1e-4,
+        progress=False,
+    )  # fmt: skip
+    points = run_sweep(cfg)
+    assert {p["method"] for p in points} == {"dense", "obs", "magnitude"}
+    assert all(p["metric"] == "perplexity" and p["perplexity"] > 1 for p in points)
+    header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
+    assert "perplexity" in header and "accuracy" not in header
+    assert "| perplexity | loss |" in (tmp_path / "sweep" / "results.md").read_text()
+    assert (tmp_path / "sweep" / "accuracy_vs_sparsity.png").stat().st_size > 0
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep["task"] is None  # inferred: masked-lm for an encoder and a text corpus
+
+
+@pytest.mark.slow  # 7 x 1024 gradients: several minutes on 2 cores
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the published recipes are not beside the repo")
+def test_published_squad_pruning_recipe_runs_unchanged_through_the_cli(tmp_path, capsys):
+    """30epochs_unstructured80_squad.yaml as published (30 epochs, 7 OBS points of 1024
+    gradients, distillation over start and end logits) on a tiny QA BERT and a tiny SQuAD file."""
+    model_dir = make_task_model_dir(tmp_path / "m", "question-answering")
+    squad = make_squad(tmp_path / "s.json", n_contexts=5)
+    out = tmp_path / "out"
+    argv = ["prune", str(SHARED / "30epochs_unstructured80_squad.yaml"), "--model",
+            str(model_dir), "--data", str(squad), "--teacher", "self", "--output", str(out),
+            "--max-length", "32", "--batch-size", "16", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert [round(s["epoch"]) for s in m["pruning_steps"]] == [2, 6, 10, 14, 18, 22, 26]
+    assert m["sparsity"] == pytest.approx(0.8, abs=1e-3) and m["epochs"] == 30
+    assert m["task"] == "question-answering" and {"exact_match", "f1"} <= set(m["pruned"])
+
+
+def test_a_separate_validation_file_for_every_task(tmp_path):
+    bert_qa = make_task_model_dir(tmp_path / "qa", "question-answering")
+    train, dev = make_squad(tmp_path / "t.json", seed=0), make_squad(tmp_path / "d.json", seed=1)
+    p = prepare(None, str(bert_qa), str(train), eval_data=str(dev), max_length=32)
+    assert p.info["train_examples"] == 36 and p.info["validation_examples"] == 36
+    cls = make_task_model_dir(tmp_path / "cls", "masked-lm")  # a new 3-label head on it
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("text,label\nanna lives,north\nben lives,south\nanna,north\n")
+    b.write_text("text,label\ncarl lives,west\nben,south\n")  # a class the training file lacks
+    p = prepare(None, str(cls), str(a), eval_data=str(b), max_length=16)
+    assert p.label_names == ["north", "south", "west"]
+    assert p.model.config.num_labels == 3 and p.info["validation_examples"] == 2
+    assert [int(x) for x in p.train["labels"]] in ([0, 1, 0], [0, 0, 1], [1, 0, 0])
+    mlm = make_task_model_dir(tmp_path / "mlm", "masked-lm")
+    c1, c2 = make_corpus(tmp_path / "c1.txt", seed=0), make_corpus(tmp_path / "c2.txt", seed=1)
+    p = prepare(None, str(mlm), str(c1), eval_data=str(c2), max_length=16)
+    assert p.info["train_documents"] == 24 and p.info["validation_documents"] == 24
+    with pytest.raises(DataError, match="data file .*nope.txt does not exist"):
+        prepare(None, str(mlm), str(c1), eval_data=str(tmp_path / "nope.txt"), max_length=16)

@@ -53,8 +53,9 @@ class PruneJob:
     resume: bool = False  # continue from the latest checkpoint of an interrupted run
     dense_baseline: bool = False  # also train the dense model for the same steps (no pruning)
     task: str | None = None  # None: inferred from the data and the model
-    doc_stride: int = 128  # question answering: tokens shared by neighbouring windows
+    doc_stride: int | None = None  # question answering: window overlap (None: max_length // 3)
     eval_split: str | None = None  # hub data: the split to evaluate on
+    eval_data: str | None = None  # a separate validation file
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -222,8 +223,9 @@ def load_for_job(job):
         max_eval=job.max_eval,
         max_length=job.max_length,
         eval_batch_size=job.eval_batch_size,
-        doc_stride=getattr(job, "doc_stride", 128),
+        doc_stride=getattr(job, "doc_stride", None),
         eval_split=getattr(job, "eval_split", None),
+        eval_data=getattr(job, "eval_data", None),
     )
 
 

@@ -60,8 +60,16 @@ def _task_arguments(p) -> None:
     p.add_argument(
         "--doc-stride",
         type=int,
-        default=128,
-        help="question answering: tokens shared by the windows of a long context (default 128)",
+        default=None,
+        help="question answering: tokens shared by the windows of a long context (default a "
+        "third of --max-length, at most 128)",
+    )
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="FILE",
+        help="a separate validation file (an official dev set, e.g. SQuAD's dev-v1.1.json); "
+        "then all of --data trains (default: a seeded 20%% of --data validates)",
     )
     p.add_argument(
         "--eval-split",
@@ -448,6 +456,7 @@ def _train(args) -> int:
         task=args.task,
         doc_stride=args.doc_stride,
         eval_split=args.eval_split,
+        eval_data=args.eval_data,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -493,6 +502,7 @@ def _prune(args) -> int:
         task=args.task,
         doc_stride=args.doc_stride,
         eval_split=args.eval_split,
+        eval_data=args.eval_data,
     )
     from curvature.cli.jobs import metric_columns
 

@@ -44,8 +44,9 @@ class TrainJob:
     progress: bool = True
     threads: int | None = None
     task: str | None = None  # None: inferred from the data and the model
-    doc_stride: int = 128
+    doc_stride: int | None = None
     eval_split: str | None = None
+    eval_data: str | None = None  # a separate validation file
 
     def resolved(self) -> tuple[float, dict]:
         from curvature.optim import OPTIMIZERS

@@ -145,6 +145,7 @@ def load_task(
     max_train: int | None = None,
     max_validation: int | None = None,
     validation_split: str | None = None,
+    validation_file: str | os.PathLike | None = None,
 ) -> TaskData:
     """Load a classification task with a seeded, stratification-free train/validation split.
 
@@ -156,6 +157,8 @@ def load_task(
     if not 0.0 < validation_fraction < 1.0:
         raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     name = str(name_or_path)
+    if validation_file is not None:
+        return _two_files(name, str(validation_file), seed, max_train, max_validation)
     if name == "bbc-news":
         columns, classes = _bbc_news()
     elif name == "tweet-sentiment":
@@ -188,6 +191,42 @@ def load_task(
         val = val.select(range(max_validation))
     text_cols = text_columns(columns)
     return TaskData(DatasetDict(train=train, validation=val), classes, text_cols, name)
+
+
+def _two_files(train_name: str, val_name: str, seed, max_train, max_validation) -> TaskData:
+    """Training examples from one file, validation examples from another (``--eval-data``); the
+    classes are the union of both files' labels."""
+    from datasets import Dataset, DatasetDict
+
+    for n in (train_name, val_name):
+        if not Path(n).is_file():
+            what = "--eval-data needs a local training file too" if n == train_name else ""
+            raise DataError(f"data file {n} does not exist{'; ' + what if what else ''}")
+    (tr, tr_classes), (va, va_classes) = _from_file(Path(train_name)), _from_file(Path(val_name))
+    if text_columns(tr) != text_columns(va):
+        raise DataError(
+            f"data file {val_name} has the text columns {text_columns(va)}, and {train_name} "
+            f"{text_columns(tr)}: they must match"
+        )
+    names_tr = [tr_classes[i] for i in tr["label"]]
+    names_va = [va_classes[i] for i in va["label"]]
+    union = set(names_tr) | set(names_va)
+    classes = (
+        [str(i) for i in range(max(int(c) for c in union) + 1)]
+        if all(c.isdigit() for c in union)
+        else sorted(union)
+    )
+    index = {c: i for i, c in enumerate(classes)}
+    cols = text_columns(tr)
+    train = Dataset.from_dict({**{c: tr[c] for c in cols}, "label": [index[c] for c in names_tr]})
+    val = Dataset.from_dict({**{c: va[c] for c in cols}, "label": [index[c] for c in names_va]})
+    train = train.shuffle(seed=seed)
+    if max_train is not None and max_train < len(train):
+        train = train.select(range(max_train))
+    if max_validation is not None and max_validation < len(val):
+        val = val.select(range(max_validation))
+    info = {"validation_file": val_name}
+    return TaskData(DatasetDict(train=train, validation=val), classes, cols, train_name, info)
 
 
 def _hub_task(name, *, seed, max_train, max_validation, validation_split=None) -> TaskData:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,31 +226,36 @@ def prepare(
     max_eval: int | None = None,
     max_length: int = 128,
     eval_batch_size: int = 64,
-    doc_stride: int = 128,
+    doc_stride: int | None = None,
     stride: int | None = None,
     validation_fraction: float = 0.2,
     eval_split: str | None = None,
+    eval_data: str | None = None,
 ) -> Prepared:
     """Load ``data`` and ``model`` for ``task`` (``None``: :func:`infer_task`).
 
     ``max_train`` / ``max_eval`` count examples (classification, question answering: questions)
-    or documents (language models). ``doc_stride`` is the question-answering window overlap;
-    ``stride`` the causal-LM evaluation stride (default ``max_length // 2``).
+    or documents (language models). ``doc_stride`` is the question-answering window overlap (default a third
+    of ``max_length``, at most 128: the usual 128 of 384);
+    ``stride`` the causal-LM evaluation stride (default ``max_length // 2``). ``eval_data`` is a
+    separate validation file (an official dev set); then all of ``data`` trains.
     """
+    if eval_data is not None and eval_split is not None:
+        raise DataError("--eval-data and --eval-split both choose the validation data: pass one")
     task = check_task(task) or infer_task(model, data)
     if task == "sequence-classification":
         return _prepare_classification(
             model, data, seed, max_train, max_eval, max_length, eval_batch_size,
-            validation_fraction, eval_split,
+            validation_fraction, eval_split, eval_data,
         )  # fmt: skip
     if task == "question-answering":
         return _prepare_qa(
             model, data, seed, max_train, max_eval, max_length, eval_batch_size, doc_stride,
-            validation_fraction,
+            validation_fraction, eval_data,
         )  # fmt: skip
     return _prepare_lm(
         task, model, data, seed, max_train, max_eval, max_length, eval_batch_size, stride,
-        validation_fraction,
+        validation_fraction, eval_data,
     )  # fmt: skip
 
 
@@ -288,7 +294,16 @@ def classification_eval(model, loader, *, progress=False, desc="eval") -> dict:
 
 
 def _prepare_classification(
-    model, data, seed, max_train, max_eval, max_length, eval_batch_size, fraction, eval_split
+    model,
+    data,
+    seed,
+    max_train,
+    max_eval,
+    max_length,
+    eval_batch_size,
+    fraction,
+    eval_split,
+    eval_data=None,
 ):
     from transformers import DataCollatorWithPadding
 
@@ -301,6 +316,7 @@ def _prepare_classification(
         max_validation=max_eval,
         validation_fraction=fraction,
         validation_split=eval_split,
+        validation_file=eval_data,
     )
     names = td.label_names
     net = load_model(
@@ -333,10 +349,17 @@ def _prepare_classification(
     )
 
 
-def _load_qa_rows(data, seed, fraction):
+def _load_qa_rows(data, seed, fraction, eval_data=None):
     from curvature.tasks.qa import read_squad_file, split_by_context
 
     path = Path(data)
+    if eval_data is not None:
+        for f in (data, eval_data):
+            if not Path(f).is_file():
+                raise DataError(f"data file {f} does not exist")
+        train = read_squad_file(path)
+        random.Random(seed).shuffle(train)
+        return train, read_squad_file(Path(eval_data)), False
     if path.exists():
         return (*split_by_context(read_squad_file(path), fraction, seed), False)
     if data.endswith((".json", ".jsonl")) or os.sep in data and data.startswith((".", "/")):
@@ -354,21 +377,25 @@ def _load_qa_rows(data, seed, fraction):
     return train, val, None
 
 
-def _prepare_qa(model, data, seed, max_train, max_eval, max_length, eval_batch_size, stride, frac):
+def _prepare_qa(
+    model, data, seed, max_train, max_eval, max_length, eval_batch_size, stride, frac, eval_data
+):
     from datasets import Dataset
     from transformers import default_data_collator
 
     from curvature.tasks import qa
 
-    train_rows, val_rows, version_2 = _load_qa_rows(str(data), seed, frac)
+    train_rows, val_rows, version_2 = _load_qa_rows(str(data), seed, frac, eval_data)
     if max_train is not None:
         train_rows = train_rows[:max_train]
     if max_eval is not None:
         val_rows = val_rows[:max_eval]
     if version_2 is False or version_2 is None:  # v2 when some question has no answer
         version_2 = any(not r["answers"]["text"] for r in train_rows + val_rows)
-    if stride >= max_length:
-        raise DataError(f"--doc-stride {stride} must be smaller than --max-length {max_length}")
+    if stride is None:
+        stride = min(128, max_length // 3)
+    if not 0 <= stride < max_length:
+        raise DataError(f"--doc-stride {stride} must be in [0, --max-length {max_length})")
     net = load_model("question-answering", model)
     tok = _tokenizer(model)
     train_ex, val_ex = Dataset.from_list(train_rows), Dataset.from_list(val_rows)
@@ -402,7 +429,9 @@ def _prepare_qa(model, data, seed, max_train, max_eval, max_length, eval_batch_s
     return Prepared("question-answering", net, tok, train, default_data_collator, evaluate, info)
 
 
-def _prepare_lm(task, model, data, seed, max_train, max_eval, max_length, bs, stride, frac):
+def _prepare_lm(
+    task, model, data, seed, max_train, max_eval, max_length, bs, stride, frac, eval_data
+):
     from transformers import DataCollatorForLanguageModeling
 
     from curvature.tasks import lm
@@ -413,7 +442,10 @@ def _prepare_lm(task, model, data, seed, max_train, max_eval, max_length, bs, st
             f"data {data!r}: a language-model task reads 'bbc-news', a .txt file (one document "
             "per line) or a .csv/.jsonl/.json file with a 'text' column"
         )
-    train_docs, val_docs = lm.split_documents(docs, frac, seed)
+    if eval_data is not None:
+        train_docs, val_docs = docs, lm.read_corpus(str(eval_data))
+    else:
+        train_docs, val_docs = lm.split_documents(docs, frac, seed)
     if max_train is not None:
         train_docs = train_docs[:max_train]
     if max_eval is not None:
