@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--max-eval", type=int, default=300, help="bbc-news validation examples")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--upstream-recipe", default="recipes/minilm-upstream-mlm-80.yaml")
     args = ap.parse_args()
     out = Path(args.output)
     common = ["--max-length", str(args.max_length), "--seed", str(args.seed), "--no-progress"]
@@ -57,7 +58,7 @@ def main() -> None:
     up = out / "upstream"
     if not (up / "metrics.json").is_file():
         run(
-            ["prune", "recipes/minilm-upstream-mlm-80.yaml", "--task", "masked-lm", "--data",
+            ["prune", args.upstream_recipe, "--task", "masked-lm", "--data",
              "bbc-news", "--max-train", str(args.upstream_docs), "--max-eval", "60",
              "--output", str(up), *common]
         )  # fmt: skip

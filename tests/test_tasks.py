@@ -545,3 +545,20 @@ def test_a_separate_validation_file_for_every_task(tmp_path):
     assert p.info["train_documents"] == 24 and p.info["validation_documents"] == 24
     with pytest.raises(DataError, match="data file .*nope.txt does not exist"):
         prepare(None, str(mlm), str(c1), eval_data=str(tmp_path / "nope.txt"), max_length=16)
+
+
+def test_train_a_decoder_with_a_curvature_optimizer_reports_perplexity(tmp_path, capsys):
+    model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "llama")
+    corpus = make_corpus(tmp_path / "c.txt")
+    out = tmp_path / "out"
+    argv = ["train", "--optimizer", "adahessian", "--model", str(model_dir), "--data",
+            str(corpus), "--output", str(out), "--max-steps", "3", "--eval-every", "1",
+            "--max-length", "16", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "causal-lm" and m["metric"] == "perplexity" and m["steps"] == 3
+    assert [h["step"] for h in m["curve"]] == [1, 2, 3]
+    assert m["curve"][-1]["perplexity"] == pytest.approx(m["validation"]["perplexity"])
+    assert "validation perplexity" in printed
