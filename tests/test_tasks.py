@@ -505,7 +505,7 @@ def test_sweep_of_a_language_model_reports_perplexity(tmp_path):
     assert "| perplexity | loss |" in (tmp_path / "sweep" / "results.md").read_text()
     assert (tmp_path / "sweep" / "accuracy_vs_sparsity.png").stat().st_size > 0
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert sweep["task"] is None  # inferred: masked-lm for an encoder and a text corpus
+    assert sweep["task"] == "masked-lm"  # inferred for an encoder and a text corpus, and recorded
 
 
 @pytest.mark.slow  # 7 x 1024 gradients: several minutes on 2 cores
@@ -562,3 +562,104 @@ def test_train_a_decoder_with_a_curvature_optimizer_reports_perplexity(tmp_path,
     assert [h["step"] for h in m["curve"]] == [1, 2, 3]
     assert m["curve"][-1]["perplexity"] == pytest.approx(m["validation"]["perplexity"])
     assert "validation perplexity" in printed
+
+
+# ------------------------------------------------------------------ review findings, pinned
+
+
+def test_left_padding_tokenizer_strips_the_question_not_the_context(tmp_path):
+    from datasets import Dataset
+
+    tok = make_tokenizer(tmp_path / "tok", QA_WORDS)
+    tok.padding_side = "left"  # the context goes first, the question second
+    context = "  anna lives in rome . ben lives in oslo ."
+    row = {
+        "id": "l",
+        "question": "  where lives ben ?",
+        "context": context,
+        "answers": {"text": ["oslo"], "answer_start": [context.index("oslo")]},
+    }
+    ex = Dataset.from_list([row])[:]
+    tr = qa.prepare_train_features(ex, tok, 32, 4)
+    ev = qa.prepare_eval_features(ex, tok, 32, 4)
+    s, e = tr["start_positions"][0], tr["end_positions"][0]
+    off = ev["offset_mapping"][0]
+    assert context[off[s][0] : off[e][1]] == "oslo"
+    cls = ev["cls_index"][0]
+    assert tr["input_ids"][0][cls] == tok.cls_token_id and cls > 0  # pads come first
+    # the no-answer score is read at [CLS], wherever the tokenizer put it
+    n = len(off)
+    start, end = np.full((1, n), -5.0), np.full((1, n), -5.0)
+    start[0, s], end[0, e] = 1.0, 1.0
+    start[0, cls], end[0, cls] = 3.0, 3.0
+    feats = Dataset.from_dict({k: ev[k] for k in ("example_id", "offset_mapping", "cls_index")})
+    assert qa.postprocess([row], feats, start, end, version_2=True) == {"l": ""}
+    start[0, cls] = end[0, cls] = 0.5
+    assert qa.postprocess([row], feats, start, end, version_2=True) == {"l": "oslo"}
+
+
+def test_bad_settings_and_data_are_one_clear_error(tmp_path):
+    bert_qa = make_task_model_dir(tmp_path / "qa", "question-answering")
+    squad = make_squad(tmp_path / "s.json")
+    prepare(None, str(bert_qa), str(squad), max_length=12, doc_stride=4)  # 5 new tokens a window
+    with pytest.raises(DataError, match="has 4 tokens: with --max-length 12 and --doc-stride 5"):
+        prepare(None, str(bert_qa), str(squad), max_length=12, doc_stride=5)
+    mlm = make_task_model_dir(tmp_path / "mlm", "masked-lm")
+    corpus = make_corpus(tmp_path / "c.txt")
+    with pytest.raises(DataError, match="--doc-stride applies to question-answering"):
+        prepare(None, str(mlm), str(corpus), doc_stride=8)
+    with pytest.raises(DataError, match="--eval-stride applies to causal-lm"):
+        prepare(None, str(mlm), str(corpus), stride=8)
+    with pytest.raises(DataError, match="--eval-split applies to hub classification"):
+        prepare(None, str(mlm), str(corpus), eval_split="validation_mismatched")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 1, "question": "q", "context": "c", "answers": {"x": []}}))
+    with pytest.raises(DataError, match="an 'answers' entry is not"):
+        qa.read_squad_file(bad)
+    neg = tmp_path / "neg.csv"
+    neg.write_text("text,label\na,0\nb,-1\n")
+    with pytest.raises(DataError, match="negative labels"):
+        prepare("sequence-classification", str(mlm), str(neg))
+    # a quoted header with a byte-order mark is still read for the task
+    quoted = tmp_path / "q.csv"
+    quoted.write_text('\ufeff"text","label"\n"anna",1\n"ben",0\n', encoding="utf-8")
+    assert infer_task(str(mlm), str(quoted)) == "sequence-classification"
+    # hub names: SQuAD's are question answering, any other labelled classification
+    assert infer_task(str(mlm), "nyu-mll/glue:mnli") == "sequence-classification"
+    assert infer_task(str(mlm), "squad_v2") == "question-answering"
+
+
+def test_causal_lm_training_predicts_the_document_separators(tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "gpt2")
+    AutoTokenizer.from_pretrained(model_dir, pad_token="[SEP]").save_pretrained(model_dir)
+    p = prepare(None, str(model_dir), str(make_corpus(tmp_path / "c.txt")), max_length=16)
+    batch = p.collator([p.train[i] for i in range(len(p.train))])
+    eos = p.tokenizer.eos_token_id
+    assert eos == p.tokenizer.pad_token_id  # the case a padding-aware collator gets wrong
+    assert (batch["labels"] == eos).any() and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_masked_lm_positions_do_not_depend_on_the_batch_size(tmp_path):
+    from transformers import DataCollatorForLanguageModeling
+
+    tok = make_tokenizer(tmp_path / "tok", QA_WORDS)
+    ids = [[2, *range(5, 19), 3] for _ in range(10)]
+    ds = lm.block_dataset(ids, labels=False)
+    a = lm.mask_once(ds, DataCollatorForLanguageModeling(tok), batch_size=3)
+    b = lm.mask_once(ds, DataCollatorForLanguageModeling(tok), batch_size=10)
+    assert torch.equal(torch.cat([x["labels"] for x in a]), b[0]["labels"])
+
+
+def test_squad_v2_ground_truths_that_normalise_to_nothing_are_dropped():
+    m = qa.squad_metrics({"a": ""}, {"a": ["the", "."]})  # as the official v2 script
+    assert m["exact_match"] == 100.0 and m["unanswerable"] == 1
+
+
+def test_steps_to_reach_reads_the_metric_in_its_direction():
+    from curvature.cli.train import steps_to_reach
+
+    curve = [{"step": 1, "perplexity": 50.0}, {"step": 2, "perplexity": 20.0}]
+    assert steps_to_reach(curve, 30.0, "perplexity", higher_is_better=False) == 2
+    assert steps_to_reach(curve, 10.0, "perplexity", higher_is_better=False) is None

@@ -56,6 +56,7 @@ class PruneJob:
     doc_stride: int | None = None  # question answering: window overlap (None: max_length // 3)
     eval_split: str | None = None  # hub data: the split to evaluate on
     eval_data: str | None = None  # a separate validation file
+    eval_stride: int | None = None  # causal LM: the evaluation window's stride
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -226,6 +227,7 @@ def load_for_job(job):
         doc_stride=getattr(job, "doc_stride", None),
         eval_split=getattr(job, "eval_split", None),
         eval_data=getattr(job, "eval_data", None),
+        stride=getattr(job, "eval_stride", None),
     )
 
 

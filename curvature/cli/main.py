@@ -72,6 +72,12 @@ def _task_arguments(p) -> None:
         "then all of --data trains (default: a seeded 20%% of --data validates)",
     )
     p.add_argument(
+        "--eval-stride",
+        type=int,
+        default=None,
+        help="causal LM: tokens the perplexity window advances by (default half of --max-length)",
+    )
+    p.add_argument(
         "--eval-split",
         default=None,
         help="hub data: the split to evaluate on (e.g. validation_mismatched for MNLI)",
@@ -457,6 +463,7 @@ def _train(args) -> int:
         doc_stride=args.doc_stride,
         eval_split=args.eval_split,
         eval_data=args.eval_data,
+        eval_stride=args.eval_stride,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -503,6 +510,7 @@ def _prune(args) -> int:
         doc_stride=args.doc_stride,
         eval_split=args.eval_split,
         eval_data=args.eval_data,
+        eval_stride=args.eval_stride,
     )
     from curvature.cli.jobs import metric_columns
 

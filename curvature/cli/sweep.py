@@ -168,6 +168,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     from curvature.tasks.kinds import load_model, prepare
 
     cfg.validate()
+    if cfg.task is None:  # the resolved task is recorded, so a rerun that names it matches
+        from curvature.tasks.kinds import infer_task
+
+        cfg.task = infer_task(cfg.model, cfg.data)
     out = Path(cfg.output)
     cfg_path = out / "sweep.json"
     record = cfg.record()

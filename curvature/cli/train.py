@@ -47,6 +47,7 @@ class TrainJob:
     doc_stride: int | None = None
     eval_split: str | None = None
     eval_data: str | None = None  # a separate validation file
+    eval_stride: int | None = None  # causal LM: the evaluation window's stride
 
     def resolved(self) -> tuple[float, dict]:
         from curvature.optim import OPTIMIZERS
@@ -77,9 +78,13 @@ class EvalEvery(TrainerCallback):
             self.history.append({"step": state.global_step, "seconds": self.train_seconds, **ev})
 
 
-def steps_to_reach(history: list[dict], target: float, metric: str = "accuracy") -> int | None:
-    """First evaluated step whose ``metric`` is at least ``target`` (None if never)."""
-    return next((h["step"] for h in history if h[metric] >= target), None)
+def steps_to_reach(
+    history: list[dict], target: float, metric: str = "accuracy", higher_is_better: bool = True
+) -> int | None:
+    """First evaluated step whose ``metric`` reaches ``target``: at least it, or at most it for a
+    metric where lower is better (perplexity); None if never."""
+    sign = 1 if higher_is_better else -1
+    return next((h["step"] for h in history if sign * (h[metric] - target) >= 0), None)
 
 
 def run_train(job: TrainJob) -> dict:

@@ -39,8 +39,8 @@ TEXT_COLUMNS = (
 
 
 def text_columns(columns) -> tuple[str, ...] | None:
-    """The text columns of a dataset with ``columns``: a pair when one is complete, else a single
-    text column; ``None`` when there is neither.
+    """The text columns of a dataset with ``columns``: ``text`` when there is one, else a complete
+    sentence pair, else ``sentence``; ``None`` when there is none of them.
 
     >>> text_columns(["premise", "hypothesis", "label", "idx"])
     ('premise', 'hypothesis')
@@ -48,9 +48,10 @@ def text_columns(columns) -> tuple[str, ...] | None:
     ('question', 'sentence')
     """
     cols = set(columns)
+    if "text" in cols:
+        return ("text",)
     pairs = [c for c in TEXT_COLUMNS if len(c) == 2 and set(c) <= cols]
-    singles = [c for c in TEXT_COLUMNS if len(c) == 1 and set(c) <= cols]
-    return (pairs or singles or [None])[0]
+    return pairs[0] if pairs else ("sentence",) if "sentence" in cols else None
 
 
 _COLUMNS_HELP = (
@@ -127,6 +128,16 @@ def _from_file(path: Path) -> tuple[dict, list[str]]:
     if keep is None:
         raise DataError(f"data file {path} needs {_COLUMNS_HELP} (columns: {sorted(columns)})")
     raw = ds["label"]
+    if any(isinstance(v, float) for v in raw):
+        raise DataError(
+            f"data file {path}: the 'label' column holds numbers with fractions (a regression "
+            "target?); classification needs integer or string labels"
+        )
+    if any(isinstance(v, int) and v < 0 for v in raw):
+        raise DataError(
+            f"data file {path}: the 'label' column has negative labels ({min(raw)}: unlabelled "
+            "test rows?); labels are 0..K-1 or strings"
+        )
     if all(isinstance(v, int) for v in raw):
         classes = [str(i) for i in range(max(raw) + 1)] if raw else []
         labels = list(raw)

@@ -22,6 +22,7 @@ Without ``--task`` the task is inferred from the data's columns and the model's 
 
 from __future__ import annotations
 
+import csv
 import difflib
 import json
 import os
@@ -107,15 +108,15 @@ def _data_kind(data: str) -> str | None:
     if data in ("bbc-news", "tweet-sentiment"):
         return "classification"
     path = Path(data)
-    if not path.is_file():
-        return "qa" if "squad" in data.lower() else None
+    if not path.is_file():  # a hub name: SQuAD's, or a labelled dataset
+        return "qa" if "squad" in data.lower() else "classification"
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return "text"
     try:
         if suffix == ".csv":
-            with open(path, encoding="utf-8") as fh:
-                columns = set(fh.readline().strip().split(","))
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                columns = set(next(csv.reader(fh), []))
         elif suffix == ".jsonl":
             with open(path, encoding="utf-8") as fh:
                 columns = set(json.loads(fh.readline()))
@@ -242,7 +243,18 @@ def prepare(
     """
     if eval_data is not None and eval_split is not None:
         raise DataError("--eval-data and --eval-split both choose the validation data: pass one")
+    data = os.path.expanduser(str(data))
+    eval_data = os.path.expanduser(str(eval_data)) if eval_data is not None else None
     task = check_task(task) or infer_task(model, data)
+    # a setting the chosen task does not read is refused, never ignored
+    if doc_stride is not None and task != "question-answering":
+        raise DataError(f"--doc-stride applies to question-answering, not to {task}")
+    if stride is not None and task != "causal-lm":
+        raise DataError(f"--eval-stride applies to causal-lm, not to {task}")
+    if eval_split is not None and task != "sequence-classification":
+        raise DataError(
+            f"--eval-split applies to hub classification data, not to {task} (use --eval-data)"
+        )
     if task == "sequence-classification":
         return _prepare_classification(
             model, data, seed, max_train, max_eval, max_length, eval_batch_size,
@@ -361,15 +373,20 @@ def _load_qa_rows(data, seed, fraction, eval_data=None):
         random.Random(seed).shuffle(train)
         return train, read_squad_file(Path(eval_data)), False
     if path.exists():
-        return (*split_by_context(read_squad_file(path), fraction, seed), False)
+        train, val = split_by_context(read_squad_file(path), fraction, seed)
+        # seeded order, so --max-train / --max-eval take a sample, not the first articles
+        random.Random(seed).shuffle(train)
+        random.Random(seed + 1).shuffle(val)
+        return train, val, False
     if data.endswith((".json", ".jsonl")) or os.sep in data and data.startswith((".", "/")):
         raise DataError(f"data file {data} does not exist")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise DataError(f"dataset {data!r} is not a local SQuAD file, and hub downloads are off")
     from datasets import load_dataset
 
+    repo, _, config = data.partition(":")
     try:
-        ds = load_dataset(data)
+        ds = load_dataset(repo, config or None)
     except Exception as exc:
         raise DataError(f"dataset {data!r}: loading it from the hub failed: {exc}") from exc
     train = [dict(r) for r in ds["train"].shuffle(seed=seed)]
@@ -471,20 +488,27 @@ def _prepare_lm(
             raise DataError(
                 f"data {data!r}: the validation documents fill no {max_length}-token block"
             )
-        batches = lm.mask_once(val, collator)
+        batches = lm.mask_once(val, collator, batch_size=bs)
 
         def evaluate(m, *, progress=False, desc="eval"):
             return lm.masked_lm_eval(m, batches, progress=progress, desc=desc)
 
         extra = {"validation_blocks": len(val), "eval_mask_seed": lm.EVAL_MASK_SEED}
     else:
+        from transformers import default_data_collator
+
         eos = tok.eos_token_id
+        # full blocks need no padding: labels are the inputs (the model shifts them), so the
+        # end-of-sequence tokens between documents are predicted too (a padding-aware collator
+        # would drop them when the pad token is the end-of-sequence token)
         train = lm.block_dataset(
-            lm.blocks(lm.token_stream(train_docs, tok, separator=eos), max_length), labels=False
+            lm.blocks(lm.token_stream(train_docs, tok, separator=eos), max_length), labels=True
         )
         stream = lm.token_stream(val_docs, tok, separator=eos)
         step = stride or max(max_length // 2, 1)
-        collator = DataCollatorForLanguageModeling(tok, mlm=False)
+        if not 1 <= step <= max_length:
+            raise DataError(f"--eval-stride {step} must be in [1, --max-length {max_length}]")
+        collator = default_data_collator
 
         def evaluate(m, *, progress=False, desc="eval"):
             return lm.causal_lm_eval(

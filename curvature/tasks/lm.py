@@ -2,8 +2,8 @@
 
 Corpus
     ``bbc-news`` (the texts of the 2,225 articles, labels dropped), a ``.txt`` file (one document
-    per non-empty line), a ``.csv`` / ``.jsonl`` / ``.json`` file with a ``text`` column, or, when
-    online, a hub name. Documents are split into train/validation by a seeded shuffle, so no
+    per non-empty line), or a ``.csv`` / ``.jsonl`` / ``.json`` file with a ``text`` column.
+    Documents are split into train/validation by a seeded shuffle, so no
     document is in both.
 
 Masked LM
@@ -83,10 +83,12 @@ def _text_column(rows, path) -> list[str]:
 
 
 def split_documents(docs: list[str], validation_fraction: float, seed: int):
+    """A seeded shuffle of the documents, split; each part stays in the shuffled order, so
+    ``--max-train`` / ``--max-eval`` take a sample (the BBC texts are stored by class)."""
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = max(1, int(round(validation_fraction * len(docs))))
-    val = [docs[i] for i in sorted(order[:n_val])]
-    train = [docs[i] for i in sorted(order[n_val:])]
+    val = [docs[i] for i in order[:n_val]]
+    train = [docs[i] for i in order[n_val:]]
     return train, val
 
 
@@ -127,12 +129,19 @@ def block_dataset(block_ids: list[list[int]], *, labels: bool):
     return Dataset.from_dict(cols)
 
 
-def mask_once(dataset, collator, seed: int = EVAL_MASK_SEED) -> list[dict[str, torch.Tensor]]:
-    """Masked-LM evaluation batches masked once with a fixed seed (the global RNG is restored)."""
+def mask_once(
+    dataset, collator, seed: int = EVAL_MASK_SEED, batch_size: int = 32
+) -> list[dict[str, torch.Tensor]]:
+    """Masked-LM evaluation batches masked once with a fixed seed (the global RNG is restored;
+    the masked positions do not depend on ``batch_size``)."""
     rows = [dataset[i] for i in range(len(dataset))]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return [dict(collator(rows[i : i + 32])) for i in range(0, len(rows), 32)]
+        masked = collator(rows)  # one draw over all blocks
+    return [
+        {k: v[i : i + batch_size] for k, v in masked.items()}
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 @torch.no_grad()

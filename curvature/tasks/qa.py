@@ -90,7 +90,8 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, list[str]])
     em = f1 = 0.0
     has = no = 0
     for qid, truths in references.items():
-        truths = list(truths) or [""]
+        # as the official v2 script: ground truths that normalise to nothing are dropped
+        truths = [t for t in truths if normalize_answer(t)] or [""]
         pred = predictions[qid]
         em += max(exact_match(pred, t) for t in truths)
         f1 += max(f1_score(pred, t) for t in truths)
@@ -132,7 +133,21 @@ def _flatten_nested(obj: dict, path: Path) -> list[dict]:
 
 
 def _check_rows(rows: list[dict], path) -> list[dict]:
+    try:
+        return _check_rows_inner(rows, path)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(
+            f"data file {path}: an 'answers' entry is not {{text: [...], answer_start: [...]}} "
+            f"with integer starts ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _check_rows_inner(rows: list[dict], path) -> list[dict]:
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"data file {path}: row {i} is not an object")
         for key in ("id", "question", "context", "answers"):
             if key not in r:
                 raise DataError(f"data file {path}: row {i} has no {key!r} field")
@@ -143,6 +158,12 @@ def _check_rows(rows: list[dict], path) -> list[dict]:
                 "answer_start": [int(a["answer_start"]) for a in ans],
             }
             r["answers"] = ans
+        ans["answer_start"] = [int(x) for x in ans["answer_start"]]
+        if len(ans["text"]) != len(ans["answer_start"]):
+            raise DataError(
+                f"data file {path}: question {r['id']!r} has {len(ans['text'])} answer texts "
+                f"and {len(ans['answer_start'])} starts"
+            )
         for text, start in zip(ans["text"], ans["answer_start"]):
             if r["context"][start : start + len(text)] != text:
                 raise DataError(
@@ -192,12 +213,20 @@ def _pad_right(tokenizer) -> bool:
     return tokenizer.padding_side == "right"
 
 
-def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int):
-    """Tokenize a batch of examples into windows labelled with token start/end positions."""
+def _encode(examples, tokenizer, max_length: int, doc_stride: int):
+    """Question and context tokenized together (the context second, or first for a tokenizer
+    that pads on the left), only the context truncated into overlapping windows. The question
+    loses its leading white space (some questions have a lot, which wastes tokens); the context
+    is kept as it is, so that character offsets index the original text."""
     pad_right = _pad_right(tokenizer)
-    enc = tokenizer(
-        [q.lstrip() for q in examples["question" if pad_right else "context"]],
-        examples["context" if pad_right else "question"],
+    questions = [q.lstrip() for q in examples["question"]]
+    check_room(examples["id"], questions, tokenizer, max_length, doc_stride)
+    first, second = (
+        (questions, examples["context"]) if pad_right else (examples["context"], questions)
+    )
+    return tokenizer(
+        first,
+        second,
         truncation="only_second" if pad_right else "only_first",
         max_length=max_length,
         stride=doc_stride,
@@ -205,12 +234,35 @@ def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int
         return_offsets_mapping=True,
         padding="max_length",
     )
+
+
+def check_room(ids, questions, tokenizer, max_length: int, doc_stride: int) -> None:
+    """Refuse a question that leaves no room for a window of context: the window must hold
+    more than ``doc_stride`` context tokens beside the question and the special tokens."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(x) for x in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    for qid, n in zip(ids, lengths):
+        if n + specials + doc_stride >= max_length:
+            raise DataError(
+                f"question {qid!r} has {n} tokens: with --max-length {max_length} and "
+                f"--doc-stride {doc_stride} a window holds no new context; raise --max-length "
+                f"or lower --doc-stride (to at most {max(max_length - n - specials - 1, 0)})"
+            )
+
+
+def _cls_index(ids: list[int], tokenizer) -> int:
+    return ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+
+
+def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int):
+    """Tokenize a batch of examples into windows labelled with token start/end positions."""
+    pad_right = _pad_right(tokenizer)
+    enc = _encode(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     offsets_all = enc.pop("offset_mapping")
     starts, ends = [], []
     for i, offsets in enumerate(offsets_all):
-        ids = enc["input_ids"][i]
-        cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+        cls = _cls_index(enc["input_ids"][i], tokenizer)
         seq = enc.sequence_ids(i)
         answers = examples["answers"][sample_map[i]]
         if not answers["answer_start"]:
@@ -241,24 +293,18 @@ def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int
 
 
 def prepare_eval_features(examples, tokenizer, max_length: int, doc_stride: int):
-    """Tokenize a batch of examples into windows that keep their example id and the character
-    offsets of their context tokens (``None`` elsewhere)."""
+    """Tokenize a batch of examples into windows that keep their example id, the character
+    offsets of their context tokens (``None`` elsewhere), and the position of their ``[CLS]``
+    token (the no-answer position the training labels use)."""
     pad_right = _pad_right(tokenizer)
-    enc = tokenizer(
-        [q.lstrip() for q in examples["question" if pad_right else "context"]],
-        examples["context" if pad_right else "question"],
-        truncation="only_second" if pad_right else "only_first",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+    enc = _encode(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     ctx = 1 if pad_right else 0
     enc["example_id"] = []
+    enc["cls_index"] = []
     for i in range(len(enc["input_ids"])):
         seq = enc.sequence_ids(i)
+        enc["cls_index"].append(_cls_index(enc["input_ids"][i], tokenizer))
         enc["example_id"].append(examples["id"][sample_map[i]])
         enc["offset_mapping"][i] = [
             o if seq[k] == ctx else None for k, o in enumerate(enc["offset_mapping"][i])
@@ -288,7 +334,8 @@ def postprocess(
         for fi in by_example[ex["id"]]:
             s, e = start_logits[fi], end_logits[fi]
             offsets = features[fi]["offset_mapping"]
-            null_score = min(null_score, float(s[0] + e[0]))
+            cls = features[fi].get("cls_index", 0)
+            null_score = min(null_score, float(s[cls] + e[cls]))
             top_s = np.argsort(s)[::-1][:n_best]
             top_e = np.argsort(e)[::-1][:n_best]
             for a in top_s:
