@@ -119,7 +119,7 @@ def test_prune_cli_oneshot(assets, tmp_path):
         (
             (
                 "  - !OBSPruningModifier",
-                "  - !DistillationModifier {distill_output_keys: [logitz]}\n  - !OBSPruningModifier",
+                "  - !DistillationModifier {distill_output_keys: [logitz], teacher: self}\n  - !OBSPruningModifier",
             ),
             "distill_output_keys 'logitz' is not an output of the model (its outputs: logits); did you mean 'logits'?",
         ),
