@@ -469,6 +469,7 @@ distillation_modifiers:
      hardness: 1.0
      temperature: 2.0
      distill_output_keys: [logits]
+     teacher: self
 """
 
 
