@@ -198,8 +198,8 @@ def part_allocation(args):
 
 
 def part_dtype(args):
-    from curvature.integrations.hf import evaluate_accuracy
     from curvature.pruning import prune
+    from curvature.tasks.kinds import classification_eval
 
     model, loader, loss, enc, collator = minilm(args.num_grads)
     eval_loader = torch.utils.data.DataLoader(enc["validation"], batch_size=64, collate_fn=collator)
@@ -214,7 +214,7 @@ def part_dtype(args):
             opt.step()
     model.eval()
     print(
-        f"\ndense accuracy after fine-tuning: {evaluate_accuracy(model, eval_loader)['accuracy']:.4f}"
+        f"\ndense accuracy after fine-tuning: {classification_eval(model, eval_loader)['accuracy']:.4f}"
     )
     params = ["re:.*encoder.*(query|key|value|dense)\\.weight"]
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -229,7 +229,7 @@ def part_dtype(args):
             model.load_state_dict(state)
             r = prune(model, loader, loss_fn=loss, sparsity=s, params=params, num_grads=args.num_grads,
                       block_size=args.block, fisher_dtype=dtype, progress=True)  # fmt: skip
-            acc = evaluate_accuracy(model, eval_loader)["accuracy"]
+            acc = classification_eval(model, eval_loader)["accuracy"]
             out[dtype] = (
                 r.masks.state_dict(),
                 {k: v.clone() for k, v in model.state_dict().items()},

@@ -199,9 +199,10 @@ def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
 def load_for_job(job):
     """Seed, then load the job's task: model, tokenizer, training features, collator, evaluator.
 
-    ``job`` has ``model``, ``data``, ``seed``, ``max_train``, ``max_eval``, ``max_length``,
-    ``eval_batch_size``, ``threads`` and ``progress``, and optionally ``task``, ``doc_stride`` and
-    ``eval_split``. Returns a :class:`curvature.tasks.kinds.Prepared`.
+    ``job`` has ``model``, ``data``, ``seed``, ``max_train``, ``max_eval``, ``max_length`` and
+    ``progress``, and optionally ``threads``, ``eval_batch_size`` (64), ``task``, ``doc_stride``,
+    ``eval_split``, ``eval_data`` and ``eval_stride`` (the prune and train jobs and the sweep's
+    configuration). Returns a :class:`curvature.tasks.kinds.Prepared`.
     """
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -209,7 +210,7 @@ def load_for_job(job):
     from curvature.cli.utils import quiet_progress
     from curvature.tasks.kinds import prepare
 
-    if job.threads:
+    if getattr(job, "threads", None):
         torch.set_num_threads(job.threads)
     hf_logging.set_verbosity_error()
     if not job.progress:
@@ -223,7 +224,7 @@ def load_for_job(job):
         max_train=job.max_train,
         max_eval=job.max_eval,
         max_length=job.max_length,
-        eval_batch_size=job.eval_batch_size,
+        eval_batch_size=getattr(job, "eval_batch_size", 64),
         doc_stride=getattr(job, "doc_stride", None),
         eval_split=getattr(job, "eval_split", None),
         eval_data=getattr(job, "eval_data", None),

@@ -161,11 +161,9 @@ def load_points(folder: Path) -> list[dict]:
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
-    from transformers import set_seed
-
-    from curvature.cli.utils import quiet_progress
+    from curvature.cli.jobs import load_for_job
     from curvature.integrations.hf import model_loss
-    from curvature.tasks.kinds import load_model, prepare
+    from curvature.tasks.kinds import load_model
 
     cfg.validate()
     if cfg.task is None:  # the resolved task is recorded, so a rerun that names it matches
@@ -187,19 +185,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 f"{out} holds a sweep with different {'; '.join(changed)}: "
                 "use another --output, or the same settings to resume it"
             )
-    if not cfg.progress:
-        quiet_progress()
-    set_seed(cfg.seed)
-    # load everything that can fail on the user's input before writing anything
-    task = prepare(
-        cfg.task,
-        cfg.model,
-        cfg.data,
-        seed=cfg.seed,
-        max_train=cfg.max_train,
-        max_eval=cfg.max_eval,
-        max_length=cfg.max_length,
-    )
+    # load everything that can fail on the user's input before writing anything (seeded)
+    task = load_for_job(cfg)
     model, tok = task.model, task.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(record, indent=2))

@@ -28,31 +28,6 @@ def model_loss(model, batch):
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
-@torch.no_grad()
-def evaluate_accuracy(model, dataloader, *, progress=False, desc="eval") -> dict:
-    """Accuracy and mean loss of a classifier over a dataloader of labelled batches."""
-    from tqdm.auto import tqdm
-
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    loss_sum = 0.0
-    for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        n = batch["labels"].shape[0]
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        loss_sum += float(out.loss) * n
-        total += n
-    model.train(was)
-    return {
-        "accuracy": correct / max(total, 1),
-        "loss": loss_sum / max(total, 1),
-        "examples": total,
-    }
-
-
 class RecipeCallback(TrainerCallback):
     """Apply a :class:`RecipeManager` during ``Trainer.train()``.
 

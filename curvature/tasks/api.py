@@ -47,23 +47,10 @@ def make_batches(
     return [dict(collate(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, batches) -> dict[str, float]:
     """Accuracy and mean loss of a sequence classifier over ``batches`` (dicts with ``labels``),
     in evaluation mode; the model's training mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    try:
-        for batch in batches:
-            out = model(**batch)
-            labels = batch["labels"]
-            correct += (out.logits.argmax(-1) == labels).sum().item()
-            loss_sum += out.loss.item() * len(labels)
-            total += len(labels)
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("evaluate needs at least one batch with labels")
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+    from curvature.tasks.kinds import classification_eval
+
+    ev = classification_eval(model, batches)
+    return {"accuracy": ev["accuracy"], "loss": ev["loss"]}
