@@ -47,6 +47,8 @@ class Curvature:
     name = "curvature"
     #: whether :meth:`build` consumes per-sample gradients (the gradient-collection stage runs)
     needs_gradients = False
+    #: whether it is built layer by layer from calibration inputs (:mod:`.layerwise` runs it)
+    layerwise = False
 
     def estimate_bytes(self, target: Target, settings) -> int:
         """Bytes the built curvature of ``target`` holds (for the memory plan)."""
@@ -169,3 +171,28 @@ class EmpiricalFisher(Curvature):
             for t in targets:
                 fishers[t.name].add_grad(batch[t.name])
         return {name: _FisherBlocks(f) for name, f in fishers.items()}
+
+
+class LayerHessian(Curvature):
+    """The input Hessian ``H = 2/N X^T X`` of each linear layer, from calibration forward passes.
+
+    Accumulated in float64: with outlier features (activations 100x the median, as in LLMs)
+    ``X^T X`` summed over 10^4 tokens in float32 loses the digits that the Cholesky factor of
+    ``H + lambda I`` needs; a ``[cols, cols]`` float64 matrix is a few MB per layer. With
+    ``diagonal=True`` only ``diag(H)`` is kept (Wanda's ``||X_j||^2``).
+    """
+
+    name = "layer-hessian"
+    layerwise = True
+
+    def __init__(self, diagonal: bool = False):
+        self.diagonal = diagonal
+
+    def estimate_bytes(self, target: Target, settings) -> int:
+        # the input width is the second dimension (first for GPT-2's transposed Conv1D): the
+        # larger one bounds it
+        cols = max(target.param.shape) if target.param.dim() == 2 else target.param[0].numel()
+        return cols * 8 if self.diagonal else cols * cols * 8
+
+    def build(self, targets, gradients, settings):  # pragma: no cover - built by the runner
+        raise NotImplementedError("the layer Hessian is built by curvature.pruning.layerwise")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from curvature.core.checks import available_bytes
-from curvature.pruning import obs, stages
+from curvature.pruning import layerwise, obs, stages
 from curvature.pruning.allocation import Allocation, GlobalThreshold, LayerTargets
 from curvature.pruning.curvatures import Curvature, EmpiricalFisher
 from curvature.pruning.masks import MaskSet, MaskStructure, check_param_fits
@@ -65,6 +65,8 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)
     memory_groups: int = 1  # groups of parameters whose curvature was built at once (most per step)
     memory_plan: dict = field(default_factory=dict)  # bytes of each large buffer (largest step)
+    #: seconds of each phase (layer-wise: ``calibration`` forward passes and ``solve``)
+    phases: dict = field(default_factory=dict)
     masks: MaskSet = field(repr=False, default_factory=MaskSet)
 
     def to_dict(self) -> dict:
@@ -97,11 +99,13 @@ def prune(
     damp: float = 1e-7,
     num_recomputations: int = 1,
     selection: str = "greedy",
-    global_sparsity: bool = True,
+    global_sparsity: bool | None = None,
     masks: MaskSet | None = None,
     fisher_dtype: torch.dtype = torch.float64,
     max_memory: int | None = None,
     progress: bool = True,
+    layer_damp: float = 0.01,
+    sequential: bool | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` and return a :class:`PruneReport`.
 
@@ -113,7 +117,9 @@ def prune(
             (for ``N:M`` masks it must be ``1 - N/M``); or a mapping ``{parameter name:
             sparsity}``, a target per parameter (``params`` is then those names).
         method: a registered method (``curvature.pruning.METHODS.names()``): ``"obs"``,
-            ``"obs-independent"``, ``"mfac"`` or ``"magnitude"``.
+            ``"obs-independent"``, ``"mfac"``, ``"magnitude"``, or the layer-wise
+            ``"sparsegpt"``, ``"obc"`` and ``"wanda"`` (:mod:`curvature.pruning.layerwise`:
+            ``data`` is then the calibration set, read by forward passes of ``loss_fn``).
         mask: ``"unstructured"``, ``"block4"`` or ``"N:M"`` such as ``"2:4"``.
         params: names, ``re:`` patterns or ``__ALL_PRUNABLE__``.
         num_grads, block_size, damp: the empirical Fisher (``block_size`` must be a multiple of
@@ -122,10 +128,15 @@ def prune(
         selection: the OBS solver of ``"obs"``/``"mfac"``: ``"greedy"`` (exact one-at-a-time OBS
             inside each block) or ``"independent"`` (oBERT: score once, prune together, sum the
             corrections).
-        global_sparsity: one threshold across all parameters (``True``) or the target per layer.
+        global_sparsity: one threshold across all parameters (``True``, the default of the
+            gradient and magnitude methods) or the target per layer (``False``, the only choice of
+            the layer-wise methods).
         masks: weights pruned earlier (kept pruned; counted toward the target).
         fisher_dtype: storage dtype of the Fisher blocks (float64; float32 halves the memory).
         max_memory: bytes the Fisher blocks may take (default: 60% of the available memory).
+        layer_damp: layer-wise methods: ``H`` damped by this fraction of its mean diagonal.
+        sequential: layer-wise methods: calibrate each block on the outputs of the pruned blocks
+            before it (default) or every layer from the dense model (``False``).
     """
     if isinstance(sparsity, dict):
         params = list(sparsity)
@@ -143,6 +154,8 @@ def prune(
         fisher_dtype=fisher_dtype,
         max_memory=max_memory,
         progress=progress,
+        layer_damp=layer_damp,
+        sequential=sequential,
     )
     return run(model, data, loss_fn, settings, masks=masks)
 
@@ -164,6 +177,8 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
             f"({_skip_summary(skipped)}); the list is in report.skipped",
             stacklevel=3,
         )
+    if curvature.layerwise:
+        return _run_layerwise(model, data, loss_fn, settings, named, skipped, masks, start)
     for name, p in named:
         check_param_fits(name, p, structure)
     # a parameter smaller than a block is one block of its own size (a multiple of the mask's run)
@@ -226,6 +241,46 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         skipped=skipped,
         memory_groups=groups,
         memory_plan=max((p.as_dict() for p in problem.plans), key=lambda d: d["total"]),
+        masks=masks,
+    )
+
+
+def _run_layerwise(model, data, loss_fn, settings, named, skipped, masks, start):
+    """The layer-wise methods: :mod:`curvature.pruning.layerwise` prunes each layer to its target."""
+    curvature, solver = resolve(settings.method, settings.selection)
+    targets = layerwise.layer_targets(model, named)
+    structure = settings.structure
+    for t in targets:  # N:M runs along the input dimension of the layer
+        if t.cols % structure.run:
+            raise ValueError(
+                f"parameter {t.name} has {t.cols} inputs, not divisible by the {structure.name} "
+                f"group of {structure.run}; exclude it from params"
+            )
+    masks = masks if masks is not None else MaskSet()
+    per = settings.targets()
+    sparsities = {t.name: per.get(t.name, per.get("")) for t in targets}
+    res = layerwise.run(
+        model, data, loss_fn, targets, sparsities, solver, curvature, settings, masks
+    )
+    reached = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
+    total = sum(t.param.numel() for t in targets)
+    return PruneReport(
+        method=settings.method,
+        mask=structure.name,
+        selection=("sequential" if settings.sequential else "parallel"),
+        target_sparsity=sum(sparsities[t.name] * t.param.numel() for t in targets) / total,
+        global_sparsity=sum(reached[t.name] * t.param.numel() for t in targets) / total,
+        param_sparsity=reached,
+        estimated_loss_increase=res.estimate,
+        num_grads=0,
+        seconds=time.perf_counter() - start,
+        distinct_batches=res.batches,
+        skipped=skipped,
+        memory_groups=1,
+        memory_plan={  # the statistics of the largest layer (sequential: one block's at a time)
+            "curvature": max(curvature.estimate_bytes(t, settings) for t in targets),
+        },
+        phases={"calibration": res.seconds_calibration, "solve": res.seconds_solve},
         masks=masks,
     )
 

@@ -12,8 +12,16 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from curvature.pruning.curvatures import Curvature, EmpiricalFisher, Identity
-from curvature.pruning.solvers import GreedyOBS, IndependentOBS, ScoreOnly, Solver
+from curvature.pruning.curvatures import Curvature, EmpiricalFisher, Identity, LayerHessian
+from curvature.pruning.solvers import (
+    OBC,
+    GreedyOBS,
+    IndependentOBS,
+    ScoreOnly,
+    Solver,
+    SparseGPT,
+    Wanda,
+)
 
 #: OBS solvers a ``selection=`` argument may choose for a method whose solver is selectable
 SOLVERS: dict[str, Callable[[], Solver]] = {"greedy": GreedyOBS, "independent": IndependentOBS}
@@ -34,6 +42,16 @@ class Method:
     @property
     def needs_gradients(self) -> bool:
         return self.curvature().needs_gradients
+
+    @property
+    def layerwise(self) -> bool:
+        """Built layer by layer from calibration inputs (forward passes, no gradients)."""
+        return self.curvature().layerwise
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether a pruning step reads data and a loss function (gradients or inputs)."""
+        return self.needs_gradients or self.layerwise
 
     def parts(self, selection: str = "greedy") -> tuple[Curvature, Solver]:
         solver = SOLVERS[selection]() if self.selectable else self.solver()
@@ -99,6 +117,27 @@ register(
     selectable=True,
 )
 register("magnitude", Identity, ScoreOnly, "weight magnitude, no curvature and no correction")
+register(
+    "sparsegpt",
+    LayerHessian,
+    SparseGPT,
+    "layer-wise OBS on each linear layer's input Hessian: the column sweep with lazy updates",
+)
+register(
+    "obc",
+    LayerHessian,
+    OBC,
+    "layer-wise OBS, exact greedy per row on the input Hessian (Optimal Brain Compression)",
+)
+register(
+    "wanda",
+    lambda: LayerHessian(diagonal=True),
+    Wanda,
+    "|weight| x input norm compared within each output row, no correction",
+)
+
+#: the methods that prune one linear layer at a time from its calibration inputs
+LAYERWISE = ("sparsegpt", "obc", "wanda")
 
 
 def resolve(method: str, selection: str = "greedy") -> tuple[Curvature, Solver]:

@@ -127,3 +127,72 @@ class GreedyOBS(Solver):
 
     def update_chunk(self, w, curvature, sl, pruned, structure):
         return obs.masked_update(w, curvature.inverse(sl), pruned)
+
+
+class LayerSolver(Solver):
+    """A layer-wise solver: prunes one linear layer ``W`` (``[rows, cols]``, float64) from its
+    input statistics (``H`` ``[cols, cols]``, or its diagonal) to a sparsity, choosing the mask
+    and the new weights together. Run by :mod:`curvature.pruning.layerwise`."""
+
+    #: the mask structures it supports (names of :class:`MaskStructure` kinds)
+    structures = ("unstructured", "N:M")
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class SparseGPT(LayerSolver):
+    """The SparseGPT column sweep (:func:`curvature.pruning.layer_obs.sparsegpt`)."""
+
+    name = "sparsegpt"
+    needs_inverse = True
+
+    def __init__(self, block: int = 128):
+        self.block = block
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+        from curvature.pruning import layer_obs
+
+        return layer_obs.sparsegpt(
+            w,
+            stats,
+            sparsity,
+            nm=structure.nm,
+            fixed=fixed,
+            ratio=ratio,
+            block=self.block,
+            name=name,
+        )
+
+
+class OBC(LayerSolver):
+    """Exact greedy OBS per row on ``H^-1`` (:func:`curvature.pruning.layer_obs.obc`)."""
+
+    name = "obc"
+    needs_inverse = True
+    structures = ("unstructured", "block4", "N:M")
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+        from curvature.pruning import layer_obs
+
+        return layer_obs.obc(
+            w,
+            stats,
+            sparsity,
+            nm=structure.nm,
+            group=structure.group,
+            fixed=fixed,
+            ratio=ratio,
+            name=name,
+        )
+
+
+class Wanda(LayerSolver):
+    """``|W_ij| * ||X_j||`` within each row, no update (:func:`.layer_obs.wanda`)."""
+
+    name = "wanda"
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+        from curvature.pruning import layer_obs
+
+        return layer_obs.wanda(w, stats, sparsity, nm=structure.nm, fixed=fixed)

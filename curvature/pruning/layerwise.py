@@ -1,0 +1,340 @@
+"""The layer-wise runner: calibration forward passes, one layer's input statistics at a time.
+
+Layer-wise methods (:data:`curvature.pruning.registry.LAYERWISE`) prune each selected linear
+layer (``nn.Linear``, or GPT-2's ``Conv1D`` whose weight is stored transposed) from the inputs it
+sees on the calibration data: ``data`` is read once per pass, and ``loss_fn(model, batch)`` is
+called only for its forward pass (no backward, under ``torch.no_grad``), so switching from
+gradient-Fisher OBS to a layer-wise method is one word.
+
+Two modes:
+
+- **sequential** (default, as SparseGPT does): the model's repeated blocks (the ``nn.ModuleList``
+  holding most of the selected layers: ``model.layers``, ``encoder.layer``, ``h``) are calibrated
+  in order. The inputs of the first block are captured once (the positional and keyword
+  arguments its forward receives, with caches removed); then for each block its layers' input
+  statistics are accumulated by forward hooks while the block runs on those inputs, its layers
+  are pruned, and the block runs again to give the next block's inputs, computed by the already
+  pruned blocks. One block's statistics are held at a time; the layers of one block are pruned
+  from the same inputs. Selected layers outside the blocks (a classifier head) are calibrated
+  last with full forward passes of the pruned model.
+- **parallel** (``sequential=False``): the statistics of every selected layer are taken from the
+  dense model in one pass over the data (all of them held at once), then every layer is pruned.
+
+The statistics are float64 (see :class:`~curvature.pruning.curvatures.LayerHessian`). Layers that
+read the same input tensor in one forward pass (q, k and v projections; gate and up) share one
+``X^T X`` product.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+F64 = torch.float64
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _is_conv1d(module) -> bool:
+    # GPT-2's Conv1D: y = x W + b with W stored [in, out]
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@dataclass
+class LayerTarget:
+    """A selected layer: its module and weight, seen as ``[rows = outputs, cols = inputs]``."""
+
+    name: str  # parameter name
+    module: torch.nn.Module
+    param: torch.nn.Parameter
+
+    @property
+    def transposed(self) -> bool:
+        return _is_conv1d(self.module)
+
+    def matrix(self) -> torch.Tensor:
+        w = self.param.detach()
+        return (w.t() if self.transposed else w.reshape(w.shape[0], -1)).to(F64)
+
+    def write(self, new: torch.Tensor) -> None:
+        with torch.no_grad():
+            new = new.t() if self.transposed else new.view_as(self.param)
+            self.param.copy_(new.to(self.param.dtype))
+
+    def as_param_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.t().contiguous() if self.transposed else mask.view_as(self.param)
+
+    def as_matrix_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.t() if self.transposed else mask.reshape(self.param.shape[0], -1)
+
+    @property
+    def cols(self) -> int:
+        return self.param.shape[0] if self.transposed else self.param[0].numel()
+
+
+def layer_targets(model, named_params) -> list[LayerTarget]:
+    """The modules of the selected weights; one clear error for a weight that is not a linear
+    layer's (layer-wise methods need the layer's inputs)."""
+    owners = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), (mod_name, mod, p_name))
+    out = []
+    for name, p in named_params:
+        mod_name, mod, p_name = owners[id(p)]
+        if p_name != "weight" or not (isinstance(mod, torch.nn.Linear) or _is_conv1d(mod)):
+            raise ValueError(
+                f"params: {name} is not the weight of a linear layer ({type(mod).__name__}); "
+                "layer-wise methods prune nn.Linear and Conv1D weights: exclude it from params"
+            )
+        out.append(LayerTarget(name, mod, p))
+    return out
+
+
+class _Stats:
+    """Forward hooks accumulating ``sum x x^T`` (or ``sum x^2``) of the inputs of some layers."""
+
+    def __init__(self, targets: list[LayerTarget], diagonal: bool):
+        self.diagonal = diagonal
+        self.sums = {t.name: None for t in targets}
+        self.rows = dict.fromkeys(self.sums, 0)
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [
+            t.module.register_forward_hook(lambda m, a, o, n=t.name: self._add(n, a[0]))
+            for t in targets
+        ]
+
+    def _add(self, name, x):
+        key = id(x)
+        if key not in self._shared:  # keep x alive so that its id is not reused in this batch
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(F64)
+            prod = (x2 * x2).sum(0) if self.diagonal else x2.T @ x2
+            self._shared[key] = (x, prod, x2.shape[0])
+        _, prod, n = self._shared[key]
+        self.sums[name] = prod.clone() if self.sums[name] is None else self.sums[name] + prod
+        self.rows[name] += n
+
+    def end_batch(self):
+        self._shared.clear()
+
+    def result(self, name) -> torch.Tensor:
+        """``H = 2/N sum x x^T`` (or its diagonal) of layer ``name``."""
+        if self.sums[name] is None:
+            raise ValueError(
+                f"{name}: its layer never ran on the calibration data (is it used in the "
+                "forward pass that loss_fn makes?)"
+            )
+        return self.sums[name] * (2.0 / self.rows[name])
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._shared.clear()
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def _is_cache(value) -> bool:
+    # key/value caches (passed by keyword, or positionally as GPT-2's blocks take them) would grow
+    # at every replay of a block: they are dropped
+    return type(value).__name__.endswith("Cache")
+
+
+def _clean(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kw = {k: None if (k in _CACHE_KWARGS or _is_cache(v)) else v for k, v in kwargs.items()}
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return args, kw
+
+
+def find_blocks(model, targets: list[LayerTarget]):
+    """``(blocks, [(block index, targets)], rest)``: the ``nn.ModuleList`` holding most targets,
+    its blocks' targets in order, and the targets outside it (calibrated last)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    best, best_count = None, 0
+    for lst in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+        prefix = names[id(lst)] + "."
+        count = sum(names[id(t.module)].startswith(prefix) for t in targets)
+        if count > best_count:
+            best, best_count = lst, count
+    if best is None:
+        return None, [], list(targets)
+    prefix = names[id(best)] + "."
+    per_block: dict[int, list[LayerTarget]] = {}
+    rest = []
+    for t in targets:
+        n = names[id(t.module)]
+        if n.startswith(prefix):
+            per_block.setdefault(int(n[len(prefix) :].split(".")[0]), []).append(t)
+        else:
+            rest.append(t)
+    return best, sorted(per_block.items()), rest
+
+
+def _forward_all(model, data, loss_fn, stats: _Stats, desc: str, progress: bool) -> int:
+    batches = 0
+    for batch in tqdm(data, desc=desc, disable=not progress, leave=False):
+        loss_fn(model, batch)
+        stats.end_batch()
+        batches += 1
+    if batches == 0:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    return batches
+
+
+def _capture(model, data, loss_fn, block, progress) -> list:
+    inputs = []
+
+    def hook(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in tqdm(data, desc="calibration inputs", disable=not progress, leave=False):
+            try:
+                loss_fn(model, batch)
+            except _Captured as c:
+                inputs.append(_clean(c.args_, c.kwargs_))
+            else:
+                raise ValueError(
+                    "loss_fn(model, batch) did not run the model's blocks: layer-wise "
+                    "calibration needs the model's forward pass"
+                )
+    finally:
+        handle.remove()
+    if not inputs:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    return inputs
+
+
+def _run_block(block, args, kwargs):
+    out = block(*args, **kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@dataclass
+class LayerwiseResult:
+    estimate: float
+    batches: int
+    seconds_calibration: float
+    seconds_solve: float
+
+
+def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, masks):
+    """Prune ``targets`` (:class:`LayerTarget`) to ``sparsities[name]`` with ``solver``; masks go
+    into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks)."""
+    structure = settings.structure
+    diagonal = curvature.diagonal
+    result = LayerwiseResult(0.0, 0, 0.0, 0.0)
+
+    def prune(group: list[LayerTarget], stats: _Stats):
+        t0 = time.perf_counter()
+        for t in group:
+            fixed = masks.get(t.name)
+            fixed = t.as_matrix_mask(fixed.to(t.param.device)) if fixed is not None else None
+            new, mask, est = solver.prune_layer(
+                t.matrix(),
+                stats.result(t.name),
+                sparsities[t.name],
+                structure,
+                fixed,
+                ratio=settings.layer_damp,
+                name=t.name,
+            )
+            t.write(new)
+            masks.update(t.name, t.as_param_mask(mask))
+            result.estimate += est
+        result.seconds_solve += time.perf_counter() - t0
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if settings.sequential:
+                _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result)
+            else:
+                _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result)
+    finally:
+        model.train(was_training)
+    masks.apply(model)
+    return result
+
+
+def _timed_stats(result, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    result.seconds_calibration += time.perf_counter() - t0
+    return out
+
+
+def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result):
+    blocks, per_block, rest = find_blocks(model, targets)
+    if per_block:
+        first = per_block[0][0]
+        inputs = _timed_stats(
+            result, lambda: _capture(model, data, loss_fn, blocks[first], settings.progress)
+        )
+        result.batches = len(inputs)
+        wanted = dict(per_block)
+        last = per_block[-1][0]
+        bar = tqdm(
+            range(first, last + 1), desc=f"{settings.method} blocks", disable=not settings.progress
+        )
+        for i in bar:
+            block = blocks[i]
+            group = wanted.get(i, [])
+            if group:
+                stats = _Stats(group, diagonal)
+
+                def calibrate(block=block, stats=stats):
+                    for a, kw in inputs:
+                        block(*a, **kw)
+                        stats.end_batch()
+
+                try:
+                    _timed_stats(result, calibrate)
+                    prune(group, stats)
+                finally:
+                    stats.close()
+            if i < last:
+                inputs = _timed_stats(
+                    result, lambda block=block: [_run_block(block, a, kw) for a, kw in inputs]
+                )
+        del inputs
+    if rest:
+        stats = _Stats(rest, diagonal)
+        try:
+            n = _timed_stats(
+                result,
+                lambda: _forward_all(
+                    model, data, loss_fn, stats, "calibration (other layers)", settings.progress
+                ),
+            )
+            result.batches = result.batches or n
+            prune(rest, stats)
+        finally:
+            stats.close()
+
+
+def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result):
+    stats = _Stats(targets, diagonal)  # every layer's statistics at once, from the dense model
+    try:
+        result.batches = _timed_stats(
+            result,
+            lambda: _forward_all(model, data, loss_fn, stats, "calibration", settings.progress),
+        )
+    finally:
+        for h in stats._handles:
+            h.remove()
+        stats._handles = []
+    prune(targets, stats)
