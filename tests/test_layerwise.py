@@ -201,7 +201,7 @@ def reference_layerwise(model, data, names, sparsity, method, *, sequential, nm=
         hooks = []
         for n in group:
 
-            def hook(m, a, o, n=n):
+            def hook(m, a, o, n=n, sums=sums, rows=rows):
                 x = a[0].detach().reshape(-1, a[0].shape[-1]).to(F64)
                 sums[n] = sums[n] + x.T @ x
                 rows[n] += x.shape[0]

@@ -296,7 +296,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             if group:
                 stats = _Stats(group, diagonal)
 
-                def calibrate(block=block, stats=stats):
+                def calibrate(block=block, stats=stats, inputs=inputs):
                     for a, kw in inputs:
                         block(*a, **kw)
                         stats.end_batch()
@@ -308,7 +308,10 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
                     stats.close()
             if i < last:
                 inputs = _timed_stats(
-                    result, lambda block=block: [_run_block(block, a, kw) for a, kw in inputs]
+                    result,
+                    lambda block=block, inputs=inputs: [
+                        _run_block(block, a, kw) for a, kw in inputs
+                    ],
                 )
         del inputs
     if rest:
