@@ -334,3 +334,91 @@ def test_bad_settings_are_one_clear_line():
     with pytest.raises(ValueError, match=r"params: 0\.weight is not the weight of a linear"):
         prune(emb, [torch.tensor([1, 2])], method="sparsegpt", params="__ALL__",
               loss_fn=lambda m, b: m(b).sum(), sparsity=0.5, progress=False)  # fmt: skip
+
+
+# --- recipes, the prune and sweep commands, the saved format -----------------------------------
+
+LAYERWISE_RECIPE = """
+modifiers:
+  - !LayerwisePruningModifier
+    method: {method}
+    params: ["re:model.layers.*proj.weight"]
+    final_sparsity: 0.5
+    mask_type: "{mask}"
+    num_calibration_batches: 3
+"""
+
+
+@pytest.mark.parametrize("method, mask", [("sparsegpt", "2:4"), ("wanda", "unstructured")])
+def test_prune_cli_oneshot_layerwise_saves_zeros_metadata_and_a_compressed_copy(
+    tmp_path, capsys, method, mask
+):
+    import json
+
+    import transformers
+
+    from curvature.cli.main import main
+    from curvature.integrations.compress import load_compressed
+    from tiny import make_corpus
+
+    model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "llama")
+    corpus = make_corpus(tmp_path / "c.txt", n_docs=30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LAYERWISE_RECIPE.format(method=method, mask=mask))
+    out = tmp_path / "out"
+    argv = ["prune", str(recipe), "--oneshot", "--model", str(model_dir), "--data", str(corpus),
+            "--output", str(out), "--max-length", "16", "--batch-size", "2", "--compressed",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "causal-lm" and m["sparsity"] == pytest.approx(0.5)
+    step = m["pruning_steps"][0]
+    assert step["method"] == method and step["distinct_batches"] == 3  # the calibration set
+    meta = json.loads((out / "sparsity.json").read_text())
+    assert meta["methods"] == [method] and meta["masks"] == [mask]
+    assert meta["protocol"]["task"] == "causal-lm" and meta["protocol"]["max_length"] == 16
+    assert meta["param_sparsity"] == m["param_sparsity"]
+    config = json.loads((out / "config.json").read_text())
+    assert "sparsity_config" not in json.dumps(config)  # serving engines reject a non-empty one
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+    back = load_compressed(out / "compressed")
+    assert type(back) is type(plain)
+    for (n, p), (_, q) in zip(plain.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(p, q), n
+    w = plain.model.layers[0].mlp.down_proj.weight
+    if mask == "2:4":
+        assert bool(((w == 0).view(w.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def test_layerwise_recipe_fields_are_checked():
+    from curvature.recipes.loader import parse_recipe
+
+    bad = LAYERWISE_RECIPE.format(method="sparsgpt", mask="unstructured")
+    with pytest.raises(ValueError, match="sparsegpt"):
+        parse_recipe(bad)
+    bad = LAYERWISE_RECIPE.format(method="obc", mask="unstructured") + "    global_sparsity: true\n"
+    with pytest.raises(ValueError, match="global_sparsity must be false"):
+        parse_recipe(bad)
+    ok = parse_recipe(LAYERWISE_RECIPE.format(method="obc", mask="4:8"))
+    assert ok.modifiers[0].engine_settings()["layer_damp"] == 0.01
+
+
+def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
+    import json
+
+    from curvature.cli.sweep import SweepConfig, run_sweep
+    from tiny import make_corpus
+
+    model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "opt")
+    corpus = make_corpus(tmp_path / "c.txt", n_docs=30)
+    cfg = SweepConfig(
+        output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus),
+        methods=["magnitude", "wanda", "sparsegpt", "obc"], sparsities=[0.5], finetune_epochs=0,
+        max_length=16, params=[r"re:model.decoder.layers.*(proj|fc\d).weight"], num_grads=3,
+        per_layer=True, progress=False,
+    )  # fmt: skip
+    points = run_sweep(cfg)
+    assert {p["method"] for p in points} == {"dense", "magnitude", "wanda", "sparsegpt", "obc"}
+    assert all(p["sparsity"] == pytest.approx(0.5) for p in points if p["method"] != "dense")
+    assert all(p["metric"] == "perplexity" for p in points)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["per_layer"] is True

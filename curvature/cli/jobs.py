@@ -57,6 +57,7 @@ class PruneJob:
     eval_split: str | None = None  # hub data: the split to evaluate on
     eval_data: str | None = None  # a separate validation file
     eval_stride: int | None = None  # causal LM: the evaluation window's stride
+    compressed: bool = False  # also write the bitmask checkpoint to OUTPUT/compressed
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -379,6 +380,15 @@ def run_prune(job: PruneJob) -> dict:
         metrics["seconds"] = time.perf_counter() - start
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from curvature.integrations.compress import save_compressed, write_sparsity_metadata
+
+        protocol = {
+            "model": str(job.model), "data": job.data, "task": p.task, "recipe": recipe.source,
+            "max_length": job.max_length, "seed": job.seed, "epochs": epochs, **p.info,
+        }  # fmt: skip
+        write_sparsity_metadata(tmp, metrics, protocol)
+        if job.compressed:
+            metrics["compressed"] = save_compressed(model, tmp / "compressed")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(render_report(metrics))
     return metrics

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch (default 16)")
     p.add_argument(
+        "--compressed",
+        action="store_true",
+        help="also write OUTPUT/compressed, this toolkit's bitmask checkpoint (smaller on disk; "
+        "load it with curvature.integrations.compress.load_compressed)",
+    )
+    p.add_argument(
         "--dense-baseline",
         action="store_true",
         help="also train the dense model for the same steps without pruning (an equal-budget "
@@ -242,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--methods",
         default="obs,magnitude",
-        help="comma list of registered methods: obs, obs-independent, mfac, magnitude",
+        help="comma list of registered methods: obs, obs-independent, mfac, magnitude, and the "
+        "layer-wise sparsegpt, obc, wanda (calibrated on --num-grads batches of the training data)",
+    )
+    w.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="every layer pruned to the target by magnitude and the Fisher methods too (default: "
+        "one global threshold; the layer-wise methods are always per layer)",
     )
     w.add_argument(
         "--sparsities",
@@ -272,9 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-train", type=int, default=None)
     w.add_argument("--max-eval", type=int, default=None)
     w.add_argument("--max-length", type=int, default=128)
-    w.add_argument("--num-grads", type=int, default=None, help="default 64, or the recipe's")
+    w.add_argument(
+        "--num-grads",
+        type=int,
+        default=None,
+        help="Fisher gradients, or calibration batches of the layer-wise methods (default 64, or "
+        "the recipe's)",
+    )
     w.add_argument("--block-size", type=int, default=None, help="default 32, or the recipe's")
-    w.add_argument("--damp", type=float, default=None, help="default 1e-7, or the recipe's")
+    w.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help="Fisher damping, default 1e-7 or the recipe's (the layer-wise methods damp their "
+        "layer Hessian by 1%% of its mean diagonal)",
+    )
     w.add_argument(
         "--num-recomputations", type=int, default=None, help="default 1, or the recipe's"
     )
@@ -433,6 +458,7 @@ def _sweep(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         task=args.task,
+        per_layer=args.per_layer,
     )
     cfg.validate()  # before any folder is created
     run_sweep(cfg)
@@ -506,6 +532,7 @@ def _prune(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         dense_baseline=args.dense_baseline,
+        compressed=args.compressed,
         task=args.task,
         doc_stride=args.doc_stride,
         eval_split=args.eval_split,

@@ -72,6 +72,7 @@ class SweepConfig:
     seed: int = 0
     progress: bool = True
     task: str | None = None  # None: inferred from the data and the model
+    per_layer: bool = False  # magnitude and Fisher methods per layer (layer-wise ones always are)
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
@@ -84,7 +85,7 @@ class SweepConfig:
     RESULT_KEYS = (
         "model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs",
         "batch_size", "lr", "params", "num_grads", "grad_batch_size", "block_size", "damp",
-        "num_recomputations", "recipe", "recipe_sha256", "task",
+        "num_recomputations", "recipe", "recipe_sha256", "task", "per_layer",
     )  # fmt: skip
 
     def setting(self, name: str):
@@ -175,6 +176,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     record = cfg.record()
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
+        old.setdefault("per_layer", False)  # folders written before the setting existed
         changed = [
             f"{k} ({old.get(k)!r} there, {record.get(k)!r} now)"
             for k in cfg.RESULT_KEYS
@@ -292,6 +294,16 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
             collate_fn=task.collator,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
+        fisher = (
+            {}  # the layer-wise methods: calibration batches only (their damping is relative)
+            if PRUNING_METHODS[method].layerwise
+            else {
+                "block_size": cfg.setting("block_size"),
+                "damp": cfg.setting("damp"),
+                "num_recomputations": cfg.setting("num_recomputations"),
+                "global_sparsity": not cfg.per_layer,
+            }
+        )
         report = prune(
             model,
             grads,
@@ -301,10 +313,8 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
             mask=cfg.mask,
             params=cfg.setting("params"),
             num_grads=cfg.setting("num_grads"),
-            block_size=cfg.setting("block_size"),
-            damp=cfg.setting("damp"),
-            num_recomputations=cfg.setting("num_recomputations"),
             progress=cfg.progress,
+            **fisher,
         )
         reached = report.global_sparsity
     else:
@@ -354,7 +364,12 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
     """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``, with every
     pruning setting the sweep was given (params, num_grads, block size, damp, recomputations)."""
     from curvature.pruning import METHODS
-    from curvature.recipes.schema import MagnitudePruningModifier, OBSPruningModifier, _Pruning
+    from curvature.recipes.schema import (
+        LayerwisePruningModifier,
+        MagnitudePruningModifier,
+        OBSPruningModifier,
+        _Pruning,
+    )
 
     recipe = copy.deepcopy(recipe)
     mods = []
@@ -374,7 +389,17 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
                 "num_recomputations": cfg.num_recomputations,
             }
             fields.update({k: v for k, v in given.items() if v is not None})
-            if not METHODS[method].needs_gradients:
+            if cfg.per_layer:
+                fields["global_sparsity"] = False
+            if METHODS[method].layerwise:
+                # --damp is the Fisher's damping: the layer Hessian keeps its own default
+                fields.pop("damp", None)
+                fields.update(num_calibration_batches=cfg.num_grads or 128)
+                base = {
+                    k: v for k, v in fields.items() if k in LayerwisePruningModifier.model_fields
+                }
+                m = LayerwisePruningModifier(**{**base, "global_sparsity": False, "method": method})
+            elif not METHODS[method].needs_gradients:
                 fields = {
                     k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
                 }

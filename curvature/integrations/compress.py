@@ -87,7 +87,14 @@ def load_compressed(folder: str | Path, model_cls=None):
         meta = json.loads(fh.metadata()["sparse"])
     state = decompress_state(load_file(str(path)), meta)
     config = AutoConfig.from_pretrained(folder)
-    model = (model_cls or AutoModelForSequenceClassification).from_config(config)
+    if model_cls is None:  # the head the config was saved with (a classifier if it names none)
+        import transformers
+
+        archs = [getattr(transformers, a, None) for a in config.architectures or []]
+        model_cls = next((a for a in archs if a is not None), AutoModelForSequenceClassification)
+    model = (
+        model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
@@ -95,4 +102,35 @@ def load_compressed(folder: str | Path, model_cls=None):
         raise ValueError(
             f"compressed checkpoint does not match the config: missing {missing}, unexpected {unexpected}"
         )
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model.eval()
+
+
+METADATA = "sparsity.json"
+
+
+def write_sparsity_metadata(folder: str | Path, metrics: dict, protocol: dict) -> dict:
+    """This toolkit's sparsity file beside a ``save_pretrained`` checkpoint (dense with zeros).
+
+    It says what made the zeros: the methods and masks of the pruning steps, the sparsity of every
+    pruned parameter, and the protocol (task, data, sequence length, seed, calibration). The
+    config is left alone: no ``sparsity_config`` is written into ``config.json`` (current serving
+    engines reject a non-empty one, and the zeros load everywhere as ordinary weights).
+    """
+    steps = metrics.get("pruning_steps") or []
+    meta = {
+        "format": "curvature-sparsity/1",
+        "weights": "dense safetensors with the pruned weights exactly zero",
+        "methods": sorted({s["method"] for s in steps if "method" in s}),
+        "masks": sorted({s["mask"] for s in steps if "mask" in s}),
+        "sparsity": metrics.get("sparsity"),
+        "param_sparsity": metrics.get("param_sparsity", {}),
+        "steps": [
+            {k: s.get(k) for k in ("epoch", "method", "mask", "selection", "target_sparsity")}
+            for s in steps
+        ],
+        "protocol": protocol,
+    }
+    Path(folder, METADATA).write_text(json.dumps(meta, indent=2))
+    return meta

@@ -27,6 +27,7 @@ read the same input tensor in one forward pass (q, k and v projections; gate and
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -222,6 +223,16 @@ def _run_block(block, args, kwargs):
     return args, {**kwargs, "hidden_states": hidden}
 
 
+class _Limited:
+    """The first ``n`` batches of ``data``, at every pass (the calibration set)."""
+
+    def __init__(self, data, n):
+        self.data, self.n = data, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.data), self.n)
+
+
 @dataclass
 class LayerwiseResult:
     estimate: float
@@ -235,6 +246,7 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks)."""
     structure = settings.structure
     diagonal = curvature.diagonal
+    data = _Limited(data, settings.num_grads)
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
 
     def prune(group: list[LayerTarget], stats: _Stats):

@@ -171,10 +171,11 @@ class RecipeManager:
                 self._done.add(key)
         for e, i, _target in self.due(epoch):
             m = self.recipe.modifiers[i]
-            grads = m.needs_gradients
+            grads = m.needs_data
             if grads and (grad_data is None or loss_fn is None):
                 raise ValueError(
-                    f"{m.method} pruning needs grad_data and loss_fn at each pruning step"
+                    f"{m.method} pruning needs grad_data and loss_fn at each pruning step "
+                    "(gradients, or calibration inputs for the layer-wise methods)"
                 )
             settings = m.engine_settings(self._last_target(i))
             sparsity = self._targets(m, e)

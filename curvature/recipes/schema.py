@@ -96,8 +96,9 @@ class _Pruning(Modifier):
         )
 
     @property
-    def needs_gradients(self) -> bool:
-        return METHODS[self.method].needs_gradients
+    def needs_data(self) -> bool:
+        """Whether a pruning point reads data and a loss (gradients, or calibration inputs)."""
+        return METHODS[self.method].needs_data
 
     @field_validator("params")
     @classmethod
@@ -308,6 +309,50 @@ class MFACPruningModifier(OBSPruningModifier):
         return dict(super().engine_settings(sparsity), num_grads=self.grads_at(sparsity))
 
 
+class LayerwisePruningModifier(_Pruning):
+    """Layer-wise pruning (this toolkit's modifier): ``method`` ``sparsegpt``, ``obc`` or
+    ``wanda`` prunes every selected linear layer to the target from its calibration inputs (the
+    pruning data, read by forward passes only). Per-layer targets by definition.
+
+    ``num_calibration_batches`` batches of the pruning data are read (fewer if it has fewer);
+    ``damp`` is the damping of ``H`` as a fraction of its mean diagonal; ``sequential`` calibrates
+    each block on the outputs of the pruned blocks before it.
+    """
+
+    method_name: str = Field("sparsegpt", alias="method")
+    num_calibration_batches: int = Field(128, gt=0)
+    damp: float = Field(0.01, gt=0)
+    sequential: bool = True
+    global_sparsity: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.method_name
+
+    @field_validator("method_name")
+    @classmethod
+    def _method(cls, v):
+        checks.one_of("method", v, [m for m in METHODS.names() if METHODS[m].layerwise])
+        return v
+
+    @field_validator("global_sparsity")
+    @classmethod
+    def _per_layer(cls, v):
+        if v:
+            raise ValueError(
+                "layer-wise methods prune every layer to the target; global_sparsity must be false"
+            )
+        return v
+
+    def engine_settings(self, sparsity: float = 0.0) -> dict:
+        return dict(
+            super().engine_settings(sparsity),
+            num_grads=self.num_calibration_batches,
+            layer_damp=self.damp,
+            sequential=self.sequential,
+        )
+
+
 class SetLearningRateModifier(Modifier):
     """Set the learning rate from ``start_epoch`` on (a learning-rate function active at the same
     epoch takes precedence)."""
@@ -378,6 +423,7 @@ MODIFIERS: dict[str, type[Modifier]] = {
         DistillationModifier,
         OptimizerModifier,
         MFACPruningModifier,
+        LayerwisePruningModifier,
         GMPruningModifier,
         SetLearningRateModifier,
         SetWeightDecayModifier,

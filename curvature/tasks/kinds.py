@@ -142,6 +142,8 @@ def _model_kind(model: str) -> str | None:
     """'decoder', 'encoder', or a task name fixed by the model's head, from its config."""
     from curvature.tasks.models import resolve_model_path
 
+    if str(model) == "smollm2" or str(model).endswith(".gguf"):
+        return "causal-lm"  # the GGUF files this loads are decoder language models
     try:
         folder = Path(resolve_model_path(model))
         config = json.loads((folder / "config.json").read_text())
@@ -195,20 +197,21 @@ def load_model(task: str, name_or_path, **kwargs):
     backward available for the curvature optimizers)."""
     import transformers
 
-    from curvature.tasks.models import resolve_model_path
+    from curvature.tasks.models import model_source
 
     head = getattr(transformers, _HEADS[check_task(task)])
-    return head.from_pretrained(
-        resolve_model_path(name_or_path), attn_implementation="eager", **kwargs
-    )
+    path, extra = model_source(name_or_path)
+    return head.from_pretrained(path, attn_implementation="eager", **extra, **kwargs)
 
 
 def _tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
-    from curvature.tasks.models import resolve_model_path
+    from curvature.tasks.models import model_source
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path, extra = model_source(name_or_path)
+    extra.pop("dtype", None)
+    tok = AutoTokenizer.from_pretrained(path, **extra)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # decoders often have none; padding is masked anyway
     return tok
