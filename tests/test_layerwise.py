@@ -356,10 +356,10 @@ def test_prune_cli_oneshot_layerwise_saves_zeros_metadata_and_a_compressed_copy(
     import json
 
     import transformers
+    from tiny import make_corpus
 
     from curvature.cli.main import main
     from curvature.integrations.compress import load_compressed
-    from tiny import make_corpus
 
     model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "llama")
     corpus = make_corpus(tmp_path / "c.txt", n_docs=30)
@@ -406,8 +406,9 @@ def test_layerwise_recipe_fields_are_checked():
 def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
     import json
 
-    from curvature.cli.sweep import SweepConfig, run_sweep
     from tiny import make_corpus
+
+    from curvature.cli.sweep import SweepConfig, run_sweep
 
     model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "opt")
     corpus = make_corpus(tmp_path / "c.txt", n_docs=30)

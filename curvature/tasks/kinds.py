@@ -201,7 +201,16 @@ def load_model(task: str, name_or_path, **kwargs):
 
     head = getattr(transformers, _HEADS[check_task(task)])
     path, extra = model_source(name_or_path)
-    return head.from_pretrained(path, attn_implementation="eager", **extra, **kwargs)
+    model = head.from_pretrained(path, attn_implementation="eager", **extra, **kwargs)
+    if "gguf_file" in extra:
+        # the GGUF weights were dequantized to float32 while loading: the model is a plain
+        # float32 model, saved as such (left marked as quantized, it refuses save_pretrained)
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def _tokenizer(name_or_path):
