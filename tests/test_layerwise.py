@@ -454,3 +454,36 @@ def test_the_embedded_decoder_loads_offline_prunes_and_saves_as_plain_float32(tm
     assert bool((mask.view(w.shape[0], -1, 4).sum(-1) == 2).all()) and bool((w[mask] == 0).all())
     # the 4-bit weights hold exact zeros of their own: some runs have more than two
     assert bool(((w == 0).view(w.shape[0], -1, 4).sum(-1) >= 2).all())
+
+
+def test_gradual_layerwise_recipe_keeps_earlier_zeros_and_reaches_each_target(tmp_path):
+    """Three pruning points of a layer-wise modifier: each step starts from the previous mask
+    (fixed weights stay pruned and count toward the new target)."""
+    from curvature.recipes import RecipeManager, parse_recipe
+
+    model, data = _lm(tmp_path, "llama")
+    recipe = parse_recipe(
+        """
+modifiers:
+  - !LayerwisePruningModifier
+    method: sparsegpt
+    params: ["re:model.layers.*proj.weight"]
+    init_sparsity: 0.25
+    final_sparsity: 0.75
+    start_epoch: 0.0
+    end_epoch: 1.0
+    update_frequency: 0.5
+    inter_func: linear
+"""
+    )
+    manager = RecipeManager(recipe, model)
+    before = None
+    reached = []
+    for epoch in (0.0, 0.5, 1.0):
+        manager.step(epoch, grad_data=data, loss_fn=lm_loss, progress=False)
+        mask = manager.masks.get("model.layers.1.mlp.down_proj.weight").clone()
+        if before is not None:
+            assert bool(mask[before].all())  # earlier zeros stay zero
+        before = mask
+        reached.append(manager.sparsity())
+    assert reached == pytest.approx([0.25, 0.5, 0.75], abs=1e-3)
