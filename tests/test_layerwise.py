@@ -487,3 +487,26 @@ modifiers:
         before = mask
         reached.append(manager.sparsity())
     assert reached == pytest.approx([0.25, 0.5, 0.75], abs=1e-3)
+
+
+def test_a_gradual_sweep_recipe_becomes_a_layerwise_one():
+    """The sweep swaps the method of a gradual recipe's pruning modifier: for a layer-wise
+    method the schedule, parameters and mask stay, the allocation becomes per layer."""
+    from pathlib import Path
+
+    from curvature.cli.sweep import SweepConfig, _recipe_for
+    from curvature.recipes import load_recipe
+    from curvature.recipes.schema import LayerwisePruningModifier, OBSPruningModifier
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "sweep-gradual-minilm.yaml"
+    original = load_recipe(path)
+    cfg = SweepConfig(output="unused", methods=["sparsegpt"], num_grads=16, mask="2:4")
+    recipe = _recipe_for(load_recipe(path), "sparsegpt", 0.5, cfg)
+    (old,) = original.of(OBSPruningModifier)
+    (new,) = recipe.of(LayerwisePruningModifier)
+    assert new.method == "sparsegpt" and new.mask_type == "2:4" and not new.global_sparsity
+    assert new.num_calibration_batches == 16 and new.damp == 0.01  # its own damping
+    assert (new.start_epoch, new.end_epoch, new.update_frequency, new.params) == (
+        old.start_epoch, old.end_epoch, old.update_frequency, old.params,
+    )  # fmt: skip
+    assert new.final_sparsity == 0.5

@@ -184,6 +184,14 @@ def test_shipped_recipes_validate_and_match_bert(path):
     from curvature.recipes.schema import ConstantPruningModifier, DistillationModifier
 
     r = load_recipe(path)
+    if "smollm2" in path.name:  # a decoder recipe: a tiny model with SmolLM2's parameter names
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1)
+        )  # fmt: skip
+        manager = RecipeManager(r, model)
+        assert len(manager.pruned_param_names) == 14
+        return
     head = (
         tf.BertForQuestionAnswering
         if "squad" in path.name

@@ -396,9 +396,12 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
                 fields.pop("damp", None)
                 fields.update(num_calibration_batches=cfg.num_grads or 128)
                 base = {
-                    k: v for k, v in fields.items() if k in LayerwisePruningModifier.model_fields
+                    k: v
+                    for k, v in fields.items()
+                    if k in LayerwisePruningModifier.model_fields
+                    and k not in ("method_name", "global_sparsity")
                 }
-                m = LayerwisePruningModifier(**{**base, "global_sparsity": False, "method": method})
+                m = LayerwisePruningModifier(**base, global_sparsity=False, method_name=method)
             elif not METHODS[method].needs_gradients:
                 fields = {
                     k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
