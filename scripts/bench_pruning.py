@@ -261,32 +261,32 @@ def _gemm_rate(dtype, n=1024) -> float:
     return 2 * n**3 / best
 
 
-def _plain_sparsegpt(w, u, sparsity, lazy_block=None):
-    """SparseGPT's column sweep written plainly (unstructured): with ``lazy_block=None`` every
-    column's error goes at once to all later columns; otherwise inside blocks, then one product
-    to the columns after the block (the published loop). ``w`` and ``u`` in the working dtype."""
+def _plain_sparsegpt(w, u, sparsity, lazy=False, block=128):
+    """SparseGPT's column sweep written plainly (unstructured): the mask of each block of 128
+    columns chosen when the sweep reaches it; with ``lazy=False`` every column's error goes at
+    once to all later columns, with ``lazy=True`` inside the block, then one product to the
+    columns after it (the published loop). ``w`` and ``u`` in the working dtype."""
     w = w.clone()
     rows, cols = w.shape
-    block = lazy_block or cols
-    for i1 in range(0, cols, block):
+    edges = [round(sparsity * rows * c) for c in [*range(0, cols, block), cols]]
+    for bi, i1 in enumerate(range(0, cols, block)):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2] if lazy_block is None else w[:, i1:i2].clone()
         d = torch.diagonal(u)[i1:i2]
-        score = (w1 * w1 / (d * d)[None, :]).flatten()
-        k = round(sparsity * score.numel())
+        score = (w[:, i1:i2] ** 2 / (d * d)[None, :]).flatten()
         mask = torch.zeros_like(score, dtype=torch.bool)
-        mask[torch.topk(score, k, largest=False).indices] = True
+        mask[torch.topk(score, edges[bi + 1] - edges[bi], largest=False).indices] = True
         mask = mask.view(rows, -1)
-        err = torch.zeros_like(w1)
+        w1 = w[:, i1:i2].clone() if lazy else None
+        err = torch.zeros(rows, i2 - i1, dtype=w.dtype)
         for i in range(i2 - i1):
-            col = w1[:, i]
+            col = (w1 if lazy else w)[:, i if lazy else i1 + i]
             e = torch.where(mask[:, i], col, torch.zeros_like(col)) / d[i]
-            if lazy_block is None:
-                w[:, i1 + i :] -= e[:, None] * u[i1 + i, i1 + i :][None, :]
-            else:
+            if lazy:
                 w1[:, i:] -= e[:, None] * u[i1 + i, i1 + i : i2][None, :]
                 err[:, i] = e
-        if lazy_block is not None:
+            else:
+                w[:, i1 + i :] -= e[:, None] * u[i1 + i, i1 + i :][None, :]
+        if lazy:
             w[:, i1:i2] = w1
             w[:, i2:] -= err @ u[i1:i2, i2:]
     return w
@@ -342,7 +342,7 @@ def part_layerwise(args):
         _plain_sparsegpt(w.float(), u.float(), 0.5)
         s_plain32 = time.perf_counter() - t
         t = time.perf_counter()
-        _plain_sparsegpt(w.float(), u.float(), 0.5, lazy_block=128)
+        _plain_sparsegpt(w.float(), u.float(), 0.5, lazy=True)
         s_pub = time.perf_counter() - t
         t = time.perf_counter()
         layer_obs.wanda(w, h.diagonal(), 0.5)
