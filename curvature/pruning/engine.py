@@ -178,7 +178,10 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
             stacklevel=3,
         )
     if curvature.layerwise:
-        return _run_layerwise(model, data, loss_fn, settings, named, skipped, masks, start)
+        report = _run_layerwise(model, data, loss_fn, settings, (curvature, solver), named, masks)
+        report.skipped = skipped
+        report.seconds = time.perf_counter() - start
+        return report
     for name, p in named:
         check_param_fits(name, p, structure)
     # a parameter smaller than a block is one block of its own size (a multiple of the mask's run)
@@ -245,9 +248,9 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     )
 
 
-def _run_layerwise(model, data, loss_fn, settings, named, skipped, masks, start):
+def _run_layerwise(model, data, loss_fn, settings, parts, named, masks):
     """The layer-wise methods: :mod:`curvature.pruning.layerwise` prunes each layer to its target."""
-    curvature, solver = resolve(settings.method, settings.selection)
+    curvature, solver = parts
     targets = layerwise.layer_targets(model, named)
     structure = settings.structure
     for t in targets:  # N:M runs along the input dimension of the layer
@@ -273,9 +276,8 @@ def _run_layerwise(model, data, loss_fn, settings, named, skipped, masks, start)
         param_sparsity=reached,
         estimated_loss_increase=res.estimate,
         num_grads=0,
-        seconds=time.perf_counter() - start,
+        seconds=0.0,  # set by run()
         distinct_batches=res.batches,
-        skipped=skipped,
         memory_groups=1,
         memory_plan={  # the statistics of the largest layer (sequential: one block's at a time)
             "curvature": max(curvature.estimate_bytes(t, settings) for t in targets),

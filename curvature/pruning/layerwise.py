@@ -129,7 +129,8 @@ class _Stats:
             )
         return self.sums[name] * (2.0 / self.rows[name])
 
-    def close(self):
+    def remove_hooks(self):
+        """Stop accumulating (the sums are kept)."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -317,7 +318,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
                     _timed_stats(result, calibrate)
                     prune(group, stats)
                 finally:
-                    stats.close()
+                    stats.remove_hooks()
             if i < last:
                 inputs = _timed_stats(
                     result,
@@ -338,7 +339,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             result.batches = result.batches or n
             prune(rest, stats)
         finally:
-            stats.close()
+            stats.remove_hooks()
 
 
 def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result):
@@ -349,7 +350,5 @@ def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result):
             lambda: _forward_all(model, data, loss_fn, stats, "calibration", settings.progress),
         )
     finally:
-        for h in stats._handles:
-            h.remove()
-        stats._handles = []
+        stats.remove_hooks()
     prune(targets, stats)

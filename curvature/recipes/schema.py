@@ -63,6 +63,13 @@ class EpochRangeModifier(Modifier):
     pass
 
 
+def _registered_method(name: str, kind: str) -> str:
+    """``name`` if it is a registered method with the property ``kind`` (one clear error naming
+    the nearest such method otherwise)."""
+    checks.one_of("method", name, [m for m in METHODS.names() if getattr(METHODS[m], kind)])
+    return name
+
+
 class _Pruning(Modifier):
     params: list[str] | str = "__ALL_PRUNABLE__"
     init_sparsity: float = Field(0.0, ge=0, lt=1)
@@ -80,7 +87,8 @@ class _Pruning(Modifier):
 
     @property
     def method(self) -> str:
-        return self.METHOD
+        """``method:`` where the modifier has that field, else the modifier's own method."""
+        return getattr(self, "method_name", self.METHOD)
 
     def engine_settings(self, sparsity: float = 0.0) -> dict:
         """Keywords of :func:`curvature.pruning.prune` for one pruning point of this modifier
@@ -225,15 +233,10 @@ class OBSPruningModifier(_Pruning):
     # Not a field of the published recipes: any registered gradient-curvature method.
     method_name: str = Field("obs", alias="method")
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     @field_validator("method_name")
     @classmethod
     def _method(cls, v):
-        checks.one_of("method", v, [m for m in METHODS.names() if METHODS[m].needs_gradients])
-        return v
+        return _registered_method(v, "needs_gradients")
 
     def engine_settings(self, sparsity: float = 0.0) -> dict:
         return dict(
@@ -325,15 +328,10 @@ class LayerwisePruningModifier(_Pruning):
     sequential: bool = True
     global_sparsity: bool = False
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     @field_validator("method_name")
     @classmethod
     def _method(cls, v):
-        checks.one_of("method", v, [m for m in METHODS.names() if METHODS[m].layerwise])
-        return v
+        return _registered_method(v, "layerwise")
 
     @field_validator("global_sparsity")
     @classmethod
