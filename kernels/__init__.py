@@ -16,6 +16,7 @@ Operations:
 - :func:`woodbury_update` — batched block Woodbury update of Fisher block inverses (oBERT).
 - :func:`obs_scores` — OBS saliencies of single weights or ``g``-weight groups, and the N:M mask.
 - :func:`obs_update` — the oBERT weight update fused with zeroing the pruned weights.
+- :func:`obs_greedy` — the greedy OBS sequence of every block (order and cost of each prune).
 - :func:`adahessian_update` — the fused AdaHessian parameter update.
 - :func:`mkor_rank1_update` — Sherman-Morrison updates of many MKOR factor inverses at once.
 
@@ -86,6 +87,25 @@ def obs_update(
     return _obs.reference_update(w, hinv, pruned, group)
 
 
+def obs_greedy(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    valid: torch.Tensor,
+    group: int = 1,
+    *,
+    fixed: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS inside every block: ``order [n, steps]`` and ``cost [n, steps]`` (float64).
+
+    See :func:`curvature.kernels.obs.reference_greedy` for the arguments.
+    """
+    if backend(w, hinv, supported=_obs.greedy_supported(w, group, nm)) == "triton":
+        return _obs.launch_greedy(w, hinv, valid, group, fixed, nm, steps)
+    return _obs.reference_greedy(w, hinv, valid, group, fixed, nm, steps)
+
+
 def adahessian_update(params, grads, diags, exp_avgs, exp_hessians, steps, hessian_steps, **hyper):
     """In place AdaHessian step of a group's parameters (``diags`` = raw estimates, or None)."""
     if (
@@ -121,6 +141,7 @@ __all__ = [
     "adahessian_update",
     "backend",
     "mkor_rank1_update",
+    "obs_greedy",
     "obs_scores",
     "obs_update",
     "woodbury_update",

@@ -18,6 +18,12 @@ def jit(fn):
     return triton.jit(fn) if AVAILABLE else fn
 
 
+@jit
+def offset64(index, stride):
+    """``index * stride`` in 64 bits (an int32 product wraps once it passes 2^31)."""
+    return tl.cast(index, tl.int64) * tl.cast(stride, tl.int64)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

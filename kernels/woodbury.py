@@ -11,17 +11,25 @@ block once per batch of ``k`` gradients; by the Woodbury identity the result is 
 The torch reference applies the rank-``k`` form with a ``k x k`` Cholesky factor (better on CPU,
 where batched matrix products are fast), computing in float64.
 
-Accumulation: float64 for float64 blocks, float32 otherwise (bfloat16 gradients included).
+Precision: both paths accumulate in float64 whatever the storage dtype (float32 or bfloat16 blocks
+and gradients are widened on load and rounded once on store), so float32 storage meets the same
+error bound through either path.
+
+Sizes: the kernel holds a whole padded block in registers, one program per block. Compiled for
+sm_80/sm_90 (``scripts/check_kernels.py``) it fits without spilling up to ``B = 64`` (padded 64:
+93 registers per thread at 16 warps); larger blocks go to the torch reference, whose batched
+products are the efficient form there. :func:`config` is the one place that chooses a launch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton import AVAILABLE, acc_is_f64, jit, next_pow2, tl
+from ._triton import AVAILABLE, jit, next_pow2, offset64, tl
 
 COMPUTE_DTYPE = torch.float64
 _CHUNK_ELEMENTS = 1 << 24  # float64 elements of blocks processed at once by the reference
+MAX_BLOCK = 64  # the largest block the kernel holds in registers without spilling (sm_80, sm_90)
 
 
 def reference(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
@@ -45,24 +53,26 @@ def reference(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> No
 
 
 @jit
-def _woodbury_kernel(
-    f_ptr, g_ptr, k, bsz, g_stride_k, num_grads, BP: tl.constexpr, F64: tl.constexpr
-):
+def _woodbury_kernel(f_ptr, g_ptr, k, bsz, g_stride_k, num_grads, BP: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BP)
     mr = r < bsz
     fmask = mr[:, None] & mr[None, :]
     fptrs = f_ptr + blk * bsz * bsz + r[:, None] * bsz + r[None, :]
-    if F64:
-        f = tl.load(fptrs, mask=fmask, other=0.0).to(tl.float64)
-    else:
-        f = tl.load(fptrs, mask=fmask, other=0.0).to(tl.float32)
-    for j in range(k):
-        g = tl.load(g_ptr + j * g_stride_k + blk * bsz + r, mask=mr, other=0.0).to(f.dtype)
+    f = tl.load(fptrs, mask=fmask, other=0.0).to(tl.float64)
+    g_base = g_ptr + blk * bsz + r
+    for j in range(k):  # j * n * B passes 2^31 at BERT sizes: 64-bit offsets
+        g = tl.load(g_base + offset64(j, g_stride_k), mask=mr, other=0.0).to(tl.float64)
         u = tl.sum(f * g[None, :], axis=1)  # F^-1 g (F^-1 is symmetric)
         denom = num_grads + tl.sum(g * u, axis=0)
         f = f - (u[:, None] * u[None, :]) / denom
     tl.store(fptrs, f.to(f_ptr.dtype.element_ty), mask=fmask)
+
+
+def config(bsz: int) -> dict:
+    """The launch parameters of a block of size ``bsz`` (constexprs and warps)."""
+    bp = next_pow2(bsz)
+    return {"BP": bp, "num_warps": 16 if bp >= 64 else (8 if bp >= 32 else 4)}
 
 
 def launch(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
@@ -71,20 +81,12 @@ def launch(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
     k = grads.shape[0]
     if n == 0 or k == 0:
         return
+    if bsz > MAX_BLOCK:
+        raise ValueError(f"the Woodbury kernel takes blocks up to {MAX_BLOCK}, got {bsz}")
     grads = grads.contiguous()
-    bp = next_pow2(bsz)
-    _woodbury_kernel[(n,)](
-        blocks,
-        grads,
-        k,
-        bsz,
-        n * bsz,
-        float(num_grads),
-        BP=bp,
-        F64=acc_is_f64(blocks),
-        num_warps=8 if bp >= 64 else 4,
-    )
+    cfg = config(bsz)
+    _woodbury_kernel[(n,)](blocks, grads, k, bsz, n * bsz, float(num_grads), **cfg)
 
 
 def supported(blocks: torch.Tensor, grads: torch.Tensor) -> bool:
-    return AVAILABLE and blocks.is_contiguous() and blocks.shape[-1] <= 256
+    return AVAILABLE and blocks.is_contiguous() and blocks.shape[-1] <= MAX_BLOCK

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from curvature.kernels import adahessian, mkor, obs, woodbury
+from curvature.kernels._triton import jit, offset64, tl
 
 from curvature import kernels
 
@@ -46,7 +47,7 @@ def spd_inverse(n, b, *, damp=1e-2, rank=None, seed=0, dtype=F64):
 
 # ------------------------------------------------------------------ Woodbury
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bsz", [1, 3, 50, 127])
+@pytest.mark.parametrize("bsz", [1, 3, 50, 64])
 @pytest.mark.parametrize(
     "dtype,grad_dtype",
     [(F64, F64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
@@ -86,6 +87,76 @@ def test_woodbury_kernel_hard_cases(device):
     woodbury.launch(out, grads.to(device), m)
     scale = ref.abs().amax(dim=(1, 2), keepdim=True)
     assert ((out.cpu() - ref).abs() / scale).max() < 1e-8
+
+
+def _diag_error(blocks, dense_inv):
+    d = torch.diagonal(blocks.cpu().to(F64), dim1=1, dim2=2)
+    ref = torch.diagonal(dense_inv, dim1=1, dim2=2)
+    return ((d - ref).abs() / ref.abs()).max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_woodbury_float32_blocks_meet_the_float64_error_bound(device):
+    """Float32 storage, damp 1e-7, gradient norms from 1e-3 to 1e2, full-rank history.
+
+    The kernel accumulates in float64, so its diag(F^-1) error is that of the reference with the
+    same float32 storage; the tolerance is tight enough that normalising by m + 1 instead of m
+    (1/17 for 1/16) fails, and so would float32 accumulation (0.75% on such inputs).
+    """
+    n, bsz, m, damp, batches = 3, 12, 16, 1e-7, 2
+    gen = torch.Generator().manual_seed(3)
+    norms = torch.logspace(-3, 2, m, dtype=F64)[torch.randperm(m, generator=gen)]
+    g = torch.randn(m, n, bsz, generator=gen, dtype=F64)
+    g = g / g.norm(dim=2, keepdim=True) * norms[:, None, None]
+    dense = damp * torch.eye(bsz, dtype=F64) + torch.einsum("knb,knc->nbc", g, g) / m
+    dense_inv = torch.linalg.inv(dense)
+
+    def run(fn, num_grads, dev):
+        blocks = (torch.eye(bsz, dtype=F64) / damp).repeat(n, 1, 1).to(torch.float32).to(dev)
+        for chunk in g.chunk(batches):
+            fn(blocks, chunk.to(torch.float32).to(dev), num_grads)
+        return blocks
+
+    ref_err = _diag_error(run(woodbury.reference, m, "cpu"), dense_inv)
+    err = _diag_error(run(woodbury.launch, m, device), dense_inv)
+    tol = max(2.0 * ref_err, 1e-4)
+    assert err <= tol, (err, ref_err)
+    assert _diag_error(run(woodbury.launch, m + 1, device), dense_inv) > 10 * tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_woodbury_blocks_above_the_kernel_limit_take_the_reference(device, monkeypatch):
+    monkeypatch.setenv("CURVATURE_KERNELS", "triton")
+    blocks = torch.eye(woodbury.MAX_BLOCK + 1, dtype=F64).repeat(2, 1, 1).to(device)
+    grads = torch.randn(3, 2, woodbury.MAX_BLOCK + 1, dtype=F64).to(device)
+    assert not woodbury.supported(blocks, grads)
+    ref = blocks.clone()
+    woodbury.reference(ref, grads, 4)
+    kernels.woodbury_update(blocks, grads, 4)
+    torch.testing.assert_close(blocks, ref)
+    with pytest.raises(ValueError, match="blocks up to 64"):
+        woodbury.launch(blocks, grads, 4)
+
+
+@jit
+def _offset_probe(out_ptr, j, stride, WIDE: tl.constexpr):
+    if WIDE:
+        o = offset64(j, stride)
+    else:
+        o = j * stride
+    tl.store(out_ptr + tl.arange(0, 1), tl.zeros((1,), dtype=tl.int64) + o)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_offsets_past_two_to_the_31_are_computed_in_64_bits():
+    """The offset helper the kernels use for ``j * stride``; the int32 product wraps (control)."""
+    j, stride = 63, 85_000_000  # the 64th gradient of a BERT-base sized batch
+    out = torch.zeros(1, dtype=torch.int64)
+    _offset_probe[(1,)](out, j, stride, WIDE=True)
+    assert out.item() == j * stride > 2**31
+    _offset_probe[(1,)](out, j, stride, WIDE=False)
+    assert out.item() != j * stride
 
 
 # ------------------------------------------------------------------ OBS scores, N:M, update
@@ -152,6 +223,126 @@ def test_fused_nm_selection_equals_reference(device, nm, bsz):
     assert (
         runs[pr].view(-1, m - keep).max(-1).values <= runs[~pr].view(-1, keep).min(-1).values
     ).all()
+
+
+# ------------------------------------------------------------------ greedy OBS
+def dense_greedy(w, h, valid, group, fixed=None, nm=None, steps=None):
+    """Ground truth from the original inverse only: each step adds the group whose pruning (with
+    the optimal correction of everything kept) raises ``L(S) = 1/2 w_S^T (H_SS)^-1 w_S`` least."""
+    b = w.shape[0]
+    ngroups = b // group
+    groups = [list(range(q * group, (q + 1) * group)) for q in range(ngroups)]
+    ok = [bool(valid[g].all()) for g in groups]
+    fix = [fixed is not None and bool(fixed[g].all()) and ok[q] for q, g in enumerate(groups)]
+    steps = steps if steps is not None else (b * (nm[1] - nm[0]) // nm[1] if nm else ngroups)
+
+    def loss(sel):
+        idx = [i for q in sel for i in groups[q]]
+        if not idx:
+            return 0.0
+        ws = w[idx]
+        return 0.5 * (ws @ torch.linalg.solve(h[idx][:, idx], ws)).item()
+
+    chosen, order, cost = [], [], []
+    for _ in range(steps):
+        cands = {}
+        for q in range(ngroups):
+            if q in chosen or not ok[q]:
+                continue
+            if nm is not None:
+                run = q // nm[1]
+                if sum(1 for c in chosen if c // nm[1] == run) >= nm[1] - nm[0]:
+                    continue
+            cands[q] = -1.0 if fix[q] else max(0.0, loss(chosen + [q]) - loss(chosen))
+        if not cands:
+            order.append(-1)
+            cost.append(float("inf"))
+            continue
+        best = min(cands.values())
+        q = min(c for c, v in cands.items() if v == best)
+        chosen.append(q)
+        order.append(q)
+        cost.append(best)
+    return order, cost
+
+
+GREEDY_CASES = [  # (block, group, nm, steps)
+    (1, 1, None, None),
+    (3, 1, None, None),
+    (12, 1, None, None),
+    (50, 1, None, 20),
+    (64, 1, None, 9),
+    (12, 4, None, None),
+    (48, 2, None, 10),
+    (64, 4, None, 6),
+    (8, 1, (2, 4), None),
+    (24, 1, (4, 8), None),
+    (40, 1, (2, 4), None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bsz,group,nm,steps", GREEDY_CASES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_greedy_kernel_equals_reference_and_dense(device, bsz, group, nm, steps, dtype):
+    n = 3
+    h = spd_inverse(n, bsz, damp=0.1, seed=bsz + group)
+    gen = torch.Generator().manual_seed(bsz)
+    w = torch.randn(n, bsz, generator=gen, dtype=F64)
+    valid = torch.ones(n, bsz, dtype=torch.bool)
+    fixed = torch.zeros(n, bsz, dtype=torch.bool)
+    if bsz >= 8:
+        valid[2, -group:] = False  # padding at the end of the last block
+        fixed[1, :group] = True  # a group pruned in an earlier step
+        w[1, :group] = 0.0
+    w[0, -1] = 0.0  # an exact zero among real weights
+    kw = dict(fixed=fixed, nm=nm, steps=steps)
+    wd, hd = w.to(dtype), h.to(dtype)
+    o_ref, c_ref = obs.reference_greedy(wd, hd, valid, group, **kw)
+    o, c = obs.launch_greedy(wd.to(device), hd.to(device), valid.to(device), group, **kw)
+    assert torch.equal(o.cpu(), o_ref)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c.cpu(), c_ref, **tol)
+    if dtype == F64:  # the reference is the dense greedy of the original inverse
+        for b in range(n):
+            o_d, c_d = dense_greedy(w[b], h[b], valid[b], group, fixed[b], nm, steps)
+            assert o_ref[b].tolist() == o_d
+            torch.testing.assert_close(c_ref[b], torch.tensor(c_d, dtype=F64), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_kernel_hard_cases(device):
+    """Tiny damping on a nearly low-rank history, huge and tiny weights, a block that runs out of
+    eligible groups before the steps end (order -1, cost inf)."""
+    n, bsz = 4, 16
+    h = spd_inverse(n, bsz, damp=1e-6, rank=2, seed=5)
+    w = torch.randn(n, bsz, dtype=F64)
+    w[0] *= 1e-6
+    w[1] *= 1e4
+    valid = torch.ones(n, bsz, dtype=torch.bool)
+    valid[3, 4:] = False  # only 4 eligible weights, 6 steps
+    o_ref, c_ref = obs.reference_greedy(w, h, valid, 1, steps=6)
+    o, c = obs.launch_greedy(w.to(device), h.to(device), valid.to(device), 1, steps=6)
+    assert torch.equal(o.cpu(), o_ref)
+    assert (o_ref[3, 4:] == -1).all() and torch.isinf(c_ref[3, 4:]).all()
+    fin = torch.isfinite(c_ref)
+    rel = (c.cpu()[fin] - c_ref[fin]).abs() / c_ref[fin].abs().clamp_min(1e-300)
+    assert rel.max() < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_dispatch_above_the_kernel_limit(device, monkeypatch):
+    monkeypatch.setenv("CURVATURE_KERNELS", "triton")
+    bsz = obs.GREEDY_MAX_BLOCK * 2
+    h = spd_inverse(2, bsz, damp=0.1).to(device)
+    w = torch.randn(2, bsz, dtype=F64).to(device)
+    valid = torch.ones(2, bsz, dtype=torch.bool, device=device)
+    assert not obs.greedy_supported(w, 1)
+    o, c = kernels.obs_greedy(w, h, valid, 1, steps=3)
+    o_ref, _ = obs.reference_greedy(w, h, valid, 1, steps=3)
+    assert torch.equal(o, o_ref)
+    with pytest.raises(ValueError, match="blocks up to 64"):
+        obs.launch_greedy(w, h, valid, 1, steps=3)
 
 
 # ------------------------------------------------------------------ AdaHessian

@@ -31,14 +31,11 @@ from __future__ import annotations
 import torch
 
 from curvature import kernels
+from curvature.kernels import obs as _kernel_obs
 
 F64 = torch.float64
-# Score of a group that must be pruned first (already pruned in an earlier step).
-FIXED_SCORE = -1.0
-
-
-def _group_index(block: int, group: int, device) -> torch.Tensor:
-    return torch.arange(block, device=device).view(block // group, group)
+#: Score of a group that must be pruned first (already pruned in an earlier step).
+FIXED_SCORE = _kernel_obs.FIXED_SCORE
 
 
 def independent_scores(
@@ -51,18 +48,7 @@ def independent_scores(
     """
     if skip is None:
         return kernels.obs_scores(w, hinv, group)[0]
-    n, b = w.shape
-    if group == 1:
-        diag = torch.diagonal(hinv, dim1=1, dim2=2)
-        diag = torch.where(skip, torch.ones_like(diag), diag)
-        return w * w / (2.0 * diag)
-    idx = _group_index(b, group, w.device)
-    sub = hinv[:, idx[:, :, None], idx[:, None, :]]  # [n, G, g, g]
-    eye = torch.eye(group, dtype=sub.dtype, device=sub.device)
-    sub = torch.where(skip[:, :, None, None], eye, sub)
-    wg = w.view(n, b // group, group)
-    z = torch.linalg.solve(sub, wg.unsqueeze(-1)).squeeze(-1)
-    return 0.5 * (wg * z).sum(-1)
+    return _kernel_obs.skip_scores(w, hinv, group, skip)
 
 
 def independent_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, group: int):
@@ -110,65 +96,11 @@ def greedy_order(
     Returns:
         ``order`` ``[n, steps]`` (group index inside the block, ``-1`` once nothing is eligible)
         and ``cost`` ``[n, steps]``, the loss increase of each step (``inf`` where ``order`` is -1).
+
+    Runs through :func:`curvature.kernels.obs_greedy`: the greedy kernel (one program per block,
+    the whole sequence on chip) for CUDA tensors, the torch reference otherwise.
     """
-    n, b = w.shape
-    ngroups = b // group
-    w = w.clone()
-    hinv = hinv.clone()
-    idx = _group_index(b, group, w.device)
-    valid_g = valid.view(n, ngroups, group).all(-1)
-    fixed_g = (
-        fixed.view(n, ngroups, group).all(-1) & valid_g
-        if fixed is not None
-        else torch.zeros_like(valid_g)
-    )
-    if steps is None:
-        steps = b * (nm[1] - nm[0]) // nm[1] if nm else ngroups
-    pruned = torch.zeros_like(valid_g)
-    order = torch.full((n, steps), -1, dtype=torch.long, device=w.device)
-    cost = torch.full((n, steps), float("inf"), dtype=w.dtype, device=w.device)
-    rows = torch.arange(n, device=w.device)
-    for t in range(steps):
-        scores = independent_scores(w, hinv, group, skip=pruned)
-        scores = torch.where(fixed_g & ~pruned, torch.full_like(scores, FIXED_SCORE), scores)
-        blocked = pruned | ~valid_g
-        if nm is not None:
-            per_run = pruned.view(n, b // nm[1], nm[1]).sum(-1, keepdim=True)
-            full = (per_run >= nm[1] - nm[0]).expand(-1, -1, nm[1]).reshape(n, b)
-            blocked = blocked | full
-        scores = scores.masked_fill(blocked, float("inf"))
-        best, q = scores.min(dim=1)
-        ok = torch.isfinite(best)
-        if not bool(ok.any()):
-            break
-        okf = ok.to(w.dtype)
-        cols = idx[q]  # [n, g]
-        w_q = w[rows[:, None], cols]  # [n, g]
-        if group == 1:  # the common case: a scalar pivot, F^-1[:, q] is row q (symmetry)
-            h_q = hinv[rows, q]  # [n, B]
-            scale = okf / h_q.gather(1, q[:, None]).squeeze(1).where(ok, torch.ones_like(okf))
-            w = w - (scale * w_q[:, 0])[:, None] * h_q
-            hinv.baddbmm_((h_q * scale[:, None]).unsqueeze(2), h_q.unsqueeze(1), alpha=-1.0)
-        else:
-            h_q = hinv[rows[:, None], :, cols].transpose(1, 2)  # [n, B, g] = F^-1[:, Q]
-            h_qq = hinv[rows[:, None, None], cols[:, :, None], cols[:, None, :]]  # [n, g, g]
-            eye = torch.eye(group, dtype=h_qq.dtype, device=h_qq.device)
-            h_qq = torch.where(ok[:, None, None], h_qq, eye)  # finished blocks: a harmless solve
-            # z = [F^-1]_QQ^-1 w_Q and Y = [F^-1]_QQ^-1 F^-1[Q, :] in one solve
-            rhs = torch.cat([w_q.unsqueeze(-1), h_q.transpose(1, 2)], dim=-1)  # [n, g, 1 + B]
-            sol = torch.linalg.solve(h_qq, rhs)
-            w = w - okf[:, None] * (h_q @ sol[:, :, :1]).squeeze(-1)
-            hinv = hinv - okf[:, None, None] * (h_q @ sol[:, :, 1:])
-        w[rows[:, None], cols] = torch.where(
-            ok[:, None], torch.zeros_like(w_q), w[rows[:, None], cols]
-        )
-        pruned[rows[ok], q[ok]] = True
-        order[ok, t] = q[ok]
-        # fixed groups keep FIXED_SCORE, below every real cost, so the allocation always takes
-        # them first (a cost of 0 would tie with weights that are exactly 0)
-        c = best[ok]
-        cost[ok, t] = torch.where(c == FIXED_SCORE, c, c.clamp_min(0.0))
-    return order, cost
+    return kernels.obs_greedy(w, hinv, valid, group, fixed=fixed, nm=nm, steps=steps)
 
 
 def order_to_mask(order: torch.Tensor, counts: torch.Tensor, block: int, group: int):
