@@ -27,6 +27,15 @@ import torch
 
 from ._triton import AVAILABLE, jit, next_pow2, tl
 
+#: The longest averaging segment the kernel takes (longer ones use the torch path).
+MAX_SEGMENT = 4096
+
+
+def config(sp: int) -> dict:
+    """Constexprs and warps for padded segment length ``sp`` (one place for launch and checks)."""
+    # long segments get more warps, so a program's 4 arrays of SP values stay in registers
+    return {"TILE": max(1, 1024 // sp), "SP": sp, "num_warps": max(4, min(16, sp // 256))}
+
 
 def segments(shape: torch.Size, block_length: int) -> tuple[int, int]:
     """``(row length, segment length)`` of the spatial averaging for a parameter shape."""
@@ -188,7 +197,8 @@ def launch_group(
         meta.append((row, seg, segs_per_row, (p.numel() // row) * segs_per_row))
         classes.setdefault(next_pow2(seg), []).append(i)
     for sp, idx in classes.items():
-        tile = max(1, 1024 // sp)
+        cfg = config(sp)
+        tile = cfg["TILE"]
         sel = [params[i] for i in idx]
         bcs = [(1.0 - beta1 ** steps[i], 1.0 - beta2 ** max(hessian_steps[i], 1)) for i in idx]
         tiles = max(math.ceil(meta[i][3] / tile) for i in idx)
@@ -210,8 +220,7 @@ def launch_group(
             float(weight_decay),
             float(hessian_power),
             HAS_D=diags is not None,
-            TILE=tile,
-            SP=sp,
+            **cfg,
         )
 
 
@@ -237,5 +246,5 @@ def supported(params, exp_avgs, exp_hessians) -> bool:
     return (
         AVAILABLE
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and all(segments(p.shape, 1)[1] <= 4096 for p in params)
+        and all(segments(p.shape, 1)[1] <= MAX_SEGMENT for p in params)
     )

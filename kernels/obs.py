@@ -39,6 +39,9 @@ FIXED_SCORE = -1.0
 GREEDY_MAX_BLOCK = 64
 #: The largest block the scoring and update kernels take.
 MAX_BLOCK = 256
+#: The group sizes and N:M run lengths the kernels take (what the compile check covers).
+GROUPS = (1, 2, 4)
+NM_RUNS = (2, 4, 8, 16)
 
 
 def _sub_blocks(h: torch.Tensor, group: int) -> torch.Tensor:
@@ -224,10 +227,11 @@ def _greedy_kernel(
             score = w * w / (2.0 * diag)
         else:
             q = tl.arange(0, Q)
-            h4 = tl.reshape(h, (GP, Q, GP, Q))
-            sa = s[:, None, None, None]
-            sb = s[None, None, :, None]
-            sub = tl.sum(tl.where(sa == sb, h4, 0.0), axis=2)  # [GP, Q, Q] diagonal sub-blocks
+            # the diagonal Q x Q sub-blocks [GP, Q, Q], one column of each per pass over h
+            sub = tl.zeros((GP, Q, Q), dtype=tl.float64)
+            for b in tl.static_range(Q):
+                col = tl.sum(tl.where(ci == (ri // Q) * Q + b, h, 0.0), axis=1)  # h[i, grp(i)+b]
+                sub += tl.where(q[None, None, :] == b, tl.reshape(col, (GP, Q))[:, :, None], 0.0)
             eye = (q[None, :, None] == q[None, None, :]) & pruned[:, None, None]
             sub = tl.where(pruned[:, None, None], 0.0, sub) + eye.to(tl.float64)
             wg = tl.reshape(w, (GP, Q))
@@ -314,7 +318,7 @@ def update_config(bsz: int, group: int) -> dict:
         "GP": next_pow2(bsz // group),
         "Q": group,
         "RT": max(1, min(bp, 4096 // bp)),
-        "num_warps": 8 if bsz >= 64 else 4,
+        "num_warps": 8 if bsz >= 64 else (4 if bsz >= 16 else 2),
     }
 
 
@@ -488,13 +492,13 @@ def reference_greedy(w, h, valid, group: int, fixed=None, nm=None, steps=None):
 
 def greedy_supported(w: torch.Tensor, group: int, nm=None) -> bool:
     bsz = w.shape[-1]
-    ok_group = group >= 1 and not group & (group - 1) and bsz % group == 0
-    ok_nm = nm is None or (group == 1 and not nm[1] & (nm[1] - 1) and next_pow2(bsz) % nm[1] == 0)
+    ok_group = group in GROUPS and bsz % group == 0
+    ok_nm = nm is None or (group == 1 and nm[1] in NM_RUNS and next_pow2(bsz) % nm[1] == 0)
     return AVAILABLE and ok_group and ok_nm and bsz <= GREEDY_MAX_BLOCK
 
 
 def supported(w: torch.Tensor, group: int, nm=None) -> bool:
     bsz = w.shape[-1]
-    ok_group = group >= 1 and not group & (group - 1) and bsz % group == 0
-    ok_nm = nm is None or (group == 1 and not nm[1] & (nm[1] - 1) and bsz % nm[1] == 0)
+    ok_group = group in GROUPS and bsz % group == 0
+    ok_nm = nm is None or (group == 1 and nm[1] in NM_RUNS and bsz % nm[1] == 0)
     return AVAILABLE and ok_group and ok_nm and bsz <= MAX_BLOCK
