@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._triton import AVAILABLE, jit, next_pow2, tl
+from ._triton import AVAILABLE, jit, next_pow2, tile_table, tl
 
 #: The longest averaging segment the kernel takes (longer ones use the torch path).
 MAX_SEGMENT = 4096
@@ -98,6 +98,7 @@ def reference(
 
 @jit
 def _adahessian_kernel(
+    tile_tab,
     p_tab,
     g_tab,
     d_tab,
@@ -115,10 +116,11 @@ def _adahessian_kernel(
     TILE: tl.constexpr,
     SP: tl.constexpr,
 ):
-    # program (tensor i, tile j): the tensor's addresses come from the pointer tables
-    i = tl.program_id(0)
+    # program -> (tensor i, tile j) from the tile table; addresses from the pointer tables
+    i = tl.load(tile_tab + tl.program_id(0) * 2)
+    jt = tl.load(tile_tab + tl.program_id(0) * 2 + 1).to(tl.int64)
     nseg_total = tl.load(meta_ptr + i * 4 + 3)
-    if tl.program_id(1).to(tl.int64) * TILE < nseg_total:
+    if jt * TILE < nseg_total:
         row = tl.load(meta_ptr + i * 4)
         seg = tl.load(meta_ptr + i * 4 + 1)
         segs_per_row = tl.load(meta_ptr + i * 4 + 2)
@@ -128,7 +130,7 @@ def _adahessian_kernel(
         g_ptr = tl.load(g_tab + i).to(tl.pointer_type(tl.float32))
         m_ptr = tl.load(m_tab + i).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(v_tab + i).to(tl.pointer_type(tl.float32))
-        sid = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)  # segment ids [TILE]
+        sid = jt * TILE + tl.arange(0, TILE)  # segment ids [TILE]
         t = tl.arange(0, SP)
         r = sid // segs_per_row
         start = (sid % segs_per_row) * seg
@@ -201,11 +203,12 @@ def launch_group(
         tile = cfg["TILE"]
         sel = [params[i] for i in idx]
         bcs = [(1.0 - beta1 ** steps[i], 1.0 - beta2 ** max(hessian_steps[i], 1)) for i in idx]
-        tiles = max(math.ceil(meta[i][3] / tile) for i in idx)
-        if tiles == 0:
+        counts = [math.ceil(meta[i][3] / tile) for i in idx]
+        if sum(counts) == 0:
             continue
         gtab = _table([grads[i] for i in idx], dev)
-        _adahessian_kernel[(len(idx), tiles)](
+        _adahessian_kernel[(sum(counts),)](
+            tile_table(counts, dev),
             _table(sel, dev),
             gtab,
             _table([diags[i] for i in idx], dev) if diags is not None else gtab,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import AVAILABLE, jit, tl
+from ._triton import AVAILABLE, jit, tile_table, tl
 
 FORMS = ("factor", "inverse")
 
@@ -52,9 +52,9 @@ TILE = 32  # the tile the launcher uses (tests pass smaller ones to split tiny f
 
 
 @jit
-def _matvec_kernel(addr_ptr, vec_ptr, voff_ptr, size_ptr, out_ptr, TILE: tl.constexpr):
-    f = tl.program_id(0)
-    rt = tl.program_id(1)
+def _matvec_kernel(tile_tab, addr_ptr, vec_ptr, voff_ptr, size_ptr, out_ptr, TILE: tl.constexpr):
+    f = tl.load(tile_tab + tl.program_id(0) * 2)  # (factor, row tile) from the tile table
+    rt = tl.load(tile_tab + tl.program_id(0) * 2 + 1)
     n = tl.load(size_ptr + f)
     if rt * TILE < n:
         a_ptr = tl.load(addr_ptr + f).to(tl.pointer_type(tl.float64))
@@ -76,9 +76,11 @@ def _matvec_kernel(addr_ptr, vec_ptr, voff_ptr, size_ptr, out_ptr, TILE: tl.cons
 
 
 @jit
-def _rank1_kernel(addr_ptr, vec_ptr, au_ptr, voff_ptr, size_ptr, coef_ptr, TILE: tl.constexpr):
-    f = tl.program_id(0)
-    t = tl.program_id(1)
+def _rank1_kernel(
+    tile_tab, addr_ptr, vec_ptr, au_ptr, voff_ptr, size_ptr, coef_ptr, TILE: tl.constexpr
+):
+    f = tl.load(tile_tab + tl.program_id(0) * 2)  # (factor, tile of the matrix)
+    t = tl.load(tile_tab + tl.program_id(0) * 2 + 1)
     n = tl.load(size_ptr + f)
     tiles = (n + TILE - 1) // TILE
     rt = t // tiles
@@ -140,11 +142,13 @@ def launch(
     addr = torch.tensor([a.data_ptr() for a in inverses], dtype=torch.int64, device=dev)
     voff = torch.tensor(offs, dtype=torch.int64, device=dev)
     size = torch.tensor(sizes, dtype=torch.int32, device=dev)
-    row_tiles = max(-(-s // tile) for s in sizes)
-    _matvec_kernel[(len(inverses), row_tiles)](addr, vec, voff, size, au, TILE=tile)
+    row_tiles = [-(-s // tile) for s in sizes]
+    tab = tile_table(row_tiles, dev)
+    _matvec_kernel[(sum(row_tiles),)](tab, addr, vec, voff, size, au, TILE=tile)
     coef = torch.tensor(coefficients(decay, form), dtype=torch.float64, device=dev)
-    _rank1_kernel[(len(inverses), row_tiles * row_tiles)](
-        addr, vec, au, voff, size, coef, TILE=tile
+    tab2 = tile_table([t * t for t in row_tiles], dev)
+    _rank1_kernel[(sum(t * t for t in row_tiles),)](
+        tab2, addr, vec, au, voff, size, coef, TILE=tile
     )
 
 

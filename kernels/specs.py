@@ -153,6 +153,7 @@ def _adahessian() -> list[Spec]:
         warps = cfg.pop("num_warps")
         for has_d in (True, False):
             sig = (
+                ("tile_tab", "*i32"),
                 *((name, "*i64") for name in ("p_tab", "g_tab", "d_tab", "m_tab", "v_tab")),
                 ("meta_ptr", "*i64"),
                 ("bc_ptr", "*fp32"),
@@ -177,6 +178,7 @@ def _adahessian() -> list[Spec]:
 def _mkor() -> list[Spec]:
     tile = mkor.TILE
     matvec = (
+        ("tile_tab", "*i32"),
         ("addr_ptr", "*i64"),
         ("vec_ptr", "*fp64"),
         ("voff_ptr", "*i64"),
@@ -184,6 +186,7 @@ def _mkor() -> list[Spec]:
         ("out_ptr", "*fp64"),
     )
     rank1 = (
+        ("tile_tab", "*i32"),
         ("addr_ptr", "*i64"),
         ("vec_ptr", "*fp64"),
         ("au_ptr", "*fp64"),

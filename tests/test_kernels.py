@@ -422,6 +422,13 @@ def test_mkor_batched_rank1_equals_reference_and_dense(device, form):
         torch.testing.assert_close(r, torch.linalg.inv(dense), rtol=1e-7, atol=1e-9)
 
 
+def test_tile_table_gives_every_program_work():
+    from curvature.kernels._triton import tile_table
+
+    t = tile_table([3, 0, 1, 2], "cpu")
+    assert t.tolist() == [[0, 0], [0, 1], [0, 2], [2, 0], [3, 0], [3, 1]]  # 6 programs, not 4 x 3
+
+
 # ------------------------------------------------------------------ dispatch
 def test_dispatch_chooses_once_and_respects_the_environment(monkeypatch):
     x = torch.zeros(2)
@@ -457,6 +464,50 @@ def test_forced_triton_path_through_the_core(monkeypatch):
         results[mode] = (f.blocks().clone(), k.inverse.clone(), s)
     for a, b in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(selection="greedy", mask="unstructured", sparsity=0.6),
+        dict(selection="greedy", mask="block4", sparsity=0.5),
+        dict(selection="greedy", mask="2:4"),
+        dict(selection="independent", mask="4:8"),
+    ],
+    ids=["greedy", "greedy-block4", "greedy-2:4", "independent-4:8"],
+)
+def test_pruning_engine_gives_the_same_model_through_either_backend(monkeypatch, kw):
+    """The engine's greedy OBS and its N:M selection run through the kernels (forced here, in the
+    interpreter) and give the masks and weights of the torch path."""
+    from models import correlated_inputs, prune_copy, trained_mlp
+
+    x = correlated_inputs(n=128)
+    model, y = trained_mlp(x, steps=50)
+    kw = {"num_grads": 16, "block_size": 16, "damp": 1e-6, "sparsity": 0.5, **kw}
+    calls = {"greedy": 0, "nm": 0}
+    real_greedy, real_scores = obs.launch_greedy, obs.launch_scores
+
+    def count_greedy(*a, **k):
+        calls["greedy"] += 1
+        return real_greedy(*a, **k)
+
+    def count_scores(*a, **k):
+        calls["nm"] += a[3] is not None if len(a) > 3 else k.get("nm") is not None
+        return real_scores(*a, **k)
+
+    monkeypatch.setattr(obs, "launch_greedy", count_greedy)
+    monkeypatch.setattr(obs, "launch_scores", count_scores)
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("CURVATURE_KERNELS", mode)
+        pruned, report = prune_copy(model, x, y, batch_size=8, **kw)
+        results[mode] = [p.detach().clone() for p in pruned.parameters()]
+    assert calls["greedy" if kw["selection"] == "greedy" else "nm"] > 0  # the kernels did run
+    for a, b in zip(results["torch"], results["triton"]):
+        assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.interpreter

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from curvature import kernels
 from curvature.pruning import obs
 from curvature.pruning.curvatures import CurvatureBlocks
 from curvature.pruning.masks import MaskStructure
@@ -106,7 +107,13 @@ class IndependentOBS(Solver):
     needs_inverse = True
 
     def order_chunk(self, w, curvature, sl, valid, fixed, structure):
-        scores = obs.independent_scores(w, curvature.inverse(sl), structure.group)
+        hinv = curvature.inverse(sl)
+        if structure.nm and structure.group == 1 and bool(valid.all()) and not bool(fixed.any()):
+            # the fused N:M selection (scores and the per-run choice in one pass); its chosen
+            # weights, ordered by score inside each run
+            scores, chosen = kernels.obs_scores(w, hinv, 1, structure.nm)
+            return nm_order(scores.masked_fill(~chosen, float("inf")), structure.nm)
+        scores = obs.independent_scores(w, hinv, structure.group)
         return order_by_scores(scores, valid, fixed, structure)
 
     def update_chunk(self, w, curvature, sl, pruned, structure):
