@@ -270,44 +270,32 @@ def _check_group(bsz: int, group: int) -> None:
         raise ValueError(f"group must be a power of two dividing the block size {bsz}, got {group}")
 
 
+def scores_config(bsz: int, group: int, nm: tuple[int, int] | None = None) -> dict:
+    """Constexprs and warps of the scoring kernel (one place for the launcher and the checks)."""
+    m = nm[1] if nm else 1
+    return {
+        "GP": next_pow2(bsz // (m if nm else group)),
+        "Q": 1 if nm else group,
+        "NM_M": m,
+        "NM_PRUNE": m - nm[0] if nm else 0,
+        "num_warps": 8 if bsz >= 128 else 4,
+    }
+
+
 def launch_scores(w, h, group: int, nm: tuple[int, int] | None = None):
     """Triton: scores ``[n, B/g]``, and for ``nm=(N, M)`` (``g = 1``) also the N:M pruned mask."""
     n, bsz = w.shape
     _check_group(bsz, group)
     w, h = w.contiguous(), h.contiguous()
     out_dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
+    cfg = scores_config(bsz, group, nm)
     if nm is not None:
-        keep, m = nm
-        ngroups = bsz // m
         scores = torch.empty(n, bsz, dtype=out_dtype, device=w.device)
         mask = torch.empty(n, bsz, dtype=torch.int8, device=w.device)
-        _scores_kernel[(n,)](
-            w,
-            h,
-            scores,
-            mask,
-            bsz,
-            ngroups,
-            GP=next_pow2(ngroups),
-            Q=1,
-            NM_M=m,
-            NM_PRUNE=m - keep,
-        )
+        _scores_kernel[(n,)](w, h, scores, mask, bsz, bsz // nm[1], **cfg)
         return scores, mask.bool()
-    ngroups = bsz // group
-    scores = torch.empty(n, ngroups, dtype=out_dtype, device=w.device)
-    _scores_kernel[(n,)](
-        w,
-        h,
-        scores,
-        scores,
-        bsz,
-        ngroups,
-        GP=next_pow2(ngroups),
-        Q=group,
-        NM_M=1,
-        NM_PRUNE=0,
-    )
+    scores = torch.empty(n, bsz // group, dtype=out_dtype, device=w.device)
+    _scores_kernel[(n,)](w, h, scores, scores, bsz, bsz // group, **cfg)
     return scores, None
 
 
@@ -317,8 +305,8 @@ def update_config(bsz: int, group: int) -> dict:
     return {
         "GP": next_pow2(bsz // group),
         "Q": group,
-        "RT": max(1, min(bp, 4096 // bp)),
-        "num_warps": 8 if bsz >= 64 else (4 if bsz >= 16 else 2),
+        "RT": min(bp, max(16, 2048 // bp)),  # rows of H per pass: tiles of 2048-4096 values
+        "num_warps": 8 if bsz >= 32 else (4 if bsz >= 16 else 2),
     }
 
 

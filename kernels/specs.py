@@ -75,7 +75,7 @@ def _obs_sizes():
         for g in GROUPS:
             if bsz % g == 0:
                 yield bsz, g, None
-        for m in NM_RUNS:
+        for m in NM_RUNS:  # N only changes one compare constant: one N per run length M
             if bsz % m == 0:
                 yield bsz, 1, (m // 2, m)
 
@@ -85,17 +85,13 @@ def _obs() -> list[Spec]:
     updates: dict = {}
     greedy: dict = {}
     for bsz, g, nm in _obs_sizes():
+        cfg = obs.scores_config(bsz, g, nm)
+        warps = cfg.pop("num_warps")
+        scores.setdefault((tuple(cfg.items()), warps), []).append(bsz)
         if nm is None:
-            key = (("GP", next_pow2(bsz // g)), ("Q", g), ("NM_M", 1), ("NM_PRUNE", 0))
-            scores.setdefault((key, 4), []).append(bsz)
             cfg = obs.update_config(bsz, g)
             warps = cfg.pop("num_warps")
             updates.setdefault((tuple(cfg.items()), warps), []).append(bsz)
-        else:
-            m = nm[1]
-            # every N of an M-run gives the same code but for the NM_PRUNE constant: one suffices
-            key = (("GP", next_pow2(bsz // m)), ("Q", 1), ("NM_M", m), ("NM_PRUNE", m - nm[0]))
-            scores.setdefault((key, 4), []).append(bsz)
         if bsz <= obs.GREEDY_MAX_BLOCK and (nm is None or next_pow2(bsz) % nm[1] == 0):
             cfg = obs.greedy_config(bsz, g, nm)
             warps = cfg.pop("num_warps")

@@ -1,7 +1,8 @@
 """Benchmark the kernels: time, bandwidth against the device's copy bandwidth, speedup over torch.
 
 For realistic sizes (a BERT-base encoder's 85M prunable weights, Fisher blocks B = 32 and 50,
-k = 1 to 64 gradients per batch) each operation is timed through its torch reference and, on a
+k = 1 to 64 gradients per batch; float64 blocks, the default storage, and on CUDA also float32)
+each operation, the greedy OBS sequence of the default pruning mode included, is timed through its torch reference and, on a
 CUDA device with Triton installed, through its Triton kernel, in the same run. Bandwidth counts
 the bytes the operation must move at least once (blocks read and written, gradients read), so
 ``% of copy`` says how close each implementation is to the memory-bound limit.
@@ -44,47 +45,68 @@ def copy_bandwidth(device, numel: int) -> float:
     return 2 * a.numel() * 4 / t
 
 
-def rows(device, quick: bool, triton_ok: bool, reps: int):
+def rows(device, quick: bool, triton_ok: bool, reps: int, dtypes=(torch.float64,)):
     from curvature.kernels import adahessian, mkor, obs, woodbury
 
     weights = 85_000_000 // (100 if quick else 1)
     if device.type == "cpu" and not quick:
         weights //= 10  # float64 blocks of all 85M weights do not fit a small machine's memory
-    dtype = torch.float32 if device.type == "cuda" else torch.float64
     out = []
-    for bsz in (32, 50):
-        n = weights // bsz
-        blocks = torch.eye(bsz, dtype=dtype, device=device).repeat(n, 1, 1)
-        for k in (1, 8, 64):
-            grads = torch.randn(k, n, bsz, dtype=dtype, device=device)
-            nbytes = (
-                2 * blocks.numel() * blocks.element_size() + grads.numel() * grads.element_size()
-            )
-            t_ref = _timeit(partial(woodbury.reference, blocks, grads, 64), reps)
+    for dtype in dtypes:
+        tag = {torch.float64: "f64", torch.float32: "f32"}[dtype]
+        for bsz in (32, 50):
+            n = weights // bsz
+            blocks = torch.eye(bsz, dtype=dtype, device=device).repeat(n, 1, 1)
+            for k in (1, 8, 64):
+                grads = torch.randn(k, n, bsz, dtype=dtype, device=device)
+                nbytes = (
+                    2 * blocks.numel() * blocks.element_size()
+                    + grads.numel() * grads.element_size()
+                )
+                t_ref = _timeit(partial(woodbury.reference, blocks, grads, 64), reps)
+                t_tri = (
+                    _timeit(partial(woodbury.launch, blocks, grads, 64), reps)
+                    if triton_ok
+                    else None
+                )
+                out.append((f"woodbury {tag} B={bsz} k={k}", n * bsz, nbytes, t_ref, t_tri))
+                del grads
+            w = torch.randn(n, bsz, dtype=dtype, device=device)
+            pruned = torch.rand(n, bsz, device=device) < 0.5
+            nbytes = blocks.numel() * blocks.element_size() + 2 * w.numel() * w.element_size()
+            t_ref = _timeit(partial(obs.reference_update, w, blocks, pruned, 1), reps)
             t_tri = (
-                _timeit(partial(woodbury.launch, blocks, grads, 64), reps) if triton_ok else None
+                _timeit(partial(obs.launch_update, w, blocks, pruned, 1), reps)
+                if triton_ok
+                else None
             )
-            out.append((f"woodbury B={bsz} k={k}", n * bsz, nbytes, t_ref, t_tri))
-            del grads
-        w = torch.randn(n, bsz, dtype=dtype, device=device)
-        pruned = torch.rand(n, bsz, device=device) < 0.5
-        nbytes = blocks.numel() * blocks.element_size() + 2 * w.numel() * w.element_size()
-        t_ref = _timeit(partial(obs.reference_update, w, blocks, pruned, 1), reps)
-        t_tri = (
-            _timeit(partial(obs.launch_update, w, blocks, pruned, 1), reps) if triton_ok else None
-        )
-        out.append((f"obs update B={bsz}", n * bsz, nbytes, t_ref, t_tri))
+            out.append((f"obs update {tag} B={bsz}", n * bsz, nbytes, t_ref, t_tri))
 
-        def ref_nm(w=w, blocks=blocks):
-            obs.reference_nm_select(obs.reference_scores(w, blocks, 1), 2, 4)
+            def ref_nm(w=w, blocks=blocks):
+                obs.reference_nm_select(obs.reference_scores(w, blocks, 1), 2, 4)
 
-        nbytes = n * bsz * blocks.element_size() + 2 * w.numel() * w.element_size()
-        t_ref = _timeit(ref_nm, reps)
-        t_tri = (
-            _timeit(partial(obs.launch_scores, w, blocks, 1, (2, 4)), reps) if triton_ok else None
-        )
-        out.append((f"obs scores+2:4 B={bsz}", n * bsz, nbytes, t_ref, t_tri))
-        del blocks, w
+            nbytes = n * bsz * blocks.element_size() + 2 * w.numel() * w.element_size()
+            t_ref = _timeit(ref_nm, reps)
+            t_tri = (
+                _timeit(partial(obs.launch_scores, w, blocks, 1, (2, 4)), reps)
+                if triton_ok
+                else None
+            )
+            out.append((f"obs scores+2:4 {tag} B={bsz}", n * bsz, nbytes, t_ref, t_tri))
+            # greedy OBS (the default pruning mode): half of every block, one weight at a time;
+            # at least the blocks read once and the order and costs written
+            valid = torch.ones(n, bsz, dtype=torch.bool, device=device)
+            steps = bsz // 2
+            nbytes = blocks.numel() * blocks.element_size() + w.numel() * w.element_size()
+            nbytes += n * steps * 16
+            t_ref = _timeit(partial(obs.reference_greedy, w, blocks, valid, 1, steps=steps), 1)
+            t_tri = (
+                _timeit(partial(obs.launch_greedy, w, blocks, valid, 1, steps=steps), reps)
+                if triton_ok
+                else None
+            )
+            out.append((f"greedy OBS {tag} B={bsz}, {steps} steps", n * bsz, nbytes, t_ref, t_tri))
+            del blocks, w
     # AdaHessian over a BERT-base-sized parameter set (float32 state)
     p = torch.randn(weights, device=device)
     g, d, m, v = (torch.randn_like(p) for _ in range(4))
@@ -124,6 +146,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float64", "float32"],
+        help="block storage (default: float64, the toolkit's default, and on CUDA also float32)",
+    )
     args = ap.parse_args()
     from curvature.kernels import TRITON_AVAILABLE
 
@@ -142,7 +170,11 @@ def main() -> None:
         "speedup |"
     )
     print("|---|---|---|---|---|---|---|")
-    for label, numel, nbytes, t_ref, t_tri in rows(device, args.quick, triton_ok, args.reps):
+    names = args.dtypes or (["float64", "float32"] if device.type == "cuda" else ["float64"])
+    dtypes = tuple(getattr(torch, d) for d in names)
+    for label, numel, nbytes, t_ref, t_tri in rows(
+        device, args.quick, triton_ok, args.reps, dtypes
+    ):
         ref_bw = nbytes / t_ref / copy * 100
         if t_tri is None:
             tri = "not measured | not measured | n/a"

@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 from curvature.kernels import adahessian, obs, specs, woodbury
-from curvature.kernels._triton import next_pow2
 
 from curvature import kernels
 
@@ -57,9 +56,7 @@ def test_every_dispatched_size_has_a_compiled_configuration():
                 if nm is not None and g != 1:
                     continue
                 if obs.supported(w, g, nm):
-                    m = nm[1] if nm else 1
-                    gp = next_pow2(bsz // (m if nm else g))
-                    assert _key({"GP": gp, "Q": g, "NM_M": m, "num_warps": 4}) in scores
+                    assert _key(obs.scores_config(bsz, g, nm)) in scores, (bsz, g, nm)
                     if nm is None:
                         assert _key(obs.update_config(bsz, g)) in upd, (bsz, g)
                 if obs.greedy_supported(w, g, nm):
