@@ -46,10 +46,3 @@ def tile_table(counts, device):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def acc_is_f64(*tensors) -> bool:
-    """Accumulate in float64 when any input is float64, else float32 (bfloat16/half inputs too)."""
-    import torch
-
-    return any(t.dtype == torch.float64 for t in tensors)
