@@ -21,6 +21,12 @@ answer is the same as without a split; the cost is one gradient pass per group.
 
 ``num_recomputations > 1`` splits the step into equal sparsity increments and re-collects the
 gradients after each (the Fisher then describes the partly pruned model).
+
+Under an initialised ``torch.distributed`` process group of several processes, ``prune`` is called
+on every rank with that rank's shard of the batches: the gradient methods split the ``num_grads``
+gradients across ranks and shard the Fisher blocks (:mod:`curvature.pruning.distributed`), the
+layer-wise methods sum every rank's calibration statistics, and every rank ends with the same
+model, masks and report (its ``memory_plan`` is the rank's own).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 import torch
 
 from curvature.core.checks import available_bytes
-from curvature.pruning import layerwise, obs, stages
+from curvature.pruning import distributed, layerwise, obs, stages
 from curvature.pruning.allocation import Allocation, GlobalThreshold, LayerTargets
 from curvature.pruning.curvatures import Curvature, EmpiricalFisher
 from curvature.pruning.masks import MaskSet, MaskStructure, check_param_fits
@@ -230,6 +236,9 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
             f"of the same examples); pass at least num_grads batches or lower num_grads",
             stacklevel=3,
         )
+    seconds = time.perf_counter() - start
+    if distributed.active():  # one report on every rank: rank 0's clock
+        seconds = distributed.broadcast_float(seconds)
     return PruneReport(
         method=settings.method,
         mask=structure.name,
@@ -239,7 +248,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         param_sparsity=per,
         estimated_loss_increase=est if uses_curvature else None,
         num_grads=settings.num_grads if uses_curvature else 0,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         distinct_batches=distinct if uses_curvature else None,
         skipped=skipped,
         memory_groups=groups,
@@ -332,6 +341,8 @@ class _Parts:
 
 def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> tuple[float, int]:
     """One pruning step to ``sparsity``: the stages of :mod:`curvature.pruning.stages`."""
+    if distributed.active() and parts.curvature.needs_gradients:
+        return _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budget)
     structure = parts.structure
     groups = stages.plan_groups(targets, parts.curvature, settings, budget)
     problem.plans.append(
@@ -386,6 +397,125 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
             del curv
     masks.apply(problem.model)
     return est, len(groups)
+
+
+def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budget):
+    """:func:`_prune_step` across the ranks of the process group (one memory group per rank)."""
+    rank, size = distributed.world()
+    structure = parts.structure
+    plan = distributed.shard(targets, size)
+    mine = plan[rank]
+    needs = [sum(parts.curvature.estimate_bytes(p, settings) for p in pieces) for pieces in plan]
+    if max(needs) > budget:  # every rank sees the same plan: all raise together
+        raise MemoryError(
+            f"the Fisher blocks of one rank's share need {max(needs) / 2**30:.2f} GiB, more "
+            f"than the {budget / 2**30:.2f} GiB budget: use more processes, "
+            "fisher_dtype=torch.float32, a smaller block_size, or raise max_memory"
+        )
+    if mine:
+        problem.plans.append(
+            stages.memory_plan(problem.model, mine, [mine], parts.curvature, settings)
+        )
+    problem.data.new_step()
+    counts = [distributed.local_count(settings.num_grads, r, size) for r in range(size)]
+    local, seen = None, {}
+    if counts[rank]:
+        local = stages.collect_gradients(
+            problem.model,
+            problem.data.replay(),
+            problem.loss_fn,
+            targets,
+            num_grads=counts[rank],
+            progress=settings.progress and rank == 0,
+            counts=seen,
+        )
+    grads = distributed.exchange_gradients(
+        local or iter(()), plan, counts, stages.GRADIENT_BATCH, targets[0].param.dtype
+    )
+    curv = parts.curvature.build(_Keyed(mine), grads, settings)
+    curv = {p.key: curv[p.key] for p in mine}
+    distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
+    problem.data.distinct_batches = int(distinct)
+    weights, fixed = {}, {}
+    for p in mine:
+        flat = p.flat(p.param.detach().flatten()).to(obs.F64)
+        weights[p.key] = p.blocks_of(flat)
+        m = masks.get(p.name)
+        fixed[p.key] = (
+            p.blocks_of(p.flat(m.flatten()), fill=False)
+            if m is not None
+            else torch.zeros(p.num_blocks, p.block, dtype=torch.bool, device=p.param.device)
+        )
+    scored = {
+        p.key: parts.solver.order(p, weights[p.key], curv[p.key], structure, fixed[p.key])
+        for p in mine
+    }
+    counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
+    est, values, flags = 0.0, {}, {}
+    for p in mine:
+        order, cost = scored[p.key]
+        new, pruned, e = stages.update(
+            p,
+            weights[p.key],
+            curv[p.key],
+            parts.solver,
+            order,
+            cost,
+            counts_by_piece[p.key],
+            structure,
+        )
+        est += e
+        values[p.key] = new.flatten()[: p.numel]
+        flags[p.key] = pruned.flatten()[: p.numel]
+    est = distributed.allreduce_sum(est)
+    gathered = distributed.gather_pieces(plan, values, flags)
+    with torch.no_grad():
+        for t in targets:
+            w, m = gathered[t.name]
+            t.param.copy_(w.view_as(t.param).to(t.param.dtype))
+            masks.update(t.name, m.view_as(t.param))
+    masks.apply(problem.model)
+    return est, 1
+
+
+class _Keyed(list):
+    """Pieces presented to ``Curvature.build`` under their unique keys (a parameter may be split
+    between ranks, and one rank's pieces of it are told apart by their block ranges)."""
+
+    def __init__(self, pieces):
+        super().__init__(_KeyedPiece(p) for p in pieces)
+
+
+class _KeyedPiece(distributed.Piece):
+    def __init__(self, p):
+        super().__init__(p.key, p.param, p.block, first=p.first, stop=p.stop)
+
+
+def _allocate_sharded(targets, plan, scored, sparsity, parts):
+    """Stage 4 across ranks: the same counts as :func:`_allocate` on one process."""
+    rank = distributed.world()[0]
+    mine = plan[rank]
+    if parts.structure.nm:
+        return {p.key: (scored[p.key][0] >= 0).sum(1) for p in mine}
+    g = parts.structure.group
+    costs = {p.key: scored[p.key][1] for p in mine}
+    from curvature.pruning.allocation import _monotone
+
+    if isinstance(parts.allocation, GlobalThreshold):
+        pools = [[_monotone(costs[p.key]) for p in mine]]
+        ks = [round(sparsity * sum(t.numel for t in targets) / g)]
+        out = distributed.take_cheapest(pools, ks)[0]
+        return {p.key: c for p, c in zip(mine, out)}
+    per = getattr(parts.allocation, "sparsities", {})
+    names = [t.name for t in targets]
+    pools = [[_monotone(costs[p.key]) for p in mine if p.name == n] for n in names]
+    ks = [round(per.get(t.name, sparsity) * t.numel / g) for t in targets]
+    out = distributed.take_cheapest(pools, ks)
+    result = {}
+    for n, pool_counts in zip(names, out):
+        for p, c in zip([p for p in mine if p.name == n], pool_counts):
+            result[p.key] = c
+    return result
 
 
 def _allocate(targets, scored, sparsity, parts):

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from curvature.pruning import distributed
+
 F64 = torch.float64
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
@@ -122,12 +124,15 @@ class _Stats:
 
     def result(self, name) -> torch.Tensor:
         """``H = 2/N sum x x^T`` (or its diagonal) of layer ``name``."""
-        if self.sums[name] is None:
+        if self.sums[name] is None and not distributed.active():
             raise ValueError(
                 f"{name}: its layer never ran on the calibration data (is it used in the "
                 "forward pass that loss_fn makes?)"
             )
-        return self.sums[name] * (2.0 / self.rows[name])
+        total, rows = self.sums[name], self.rows[name]
+        if distributed.active():  # every rank calibrated on its own shard: H from all of them
+            total, rows = distributed.allreduce_stats(total, rows, name)
+        return total * (2.0 / rows)
 
     def remove_hooks(self):
         """Stop accumulating (the sums are kept)."""

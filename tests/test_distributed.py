@@ -1,0 +1,212 @@
+"""torch.distributed: several gloo processes on 127.0.0.1 give the answer of one process.
+
+Every test starts its processes with a deadline (process-group timeout and a join timeout), so a
+failing rank never hangs the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+F64 = torch.float64
+DEADLINE = 240  # seconds for a whole multi-process test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world, *args, expect_fail=False):
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; fail (never hang) past DEADLINE."""
+    ctx = mp.start_processes(
+        _entry, args=(world, free_port(), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
+    end = time.monotonic() + DEADLINE
+    try:
+        while not ctx.join(timeout=max(1.0, end - time.monotonic())):
+            if time.monotonic() > end:
+                pytest.fail(f"{world} processes did not finish in {DEADLINE} s")
+    except mp.ProcessRaisedException as e:
+        if expect_fail:
+            return str(e)
+        raise
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    assert not expect_fail, "a rank was expected to fail"
+    return None
+
+
+# ------------------------------------------------------------------ pruning
+def _model_and_data(n_batches=12, batch=8, seed=0):
+    from models import correlated_inputs, trained_mlp
+
+    x = correlated_inputs(n=n_batches * batch, seed=seed)
+    model, y = trained_mlp(x, steps=60, seed=seed)
+    model = model.double()
+    x = x.double()
+    batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+    return model, batches
+
+
+PRUNE_CASES = {
+    "greedy": dict(sparsity=0.6),
+    "greedy-per-layer": dict(sparsity=0.5, global_sparsity=False),
+    "independent-block4": dict(sparsity=0.5, selection="independent", mask="block4"),
+    "greedy-2:4": dict(mask="2:4", sparsity=0.5),
+    "mfac": dict(sparsity=0.6, method="mfac"),
+    "magnitude": dict(sparsity=0.7, method="magnitude"),
+}
+BASE = dict(num_grads=12, block_size=8, damp=1e-4, progress=False)
+
+
+def _shard(batches, rank, world, contiguous):
+    if contiguous:  # rank r: the r-th run of consecutive batches (the single process's order)
+        from curvature.pruning.distributed import local_count
+
+        counts = [local_count(len(batches), r, world) for r in range(world)]
+        start = sum(counts[:rank])
+        return batches[start : start + counts[rank]]
+    return batches[rank::world]  # as a DistributedSampler deals them
+
+
+def _prune_worker(rank, world, out, contiguous):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    results = {}
+    for name, kw in PRUNE_CASES.items():
+        model, batches = _model_and_data()
+        report = prune(
+            model, _shard(batches, rank, world, contiguous), loss_fn=ce_loss, **BASE, **kw
+        )
+        results[name] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "report": {k: v for k, v in report.to_dict().items() if k != "memory_plan"},
+            "curvature_bytes": report.memory_plan.get("curvature", 0),
+        }
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def _single(name):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    model, batches = _model_and_data()
+    report = prune(model, batches, loss_fn=ce_loss, **BASE, **PRUNE_CASES[name])
+    return [p.detach().clone() for p in model.parameters()], report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pruning_across_processes_equals_one_process(world, tmp_path):
+    """Same gradients in the same order (contiguous shards): masks and weights equal one process
+    to float64 round-off; every rank holds the same model and report; the Fisher is sharded."""
+    run_ranks(_prune_worker, world, str(tmp_path), True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in PRUNE_CASES:
+        ref, ref_report = _single(name)
+        for r in range(world):
+            got = ranks[r][name]
+            for a, b in zip(got["params"], ref):
+                assert torch.equal(a == 0, b == 0), (name, r)
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            assert got["report"]["param_sparsity"] == ref_report.param_sparsity
+            assert got["report"] == ranks[0][name]["report"]  # the same report on every rank
+        if name != "magnitude":
+            one = ref_report.memory_plan["curvature"]
+            per_rank = [ranks[r][name]["curvature_bytes"] for r in range(world)]
+            assert max(per_rank) <= one / world * 1.5 + 8 * 8 * 8 * 4, (name, per_rank, one)
+            assert sum(per_rank) == pytest.approx(one, rel=0.35)
+
+
+def test_pruning_with_interleaved_shards_equals_one_process(tmp_path):
+    """A DistributedSampler's shards: the same gradients in another order (round-off only)."""
+    run_ranks(_prune_worker, 2, str(tmp_path), False)
+    got = torch.load(tmp_path / "rank0.pt")
+    for name in ("greedy", "independent-block4"):
+        ref, _ = _single(name)
+        for a, b in zip(got[name]["params"], ref):
+            assert torch.equal(a == 0, b == 0), name
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def _failing_worker(rank, world):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    model, batches = _model_and_data()
+
+    def loss(m, b):
+        if rank == 1:
+            raise ValueError("this rank's batch is broken")
+        return ce_loss(m, b)
+
+    prune(model, batches[rank::world], loss_fn=loss, **BASE, sparsity=0.5)
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message():
+    msg = run_ranks(_failing_worker, 2, expect_fail=True)
+    assert "this rank's batch is broken" in msg
+
+
+# ------------------------------------------------------------------ the threshold
+def _threshold_worker(rank, world, out):
+    from curvature.pruning import distributed
+
+    gen = torch.Generator().manual_seed(7)
+    full = [torch.cummax(torch.randn(5, 6, generator=gen).abs(), 1).values for _ in range(6)]
+    full[2][1] = full[4][0]  # ties across ranks
+    full[3][:] = -1.0  # fixed groups
+    full[5][0, 3:] = float("inf")
+    mine = full[rank * 6 // world : (rank + 1) * 6 // world]
+    res = {k: distributed.take_cheapest([mine], [k])[0] for k in (0, 1, 7, 33, 100, 10**6)}
+    torch.save(res, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_threshold_equals_one_process_selection(world, tmp_path):
+    from curvature.pruning.allocation import take_cheapest
+
+    run_ranks(_threshold_worker, world, str(tmp_path))
+    gen = torch.Generator().manual_seed(7)
+    full = [torch.cummax(torch.randn(5, 6, generator=gen).abs(), 1).values for _ in range(6)]
+    full[2][1] = full[4][0]
+    full[3][:] = -1.0
+    full[5][0, 3:] = float("inf")
+    got = {}
+    for r in range(world):
+        for k, counts in torch.load(tmp_path / f"rank{r}.pt").items():
+            got.setdefault(k, []).extend(counts)
+    for k, counts in got.items():
+        ref = take_cheapest(full, k)
+        assert [c.tolist() for c in counts] == [c.tolist() for c in ref], k
