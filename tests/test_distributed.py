@@ -110,7 +110,9 @@ def _prune_worker(rank, world, out, contiguous):
         )
         results[name] = {
             "params": [p.detach().clone() for p in model.parameters()],
-            "report": {k: v for k, v in report.to_dict().items() if k != "memory_plan"},
+            "report": {
+                k: v for k, v in report.to_dict().items() if k not in ("memory_plan", "phases")
+            },
             "curvature_bytes": report.memory_plan.get("curvature", 0),
         }
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -179,6 +181,24 @@ def test_a_failing_rank_stops_every_rank_with_its_message():
     assert "this rank's batch is broken" in msg
 
 
+def test_fsdp_sharded_parameters_are_refused_with_one_line():
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    class FullyShardedDataParallel(torch.nn.Module):  # what FSDP's wrapper class is called
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model, batches = _model_and_data()
+    with pytest.raises(ValueError, match="sharded by FSDP"):
+        prune(FullyShardedDataParallel(model), batches, loss_fn=ce_loss, **BASE, sparsity=0.5)
+
+
 # ------------------------------------------------------------------ the threshold
 def _threshold_worker(rank, world, out):
     from curvature.pruning import distributed
@@ -210,3 +230,104 @@ def test_distributed_threshold_equals_one_process_selection(world, tmp_path):
     for k, counts in got.items():
         ref = take_cheapest(full, k)
         assert [c.tolist() for c in counts] == [c.tolist() for c in ref], k
+
+
+# ------------------------------------------------------------------ optimizers
+def _opt_setup(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    return model, x, y
+
+
+def _make(kind, model):
+    from curvature.optim import MFAC, MKOR, AdaHessian
+
+    if kind == "adahessian":
+        return AdaHessian(model.parameters(), lr=0.05, seed=3, probes="shared", weight_decay=0.01)
+    if kind == "adahessian-per-rank":
+        return AdaHessian(model.parameters(), lr=0.05, seed=3, probes="per-rank")
+    if kind == "mkor":
+        return MKOR(model, lr=0.05, inv_freq=1)
+    return MFAC(model.parameters(), lr=0.05, num_grads=4, damp=0.1, fisher_dtype=F64)
+
+
+def _train(kind, model, opt, x, y, steps=4):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward(create_graph=kind.startswith("adahessian"))
+        opt.step()
+
+
+OPT_KINDS = ["adahessian", "adahessian-per-rank", "mkor", "mfac"]
+
+
+def _opt_worker(rank, world, out):
+    results = {}
+    for kind in OPT_KINDS:
+        model, x, y = _opt_setup()
+        n = len(x) // world
+        xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+        if kind.startswith("adahessian"):  # the optimizer averages (no DDP: no double backward)
+            opt = _make(kind, model)
+            _train(kind, model, opt, xs, ys)
+        else:  # DDP averages the gradients; the optimizer keeps the rest consistent
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = _make(kind, model)
+            _train(kind, ddp, opt, xs, ys)
+        results[kind] = [p.detach().clone() for p in model.parameters()]
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def test_optimizers_across_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """AdaHessian (shared probes), MKOR and M-FAC steps on 2 ranks x 8 examples equal one process
+    on the 16; with per-rank probes the replicas still agree, and differ from the shared ones."""
+    run_ranks(_opt_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for kind in OPT_KINDS:
+        for a, b in zip(ranks[0][kind], ranks[1][kind]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # replicas identical
+        if kind == "adahessian-per-rank":
+            assert any(
+                not torch.allclose(a, b) for a, b in zip(ranks[0][kind], ranks[0]["adahessian"])
+            )
+            continue
+        model, x, y = _opt_setup()
+        opt = _make(kind, model)
+        _train(kind, model, opt, x, y)
+        for a, b in zip(ranks[0][kind], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the command line
+def test_prune_command_under_torchrun_writes_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m curvature prune ...``: both ranks prune from their own
+    shard of the gradient batches, rank 0 alone writes the output (no partial folder left)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_hf_cli import RECIPE, write_recipe
+    from tiny import make_csv, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = make_csv(tmp_path / "train.csv")
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    out = tmp_path / "runs" / "oneshot"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "curvature", "prune", recipe, "--oneshot", "--model", str(model_dir),
+        "--data", str(data), "--output", str(out), "--no-progress",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["oneshot"]  # one output, no partial

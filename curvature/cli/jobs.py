@@ -97,6 +97,12 @@ def remove_partial_outputs() -> list[Path]:
     return removed
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @contextlib.contextmanager
 def _atomic_output(out: Path):
     """Yield a temporary folder beside ``out``; it replaces ``out`` only if the block succeeds.
@@ -106,6 +112,13 @@ def _atomic_output(out: Path):
     left (``.NAME.partial-*``) in a warning. The result gets the permissions of the user's umask
     (a temporary folder is created owner-only).
     """
+    if _rank() != 0:  # under torch.distributed only rank 0 writes: the others work in a scratch
+        tmp = Path(tempfile.mkdtemp(prefix="curvature-rank-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
     if leftovers:
@@ -312,13 +325,9 @@ def run_prune(job: PruneJob) -> dict:
         if epochs <= 0:
             record_dense(model)
             grad_bs = _grad_batch_size(recipe, job.batch_size)
-            grad_loader = torch.utils.data.DataLoader(
-                p.train,
-                batch_size=grad_bs,
-                shuffle=True,
-                collate_fn=collator,
-                generator=torch.Generator().manual_seed(job.seed),
-            )
+            from curvature.integrations.hf import grad_loader as make_grad_loader
+
+            grad_loader = make_grad_loader(p.train, grad_bs, collator, job.seed)
             manager.step(math.inf, grad_data=grad_loader, loss_fn=model_loss, progress=job.progress)
         else:
             if teacher not in (None, "self"):

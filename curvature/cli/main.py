@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 
@@ -375,7 +376,7 @@ def _main(argv: list[str] | None) -> int:
         ValueError,
         FileNotFoundError,
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _distributed(args.command):
         warnings.showwarning = _warning_line  # one line each, not a file:line + source dump
         try:
             if args.command == "sweep":
@@ -407,6 +408,35 @@ def _main(argv: list[str] | None) -> int:
             print(f"interrupted; no output was written{hint}", file=sys.stderr)
             return 130
     return 0
+
+
+@contextlib.contextmanager
+def _distributed(command: str):
+    """Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1): one process group for the
+    command (NCCL on CUDA, gloo on CPU), each rank pruning from its shard of the gradient batches
+    and only rank 0 writing outputs. ``CURVATURE_DIST_TIMEOUT`` (seconds, default 1800) bounds
+    how long a rank waits for a failed peer."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if command not in ("prune", "sweep") or world <= 1 or dist.is_initialized():
+        yield
+        return
+    import datetime
+
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CURVATURE_DIST_TIMEOUT", "1800")))
+    dist.init_process_group(backend, timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _check(args) -> int:
@@ -461,6 +491,26 @@ def _sweep(args) -> int:
         per_layer=args.per_layer,
     )
     cfg.validate()  # before any folder is created
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        # only rank 0 writes the sweep; the others run the same points in a scratch folder,
+        # seeded with rank 0's resume log so that they skip the same finished points
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="curvature-sweep-rank-"))
+        for name in ("sweep.json", "points.jsonl"):
+            if (Path(args.output) / name).exists():
+                shutil.copy(Path(args.output) / name, scratch / name)
+        if (Path(args.output) / "dense").is_dir():  # the fine-tuned dense model, reused
+            shutil.copytree(Path(args.output) / "dense", scratch / "dense")
+        cfg.output = str(scratch)
+        try:
+            run_sweep(cfg)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 0
     run_sweep(cfg)
     print((Path(args.output) / "results.md").read_text())
     print(f"plot: {Path(args.output) / 'accuracy_vs_sparsity.png'}")

@@ -28,6 +28,22 @@ def model_loss(model, batch):
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
+def grad_loader(dataset, batch_size: int, collator, seed: int) -> DataLoader:
+    """Shuffled batches for the Fisher gradients; under ``torch.distributed`` this rank's shard
+    (a ``DistributedSampler`` seeded alike on every rank), so the ranks split the gradients."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=gen
+    )
+
+
 class RecipeCallback(TrainerCallback):
     """Apply a :class:`RecipeManager` during ``Trainer.train()``.
 
@@ -68,14 +84,7 @@ class RecipeCallback(TrainerCallback):
     def _grad_loader(self, batch_size):
         if self.grad_dataset is None:
             return None
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.grad_dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            collate_fn=self.collator,
-            generator=gen,
-        )
+        return grad_loader(self.grad_dataset, batch_size, self.collator, self.seed)
 
     STATE_FILE = "recipe_state.pt"
 

@@ -66,6 +66,21 @@ from curvature import kernels
 from curvature.core import checks
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+PROBES = ("per-rank", "shared")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average ``tensors`` over the ranks in one all-reduce of their concatenation."""
+    if not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class AdaHessian(Optimizer):
@@ -83,6 +98,16 @@ class AdaHessian(Optimizer):
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         block_length: spatial-averaging block along the last dim of 1-D/2-D parameters.
         seed: seeds a private probe generator (the global RNG is never touched).
+        probes: across ``torch.distributed`` ranks: ``"per-rank"`` (rank ``r`` draws from
+            ``seed + r``: ``world`` times the probes per refresh) or ``"shared"`` (every rank
+            draws the same probes: the step equals one process on the concatenated batch).
+
+    Data parallelism: do not wrap the model in ``DistributedDataParallel`` (its reducer does not
+    support the double backward of the Hessian-vector product). Under an initialised process
+    group the optimizer itself averages, at every step, the local gradients and (at a refresh)
+    the local Hutchinson estimates, computed on each rank's own graph, in one bucketed
+    all-reduce (flatten, all-reduce, unflatten), so every replica takes the same step.
+    ``no_sync``-style accumulation is simply several backward passes before ``step``.
     """
 
     def __init__(
@@ -98,6 +123,7 @@ class AdaHessian(Optimizer):
         distribution: str = "rademacher",
         block_length: int = 1,
         seed: int | None = None,
+        probes: str = "per-rank",
     ) -> None:
         checks.learning_rate(lr)
         checks.betas(betas)
@@ -108,6 +134,7 @@ class AdaHessian(Optimizer):
         checks.integer_at_least("n_samples", n_samples)
         checks.integer_at_least("block_length", block_length)
         checks.one_of("distribution", distribution, DISTRIBUTIONS)
+        checks.one_of("probes", probes, PROBES)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -121,6 +148,7 @@ class AdaHessian(Optimizer):
         self.n_samples = n_samples
         self.distribution = distribution
         self.seed = seed
+        self.probes = probes
         self._generators: dict[torch.device, torch.Generator] = {}
         self.state["hessian_counter"] = 0  # steps taken (decides the refreshes)
 
@@ -128,7 +156,8 @@ class AdaHessian(Optimizer):
         if self.seed is None:
             return None
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            rank = dist.get_rank() if _world() > 1 and self.probes == "per-rank" else 0
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + rank)
         return self._generators[device]
 
     def _probe(self, p: torch.Tensor) -> torch.Tensor:
@@ -153,7 +182,9 @@ class AdaHessian(Optimizer):
         return self.state["hessian_counter"] % self.update_each == 0
 
     @torch.no_grad()
-    def _hessian_diag(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _hessian_diag(
+        self, params: list[torch.Tensor], absolute: bool = True
+    ) -> list[torch.Tensor]:
         grads = [p.grad for p in params]
         if any(g.grad_fn is None for g in grads):
             raise RuntimeError(
@@ -171,13 +202,9 @@ class AdaHessian(Optimizer):
                 )
                 for e, z, hz in zip(est, zs, hzs):
                     e.add_(z * hz, alpha=1.0 / self.n_samples)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            for e in est:  # every rank must use the same curvature: average the estimates
-                dist.all_reduce(e)
-                e.div_(world)
-        for e in est:  # |z * Hz| before any spatial averaging, as the reference does
-            e.abs_()
+        if absolute:  # |z * Hz| before any spatial averaging, as the reference does
+            for e in est:  # (across ranks: of the average over the ranks' probes)
+                e.abs_()
         return est
 
     @torch.no_grad()
@@ -197,7 +224,14 @@ class AdaHessian(Optimizer):
         counter = self.state["hessian_counter"]
         refresh = counter % self.update_each == 0
         index = {p: i for i, p in enumerate(params)}
-        diag = self._hessian_diag(params) if refresh else None
+        diag = self._hessian_diag(params, absolute=_world() == 1) if refresh else None
+        if _world() > 1:  # gradients and local estimates averaged in one all-reduce
+            grads = [p.grad.detach() for p in params]
+            avg = _average(grads + (diag or []))
+            for p, g in zip(params, avg[: len(params)]):
+                p.grad = g
+            if diag is not None:
+                diag = [d.abs_() for d in avg[len(params) :]]
         self.state["hessian_counter"] = counter + 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

@@ -35,6 +35,12 @@ one-pass value. Statistics are recorded only in steps that update the factors (e
 ``inv_freq``-th), as in the reference; a forward pass repeated for activation checkpointing
 counts twice.
 
+Data parallelism: wrap the model in ``DistributedDataParallel`` as usual (it averages the
+gradients) and give MKOR the model; under an initialised process group the factor statistics
+``a`` and ``g`` of every layer are averaged over the ranks in one all-reduce before the rank-1
+updates, so every replica applies the same preconditioner (without it, replicas drift apart).
+The state is the same on every rank: ``state_dict`` loads on any number of ranks.
+
 Defects of the reference code that are not copied: its stabiliser's blend is dead code (a
 membership test of a module in a list of tensors is always true, so every reset is a hard reset),
 its reset threshold (``max |inverse| > 2``) cannot be reached because its update keeps the
@@ -80,6 +86,7 @@ import re
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from curvature.core import checks
@@ -387,6 +394,16 @@ class MKOR(Optimizer):
             ready = [l for l in ready if l not in first]
         factors = [f for l in ready for f in (l.left, l.right)]
         vectors = [v for l in ready for v in (l.a, l.g)]
+        if vectors and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every replica folds in the same statistics: the means over all ranks' batches, in
+            # one all-reduce (linear in the layer widths, as the method is designed)
+            flat = torch.cat([v.reshape(-1).to(torch.float64) for v in vectors])
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
+            vectors = [
+                f.view_as(v).to(v.dtype)
+                for f, v in zip(flat.split([v.numel() for v in vectors]), vectors)
+            ]
         KroneckerFactorInverse.update_many(factors, vectors)
         for f in factors:
             self._stabilise(f)

@@ -172,6 +172,7 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     structure = settings.structure
     curvature, solver = resolve(settings.method, settings.selection)
     allocation = GlobalThreshold() if settings.global_sparsity else LayerTargets()
+    _refuse_sharded_params(model)
     named, skipped = select_params(
         model,
         settings.params if isinstance(settings.params, str) else list(settings.params),
@@ -252,7 +253,10 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         distinct_batches=distinct if uses_curvature else None,
         skipped=skipped,
         memory_groups=groups,
-        memory_plan=max((p.as_dict() for p in problem.plans), key=lambda d: d["total"]),
+        memory_plan=max((p.as_dict() for p in problem.plans), key=lambda d: d["total"])
+        if problem.plans
+        else {"curvature": 0},
+        phases=dict(problem.phases),
         masks=masks,
     )
 
@@ -296,6 +300,19 @@ def _run_layerwise(model, data, loss_fn, settings, parts, named, masks):
     )
 
 
+def _refuse_sharded_params(model) -> None:
+    """FSDP shards each parameter across ranks: a rank holds a slice of a flattened or ``DTensor``
+    parameter, so names and blocks are not the model's. Refused with one line."""
+    wrapped = any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+    dtensor = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    if wrapped or dtensor:
+        raise ValueError(
+            "prune: the model's parameters are sharded by FSDP, which this engine does not "
+            "support; prune before wrapping (or inside summon_full_params), or use "
+            "DistributedDataParallel, whose replicas the engine prunes across ranks"
+        )
+
+
 def _skip_summary(skipped: dict[str, str]) -> str:
     reasons: dict[str, int] = {}
     for why in skipped.values():
@@ -329,6 +346,12 @@ class _Problem:
     data: Iterable
     loss_fn: Callable
     plans: list = field(default_factory=list)  # the memory plan of each step
+    phases: dict = field(default_factory=dict)  # seconds per phase, summed over steps
+
+    def timed(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
 
 
 @dataclass(frozen=True)
@@ -359,13 +382,16 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
 
     with tempfile.TemporaryDirectory(prefix="curvature-prune-") as spill:
         built, scored = [], {}
+        clock = time.perf_counter()
         for gi, group in enumerate(groups):
             curv = stages.build_curvature(problem, group, parts.curvature, settings)
+            clock = problem.timed("gradients and curvature", clock)
             scored.update(
                 stages.score(
                     group, weights, fixed, curv, parts.solver, structure, settings.progress
                 )
             )
+            clock = problem.timed("scores", clock)
             if gi < len(groups) - 1:  # keep it on disk until the update: no second collection
                 curv = {
                     t.name: curv[t.name].store(Path(spill) / f"{gi}-{ti}.pt")
@@ -396,6 +422,7 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
             built[gi] = None
             del curv
     masks.apply(problem.model)
+    problem.timed("allocation and update", clock)
     return est, len(groups)
 
 
@@ -429,11 +456,13 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
             progress=settings.progress and rank == 0,
             counts=seen,
         )
+    clock = time.perf_counter()
     grads = distributed.exchange_gradients(
         local or iter(()), plan, counts, stages.GRADIENT_BATCH, targets[0].param.dtype
     )
     curv = parts.curvature.build(_Keyed(mine), grads, settings)
     curv = {p.key: curv[p.key] for p in mine}
+    clock = problem.timed("gradients and curvature", clock)
     distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
     problem.data.distinct_batches = int(distinct)
     weights, fixed = {}, {}
@@ -450,6 +479,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
         p.key: parts.solver.order(p, weights[p.key], curv[p.key], structure, fixed[p.key])
         for p in mine
     }
+    clock = problem.timed("scores", clock)
     counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
     est, values, flags = 0.0, {}, {}
     for p in mine:
@@ -475,6 +505,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
             t.param.copy_(w.view_as(t.param).to(t.param.dtype))
             masks.update(t.name, m.view_as(t.param))
     masks.apply(problem.model)
+    problem.timed("allocation and update", clock)
     return est, 1
 
 

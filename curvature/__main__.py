@@ -1,0 +1,7 @@
+"""``python -m curvature``: the ``curvature`` command (what ``torchrun -m curvature`` starts)."""
+
+import sys
+
+from curvature.cli.main import main
+
+sys.exit(main())
