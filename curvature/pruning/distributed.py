@@ -47,6 +47,13 @@ def active() -> bool:
     return world()[1] > 1
 
 
+def _comm() -> torch.device:
+    """Where small control tensors live: the current GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def local_count(total: int, rank: int, size: int) -> int:
     """This rank's share of ``total`` gradients (the first ``total % size`` ranks take one more)."""
     return total // size + (1 if rank < total % size else 0)
@@ -197,6 +204,7 @@ def take_cheapest(pools: list[list[torch.Tensor]], ks: list[int]) -> list[list[t
             [k.max().item() if k is not None and k.numel() else -big for k in keys],
         ],
         dtype=torch.int64,
+        device=_comm(),
     )
     dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX)
     lo = [-int(v) for v in lo_hi[0]]
@@ -222,7 +230,7 @@ def take_cheapest(pools: list[list[torch.Tensor]], ks: list[int]) -> list[list[t
     ties_local = [
         int((k == t).sum()) if k is not None and w else 0 for k, t, w in zip(keys, lo, want)
     ]
-    ties = torch.tensor(ties_local, dtype=torch.int64)
+    ties = torch.tensor(ties_local, dtype=torch.int64, device=_comm())
     all_ties = [torch.zeros_like(ties) for _ in range(size)]
     dist.all_gather(all_ties, ties)
     out = []
@@ -246,7 +254,7 @@ def take_cheapest(pools: list[list[torch.Tensor]], ks: list[int]) -> list[list[t
 
 
 def _allsum(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm())
     dist.all_reduce(t)
     return [int(v) for v in t]
 
@@ -292,7 +300,7 @@ def gather_pieces(plan: list[list[Piece]], values: dict, masks: dict):
 
 
 def allreduce_sum(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm())
     dist.all_reduce(t)
     return float(t.item())
 
@@ -307,6 +315,6 @@ def allreduce_stats(total: torch.Tensor | None, rows: int, name: str):
 
 
 def broadcast_float(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm())
     dist.broadcast(t, src=0)
     return float(t.item())

@@ -188,6 +188,9 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
         report = _run_layerwise(model, data, loss_fn, settings, (curvature, solver), named, masks)
         report.skipped = skipped
         report.seconds = time.perf_counter() - start
+        if distributed.active():  # one report on every rank: rank 0's clock, all ranks' batches
+            report.seconds = distributed.broadcast_float(report.seconds)
+            report.distinct_batches = int(distributed.allreduce_sum(report.distinct_batches or 0))
         return report
     for name, p in named:
         check_param_fits(name, p, structure)

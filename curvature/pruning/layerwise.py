@@ -252,7 +252,8 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks)."""
     structure = settings.structure
     diagonal = curvature.diagonal
-    data = _Limited(data, settings.num_grads)
+    rank, size = distributed.world()  # num_grads counts every rank's calibration batches
+    data = _Limited(data, distributed.local_count(settings.num_grads, rank, size))
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
 
     def prune(group: list[LayerTarget], stats: _Stats):
