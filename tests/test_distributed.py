@@ -254,6 +254,11 @@ def _make(kind, model):
         return AdaHessian(model.parameters(), lr=0.05, seed=3, probes="per-rank")
     if kind == "mkor":
         return MKOR(model, lr=0.05, inv_freq=1)
+    if kind == "mfac-sharded":
+        shard = dist.is_initialized()
+        return MFAC(
+            model.parameters(), lr=0.05, num_grads=4, damp=0.1, fisher_dtype=F64, shard_window=shard
+        )
     return MFAC(model.parameters(), lr=0.05, num_grads=4, damp=0.1, fisher_dtype=F64)
 
 
@@ -265,7 +270,7 @@ def _train(kind, model, opt, x, y, steps=4):
         opt.step()
 
 
-OPT_KINDS = ["adahessian", "adahessian-per-rank", "mkor", "mfac"]
+OPT_KINDS = ["adahessian", "adahessian-per-rank", "mkor", "mfac", "mfac-sharded"]
 
 
 def _opt_worker(rank, world, out):
@@ -282,6 +287,13 @@ def _opt_worker(rank, world, out):
             opt = _make(kind, model)
             _train(kind, ddp, opt, xs, ys)
         results[kind] = [p.detach().clone() for p in model.parameters()]
+        if kind.startswith("mfac"):
+            results[kind + "-window"] = opt._fishers[0].grads.numel()
+            if kind == "mfac-sharded":  # the slice saved on a rank loads on the same rank
+                sd = opt.state_dict()
+                again = _make(kind, model)
+                again.load_state_dict(sd)
+                assert torch.equal(again._fishers[0].grads, opt._fishers[0].grads)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -290,6 +302,9 @@ def test_optimizers_across_processes_equal_one_process_on_the_whole_batch(tmp_pa
     on the 16; with per-rank probes the replicas still agree, and differ from the shared ones."""
     run_ranks(_opt_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    total = ranks[0]["mfac-window"]  # a whole window on every rank without sharding
+    assert ranks[0]["mfac-sharded-window"] + ranks[1]["mfac-sharded-window"] == total
+    assert ranks[0]["mfac-sharded-window"] < total
     for kind in OPT_KINDS:
         for a, b in zip(ranks[0][kind], ranks[1][kind]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)  # replicas identical

@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from curvature.core import checks as _checks
 
@@ -72,6 +73,11 @@ class SlidingWindowFisherInverse:
             ``"window"`` (always divide by ``window``).
         refresh_every: recompute the ``m x m`` inverse from the Gram matrix after this many
             incremental updates (bounds the round-off the updates accumulate).
+        shard: ``True`` to split the window by coordinates across the ranks of the initialised
+            ``torch.distributed`` process group: rank ``r`` stores the columns of its contiguous
+            ``d / W`` slice, ``G x`` is the all-reduced sum of the slices' products (``m`` numbers
+            per vector), the ``m x m`` algebra is replicated, and results are all-gathered, so
+            every rank returns the full ``F^-1 x``. Window memory per rank is ``1/W``.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class SlidingWindowFisherInverse:
         dtype: torch.dtype | None = None,
         normalizer: str = "seen",
         refresh_every: int = 64,
+        shard: bool = False,
     ) -> None:
         self.normalizer = _checks.one_of("normalizer", normalizer, ("seen", "window"))
         self.num_params = _checks.positive_int("num_params", num_params)
@@ -94,15 +101,22 @@ class SlidingWindowFisherInverse:
         self.dtype = dtype or torch.float32
         # the dtype of the O(d m) products: the storage's own, float32 for 16-bit storage
         self._work = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self._world, rank = 1, 0
+        if shard and dist.is_available() and dist.is_initialized():
+            self._world, rank = dist.get_world_size(), dist.get_rank()
+        bounds = [num_params * r // self._world for r in range(self._world + 1)]
+        self._bounds = bounds
+        self._lo, self._hi = bounds[rank], bounds[rank + 1]  # this rank's columns
+        width = self._hi - self._lo
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         _checks.fits(
-            f"the gradient window ({window} x {num_params:,})",
-            window * num_params * itemsize,
+            f"the gradient window ({window} x {width:,})",
+            window * width * itemsize,
             self.device,
             "lower num_grads (the window) or store it in a smaller dtype",
         )
         # State (all of it):
-        self.grads = torch.zeros(window, num_params, dtype=self.dtype, device=self.device)  # ring
+        self.grads = torch.zeros(window, width, dtype=self.dtype, device=self.device)  # ring
         self.gram = torch.zeros(window, window, dtype=COMPUTE_DTYPE, device=self.device)  # G G^T
         self.num_seen = 0  # gradients added since creation
         # (s damp I + G G^T)^-1 over all m slots (rows not yet written are zero), and the number
@@ -125,7 +139,7 @@ class SlidingWindowFisherInverse:
         """Push one gradient ``[d]`` (or ``[k, d]``, pushed in order), evicting the oldest."""
         rows, _ = _checks.as_rows("g", g, self.num_params)
         for row in rows.to(device=self.device):
-            self._push(row)
+            self._push(row[self._lo : self._hi])
 
     def add_and_mul(self, g: torch.Tensor) -> torch.Tensor:
         """Push the gradient ``g`` ``[d]`` and return ``F^-1 g`` with the updated window.
@@ -137,14 +151,26 @@ class SlidingWindowFisherInverse:
         if rows.shape[0] != 1:
             raise ValueError(f"g must have shape [{self.num_params}], got {list(g.shape)}")
         row = rows[0].to(device=self.device)
-        gx = self._push(row).unsqueeze(1)
+        gx = self._push(row[self._lo : self._hi]).unsqueeze(1)
         # precondition the stored row: with 16-bit storage G g is a product with the rounded g,
         # and the rounding error would otherwise pass through 1 / damp
         stored = self.grads[(self.num_seen - 1) % self.window].unsqueeze(0)
-        return self._apply(stored, gx)[0].to(g.dtype)
+        return self._gather(self._apply(stored, gx))[0].to(g.dtype)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        """``[k, d]`` from every rank's ``[k, d / W]`` columns (the rows themselves unsharded)."""
+        if self._world == 1:
+            return local
+        b = self._bounds
+        widest = max(b[r + 1] - b[r] for r in range(self._world))
+        pad = torch.zeros(local.shape[0], widest, dtype=local.dtype, device=local.device)
+        pad[:, : local.shape[1]] = local
+        parts = [torch.empty_like(pad) for _ in range(self._world)]
+        dist.all_gather(parts, pad)
+        return torch.cat([p[:, : b[r + 1] - b[r]] for r, p in enumerate(parts)], dim=1)
 
     def _push(self, row: torch.Tensor) -> torch.Tensor:
-        """Write ``row`` over the oldest slot, update the Gram matrix and the inverse; return the
+        """Write ``row`` (this rank's columns) over the oldest slot, update the Gram matrix and the inverse; return the
         new Gram row ``G row`` (float64)."""
         slot = self.num_seen % self.window
         self.grads[slot] = row.to(self.dtype)
@@ -193,17 +219,21 @@ class SlidingWindowFisherInverse:
             self.refactor()
 
     def _chunks(self):
-        """Column slices covering ``d`` with about ``2**22`` window elements each."""
+        """Column slices covering this rank's columns with about ``2**22`` window elements each."""
+        width = self.grads.shape[1]
         step = max(1, (1 << 22) // self.window)
-        return [slice(i, min(self.num_params, i + step)) for i in range(0, self.num_params, step)]
+        return [slice(i, min(width, i + step)) for i in range(0, width, step)]
 
     def _gx(self, xs: torch.Tensor) -> torch.Tensor:
-        """``G x`` for rows ``xs`` ``[k, d]`` as ``[m, k]`` float64: each column chunk's product in
-        the working dtype, the chunks summed in float64."""
+        """``G x`` for rows ``xs`` ``[k, d / W]`` (this rank's columns) as ``[m, k]`` float64: each
+        column chunk's product in the working dtype, the chunks (and the ranks) summed in
+        float64."""
         xs = xs.to(self._work)
         out = torch.zeros(self.window, xs.shape[0], dtype=COMPUTE_DTYPE, device=self.device)
         for cols in self._chunks():
             out += (self.grads[:, cols].to(self._work) @ xs[:, cols].T).to(COMPUTE_DTYPE)
+        if self._world > 1:
+            dist.all_reduce(out)
         return out
 
     def _apply(self, xs: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
@@ -262,6 +292,7 @@ class SlidingWindowFisherInverse:
         if self._inv is None:
             out = rows.to(self._work) / self.damp
         else:
-            out = self._apply(rows, self._gx(rows))
+            local = rows[:, self._lo : self._hi]
+            out = self._gather(self._apply(local, self._gx(local)))
         out = out.to(x.dtype)
         return out[0] if single else out
