@@ -347,3 +347,89 @@ def test_prune_command_under_torchrun_writes_once(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert sorted(p.name for p in out.parent.iterdir()) == ["oneshot"]  # one output, no partial
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "curvature", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
+
+
+def test_gradual_recipe_under_torchrun(tmp_path):
+    """A gradual recipe inside HF Trainer (DDP across the 2 ranks): the pruning callback takes
+    each rank's shard of the Fisher batches; rank 0 writes the one output."""
+    import json
+
+    from test_hf_cli import RECIPE, write_recipe
+    from tiny import make_csv, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = make_csv(tmp_path / "train.csv")
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    out = tmp_path / "runs" / "gradual"
+    res = _torchrun(
+        ["prune", recipe, "--model", str(model_dir), "--data", str(data), "--output", str(out),
+         "--no-progress"],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["steps"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gradual"]
+
+
+def test_sweep_under_torchrun_writes_once_and_resumes(tmp_path):
+    """``torchrun -m curvature sweep``: rank 0 alone writes; a rerun skips the finished points on
+    every rank (the others start from rank 0's resume log)."""
+    import json
+
+    from tiny import make_csv, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = make_csv(tmp_path / "train.csv")
+    out = tmp_path / "runs" / "sweep"
+    args = [
+        "sweep", "--output", str(out), "--model", str(model_dir), "--data", str(data),
+        "--methods", "obs,magnitude", "--sparsities", "0.5", "--finetune-epochs", "1",
+        "--num-grads", "8", "--block-size", "8", "--params", "re:bert.encoder", "--no-progress",
+    ]  # fmt: skip
+    res = _torchrun(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["dense", "magnitude", "obs"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sweep"]
+    before = (out / "points.jsonl").read_text()
+    res = _torchrun(args, tmp_path)  # everything done: both ranks skip every point
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "points.jsonl").read_text() == before
+
+
+def test_gradual_sweep_under_torchrun(tmp_path):
+    """A gradual sweep point trains under DDP, is saved by rank 0 and read back by both ranks."""
+    import json
+
+    from test_hf_cli import RECIPE, write_recipe
+    from tiny import make_csv, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = make_csv(tmp_path / "train.csv")
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    out = tmp_path / "runs" / "gradual-sweep"
+    args = [
+        "sweep", "--output", str(out), "--model", str(model_dir), "--data", str(data),
+        "--methods", "obs", "--sparsities", "0.6", "--finetune-epochs", "1", "--recipe", recipe,
+        "--no-progress",
+    ]  # fmt: skip
+    res = _torchrun(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    point = [r for r in rows if r["method"] == "obs"][0]
+    assert point["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gradual-sweep"]
+    assert not list(out.glob(".point-*"))  # removed once every rank had read it

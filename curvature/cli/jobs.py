@@ -97,6 +97,11 @@ def remove_partial_outputs() -> list[Path]:
     return removed
 
 
+#: set while a rank other than 0 runs in its own scratch folder (the sweep): its jobs then write
+#: normally there, since later steps read their outputs back
+PRIVATE_OUTPUTS = False
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -112,7 +117,8 @@ def _atomic_output(out: Path):
     left (``.NAME.partial-*``) in a warning. The result gets the permissions of the user's umask
     (a temporary folder is created owner-only).
     """
-    if _rank() != 0:  # under torch.distributed only rank 0 writes: the others work in a scratch
+    if _rank() != 0 and not PRIVATE_OUTPUTS:  # under torch.distributed only rank 0 writes: the
+        # others work in a scratch folder (unless their outputs are private, see the sweep)
         tmp = Path(tempfile.mkdtemp(prefix="curvature-rank-"))
         try:
             yield tmp

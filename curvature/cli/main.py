@@ -503,12 +503,15 @@ def _sweep(args) -> int:
         for name in ("sweep.json", "points.jsonl"):
             if (Path(args.output) / name).exists():
                 shutil.copy(Path(args.output) / name, scratch / name)
-        if (Path(args.output) / "dense").is_dir():  # the fine-tuned dense model, reused
-            shutil.copytree(Path(args.output) / "dense", scratch / "dense")
         cfg.output = str(scratch)
+        cfg.shared_output = str(Path(args.output).resolve())  # models are read from rank 0's
+        from curvature.cli import jobs
+
+        jobs.PRIVATE_OUTPUTS = True
         try:
             run_sweep(cfg)
         finally:
+            jobs.PRIVATE_OUTPUTS = False
             shutil.rmtree(scratch, ignore_errors=True)
         return 0
     run_sweep(cfg)

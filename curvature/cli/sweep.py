@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from curvature.pruning import METHODS as PRUNING_METHODS
 from curvature.pruning.masks import parse_mask
 
@@ -133,11 +131,16 @@ class SweepConfig:
 
             load_recipe(self.recipe)
 
+    #: under torch.distributed, on ranks other than 0: rank 0's folder, where the models this
+    #: rank reads back are (Hugging Face saves models on rank 0 only); not a setting
+    shared_output: str | None = field(default=None, repr=False, compare=False)
+
     def record(self) -> dict:
         """The settings as stored in ``sweep.json`` (with the recipe file's content hash)."""
         import hashlib
 
         out = asdict(self)
+        out.pop("shared_output", None)
         if self.recipe is not None:
             out["recipe_sha256"] = hashlib.sha256(Path(self.recipe).read_bytes()).hexdigest()
         return out
@@ -198,13 +201,15 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     done = {_key(p) for p in points}
 
-    if not (dense_dir / "config.json").is_file():
+    if not (_read_dir(cfg, "dense", sync=False) / "config.json").is_file():
         if cfg.finetune_epochs > 0:
             _finetune(model, task.train, task.collator, cfg)
         tmp = out / ".dense.partial"
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # on rank 0 only under torch.distributed
         tok.save_pretrained(tmp)
-        tmp.rename(dense_dir)
+        if tmp.exists():
+            tmp.rename(dense_dir)
+    dense_dir = _read_dir(cfg, "dense")
     dense_model = load_model(task.task, str(dense_dir))
     if ("dense", "-", "-", 0.0) not in done:
         ev = task.evaluate(dense_model, progress=cfg.progress, desc="eval dense")
@@ -242,6 +247,21 @@ METRICS = ("accuracy", "f1", "exact_match", "perplexity", "loss")  # table colum
 def _ev(ev: dict, task) -> dict:
     """A point's metrics: the task's (see :data:`METRICS`), and which one it is judged by."""
     return {"metric": task.metric, **{k: ev[k] for k in METRICS if k in ev}}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _read_dir(cfg: SweepConfig, name: str, sync: bool = True) -> Path:
+    """Where this rank reads the saved model ``name`` of the sweep folder: its own folder, or on
+    ranks other than 0 rank 0's (after a barrier, so that rank 0 has written it)."""
+    if sync:  # on every rank (a no-op without a process group)
+        _barrier()
+    return Path(cfg.shared_output or cfg.output) / name
 
 
 def _sizes(model, out: Path) -> dict:
@@ -287,13 +307,10 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
     start = time.perf_counter()
     if mode == "oneshot":
         model = load_model(task.task, str(dense_dir))
-        grads = torch.utils.data.DataLoader(
-            task.train,
-            batch_size=cfg.grad_batch_size,
-            shuffle=True,
-            collate_fn=task.collator,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        from curvature.integrations.hf import grad_loader
+
+        # under torch.distributed each rank's shard of the batches (a DistributedSampler)
+        grads = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed)
         fisher = (
             {}  # the layer-wise methods: calibration batches only (their damping is relative)
             if PRUNING_METHODS[method].layerwise
@@ -339,10 +356,11 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
             task=task.task,
         )
         metrics = run_prune(job)
-        model = load_model(task.task, str(tmp))
+        model = load_model(task.task, str(_read_dir(cfg, tmp.name)))
         reached = metrics["sparsity"]
         import shutil
 
+        _barrier()  # every rank has read the point's model before rank 0 removes it
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     peak = peak_memory_bytes()
