@@ -433,3 +433,13 @@ def test_gradual_sweep_under_torchrun(tmp_path):
     assert point["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert sorted(p.name for p in out.parent.iterdir()) == ["gradual-sweep"]
     assert not list(out.glob(".point-*"))  # removed once every rank had read it
+
+
+def test_train_with_adahessian_under_torchrun_is_refused_with_one_line(monkeypatch, capsys):
+    from curvature.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = main(["train", "--optimizer", "adahessian", "--output", "unused"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adahessian under torchrun" in err[0]

@@ -94,6 +94,14 @@ def run_train(job: TrainJob) -> dict:
     from curvature.tasks.kinds import check_task
 
     check_task(job.task)
+    import os
+
+    if job.optimizer == "adahessian" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise JobError(
+            "--optimizer adahessian under torchrun: the Trainer wraps the model in "
+            "DistributedDataParallel, whose reducer has no double backward; run it in one process, "
+            "or in your own loop without DDP (AdaHessian then averages across ranks itself)"
+        )
     lr, kwargs = job.resolved()
     out = Path(job.output) if job.output else None
     if out is not None:
