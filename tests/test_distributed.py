@@ -361,6 +361,36 @@ def _torchrun(args, tmp_path, nproc=2):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
 
 
+def test_prune_command_under_accelerate_launch(tmp_path):
+    """``accelerate launch --num_processes 2 --cpu -m curvature prune ...`` sets up the same."""
+    import json
+    import shutil
+    import subprocess
+
+    from test_hf_cli import RECIPE, write_recipe
+    from tiny import make_csv, make_model_dir
+
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not installed")
+    model_dir = make_model_dir(tmp_path / "model")
+    data = make_csv(tmp_path / "train.csv")
+    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
+    out = tmp_path / "runs" / "acc"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
+    cmd = [
+        launcher, "launch", "--num_processes", "2", "--cpu", "--main_process_port",
+        str(free_port()), "-m", "curvature", "prune", recipe, "--oneshot", "--model",
+        str(model_dir), "--data", str(data), "--output", str(out), "--no-progress",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["sparsity"] == pytest.approx(
+        0.6, abs=1e-3
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["acc"]
+
+
 def test_gradual_recipe_under_torchrun(tmp_path):
     """A gradual recipe inside HF Trainer (DDP across the 2 ranks): the pruning callback takes
     each rank's shard of the Fisher batches; rank 0 writes the one output."""
