@@ -116,6 +116,20 @@ def _prune_worker(rank, world, out, contiguous):
             },
             "curvature_bytes": report.memory_plan.get("curvature", 0),
         }
+    # a budget below each rank's share: several gradient passes, curvature spilled to disk
+    model, batches = _model_and_data()
+    report = prune(
+        model,
+        _shard(batches, rank, world, contiguous),
+        loss_fn=ce_loss,
+        **BASE,
+        **PRUNE_CASES["greedy"],
+        max_memory=6000,
+    )
+    results["greedy-split"] = {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "groups": report.memory_groups,
+    }
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -135,6 +149,12 @@ def test_pruning_across_processes_equals_one_process(world, tmp_path):
     to float64 round-off; every rank holds the same model and report; the Fisher is sharded."""
     run_ranks(_prune_worker, world, str(tmp_path), True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ref, _ = _single("greedy")
+    for r in range(world):
+        assert ranks[r]["greedy-split"]["groups"] > 1
+        for a, b in zip(ranks[r]["greedy-split"]["params"], ref):
+            assert torch.equal(a == 0, b == 0)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for name in PRUNE_CASES:
         ref, ref_report = _single(name)
         for r in range(world):

@@ -10,8 +10,10 @@ Under an initialised process group with more than one process, the engine's grad
    order, are cut into ``W`` contiguous ranges of nearly equal block counts (:func:`shard`); rank
    ``r`` keeps the Fisher inverses of its range only. After each batch of gradients an
    ``all_to_all`` sends every rank only the columns of its own blocks (no rank gathers every
-   gradient), and each rank streams all ``num_grads`` gradients into its blocks. Memory for the
-   Fisher is about ``1/W`` of one process's.
+   gradient; gloo wants equal chunks, so each is padded to the largest), and each rank streams
+   all ``num_grads`` gradients into its blocks. Memory for the Fisher is about ``1/W`` of one
+   process's; a share over the budget is cut into memory groups (:func:`split_to_fit`), one
+   gradient pass each, in lockstep across ranks.
 3. **Scores and selection locally**, on the owned blocks (the greedy or independent solver).
 4. **The threshold agreed exactly** (:func:`take_cheapest`): the ``k``-th smallest cost over all
    ranks is found by bisection on the costs' order-preserving 64-bit keys, one small
@@ -118,6 +120,22 @@ def shard(targets: list[Target], size: int) -> list[list[Piece]]:
     return out
 
 
+def split_to_fit(pieces: list[Piece], need, budget: int) -> list[Piece]:
+    """``pieces`` cut into block ranges whose ``need(piece)`` bytes fit ``budget`` (in order)."""
+    out = []
+    for p in pieces:
+        parts = 1
+        while parts < p.num_blocks and need(_cut(p, 0, -(-p.num_blocks // parts))) > budget:
+            parts *= 2
+        step = -(-p.num_blocks // parts)
+        out.extend(_cut(p, a, min(p.num_blocks, a + step)) for a in range(0, p.num_blocks, step))
+    return out
+
+
+def _cut(p: Piece, a: int, b: int) -> Piece:
+    return Piece(p.name, p.param, p.block, first=p.first + a, stop=p.first + b)
+
+
 def agree(error: BaseException | None, what: str) -> None:
     """Raise on every rank if any rank failed (a rank never waits forever for a dead peer)."""
     rank, size = world()
@@ -153,15 +171,19 @@ def exchange_gradients(local, plan: list[list[Piece]], counts: list[int], batch:
             error = e
         agree(error, "prune")
         dev = _device(plan)
+        # gloo's all_to_all wants chunks of one size: every chunk padded to the largest
+        chunk = max(k * w for k in ks for w in widths)
         send = []
         for q in range(size):
+            buf = torch.zeros(chunk, dtype=dtype, device=dev)
             if ks[rank] and plan[q]:
                 cols = [got[p.name][:, p.start : p.end] for p in plan[q]]  # [k_r, piece width]
-                send.append(torch.cat(cols, dim=1).to(dtype).contiguous().flatten())
-            else:
-                send.append(torch.empty(0, dtype=dtype, device=dev))
-        recv = [torch.empty(ks[p] * widths[rank], dtype=dtype, device=dev) for p in range(size)]
+                flat = torch.cat(cols, dim=1).to(dtype).flatten()
+                buf[: flat.numel()] = flat
+            send.append(buf)
+        recv = [torch.empty(chunk, dtype=dtype, device=dev) for _ in range(size)]
         dist.all_to_all(recv, send)
+        recv = [r[: ks[p] * widths[rank]] for p, r in enumerate(recv)]
         if not mine or not sum(ks):
             continue
         full = torch.cat([r.view(ks[p], widths[rank]) for p, r in enumerate(recv) if ks[p]])

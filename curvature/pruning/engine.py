@@ -430,44 +430,32 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
 
 
 def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budget):
-    """:func:`_prune_step` across the ranks of the process group (one memory group per rank)."""
+    """:func:`_prune_step` across the ranks of the process group.
+
+    Every rank owns a contiguous share of the blocks; when its share's curvature does not fit
+    ``budget`` it is split into memory groups as on one process (pieces cut by block ranges),
+    and every rank runs as many gradient passes as the rank with the most groups (lockstep:
+    every pass is one exchange), keeping the curvature of all groups but the last on disk.
+    """
     rank, size = distributed.world()
     structure = parts.structure
-    plan = distributed.shard(targets, size)
+    need = lambda p: parts.curvature.estimate_bytes(p, settings)  # noqa: E731
+    plan = [
+        distributed.split_to_fit(pieces, need, budget)
+        for pieces in distributed.shard(targets, size)
+    ]
+    groups = [
+        stages.plan_groups(pieces, parts.curvature, settings, budget) if pieces else []
+        for pieces in plan
+    ]
+    passes = max(len(g) for g in groups)
     mine = plan[rank]
-    needs = [sum(parts.curvature.estimate_bytes(p, settings) for p in pieces) for pieces in plan]
-    if max(needs) > budget:  # every rank sees the same plan: all raise together
-        raise MemoryError(
-            f"the Fisher blocks of one rank's share need {max(needs) / 2**30:.2f} GiB, more "
-            f"than the {budget / 2**30:.2f} GiB budget: use more processes, "
-            "fisher_dtype=torch.float32, a smaller block_size, or raise max_memory"
-        )
     if mine:
         problem.plans.append(
-            stages.memory_plan(problem.model, mine, [mine], parts.curvature, settings)
+            stages.memory_plan(problem.model, mine, groups[rank], parts.curvature, settings)
         )
     problem.data.new_step()
     counts = [distributed.local_count(settings.num_grads, r, size) for r in range(size)]
-    local, seen = None, {}
-    if counts[rank]:
-        local = stages.collect_gradients(
-            problem.model,
-            problem.data.replay(),
-            problem.loss_fn,
-            targets,
-            num_grads=counts[rank],
-            progress=settings.progress and rank == 0,
-            counts=seen,
-        )
-    clock = time.perf_counter()
-    grads = distributed.exchange_gradients(
-        local or iter(()), plan, counts, stages.GRADIENT_BATCH, targets[0].param.dtype
-    )
-    curv = parts.curvature.build(_Keyed(mine), grads, settings)
-    curv = {p.key: curv[p.key] for p in mine}
-    clock = problem.timed("gradients and curvature", clock)
-    distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
-    problem.data.distinct_batches = int(distinct)
     weights, fixed = {}, {}
     for p in mine:
         flat = p.flat(p.param.detach().flatten()).to(obs.F64)
@@ -478,28 +466,60 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
             if m is not None
             else torch.zeros(p.num_blocks, p.block, dtype=torch.bool, device=p.param.device)
         )
-    scored = {
-        p.key: parts.solver.order(p, weights[p.key], curv[p.key], structure, fixed[p.key])
-        for p in mine
-    }
-    clock = problem.timed("scores", clock)
-    counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
-    est, values, flags = 0.0, {}, {}
-    for p in mine:
-        order, cost = scored[p.key]
-        new, pruned, e = stages.update(
-            p,
-            weights[p.key],
-            curv[p.key],
-            parts.solver,
-            order,
-            cost,
-            counts_by_piece[p.key],
-            structure,
-        )
-        est += e
-        values[p.key] = new.flatten()[: p.numel]
-        flags[p.key] = pruned.flatten()[: p.numel]
+    clock = time.perf_counter()
+    curv, scored, seen = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="curvature-prune-") as spill:
+        for i in range(passes):
+            active = [g[i] if i < len(g) else [] for g in groups]
+            names = {p.name for pieces in active for p in pieces}
+            needed = [t for t in targets if t.name in names]
+            local = None
+            if counts[rank]:
+                local = stages.collect_gradients(
+                    problem.model,
+                    problem.data.replay(),
+                    problem.loss_fn,
+                    needed,
+                    num_grads=counts[rank],
+                    progress=settings.progress and rank == 0,
+                    counts=seen,
+                )
+            grads = distributed.exchange_gradients(
+                local or iter(()), active, counts, stages.GRADIENT_BATCH, targets[0].param.dtype
+            )
+            built = parts.curvature.build(_Keyed(active[rank]), grads, settings)
+            clock = problem.timed("gradients and curvature", clock)
+            for p in active[rank]:
+                scored[p.key] = parts.solver.order(
+                    p, weights[p.key], built[p.key], structure, fixed[p.key]
+                )
+                # all but the last pass wait on disk until the update: no second collection
+                curv[p.key] = (
+                    built[p.key].store(Path(spill) / f"{i}-{len(curv)}.pt")
+                    if i < passes - 1
+                    else built[p.key]
+                )
+            del built
+            clock = problem.timed("scores", clock)
+        distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
+        problem.data.distinct_batches = int(distinct)
+        counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
+        est, values, flags = 0.0, {}, {}
+        for p in mine:
+            order, cost = scored[p.key]
+            new, pruned, e = stages.update(
+                p,
+                weights[p.key],
+                curv.pop(p.key),
+                parts.solver,
+                order,
+                cost,
+                counts_by_piece[p.key],
+                structure,
+            )
+            est += e
+            values[p.key] = new.flatten()[: p.numel]
+            flags[p.key] = pruned.flatten()[: p.numel]
     est = distributed.allreduce_sum(est)
     gathered = distributed.gather_pieces(plan, values, flags)
     with torch.no_grad():
@@ -509,7 +529,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
             masks.update(t.name, m.view_as(t.param))
     masks.apply(problem.model)
     problem.timed("allocation and update", clock)
-    return est, 1
+    return est, passes
 
 
 class _Keyed(list):
