@@ -327,13 +327,40 @@ def allreduce_sum(value: float) -> float:
     return float(t.item())
 
 
-def allreduce_stats(total: torch.Tensor | None, rows: int, name: str):
-    """Sum a layer's input statistics over ranks (each calibrated on its own shard)."""
+def allreduce_stats(total: torch.Tensor | None, rows: int, name: str, dst: int | None = None):
+    """Sum a layer's input statistics over ranks (each calibrated on its own shard): on every
+    rank, or only on rank ``dst`` (the others get ``(None, rows)``)."""
     error = None if total is not None else ValueError(f"{name}: no calibration input on a rank")
     agree(error, "prune")
     total = total.clone()
-    dist.all_reduce(total)
+    if dst is None:
+        dist.all_reduce(total)
+    else:
+        dist.reduce(total, dst=dst)
+        total = total if dist.get_rank() == dst else None
     return total, int(_allsum([rows])[0])
+
+
+def broadcast_layer(solved, like: torch.Tensor, src: int):
+    """A layer's ``(new weights, mask, estimate)`` from rank ``src``, which solved it."""
+    rank = dist.get_rank()
+    new = (
+        solved[0].to(torch.float64).contiguous()
+        if rank == src
+        else torch.empty_like(like, dtype=torch.float64)
+    )
+    mask = (
+        solved[1].to(torch.uint8).contiguous()
+        if rank == src
+        else torch.empty(like.shape, dtype=torch.uint8, device=like.device)
+    )
+    est = torch.tensor(
+        [float(solved[2]) if rank == src else 0.0], dtype=torch.float64, device=_comm()
+    )
+    dist.broadcast(new, src=src)
+    dist.broadcast(mask, src=src)
+    dist.broadcast(est, src=src)
+    return new, mask.bool(), float(est.item())
 
 
 def broadcast_float(value: float) -> float:

@@ -122,8 +122,9 @@ class _Stats:
     def end_batch(self):
         self._shared.clear()
 
-    def result(self, name) -> torch.Tensor:
-        """``H = 2/N sum x x^T`` (or its diagonal) of layer ``name``."""
+    def result(self, name, owner: int | None = None) -> torch.Tensor | None:
+        """``H = 2/N sum x x^T`` (or its diagonal) of layer ``name``; across ranks the sum of every
+        rank's statistics, on rank ``owner`` only (``None`` elsewhere) or on all if not given."""
         if self.sums[name] is None and not distributed.active():
             raise ValueError(
                 f"{name}: its layer never ran on the calibration data (is it used in the "
@@ -131,7 +132,9 @@ class _Stats:
             )
         total, rows = self.sums[name], self.rows[name]
         if distributed.active():  # every rank calibrated on its own shard: H from all of them
-            total, rows = distributed.allreduce_stats(total, rows, name)
+            total, rows = distributed.allreduce_stats(total, rows, name, dst=owner)
+            if total is None:
+                return None
         return total * (2.0 / rows)
 
     def remove_hooks(self):
@@ -257,18 +260,31 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
 
     def prune(group: list[LayerTarget], stats: _Stats):
+        # across ranks, layer j of the group is solved by rank j % W (its statistics reduced to
+        # that rank), then its weights and mask are broadcast: solve time falls by ~W
         t0 = time.perf_counter()
-        for t in group:
+        solved = {}
+        for j, t in enumerate(group):
+            owner = j % size
+            h = stats.result(t.name, owner=owner)
+            if owner != rank:
+                continue
             fixed = masks.get(t.name)
             fixed = t.as_matrix_mask(fixed.to(t.param.device)) if fixed is not None else None
-            new, mask, est = solver.prune_layer(
+            solved[t.name] = solver.prune_layer(
                 t.matrix(),
-                stats.result(t.name),
+                h,
                 sparsities[t.name],
                 structure,
                 fixed,
                 ratio=settings.layer_damp,
                 name=t.name,
+            )
+        for j, t in enumerate(group):
+            new, mask, est = (
+                distributed.broadcast_layer(solved.get(t.name), t.matrix(), j % size)
+                if size > 1
+                else solved[t.name]
             )
             t.write(new)
             masks.update(t.name, t.as_param_mask(mask))
