@@ -236,6 +236,7 @@ def _greedy_kernel(
             sub = tl.where(pruned[:, None, None], 0.0, sub) + eye.to(tl.float64)
             wg = tl.reshape(w, (GP, Q))
             score = 0.5 * tl.sum(wg * _solve_groups(wg, sub, GP, Q), axis=1)
+        score = tl.where(score != score, float("inf"), score)  # NaN (degenerate): never
         score = tl.where((flag == 1) & ~pruned, -1.0, score)  # FIXED_SCORE
         blocked = pruned | (flag == 2)
         if NM_M > 1:  # at most NM_PRUNE pruned in every run of NM_M weights
@@ -437,6 +438,7 @@ def reference_greedy(w, h, valid, group: int, fixed=None, nm=None, steps=None):
     rows = torch.arange(n, device=w.device)
     for t in range(steps):
         scores = skip_scores(w, h, group, pruned)
+        scores = scores.masked_fill(scores.isnan(), float("inf"))  # degenerate: never chosen
         scores = torch.where(fixed_g & ~pruned, torch.full_like(scores, FIXED_SCORE), scores)
         blocked = pruned | ~valid_g
         if nm is not None:

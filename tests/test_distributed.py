@@ -220,6 +220,108 @@ def test_fsdp_sharded_parameters_are_refused_with_one_line():
         prune(FullyShardedDataParallel(model), batches, loss_fn=ce_loss, **BASE, sparsity=0.5)
 
 
+class _Mixed(torch.nn.Module):
+    """Awkward shapes: a parameter whose last partial block lands alone on a rank, a float32
+    layer beside float64 ones, and GPT-2 style transposed Conv1D weights (layer-wise)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(6, 5).double()  # 30 weights: blocks of 8 end in a partial one
+        self.b = torch.nn.Linear(5, 4)  # float32
+        self.c = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h.float())).double()
+        return self.c(h)
+
+
+def _mixed_data():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (48,), generator=gen)
+    return [(x[i : i + 4], y[i : i + 4]) for i in range(0, 48, 4)]
+
+
+def _conv1d_model():
+    from transformers.pytorch_utils import Conv1D
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = Conv1D(16, 6)  # weight stored [in, out]
+            self.b = Conv1D(3, 16)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.float())))
+
+    return M()
+
+
+EDGE_CASES = {
+    "tail-piece": (_Mixed, dict(sparsity=0.5, block_size=8, max_memory=600)),
+    "conv1d-sparsegpt": (
+        _conv1d_model,
+        dict(sparsity=0.5, method="sparsegpt", params=["a.weight", "b.weight"]),
+    ),
+}
+
+
+def _edge_worker(rank, world, out):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    results = {}
+    for name, (make, kw) in EDGE_CASES.items():
+        model = make()
+        data = _shard(_mixed_data(), rank, world, True)
+        kw = {"num_grads": 12, "damp": 1e-4, "progress": False, **kw}
+        if "max_memory" in kw:
+            kw["max_memory"] = kw["max_memory"] * (1 + rank)  # ranks that disagree on memory
+        prune(model, data, loss_fn=ce_loss, **kw)
+        results[name] = [p.detach().clone() for p in model.parameters()]
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def test_awkward_shapes_dtypes_and_budgets_across_processes(tmp_path):
+    """A partial last block alone in a piece, mixed float32/float64 parameters, ranks whose
+    memory budgets differ (one plan: the smallest), transposed Conv1D layers solved on one rank
+    and broadcast: every rank equals one process."""
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    run_ranks(_edge_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, (make, kw) in EDGE_CASES.items():
+        model = make()
+        kw = {"num_grads": 12, "damp": 1e-4, "progress": False, **kw}
+        kw.pop("max_memory", None)
+        prune(model, _mixed_data(), loss_fn=ce_loss, **kw)
+        for r in range(2):
+            for a, b in zip(ranks[r][name], model.parameters()):
+                assert torch.equal(a == 0, b.detach() == 0), (name, r)
+                torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _small_layerwise_worker(rank, world):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    model, batches = _model_and_data()
+    prune(model, batches[rank::world], loss_fn=ce_loss, method="sparsegpt", sparsity=0.5,
+          num_grads=1, progress=False)  # fmt: skip
+
+
+def test_layerwise_with_fewer_batches_than_processes_is_refused_on_every_rank():
+    msg = run_ranks(_small_layerwise_worker, 2, expect_fail=True)
+    assert "num_grads=1 calibration batches for 2 processes" in msg
+
+
 # ------------------------------------------------------------------ the threshold
 def _threshold_worker(rank, world, out):
     from curvature.pruning import distributed
@@ -493,3 +595,61 @@ def test_train_with_adahessian_under_torchrun_is_refused_with_one_line(monkeypat
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adahessian under torchrun" in err[0]
+
+
+# ------------------------------------------------------------------ optimizer edge cases
+def _opt_edge_worker(rank, world, out):
+    from curvature.core.sliding import SlidingWindowFisherInverse
+    from curvature.optim import MKOR, AdaHessian
+
+    results = {}
+    # MKOR-H: each rank sees other data, so other losses; the switch must happen on every rank at
+    # the same step (a rank that stopped its factor all-reduce alone would hang the others)
+    model, x, y = _opt_setup()
+    n = len(x) // world
+    xs, ys = x[rank * n : (rank + 1) * n] * (1 + 3 * rank), y[rank * n : (rank + 1) * n]
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = MKOR(model, lr=0.05, inv_freq=1, hybrid=True, switch_window=2, switch_patience=1,
+               switch_ratio=0.99)  # fmt: skip
+    for _ in range(16):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ddp(xs), ys)
+        loss.backward()
+        opt.observe_loss(loss)
+        opt.step()
+    results["mkor-h"] = ([p.detach().clone() for p in model.parameters()], opt.switched_at_step)
+    # AdaHessian: float32 and float64 layers, and a layer only rank 0 uses
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 5).double()
+    b = torch.nn.Linear(5, 3)
+    extra = torch.nn.Linear(3, 3)
+    params = [*a.parameters(), *b.parameters(), *extra.parameters()]
+    opt = AdaHessian(params, lr=0.05, seed=1)
+    for _ in range(3):
+        opt.zero_grad()
+        h = b(torch.tanh(a(xs)).float())
+        if rank == 0:
+            h = extra(h)
+        torch.nn.functional.cross_entropy(h, ys).backward(create_graph=True)
+        opt.step()
+    results["adahessian"] = [p.detach().clone() for p in params]
+    # a sharded window over fewer coordinates than ranks, 16-bit storage
+    f = SlidingWindowFisherInverse(1, window=3, damp=0.1, dtype=torch.bfloat16, shard=True)
+    results["window"] = [f.add_and_mul(torch.tensor([float(i + 1)])) for i in range(4)]
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def test_optimizer_edge_cases_across_processes(tmp_path):
+    from curvature.core.sliding import SlidingWindowFisherInverse
+
+    run_ranks(_opt_edge_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    (p0, s0), (p1, s1) = ranks[0]["mkor-h"], ranks[1]["mkor-h"]
+    assert s0 is not None and s0 == s1  # switched, at the same step on both ranks
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b)
+    for a, b in zip(ranks[0]["adahessian"], ranks[1]["adahessian"]):
+        assert torch.equal(a, b)  # replicas agree despite dtypes and an unused layer
+    f = SlidingWindowFisherInverse(1, window=3, damp=0.1, dtype=torch.bfloat16)
+    for i, got in enumerate(ranks[1]["window"]):  # rank 1 holds no column of the window
+        torch.testing.assert_close(got, f.add_and_mul(torch.tensor([float(i + 1)])))

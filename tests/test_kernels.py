@@ -331,6 +331,22 @@ def test_greedy_kernel_hard_cases(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_greedy_kernel_and_reference_skip_a_degenerate_group_alike(device):
+    """A group whose inverse diagonal is 0 and weight 0 scores 0/0 = NaN: never chosen by either
+    path (the others are still pruned in order)."""
+    h = spd_inverse(1, 4, damp=0.1, seed=2)
+    w = torch.randn(1, 4, dtype=F64)
+    h[0, 1, :] = 0.0
+    h[0, :, 1] = 0.0
+    w[0, 1] = 0.0
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    o_ref, c_ref = obs.reference_greedy(w, h, valid, 1)
+    o, c = obs.launch_greedy(w.to(device), h.to(device), valid.to(device), 1)
+    assert torch.equal(o.cpu(), o_ref)
+    assert sorted(o_ref[0, :3].tolist()) == [0, 2, 3] and o_ref[0, 3].item() == -1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_greedy_dispatch_above_the_kernel_limit(device, monkeypatch):
     monkeypatch.setenv("CURVATURE_KERNELS", "triton")
     bsz = obs.GREEDY_MAX_BLOCK * 2

@@ -253,7 +253,8 @@ class SlidingWindowFisherInverse:
             )
             for c in self._chunks()
         ]
-        return torch.cat(parts, dim=1)
+        # a rank that holds no columns (d smaller than the number of ranks) returns none
+        return torch.cat(parts, dim=1) if parts else xs[:, :0].clone()
 
     def _matrix(self) -> torch.Tensor:
         """``s damp I + G G^T`` (``m x m``, float64) at the scale of the current inverse."""

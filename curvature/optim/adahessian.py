@@ -74,13 +74,19 @@ def _world() -> int:
 
 
 def _average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average ``tensors`` over the ranks in one all-reduce of their concatenation."""
-    if not tensors:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    """Average ``tensors`` over the ranks: one all-reduce of the concatenation per dtype and
+    device (a bucket each; the same buckets on every rank, which hold the same parameters)."""
+    out = list(tensors)
+    buckets: dict = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.dtype, t.device), []).append(i)
+    for idx in buckets.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        for i, f in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = f.view_as(tensors[i])
+    return out
 
 
 class AdaHessian(Optimizer):
@@ -185,7 +191,8 @@ class AdaHessian(Optimizer):
     def _hessian_diag(
         self, params: list[torch.Tensor], absolute: bool = True
     ) -> list[torch.Tensor]:
-        grads = [p.grad for p in params]
+        have = [p for p in params if p.grad is not None]  # across ranks: unused ones estimate 0
+        grads = [p.grad for p in have]
         if any(g.grad_fn is None for g in grads):
             raise RuntimeError(
                 "AdaHessian refreshes its Hessian estimate at this step and needs the graph of the "
@@ -193,15 +200,16 @@ class AdaHessian(Optimizer):
                 "curvature.optim.needs_create_graph(optimizer) is True (for Hugging Face models "
                 "with attn_implementation='eager'), or pass a closure"
             )
-        est = [torch.zeros_like(p) for p in params]
+        est = {p: torch.zeros_like(p) for p in params}
         with torch.enable_grad():
-            for s in range(self.n_samples):
-                zs = [self._probe(p) for p in params]
+            for s in range(self.n_samples if have else 0):
+                zs = [self._probe(p) for p in have]
                 hzs = torch.autograd.grad(
-                    grads, params, grad_outputs=zs, retain_graph=s < self.n_samples - 1
+                    grads, have, grad_outputs=zs, retain_graph=s < self.n_samples - 1
                 )
-                for e, z, hz in zip(est, zs, hzs):
-                    e.add_(z * hz, alpha=1.0 / self.n_samples)
+                for p, z, hz in zip(have, zs, hzs):
+                    est[p].add_(z * hz, alpha=1.0 / self.n_samples)
+        est = [est[p] for p in params]
         if absolute:  # |z * Hz| before any spatial averaging, as the reference does
             for e in est:  # (across ranks: of the average over the ranks' probes)
                 e.abs_()
@@ -218,15 +226,18 @@ class AdaHessian(Optimizer):
                     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                     for p, g in zip(params, grads):
                         p.grad = g
-        params = self._params_with_grad()
+        if _world() > 1:  # every trainable parameter: the same list (and collectives) on every rank
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        else:
+            params = self._params_with_grad()
         if not params:
             return loss
         counter = self.state["hessian_counter"]
         refresh = counter % self.update_each == 0
         index = {p: i for i, p in enumerate(params)}
         diag = self._hessian_diag(params, absolute=_world() == 1) if refresh else None
-        if _world() > 1:  # gradients and local estimates averaged in one all-reduce
-            grads = [p.grad.detach() for p in params]
+        if _world() > 1:  # gradients and local estimates averaged in one all-reduce per dtype
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
             avg = _average(grads + (diag or []))
             for p, g in zip(params, avg[: len(params)]):
                 p.grad = g

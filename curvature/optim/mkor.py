@@ -335,6 +335,13 @@ class MKOR(Optimizer):
         if not self.hybrid or self.switched_at_step is not None:
             return
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank decides the switch from the same losses (the mean over ranks), so all
+            # switch at the same step: a rank that stopped its factor all-reduce alone would hang
+            device = self.layers[0].module.weight.device if self.layers else None
+            t = torch.tensor([value], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            value = float(t.item()) / dist.get_world_size()
         if not math.isfinite(value):
             return
         self._losses.append(value)

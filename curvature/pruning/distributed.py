@@ -22,10 +22,13 @@ Under an initialised process group with more than one process, the engine's grad
 5. **Updates locally, weights gathered**: every rank corrects its own blocks' weights, then one
    ``all_gather`` of the new values and masks gives every replica the same model.
 
-With the same gradients in the same order (each rank given a contiguous part of the batches),
-the masks and weights equal one process's exactly; with another order, up to float64 round-off in
-the Fisher. Every collective is preceded by an agreement on errors (:func:`agree`): a rank that
+With the same gradients in the same order (each rank given a contiguous part of the batches,
+and at most one exchange round, 16 gradients, per rank) the masks and weights equal one
+process's; otherwise the same gradients arrive in another order and the Fisher differs by
+float64 round-off. Every phase ends with an agreement on errors (:func:`agree`): a rank that
 raises makes every rank raise ``RuntimeError("prune: rank r failed: ...")`` instead of hanging.
+The plan is made from the smallest memory budget of any rank, and gradients travel in the
+widest dtype of the parameters.
 """
 
 from __future__ import annotations
@@ -321,6 +324,12 @@ def gather_pieces(plan: list[list[Piece]], values: dict, masks: dict):
     return out
 
 
+def allreduce_min(value: int) -> int:
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def allreduce_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_comm())
     dist.all_reduce(t)
@@ -346,8 +355,8 @@ def broadcast_layer(solved, like: torch.Tensor, src: int):
     rank = dist.get_rank()
     new = (
         solved[0].to(torch.float64).contiguous()
-        if rank == src
-        else torch.empty_like(like, dtype=torch.float64)
+        if rank == src  # a fresh contiguous buffer: the layer's matrix may be a transposed view
+        else torch.empty(like.shape, dtype=torch.float64, device=like.device)
     )
     mask = (
         solved[1].to(torch.uint8).contiguous()

@@ -31,6 +31,7 @@ model, masks and report (its ``memory_plan`` is the rank's own).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 import warnings
@@ -439,6 +440,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
     """
     rank, size = distributed.world()
     structure = parts.structure
+    budget = distributed.allreduce_min(budget)  # one plan on every rank: the smallest budget
     need = lambda p: parts.curvature.estimate_bytes(p, settings)  # noqa: E731
     plan = [
         distributed.split_to_fit(pieces, need, budget)
@@ -456,6 +458,8 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
         )
     problem.data.new_step()
     counts = [distributed.local_count(settings.num_grads, r, size) for r in range(size)]
+    # gradients travel in the widest dtype of the targets (exact for the narrower ones)
+    dtype = functools.reduce(torch.promote_types, [t.param.dtype for t in targets])
     weights, fixed = {}, {}
     for p in mine:
         flat = p.flat(p.param.detach().flatten()).to(obs.F64)
@@ -485,41 +489,54 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
                     counts=seen,
                 )
             grads = distributed.exchange_gradients(
-                local or iter(()), active, counts, stages.GRADIENT_BATCH, targets[0].param.dtype
+                local or iter(()), active, counts, stages.GRADIENT_BATCH, dtype
             )
-            built = parts.curvature.build(_Keyed(active[rank]), grads, settings)
-            clock = problem.timed("gradients and curvature", clock)
-            for p in active[rank]:
-                scored[p.key] = parts.solver.order(
-                    p, weights[p.key], built[p.key], structure, fixed[p.key]
+            error = None
+            try:
+                built = parts.curvature.build(
+                    _Keyed(active[rank]), _padded(grads, active[rank]), settings
                 )
-                # all but the last pass wait on disk until the update: no second collection
-                curv[p.key] = (
-                    built[p.key].store(Path(spill) / f"{i}-{len(curv)}.pt")
-                    if i < passes - 1
-                    else built[p.key]
-                )
-            del built
+                clock = problem.timed("gradients and curvature", clock)
+                for p in active[rank]:
+                    scored[p.key] = parts.solver.order(
+                        p, weights[p.key], built[p.key], structure, fixed[p.key]
+                    )
+                    # all but the last pass wait on disk until the update: no second collection
+                    curv[p.key] = (
+                        built[p.key].store(Path(spill) / f"{i}-{len(curv)}.pt")
+                        if i < passes - 1
+                        else built[p.key]
+                    )
+                del built
+            except Exception as e:  # noqa: BLE001 - raised on every rank by agree()
+                error = e
+                for _ in grads:  # finish this pass's exchanges, which the peers are in
+                    pass
+            distributed.agree(error, "prune")
             clock = problem.timed("scores", clock)
         distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
         problem.data.distinct_batches = int(distinct)
         counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
-        est, values, flags = 0.0, {}, {}
-        for p in mine:
-            order, cost = scored[p.key]
-            new, pruned, e = stages.update(
-                p,
-                weights[p.key],
-                curv.pop(p.key),
-                parts.solver,
-                order,
-                cost,
-                counts_by_piece[p.key],
-                structure,
-            )
-            est += e
-            values[p.key] = new.flatten()[: p.numel]
-            flags[p.key] = pruned.flatten()[: p.numel]
+        est, values, flags, error = 0.0, {}, {}, None
+        try:
+            for p in mine:
+                order, cost = scored[p.key]
+                new, pruned, e = stages.update(
+                    p,
+                    weights[p.key],
+                    curv.pop(p.key),
+                    parts.solver,
+                    order,
+                    cost,
+                    counts_by_piece[p.key],
+                    structure,
+                )
+                est += e
+                values[p.key] = new.flatten()[: p.numel]
+                flags[p.key] = pruned.flatten()[: p.numel]
+        except Exception as e:  # noqa: BLE001 - raised on every rank by agree()
+            error = e
+        distributed.agree(error, "prune")
     est = distributed.allreduce_sum(est)
     gathered = distributed.gather_pieces(plan, values, flags)
     with torch.no_grad():
@@ -541,8 +558,27 @@ class _Keyed(list):
 
 
 class _KeyedPiece(distributed.Piece):
+    """A piece under its key, counted with the padding of its last block: a piece made of a
+    parameter's partial last block alone keeps the block size (the curvature pads it with zeros,
+    as it pads a whole parameter's last block on one process)."""
+
     def __init__(self, p):
         super().__init__(p.key, p.param, p.block, first=p.first, stop=p.stop)
+
+    @property
+    def numel(self) -> int:
+        return self.num_blocks * self.block
+
+
+def _padded(grads, pieces):
+    """Gradient batches with each piece's columns zero-padded to whole blocks."""
+    for batch in grads:
+        out = {}
+        for p in pieces:
+            g = batch[p.key]
+            pad = p.num_blocks * p.block - p.numel
+            out[p.key] = torch.nn.functional.pad(g, (0, pad)) if pad else g
+        yield out
 
 
 def _allocate_sharded(targets, plan, scored, sparsity, parts):

@@ -256,6 +256,11 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     structure = settings.structure
     diagonal = curvature.diagonal
     rank, size = distributed.world()  # num_grads counts every rank's calibration batches
+    if settings.num_grads < size:  # the same check on every rank: all raise together
+        raise ValueError(
+            f"prune: num_grads={settings.num_grads} calibration batches for {size} processes: "
+            "every process needs at least one; raise num_grads"
+        )
     data = _Limited(data, distributed.local_count(settings.num_grads, rank, size))
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
 
@@ -263,23 +268,30 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
         # across ranks, layer j of the group is solved by rank j % W (its statistics reduced to
         # that rank), then its weights and mask are broadcast: solve time falls by ~W
         t0 = time.perf_counter()
-        solved = {}
+        solved, error = {}, None
         for j, t in enumerate(group):
             owner = j % size
             h = stats.result(t.name, owner=owner)
-            if owner != rank:
+            if owner != rank or error is not None:
                 continue
             fixed = masks.get(t.name)
             fixed = t.as_matrix_mask(fixed.to(t.param.device)) if fixed is not None else None
-            solved[t.name] = solver.prune_layer(
-                t.matrix(),
-                h,
-                sparsities[t.name],
-                structure,
-                fixed,
-                ratio=settings.layer_damp,
-                name=t.name,
-            )
+            try:
+                solved[t.name] = solver.prune_layer(
+                    t.matrix(),
+                    h,
+                    sparsities[t.name],
+                    structure,
+                    fixed,
+                    ratio=settings.layer_damp,
+                    name=t.name,
+                )
+            except Exception as e:  # noqa: BLE001 - every rank raises it (below), none waits
+                if size == 1:
+                    raise
+                error = e
+        if size > 1:
+            distributed.agree(error, "prune")
         for j, t in enumerate(group):
             new, mask, est = (
                 distributed.broadcast_layer(solved.get(t.name), t.matrix(), j % size)

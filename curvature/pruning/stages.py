@@ -43,21 +43,36 @@ class ReplayableData:
             if isinstance(gen, torch.Generator) and all(gen is not g for g in self._generators):
                 self._generators.append(gen)
         self._states = None
+        # samplers that shuffle by epoch (a DistributedSampler): replayed by resetting the epoch
+        self._epoch_samplers = [
+            obj
+            for obj in (getattr(data, "sampler", None), getattr(data, "batch_sampler", None))
+            if hasattr(obj, "set_epoch") and isinstance(getattr(obj, "epoch", None), int)
+        ]
+        self._epochs: list[int] | None = None
         # distinct batches behind the gradients of a collection (fewer than num_grads: cycled)
         self.distinct_batches: int | None = None
 
     def new_step(self) -> None:
-        """Forget the recorded states: the next pass draws fresh batches (a new pruning step)."""
+        """Forget the recorded states: the next pass draws fresh batches (a new pruning step);
+        an epoch-shuffled sampler moves to its next epoch, as a generator would move on."""
         self._states = None
+        if self._epochs is not None:
+            for s, e in zip(self._epoch_samplers, self._epochs):
+                s.set_epoch(e + 1)
+        self._epochs = None
 
     def replay(self):
         if self._states is None:
             self._states = [g.get_state() for g in self._generators]
             self._global = torch.get_rng_state()
+            self._epochs = [s.epoch for s in self._epoch_samplers]
         else:
             for g, s in zip(self._generators, self._states):
                 g.set_state(s)
             torch.set_rng_state(self._global)
+            for s, e in zip(self._epoch_samplers, self._epochs or []):
+                s.set_epoch(e)
         return self.data
 
 
@@ -171,19 +186,20 @@ class MemoryPlan:
 
 def memory_plan(model, targets, groups, curvature, settings) -> MemoryPlan:
     """Count every large buffer of a step on ``targets`` split into ``groups``."""
-    per = {t.name: curvature.estimate_bytes(t, settings) for t in targets}
+    # keyed by object: several pieces of one parameter (across ranks) share its name
+    per = {id(t): curvature.estimate_bytes(t, settings) for t in targets}
     k = min(GRADIENT_BATCH, settings.num_grads) if curvature.needs_gradients else 0
-    item = {t.name: t.param.element_size() for t in targets}
-    padded = {t.name: t.num_blocks * t.block for t in targets}
+    item = {id(t): t.param.element_size() for t in targets}
+    padded = {id(t): t.num_blocks * t.block for t in targets}
     g = settings.structure.group
-    largest = max(groups, key=lambda grp: sum(per[t.name] for t in grp))
+    largest = max(groups, key=lambda grp: sum(per[id(t)] for t in grp))
     model_grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     work = [curvature.work_bytes(t, settings, k) for t in targets]  # (build, read) per target
     return MemoryPlan(
-        curvature=sum(per[t.name] for t in largest),
+        curvature=sum(per[id(t)] for t in largest),
         build_work=max(w[0] for w in work),
         read_work=max(w[1] for w in work),
-        gradients=max(sum(2 * k * t.numel * item[t.name] for t in grp) for grp in groups),
+        gradients=max(sum(2 * k * t.numel * item[id(t)] for t in grp) for grp in groups),
         model_grads=model_grads if curvature.needs_gradients else 0,
         weights=sum(padded[n] * (8 + 1) for n in padded),
         scores=sum(padded[n] // g * 16 for n in padded),
