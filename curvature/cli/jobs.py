@@ -103,9 +103,9 @@ PRIVATE_OUTPUTS = False
 
 
 def _rank() -> int:
-    import torch.distributed as dist
+    from curvature.core.parallel import world
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return world()[0]
 
 
 @contextlib.contextmanager

@@ -491,9 +491,9 @@ def _sweep(args) -> int:
         per_layer=args.per_layer,
     )
     cfg.validate()  # before any folder is created
-    import torch.distributed as dist
+    from curvature.core.parallel import world
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if world()[0] != 0:
         # only rank 0 writes the sweep; the others run the same points in a scratch folder,
         # seeded with rank 0's resume log so that they skip the same finished points
         import shutil

@@ -252,7 +252,9 @@ def _ev(ev: dict, task) -> dict:
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from curvature.core.parallel import world
+
+    if world()[1] > 1:
         dist.barrier()
 
 

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from curvature.core import checks as _checks
+from curvature.core.parallel import world
 
 COMPUTE_DTYPE = torch.float64
 REFINE_STEPS = 2  # iterative-refinement steps of every product against A itself
@@ -101,9 +102,7 @@ class SlidingWindowFisherInverse:
         self.dtype = dtype or torch.float32
         # the dtype of the O(d m) products: the storage's own, float32 for 16-bit storage
         self._work = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self._world, rank = 1, 0
-        if shard and dist.is_available() and dist.is_initialized():
-            self._world, rank = dist.get_world_size(), dist.get_rank()
+        rank, self._world = world() if shard else (0, 1)
         bounds = [num_params * r // self._world for r in range(self._world + 1)]
         self._bounds = bounds
         self._lo, self._hi = bounds[rank], bounds[rank + 1]  # this rank's columns

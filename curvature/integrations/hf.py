@@ -31,9 +31,9 @@ def model_loss(model, batch):
 def grad_loader(dataset, batch_size: int, collator, seed: int) -> DataLoader:
     """Shuffled batches for the Fisher gradients; under ``torch.distributed`` this rank's shard
     (a ``DistributedSampler`` seeded alike on every rank), so the ranks split the gradients."""
-    import torch.distributed as dist
+    from curvature.core.parallel import world
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world()[1] > 1:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed)

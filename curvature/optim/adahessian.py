@@ -64,13 +64,14 @@ from torch.optim import Optimizer
 
 from curvature import kernels
 from curvature.core import checks
+from curvature.core.parallel import world
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 PROBES = ("per-rank", "shared")
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world()[1]
 
 
 def _average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -34,10 +34,10 @@ References:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from curvature.core import checks
+from curvature.core.parallel import world
 from curvature.core.sliding import SlidingWindowFisherInverse
 from curvature.optim._closure import run_closure
 
@@ -88,9 +88,7 @@ class MFAC(Optimizer):
         super().__init__(params, defaults)
         self.fisher_dtype = fisher_dtype
         self.shard_window = bool(shard_window)
-        world = 1
-        if self.shard_window and dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
+        ranks = world()[1] if self.shard_window else 1
         self._fishers: dict[int, SlidingWindowFisherInverse] = {}
         # the windows are allocated at the first step: check now that they will fit
         itemsize = torch.empty(0, dtype=fisher_dtype).element_size()
@@ -98,7 +96,7 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             numel = sum(p.numel() for p in group["params"] if p.requires_grad)
             dev = group["params"][0].device if group["params"] else torch.device("cpu")
-            need[dev] = need.get(dev, 0) + group["num_grads"] * -(-numel // world) * itemsize
+            need[dev] = need.get(dev, 0) + group["num_grads"] * -(-numel // ranks) * itemsize
         for dev, nbytes in need.items():
             checks.fits(
                 "M-FAC's gradient windows",

@@ -91,6 +91,7 @@ from torch.optim import Optimizer
 
 from curvature.core import checks
 from curvature.core.kronecker import KroneckerFactorInverse
+from curvature.core.parallel import world
 from curvature.optim._closure import run_closure
 from curvature.optim.lamb import LAMB
 
@@ -335,7 +336,7 @@ class MKOR(Optimizer):
         if not self.hybrid or self.switched_at_step is not None:
             return
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world()[1] > 1:
             # every rank decides the switch from the same losses (the mean over ranks), so all
             # switch at the same step: a rank that stopped its factor all-reduce alone would hang
             device = self.layers[0].module.weight.device if self.layers else None
@@ -401,7 +402,7 @@ class MKOR(Optimizer):
             ready = [l for l in ready if l not in first]
         factors = [f for l in ready for f in (l.left, l.right)]
         vectors = [v for l in ready for v in (l.a, l.g)]
-        if vectors and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if vectors and world()[1] > 1:
             # every replica folds in the same statistics: the means over all ranks' batches, in
             # one all-reduce (linear in the layer widths, as the method is designed)
             flat = torch.cat([v.reshape(-1).to(torch.float64) for v in vectors])

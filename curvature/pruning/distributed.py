@@ -38,14 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from curvature.core.parallel import world
 from curvature.pruning.targets import Target
-
-
-def world() -> tuple[int, int]:
-    """``(rank, size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def active() -> bool:
