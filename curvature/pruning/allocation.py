@@ -43,15 +43,24 @@ def take_cheapest(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         return [torch.zeros(f.shape[0], dtype=torch.long, device=d) for f, d in zip(flat, devices)]
     allv = torch.cat([f.flatten() for f in flat])
     threshold = torch.kthvalue(allv, k).values
-    below = [(f < threshold).sum(1) for f in flat]
-    ties = [(f == threshold).sum(1) for f in flat]
-    need = k - int(sum(b.sum() for b in below))
+    need = k - sum(int((f < threshold).sum()) for f in flat)
+    return [c.to(d) for c, d in zip(take_at_threshold(flat, threshold, need), devices)]
+
+
+def take_at_threshold(costs: list[torch.Tensor], threshold, need: int) -> list[torch.Tensor]:
+    """Counts per block: every step below ``threshold``, and of the steps equal to it the first
+    ``need`` in listing order (first tensor first, row by row). Shared by the one-process
+    selection and the distributed one (which passes each rank its share of ``need``)."""
+    if not costs:  # a rank holding no block of the pool
+        return []
+    below = [(c < threshold).sum(1) for c in costs]
+    ties = [(c == threshold).sum(1) for c in costs]
     tie_all = torch.cat(ties)
     before = torch.cumsum(tie_all, 0) - tie_all  # ties in earlier blocks, in listing order
     take_all = (need - before).clamp(min=0).minimum(tie_all)
     counts, start = [], 0
-    for b, t, d in zip(below, ties, devices):
-        counts.append((b + take_all[start : start + t.numel()]).to(d))
+    for b, t in zip(below, ties):
+        counts.append(b + take_all[start : start + t.numel()])
         start += t.numel()
     return counts
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from curvature.core.parallel import world
+from curvature.pruning.allocation import take_at_threshold
 from curvature.pruning.targets import Target
 
 
@@ -64,10 +65,6 @@ class Piece(Target):
 
     first: int = 0
     stop: int = 0
-
-    @property
-    def full(self) -> Target:
-        return Target(self.name, self.param, self.block)
 
     @property
     def key(self) -> str:
@@ -257,18 +254,9 @@ def take_cheapest(pools: list[list[torch.Tensor]], ks: list[int]) -> list[list[t
         if not want[i]:
             out.append([torch.zeros(c.shape[0], dtype=torch.long, device=c.device) for c in pool])
             continue
-        need = want[i] - int(below[i]) - sum(int(all_ties[p][i]) for p in range(rank))
-        need = max(0, need)
-        counts = []
-        for c in pool:
-            kk = _keys(c)
-            b = (kk < lo[i]).sum(1)
-            t = (kk == lo[i]).sum(1)
-            before = torch.cumsum(t, 0) - t
-            take = (need - before).clamp(min=0).minimum(t)
-            need = max(0, need - int(t.sum()))
-            counts.append((b + take).to(c.device))
-        out.append(counts)
+        need = max(0, want[i] - int(below[i]) - sum(int(all_ties[p][i]) for p in range(rank)))
+        counts = take_at_threshold([_keys(c) for c in pool], lo[i], need)
+        out.append([n.to(c.device) for n, c in zip(counts, pool)])
     return out
 
 

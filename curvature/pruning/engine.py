@@ -494,7 +494,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
             error = None
             try:
                 built = parts.curvature.build(
-                    _Keyed(active[rank]), _padded(grads, active[rank]), settings
+                    [_KeyedPiece(p) for p in active[rank]], _padded(grads, active[rank]), settings
                 )
                 clock = problem.timed("gradients and curvature", clock)
                 for p in active[rank]:
@@ -549,18 +549,11 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
     return est, passes
 
 
-class _Keyed(list):
-    """Pieces presented to ``Curvature.build`` under their unique keys (a parameter may be split
-    between ranks, and one rank's pieces of it are told apart by their block ranges)."""
-
-    def __init__(self, pieces):
-        super().__init__(_KeyedPiece(p) for p in pieces)
-
-
 class _KeyedPiece(distributed.Piece):
-    """A piece under its key, counted with the padding of its last block: a piece made of a
-    parameter's partial last block alone keeps the block size (the curvature pads it with zeros,
-    as it pads a whole parameter's last block on one process)."""
+    """A piece presented to ``Curvature.build`` under its unique key (one rank may hold several
+    pieces of a parameter, told apart by their block ranges), counted with the padding of its
+    last block: a piece made of a parameter's partial last block alone keeps the block size (the
+    curvature pads it with zeros, as it pads a whole parameter's last block on one process)."""
 
     def __init__(self, p):
         super().__init__(p.key, p.param, p.block, first=p.first, stop=p.stop)
