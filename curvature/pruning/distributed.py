@@ -87,7 +87,6 @@ class Piece(Target):
         return self.stop - self.first
 
     def flat(self, flat_param: torch.Tensor) -> torch.Tensor:
-        """This piece's weights of the parameter's flat vector."""
         return flat_param[self.start : self.end]
 
     def valid(self) -> torch.Tensor:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from curvature.core.checks import available_bytes
-from curvature.pruning import distributed, layerwise, obs, stages
+from curvature.pruning import distributed, layerwise, stages
 from curvature.pruning.allocation import Allocation, GlobalThreshold, LayerTargets
 from curvature.pruning.curvatures import Curvature, EmpiricalFisher
 from curvature.pruning.masks import MaskSet, MaskStructure, check_param_fits
@@ -376,13 +376,7 @@ def _prune_step(problem, targets, masks, sparsity, parts, settings, budget) -> t
         stages.memory_plan(problem.model, targets, groups, parts.curvature, settings)
     )
     problem.data.new_step()  # recomputations draw fresh batches; groups of one step replay them
-    weights = {t.name: t.blocks_of(t.param.detach().flatten().to(obs.F64)) for t in targets}
-    fixed = {
-        t.name: t.blocks_of(masks.get(t.name).flatten(), fill=False)
-        if t.name in masks
-        else torch.zeros(t.num_blocks, t.block, dtype=torch.bool, device=t.param.device)
-        for t in targets
-    }
+    weights, fixed = _weights_and_fixed(targets, masks)
 
     with tempfile.TemporaryDirectory(prefix="curvature-prune-") as spill:
         built, scored = [], {}
@@ -460,16 +454,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, settings, budg
     counts = [distributed.local_count(settings.num_grads, r, size) for r in range(size)]
     # gradients travel in the widest dtype of the targets (exact for the narrower ones)
     dtype = functools.reduce(torch.promote_types, [t.param.dtype for t in targets])
-    weights, fixed = {}, {}
-    for p in mine:
-        flat = p.flat(p.param.detach().flatten()).to(obs.F64)
-        weights[p.key] = p.blocks_of(flat)
-        m = masks.get(p.name)
-        fixed[p.key] = (
-            p.blocks_of(p.flat(m.flatten()), fill=False)
-            if m is not None
-            else torch.zeros(p.num_blocks, p.block, dtype=torch.bool, device=p.param.device)
-        )
+    weights, fixed = _weights_and_fixed(mine, masks)
     clock = time.perf_counter()
     curv, scored, seen = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="curvature-prune-") as spill:
@@ -572,6 +557,12 @@ def _padded(grads, pieces):
             pad = p.num_blocks * p.block - p.numel
             out[p.key] = torch.nn.functional.pad(g, (0, pad)) if pad else g
         yield out
+
+
+def _weights_and_fixed(targets, masks):
+    """``{key: [n, B] float64 weights}`` and ``{key: pruned-earlier flags}`` of targets or pieces."""
+    pairs = {t.key: t.weights_and_fixed(masks) for t in targets}
+    return {k: w for k, (w, _) in pairs.items()}, {k: f for k, (_, f) in pairs.items()}
 
 
 def _allocate_sharded(targets, plan, scored, sparsity, parts):

@@ -27,6 +27,23 @@ class Target:
     def num_blocks(self) -> int:
         return math.ceil(self.numel / self.block)
 
+    @property
+    def key(self) -> str:
+        """The name its blocks are filed under (a piece of a parameter adds its block range)."""
+        return self.name
+
+    def flat(self, flat_param: torch.Tensor) -> torch.Tensor:
+        """Its weights of the parameter's flat vector (all of them; a piece takes its range)."""
+        return flat_param
+
+    def weights_and_fixed(self, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, B]`` float64 weights and the pruned-earlier flags of ``masks`` (a ``MaskSet``)."""
+        w = self.blocks_of(self.flat(self.param.detach().flatten()).to(torch.float64))
+        m = masks.get(self.name)
+        if m is None:
+            return w, torch.zeros(self.num_blocks, self.block, dtype=torch.bool, device=w.device)
+        return w, self.blocks_of(self.flat(m.flatten()), fill=False)
+
     def blocks_of(self, flat: torch.Tensor, fill=0) -> torch.Tensor:
         """``flat`` (``numel`` entries) as ``[num_blocks, block]``, the tail padded with ``fill``."""
         pad = self.num_blocks * self.block - self.numel
