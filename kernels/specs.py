@@ -98,47 +98,29 @@ def _obs() -> list[Spec]:
             greedy.setdefault((tuple(cfg.items()), warps), []).append(bsz)
     specs = []
     for dt in ("fp64", "fp32"):
-        out = "fp64" if dt == "fp64" else "fp32"
-        for (key, warps), sizes in _ranges(scores).items():
-            nm = dict(key)["NM_M"] > 1
-            sig = (
-                ("w_ptr", f"*{dt}"),
-                ("h_ptr", f"*{dt}"),
-                ("out_ptr", f"*{out}"),
-                ("mask_ptr", "*i8" if nm else f"*{out}"),
-                ("bsz", "i32"),
-                ("ngroups", "i32"),
-            )
-            specs.append(
-                Spec("obs._scores_kernel", obs._scores_kernel, sig, key, warps, f"B {sizes}")
-            )
-        for (key, warps), sizes in _ranges(updates).items():
-            sig = (
-                ("w_ptr", f"*{dt}"),
-                ("h_ptr", f"*{dt}"),
-                ("p_ptr", "*i8"),
-                ("out_ptr", f"*{dt}"),
-                ("bsz", "i32"),
-                ("ngroups", "i32"),
-            )
-            specs.append(
-                Spec("obs._update_kernel", obs._update_kernel, sig, key, warps, f"B {sizes}")
-            )
-        for (key, warps), sizes in _ranges(greedy).items():
-            sig = (
-                ("w_ptr", f"*{dt}"),
-                ("h_ptr", f"*{dt}"),
-                ("flag_ptr", "*i8"),
-                ("order_ptr", "*i64"),
-                ("cost_ptr", "*fp64"),
-                ("bsz", "i32"),
-                ("ngroups", "i32"),
-                ("steps", "i32"),
-            )
-            specs.append(
-                Spec("obs._greedy_kernel", obs._greedy_kernel, sig, key, warps, f"B {sizes}")
-            )
+        for kernel, configs in (("scores", scores), ("update", updates), ("greedy", greedy)):
+            name = f"_{kernel}_kernel"
+            for (key, warps), sizes in _ranges(configs).items():
+                sig = _obs_signature(kernel, dt, nm=dict(key).get("NM_M", 1) > 1)
+                specs.append(Spec(f"obs.{name}", getattr(obs, name), sig, key, warps, f"B {sizes}"))
     return specs
+
+
+def _obs_signature(kernel: str, dt: str, nm: bool) -> tuple:
+    """Argument types of an OBS kernel: the weights and inverse blocks in ``dt``, then its own."""
+    own = {
+        "scores": (("out_ptr", f"*{dt}"), ("mask_ptr", "*i8" if nm else f"*{dt}")),
+        "update": (("p_ptr", "*i8"), ("out_ptr", f"*{dt}")),
+        "greedy": (("flag_ptr", "*i8"), ("order_ptr", "*i64"), ("cost_ptr", "*fp64")),
+    }[kernel]
+    steps = (("steps", "i32"),) if kernel == "greedy" else ()
+    return (
+        ("w_ptr", f"*{dt}"),
+        ("h_ptr", f"*{dt}"),
+        *own,
+        ("bsz", "i32"),
+        ("ngroups", "i32"),
+    ) + steps
 
 
 def _adahessian() -> list[Spec]:
