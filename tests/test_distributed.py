@@ -443,142 +443,123 @@ def test_optimizers_across_processes_equal_one_process_on_the_whole_batch(tmp_pa
 
 
 # ------------------------------------------------------------------ the command line
-def test_prune_command_under_torchrun_writes_once(tmp_path):
-    """``torchrun --nproc_per_node 2 -m curvature prune ...``: both ranks prune from their own
-    shard of the gradient batches, rank 0 alone writes the output (no partial folder left)."""
-    import json
-    import subprocess
-    import sys
+@pytest.fixture
+def cli(tmp_path):
+    """A tiny model folder, data file and gradual OBS recipe for the commands."""
+    from types import SimpleNamespace
 
     from test_hf_cli import RECIPE, write_recipe
     from tiny import make_csv, make_model_dir
 
-    model_dir = make_model_dir(tmp_path / "model")
-    data = make_csv(tmp_path / "train.csv")
-    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
-    out = tmp_path / "runs" / "oneshot"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "curvature", "prune", recipe, "--oneshot", "--model", str(model_dir),
-        "--data", str(data), "--output", str(out), "--no-progress",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["oneshot"]  # one output, no partial
+    return SimpleNamespace(
+        model=str(make_model_dir(tmp_path / "model")),
+        data=str(make_csv(tmp_path / "train.csv")),
+        recipe=write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured")),
+    )
 
 
-def _torchrun(args, tmp_path, nproc=2):
+def _launch(launcher: list[str], args: list[str]):
+    """``launcher ... -m curvature ARGS`` with a short peer timeout and one thread per rank."""
     import subprocess
-    import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "curvature", *args,
-    ]  # fmt: skip
+    cmd = [*launcher, "-m", "curvature", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
 
 
-def test_prune_command_under_accelerate_launch(tmp_path):
-    """``accelerate launch --num_processes 2 --cpu -m curvature prune ...`` sets up the same."""
-    import json
-    import shutil
-    import subprocess
+def _torchrun(args, nproc=2):
+    import sys
 
-    from test_hf_cli import RECIPE, write_recipe
-    from tiny import make_csv, make_model_dir
+    return _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
+        args,
+    )  # fmt: skip
+
+
+def _assert_one_output(res, out, sparsity):
+    """The command succeeded, reached ``sparsity`` and left one output folder, no partial one."""
+    import json
+
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(sparsity, abs=1e-3)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    return metrics
+
+
+def test_prune_command_under_torchrun_writes_once(cli, tmp_path):
+    """``torchrun --nproc_per_node 2 -m curvature prune ...``: both ranks prune from their own
+    shard of the gradient batches, rank 0 alone writes the output (no partial folder left)."""
+    out = tmp_path / "runs" / "oneshot"
+    res = _torchrun(
+        ["prune", cli.recipe, "--oneshot", "--model", cli.model, "--data", cli.data,
+         "--output", str(out), "--no-progress"]
+    )  # fmt: skip
+    _assert_one_output(res, out, 0.6)
+
+
+def test_prune_command_under_accelerate_launch(cli, tmp_path):
+    """``accelerate launch --num_processes 2 --cpu -m curvature prune ...`` sets up the same."""
+    import shutil
 
     launcher = shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate's launcher is not installed")
-    model_dir = make_model_dir(tmp_path / "model")
-    data = make_csv(tmp_path / "train.csv")
-    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
     out = tmp_path / "runs" / "acc"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CURVATURE_DIST_TIMEOUT="120")
-    cmd = [
-        launcher, "launch", "--num_processes", "2", "--cpu", "--main_process_port",
-        str(free_port()), "-m", "curvature", "prune", recipe, "--oneshot", "--model",
-        str(model_dir), "--data", str(data), "--output", str(out), "--no-progress",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["sparsity"] == pytest.approx(
-        0.6, abs=1e-3
-    )
-    assert sorted(p.name for p in out.parent.iterdir()) == ["acc"]
+    res = _launch(
+        [launcher, "launch", "--num_processes", "2", "--cpu", "--main_process_port",
+         str(free_port())],
+        ["prune", cli.recipe, "--oneshot", "--model", cli.model, "--data", cli.data,
+         "--output", str(out), "--no-progress"],
+    )  # fmt: skip
+    _assert_one_output(res, out, 0.6)
 
 
-def test_gradual_recipe_under_torchrun(tmp_path):
+def test_gradual_recipe_under_torchrun(cli, tmp_path):
     """A gradual recipe inside HF Trainer (DDP across the 2 ranks): the pruning callback takes
     each rank's shard of the Fisher batches; rank 0 writes the one output."""
-    import json
-
-    from test_hf_cli import RECIPE, write_recipe
-    from tiny import make_csv, make_model_dir
-
-    model_dir = make_model_dir(tmp_path / "model")
-    data = make_csv(tmp_path / "train.csv")
-    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
     out = tmp_path / "runs" / "gradual"
     res = _torchrun(
-        ["prune", recipe, "--model", str(model_dir), "--data", str(data), "--output", str(out),
-         "--no-progress"],
-        tmp_path,
+        ["prune", cli.recipe, "--model", cli.model, "--data", cli.data, "--output", str(out),
+         "--no-progress"]
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["steps"] > 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["gradual"]
+    assert _assert_one_output(res, out, 0.6)["steps"] > 0
 
 
-def test_sweep_under_torchrun_writes_once_and_resumes(tmp_path):
+def test_sweep_under_torchrun_writes_once_and_resumes(cli, tmp_path):
     """``torchrun -m curvature sweep``: rank 0 alone writes; a rerun skips the finished points on
     every rank (the others start from rank 0's resume log)."""
     import json
 
-    from tiny import make_csv, make_model_dir
-
-    model_dir = make_model_dir(tmp_path / "model")
-    data = make_csv(tmp_path / "train.csv")
     out = tmp_path / "runs" / "sweep"
     args = [
-        "sweep", "--output", str(out), "--model", str(model_dir), "--data", str(data),
+        "sweep", "--output", str(out), "--model", cli.model, "--data", cli.data,
         "--methods", "obs,magnitude", "--sparsities", "0.5", "--finetune-epochs", "1",
         "--num-grads", "8", "--block-size", "8", "--params", "re:bert.encoder", "--no-progress",
     ]  # fmt: skip
-    res = _torchrun(args, tmp_path)
+    res = _torchrun(args)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["method"] for r in rows) == ["dense", "magnitude", "obs"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["sweep"]
     before = (out / "points.jsonl").read_text()
-    res = _torchrun(args, tmp_path)  # everything done: both ranks skip every point
+    res = _torchrun(args)  # everything done: both ranks skip every point
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "points.jsonl").read_text() == before
 
 
-def test_gradual_sweep_under_torchrun(tmp_path):
+def test_gradual_sweep_under_torchrun(cli, tmp_path):
     """A gradual sweep point trains under DDP, is saved by rank 0 and read back by both ranks."""
     import json
 
-    from test_hf_cli import RECIPE, write_recipe
-    from tiny import make_csv, make_model_dir
-
-    model_dir = make_model_dir(tmp_path / "model")
-    data = make_csv(tmp_path / "train.csv")
-    recipe = write_recipe(tmp_path, RECIPE.replace("MASK", "unstructured"))
     out = tmp_path / "runs" / "gradual-sweep"
     args = [
-        "sweep", "--output", str(out), "--model", str(model_dir), "--data", str(data),
-        "--methods", "obs", "--sparsities", "0.6", "--finetune-epochs", "1", "--recipe", recipe,
-        "--no-progress",
+        "sweep", "--output", str(out), "--model", cli.model, "--data", cli.data,
+        "--methods", "obs", "--sparsities", "0.6", "--finetune-epochs", "1", "--recipe",
+        cli.recipe, "--no-progress",
     ]  # fmt: skip
-    res = _torchrun(args, tmp_path)
+    res = _torchrun(args)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     point = [r for r in rows if r["method"] == "obs"][0]
