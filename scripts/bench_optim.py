@@ -27,6 +27,27 @@ import sys
 import time
 
 OPTIMIZERS = ["adamw", "adahessian", "mkor", "mkor-h", "mfac"]
+# the comparison against what users pick today (--part compare)
+COMPARED = ["adamw", "muon", "soap", "adahessian", "mfac", "mkor"]
+SETUPS = {
+    # MiniLM classifying BBC articles: batch 16 of 64 tokens, judged by validation accuracy
+    "minilm": {
+        "job": {"max_length": 64, "batch_size": 16},
+        "metric": "accuracy",
+        "steps": 40,
+        "eval_every": 10,
+        "max_eval": 200,
+    },
+    # the embedded decoder (SmolLM2-135M) fine-tuned as a language model on BBC text: batch 4 of
+    # 64 tokens, judged by validation loss (mean next-token cross-entropy)
+    "smollm2": {
+        "job": {"model": "smollm2", "task": "causal-lm", "max_length": 64, "batch_size": 4},
+        "metric": "loss",
+        "steps": 20,
+        "eval_every": 5,
+        "max_eval": 30,
+    },
+}
 # cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
 COST_ROWS = OPTIMIZERS + ["adahessian:update_each=2", "adahessian:update_each=4"]
 
@@ -106,7 +127,8 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
 
 
 def _quality_one(
-    name: str, seed: int, steps: int, eval_every: int, max_eval: int, lr: float, threads: int
+    name: str, seed: int, steps: int, eval_every: int, max_eval: int, lr: float, threads: int,
+    setup: str = "minilm",
 ) -> dict:
     from curvature.cli.train import TrainJob, run_train
 
@@ -116,20 +138,132 @@ def _quality_one(
             output=None,
             lr=lr if lr > 0 else None,
             max_steps=steps,
-            max_length=64,
             max_eval=max_eval,
             eval_every=eval_every,
             seed=seed,
             progress=False,
             threads=threads or None,
+            **SETUPS[setup]["job"],
         )
     )
     return {k: m[k] for k in ("optimizer", "lr", "seed", "steps", "seconds_per_step", "curve")} | {
-        "accuracy": m["validation"]["accuracy"],
+        **{k: m["validation"][k] for k in ("accuracy", "perplexity") if k in m["validation"]},
         "loss": m["validation"]["loss"],
         "peak_bytes": m["peak_memory_bytes"],
         "switched_to_base_at_step": m.get("switched_to_base_at_step"),
     }
+
+
+def part_compare(setup: str, names: list[str], seeds: list[int], threads: int, json_path: str):
+    """Tune each optimizer's learning rate with the same budget (three runs on the first seed:
+    its default / 3, default, default x 3), then run the other seeds at the best one."""
+    from curvature.cli.defaults import DEFAULTS
+
+    spec = SETUPS[setup]
+    lower = spec["metric"] == "loss"
+    out = {"setup": setup, "spec": spec, "runs": {}}
+    if os.path.exists(json_path):
+        out = json.load(open(json_path))  # resume
+
+    def run(name, seed, lr):
+        key = f"{name}|{seed}|{lr:g}"
+        if key not in out["runs"]:
+            out["runs"][key] = _sub(
+                ["quality", name, str(seed), str(spec["steps"]), str(spec["eval_every"]),
+                 str(spec["max_eval"]), str(lr), str(threads), setup]
+            )  # fmt: skip
+            json.dump(out, open(json_path, "w"), indent=1)
+            r = out["runs"][key]
+            print(f"{setup} {key}: {r.get(spec['metric'], r.get('error'))}", flush=True)
+        return out["runs"][key]
+
+    for name in names:
+        d = DEFAULTS[name][0]
+        grid = [d / 3, d, d * 3]
+        probes = {lr: run(name, seeds[0], lr) for lr in grid}
+        ok = {lr: r for lr, r in probes.items() if "error" not in r}
+        if not ok:
+            continue
+        best = (min if lower else max)(ok, key=lambda lr: ok[lr][spec["metric"]])
+        for s in seeds[1:]:
+            run(name, s, best)
+    return out
+
+
+def compare_tables(out: dict, names: list[str], seeds: list[int]) -> list[str]:
+    spec = SETUPS[out["setup"]]
+    metric, lower = spec["metric"], spec["metric"] == "loss"
+    lines = [
+        f"| optimizer | lr probes (seed {seeds[0]}: {metric}) | chosen lr | {metric} after "
+        f"{spec['steps']} steps, mean +- std over {len(seeds)} seeds | per seed | s/step | "
+        f"train s to the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        runs = {k: r for k, r in out["runs"].items() if k.split("|")[0] == name}
+        probes = {
+            float(k.split("|")[2]): r for k, r in runs.items() if k.split("|")[1] == str(seeds[0])
+        }
+        ok = {lr: r for lr, r in probes.items() if "error" not in r}
+        if not ok:
+            err = next(iter(probes.values()), {}).get("error", "not run")
+            lines.append(f"| {name} | error: {err} | | | | | |")
+            continue
+        best = (min if lower else max)(ok, key=lambda lr: ok[lr][metric])
+        finals = [ok[best]] + [
+            r for k, r in runs.items()
+            if k.split("|")[1] != str(seeds[0]) and float(k.split("|")[2]) == best
+            and "error" not in r
+        ]  # fmt: skip
+        vals = [r[metric] for r in finals]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        probe_s = ", ".join(
+            f"{lr:g}: {r[metric]:.3f}" if "error" not in r else f"{lr:g}: error"
+            for lr, r in sorted(probes.items())
+        )
+        lines.append(
+            f"| {name} | {probe_s} | {best:g} | {statistics.mean(vals):.4f} +- {sd:.4f} | "
+            f"{', '.join(f'{v:.4f}' for v in vals)} | "
+            f"{statistics.mean(r['seconds_per_step'] for r in finals):.2f} | "
+            f"{statistics.mean(r['curve'][-1]['seconds'] for r in finals):.0f} |"
+        )
+    return lines
+
+
+def plot_compare(out: dict, names: list[str], seeds: list[int], path: str) -> None:
+    """The chosen run's metric against optimizer steps and against training seconds (mean over
+    seeds; band min-max)."""
+    from matplotlib.figure import Figure
+
+    spec = SETUPS[out["setup"]]
+    metric, lower = spec["metric"], spec["metric"] == "loss"
+    fig = Figure(figsize=(11, 4.2))
+    ax_step, ax_time = fig.subplots(1, 2)
+    for name in names:
+        runs = {k: r for k, r in out["runs"].items() if k.startswith(name + "|") and "error" not in r}
+        probes = {float(k.split("|")[2]): r for k, r in runs.items() if k.split("|")[1] == str(seeds[0])}
+        if not probes:
+            continue
+        best = (min if lower else max)(probes, key=lambda lr: probes[lr][metric])
+        finals = [r for k, r in runs.items() if float(k.split("|")[2]) == best]
+        n = min(len(r["curve"]) for r in finals)
+        xs = [finals[0]["curve"][i]["step"] for i in range(n)]
+        ts = [statistics.mean(r["curve"][i]["seconds"] for r in finals) for i in range(n)]
+        ys = [[r["curve"][i][metric] for r in finals] for i in range(n)]
+        mean = [statistics.mean(v) for v in ys]
+        for ax, x in ((ax_step, xs), (ax_time, ts)):
+            (line,) = ax.plot(x, mean, marker="o", label=f"{name} (lr {best:g})")
+            ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], alpha=0.15,
+                            color=line.get_color())  # fmt: skip
+    what = {"minilm": "MiniLM on bbc-news", "smollm2": "SmolLM2-135M, language modelling on BBC"}
+    for ax, xl in ((ax_step, "optimizer step"), (ax_time, "training seconds (2-core CPU)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{what[out['setup']]}, {len(seeds)} seeds (band: min-max)", fontsize=9)
+    ax_step.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _sub(args: list[str]) -> dict:
@@ -401,14 +535,14 @@ def main() -> None:
         else:
             res = _quality_one(
                 rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]),
-                int(rest[6]),
+                int(rest[6]), *rest[7:8],
             )  # fmt: skip
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--part",
-        choices=["cost", "quality", "mfac-warmup", "mfac-product", "tiny-bert", "all"],
+        choices=["cost", "quality", "compare", "mfac-warmup", "mfac-product", "tiny-bert", "all"],
         default="all",
     )
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
@@ -428,6 +562,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--max-eval", type=int, default=300)
     ap.add_argument("--json", default=None, help="also write all results to this file")
+    ap.add_argument("--setup", choices=sorted(SETUPS), default="minilm", help="compare: which")
     args = ap.parse_args()
     import platform
 
@@ -435,6 +570,16 @@ def main() -> None:
         f"# bench_optim on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
     )
     out = {}
+    if args.part == "compare":
+        seeds = [int(s) for s in args.seeds.split(",")]
+        names = [n for n in args.optimizers.split(",") if n] if args.optimizers != ",".join(
+            OPTIMIZERS) else COMPARED  # fmt: skip
+        path = args.json or f"bench-optim-compare-{args.setup}.json"
+        res = part_compare(args.setup, names, seeds, args.threads, path)
+        print("\n".join(compare_tables(res, names, seeds)))
+        if args.plot:
+            plot_compare(res, names, seeds, args.plot)
+        return
     if args.part == "tiny-bert":
         print("\n".join(part_tiny_bert()))
         return

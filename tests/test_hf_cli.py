@@ -311,6 +311,8 @@ def test_recipe_selects_second_order_optimizer_and_masks_hold(assets, tmp_path, 
         ("adamw", ["--lr", "1e-2"], True),
         ("adahessian", ["--lr", "0.2"], True),
         ("mkor-h", ["--lr", "1e-2", "--opt", "inv_freq=1"], True),
+        ("muon", ["--lr", "3e-2"], True),
+        ("soap", ["--lr", "1e-2"], True),
         # M-FAC does not learn this tiny model in 64 steps at any of 12 settings (lr 0.01-1,
         # damp 1e-3/1e-1, window 4/16), nor does SGD with momentum at lr 0.01-1, while AdamW and
         # AdaHessian do: `python scripts/bench_optim.py --part tiny-bert` (README); here it must

@@ -12,6 +12,8 @@ DEFAULTS: dict[str, tuple[float, dict]] = {
     "mfac": (3e-2, {"num_grads": 16, "damp": 1e-4}),
     "sgd": (1e-2, {"momentum": 0.9}),
     "lamb": (1e-3, {"weight_decay": 0.01}),
+    "muon": (1e-4, {"weight_decay": 0.01}),
+    "soap": (1e-4, {"weight_decay": 0.01}),
 }
 
 

@@ -5,6 +5,9 @@
 - :class:`MKOR` — Kronecker factors kept by rank-1 Sherman-Morrison updates; MKOR-H switches to
   its first-order base optimizer automatically.
 - :class:`LAMB` — layer-wise trust-ratio Adam, a base optimizer for MKOR.
+- :class:`MuonAdamW` — ``torch.optim.Muon`` on the hidden linear weights, AdamW on the rest;
+  ``"soap"`` is the SOAP optimizer of the maintained ``pytorch-optimizer`` package. Both are here
+  as the first-order-plus choices users compare the second-order ones against.
 
 :func:`build_optimizer` is the single place where an optimizer is made from a name (used by the
 recipes' ``OptimizerModifier``, the ``Trainer`` integration and the CLI).
@@ -18,11 +21,12 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from curvature.core import checks
 from curvature.optim.adahessian import AdaHessian
+from curvature.optim.hybrid import Combined, MuonAdamW
 from curvature.optim.lamb import LAMB
 from curvature.optim.mfac import MFAC
 from curvature.optim.mkor import MKOR
 
-OPTIMIZERS = ("adamw", "sgd", "adahessian", "mfac", "mkor", "mkor-h", "lamb")
+OPTIMIZERS = ("adamw", "sgd", "adahessian", "mfac", "mkor", "mkor-h", "lamb", "muon", "soap")
 
 
 def _optimizer_class(name: str):
@@ -36,7 +40,17 @@ def _optimizer_class(name: str):
         "mfac": MFAC,
         "mkor": MKOR,
         "mkor-h": MKOR,
+        "muon": MuonAdamW,
+        "soap": _soap_class(),
     }[name]
+
+
+def _soap_class():
+    try:
+        from pytorch_optimizer import SOAP
+    except ImportError:  # pragma: no cover - a declared dependency
+        return None
+    return SOAP
 
 
 def check_optimizer(name: str, kwargs: dict) -> dict:
@@ -48,8 +62,14 @@ def check_optimizer(name: str, kwargs: dict) -> dict:
     """
     key_name = checks.one_of("optimizer", str(name).lower(), OPTIMIZERS)
     cls = _optimizer_class(key_name)
+    if cls is None:
+        raise ValueError("optimizer soap needs the pytorch-optimizer package: pip install pytorch-optimizer")
     fixed = ("self", "params", "model", "lr") + (("hybrid",) if key_name == "mkor-h" else ())
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in fixed]
+    allowed = [
+        p
+        for p, spec in inspect.signature(cls.__init__).parameters.items()
+        if p not in fixed and spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL)
+    ]
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # torch's own optimizers: names only
@@ -97,6 +117,10 @@ def build_optimizer(name: str, model, *, lr: float, **kwargs):
             return AdaHessian(params, lr=lr, **kwargs)
         if name == "mfac":
             return MFAC(params, lr=lr, **kwargs)
+        if name == "muon":
+            return MuonAdamW(model, lr=lr, **kwargs)
+        if name == "soap":
+            return _optimizer_class("soap")(params, lr=lr, **kwargs)
         if name in ("mkor", "mkor-h"):
             return MKOR(
                 model, lr=lr, hybrid=name == "mkor-h" or kwargs.pop("hybrid", False), **kwargs
@@ -119,6 +143,8 @@ __all__ = [
     "MKOR",
     "OPTIMIZERS",
     "AdaHessian",
+    "Combined",
+    "MuonAdamW",
     "build_optimizer",
     "check_optimizer",
     "needs_create_graph",
