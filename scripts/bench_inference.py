@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from curvature.integrations.speed import CSRLinear
+
 
 def _median_time(fn, reps: int) -> float:
     with torch.inference_mode():
@@ -37,23 +39,6 @@ def _median_time(fn, reps: int) -> float:
             fn()
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
-
-class CSRLinear(torch.nn.Module):
-    """``nn.Linear`` whose weight is a CSR matrix: ``y = x W^T + b`` with ``torch.sparse``."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.weight = linear.weight.detach().to_sparse_csr()
-        self.bias = linear.bias.detach() if linear.bias is not None else None
-        self.out_features = linear.out_features
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        y = (self.weight @ flat.T).T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def _prune_magnitude(w: torch.Tensor, sparsity: float) -> torch.Tensor:

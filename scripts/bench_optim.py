@@ -127,7 +127,13 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
 
 
 def _quality_one(
-    name: str, seed: int, steps: int, eval_every: int, max_eval: int, lr: float, threads: int,
+    name: str,
+    seed: int,
+    steps: int,
+    eval_every: int,
+    max_eval: int,
+    lr: float,
+    threads: int,
     setup: str = "minilm",
 ) -> dict:
     from curvature.cli.train import TrainJob, run_train
@@ -240,8 +246,12 @@ def plot_compare(out: dict, names: list[str], seeds: list[int], path: str) -> No
     fig = Figure(figsize=(11, 4.2))
     ax_step, ax_time = fig.subplots(1, 2)
     for name in names:
-        runs = {k: r for k, r in out["runs"].items() if k.startswith(name + "|") and "error" not in r}
-        probes = {float(k.split("|")[2]): r for k, r in runs.items() if k.split("|")[1] == str(seeds[0])}
+        runs = {
+            k: r for k, r in out["runs"].items() if k.startswith(name + "|") and "error" not in r
+        }
+        probes = {
+            float(k.split("|")[2]): r for k, r in runs.items() if k.split("|")[1] == str(seeds[0])
+        }
         if not probes:
             continue
         best = (min if lower else max)(probes, key=lambda lr: probes[lr][metric])

@@ -64,9 +64,7 @@ def test_one_step_equals_the_two_halves_stepped_apart():
     opt = build_optimizer("muon", model, lr=1e-2, weight_decay=0.1)
     assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, Combined)
     muon, rest = muon_split(twin)
-    ref_muon = torch.optim.Muon(
-        muon, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"
-    )
+    ref_muon = torch.optim.Muon(muon, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     ref_adam = torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         for m, opts in ((model, [opt]), (twin, [ref_muon, ref_adam])):

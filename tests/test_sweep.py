@@ -68,6 +68,68 @@ def test_sweep_writes_consistent_outputs_and_resumes(assets, tmp_path, monkeypat
         run_sweep(config(assets, out, seed=3))
 
 
+def test_sweep_seeds_intervals_pies_and_report(assets, tmp_path, capsys):
+    """Two calibration seeds per point: the table's mean, spread and intervals come from the saved
+    predictions, PIEs and per-class numbers equal a recount from those files, and the report
+    holds every table and plot."""
+    import numpy as np
+
+    from curvature.cli.report import render_folder
+    from curvature.tasks import stats
+
+    out = tmp_path / "sweep"
+    cfg = config(assets, out, methods=["obs"], sparsities=[0.8], seeds=2, speed_reps=1)
+    points = run_sweep(cfg)
+    assert [(p["method"], p.get("seed")) for p in points] == [
+        ("dense", None),
+        ("obs", 0),
+        ("obs", 1),
+    ]
+    preds = sorted(f.name for f in (out / "predictions").iterdir())
+    assert preds == [
+        "dense.csv", "labels.json", "obs_unstructured_oneshot_0.8_seed0.csv",
+        "obs_unstructured_oneshot_0.8_seed1.csv", "texts.json",
+    ]  # fmt: skip
+    # the two seeds calibrate on different batches, so they prune differently
+    seeds = [p for p in points if p["method"] == "obs"]
+    u0 = stats.read_units(out / "predictions" / "obs_unstructured_oneshot_0.8_seed0.csv")
+    u1 = stats.read_units(out / "predictions" / "obs_unstructured_oneshot_0.8_seed1.csv")
+    dense = stats.read_units(out / "predictions" / "dense.csv")
+    assert u0["prediction"].tolist() == [int(x) for x in u0["prediction"]]
+    assert float(u0["correct"].mean()) == pytest.approx(seeds[0]["accuracy"])
+    assert float(u1["correct"].mean()) == pytest.approx(seeds[1]["accuracy"])
+    assert not np.array_equal(u0["confidence"], u1["confidence"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2
+    obs = next(r for r in rows if r["method"] == "obs")
+    for col in ("accuracy_ci_low", "accuracy_ci_high", "accuracy_std", "accuracy_delta",
+                "accuracy_delta_ci_low", "accuracy_delta_ci_high", "ece", "pies", "params_kept",
+                "latency_ms_dense", "latency_ms_csr", "throughput_dense", "speed_batch"):  # fmt: skip
+        assert obs[col] != "", col
+    acc = (seeds[0]["accuracy"] + seeds[1]["accuracy"]) / 2
+    assert float(obs["accuracy"]) == pytest.approx(acc)
+    assert float(obs["accuracy_ci_low"]) <= acc <= float(obs["accuracy_ci_high"])
+    assert obs["seeds"] == "2"
+    # PIEs: the modal prediction over the two seeds (ties to the smaller label) against dense
+    modal = np.minimum(u0["prediction"], u1["prediction"])
+    modal[u0["prediction"] == u1["prediction"]] = u0["prediction"][
+        u0["prediction"] == u1["prediction"]
+    ]
+    expected = sorted(int(i) for i in np.nonzero(modal != dense["prediction"])[0])
+    pies = list(csv.DictReader(open(out / "pies.csv")))
+    assert sorted(int(r["id"]) for r in pies) == expected
+    assert int(obs["pies"]) == len(expected)
+    # the report: every table and plot, one self-contained page
+    page = (out / "report.html").read_text()
+    assert 'src="http' not in page and "<link" not in page
+    assert page.count("data:image/png;base64,") == 3
+    assert "What pruning forgets" in page and "Per-class accuracy" in page
+    md = render_folder(out)
+    assert md == out / "report.md" and "95%" in md.read_text()
+    assert main(["report", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+
+
 def test_sweep_validation_and_report_cli(assets, tmp_path, capsys):
     with pytest.raises(SweepError, match="--methods: unknown \\['random'\\]"):
         config(assets, tmp_path / "x", methods=["random"]).validate()
@@ -77,7 +139,7 @@ def test_sweep_validation_and_report_cli(assets, tmp_path, capsys):
     assert "expects a comma list of numbers" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
     assert main(["report", str(tmp_path)]) == 2
-    assert "no finished sweep points" in capsys.readouterr().err
+    assert "holds neither a sweep (points.jsonl) nor a prune run" in capsys.readouterr().err
 
 
 def test_compressed_round_trip_is_exact(assets, tmp_path):

@@ -213,6 +213,7 @@ def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
     result = trainer.train()
     shutil.rmtree(work, ignore_errors=True)
     ev = p.evaluate(model, progress=job.progress, desc="eval dense baseline")
+    ev.pop("units", None)
     return {**ev, "steps": result.global_step, "epochs": epochs}
 
 
@@ -321,8 +322,11 @@ def run_prune(job: PruneJob) -> dict:
         metrics.update(task=p.task, metric=p.metric, higher_is_better=p.higher_is_better)
         metrics.update(p.info)
 
+        units: dict = {}  # evaluations' units, kept out of metrics.json (predictions/*.csv)
+
         def record_dense(m):
             metrics["dense"] = p.evaluate(m, progress=job.progress, desc="eval dense")
+            units["dense"] = metrics["dense"].pop("units", None)
             if trainer is not None:
                 trainer.extra_state["dense"] = metrics["dense"]
 
@@ -379,6 +383,8 @@ def run_prune(job: PruneJob) -> dict:
                 metrics["dense"] = None
         manager.masks.apply(model)
         metrics["pruned"] = p.evaluate(model, progress=job.progress, desc="eval pruned")
+        units["pruned"] = metrics["pruned"].pop("units", None)
+        _add_intervals(metrics, units, tmp)
         if job.dense_baseline:
             metrics["dense_equal_budget"] = _dense_baseline(
                 job, recipe, epochs, tmp / "dense-trainer"
@@ -406,7 +412,39 @@ def run_prune(job: PruneJob) -> dict:
             metrics["compressed"] = save_compressed(model, tmp / "compressed")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(render_report(metrics))
+        from curvature.cli.report import write_prune_report
+
+        write_prune_report(tmp)
     return metrics
+
+
+def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
+    """95% bootstrap intervals of every metric (``m_ci_low``/``m_ci_high``) and, with a dense
+    evaluation, the paired difference against it (``m_delta`` and its interval); the units go to
+    ``predictions/``."""
+    from curvature.tasks import stats
+
+    for name, u in units.items():
+        if u is not None:
+            stats.write_units(folder / "predictions" / f"{name}.csv", u)
+    for name in ("dense", "pruned"):
+        ev, u = metrics.get(name), units.get(name)
+        if not ev or u is None:
+            continue
+        for m in [
+            k for k in list(ev) if k in ("accuracy", "f1", "exact_match", "perplexity", "loss")
+        ]:
+            if not stats.has_metric(u, m):
+                continue
+            ev[f"{m}_ci_low"], ev[f"{m}_ci_high"] = stats.interval(u, m)
+            if name == "pruned" and units.get("dense") is not None:
+                d, lo, hi = stats.paired_interval(u, units["dense"], m)
+                ev[f"{m}_delta"], ev[f"{m}_delta_ci_low"], ev[f"{m}_delta_ci_high"] = d, lo, hi
+        if "confidence" in u:
+            ev["ece"] = stats.ece(u["confidence"], u["correct"])
+    if units.get("dense") is not None and units.get("pruned") is not None:
+        if "prediction" in units["pruned"]:
+            metrics["pies"] = len(stats.pies([units["pruned"]], [units["dense"]]))
 
 
 def _check_teacher(recipe, distill, teacher, epochs, given) -> None:
@@ -478,7 +516,18 @@ def render_report(metrics: dict) -> str:
     ]
 
     def row(label, ev):
-        return f"| {label} | " + " | ".join(_fmt(ev[c]) for c in cols) + " |"
+        def one(c):
+            text = _fmt(ev[c])
+            if f"{c}_ci_low" in ev:
+                text += f" [{_fmt(ev[c + '_ci_low'])}, {_fmt(ev[c + '_ci_high'])}]"
+            if f"{c}_delta" in ev:
+                text += (
+                    f"; vs dense {ev[c + '_delta']:+.4f} [{ev[c + '_delta_ci_low']:+.4f}, "
+                    f"{ev[c + '_delta_ci_high']:+.4f}]"
+                )
+            return text
+
+        return f"| {label} | " + " | ".join(one(c) for c in cols) + " |"
 
     if dense:
         lines.append(row("dense (before pruning)", dense))
@@ -487,6 +536,24 @@ def render_report(metrics: dict) -> str:
         lines.append(row(f"dense, the same {base['steps']} steps without pruning", base))
     steps = f", {metrics['steps']} steps" if metrics.get("steps") else ""
     lines.append(row(f"pruned{steps}", pruned))
+    if any(k.endswith("_ci_low") for k in pruned):
+        lines += [
+            "",
+            "In brackets: 95% bootstrap intervals over the validation examples; `vs dense` is the "
+            "paired difference on the same examples (a real change only when its interval "
+            "excludes zero).",
+        ]
+    if "pies" in metrics:
+        ece = pruned.get("ece")
+        lines.append(
+            f"Pruning changed the prediction of {metrics['pies']} validation examples (PIEs; "
+            f"`predictions/` holds both models' predictions)"
+            + (
+                f"; ECE {dense.get('ece', float('nan')):.3f} dense, {ece:.3f} pruned."
+                if ece is not None and dense
+                else "."
+            )
+        )
     skipped = sorted({n for s in metrics.get("pruning_steps", []) for n in s.get("skipped", {})})
     if skipped:
         lines += ["", f"Matched by a `re:` pattern but left dense (1-D): {', '.join(skipped)}"]

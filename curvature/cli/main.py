@@ -305,12 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-recomputations", type=int, default=None, help="default 1, or the recipe's"
     )
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat every point over N calibration (one-shot) or fine-tuning (gradual) seeds: "
+        "--seed, --seed+1, ...; the table shows the mean, spread and 95%% intervals",
+    )
+    w.add_argument(
+        "--speed-reps",
+        type=int,
+        default=5,
+        help="timed forwards per format for each point's latency (0: do not measure)",
+    )
     w.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser(
         "report",
-        help="render a sweep folder again",
-        description="Rewrite the table, CSV/JSON and plot of a sweep folder from its points.jsonl.",
+        help="render a sweep or prune run folder as Markdown and one self-contained HTML page",
+        description=(
+            "Rewrite a sweep folder's tables (with 95%% intervals), PIEs, plots, report.md and "
+            "report.html from its points.jsonl and predictions/, or a prune run's report.md and "
+            "report.html from its metrics.json."
+        ),
     )
     r.add_argument("folder")
 
@@ -382,10 +399,11 @@ def _main(argv: list[str] | None) -> int:
             if args.command == "sweep":
                 return _sweep(args)
             if args.command == "report":
-                from curvature.cli.sweep import render
+                from curvature.cli.report import render_folder
 
-                render(args.folder)
-                print((__import__("pathlib").Path(args.folder) / "results.md").read_text())
+                md = render_folder(args.folder)
+                print(md.read_text())
+                print(f"report: {md.with_suffix('.html')}")
                 return 0
             if args.command == "check":
                 return _check(args)
@@ -489,6 +507,8 @@ def _sweep(args) -> int:
         progress=not args.no_progress,
         task=args.task,
         per_layer=args.per_layer,
+        seeds=args.seeds,
+        speed_reps=args.speed_reps,
     )
     cfg.validate()  # before any folder is created
     from curvature.core.parallel import world
@@ -517,6 +537,7 @@ def _sweep(args) -> int:
     run_sweep(cfg)
     print((Path(args.output) / "results.md").read_text())
     print(f"plot: {Path(args.output) / 'accuracy_vs_sparsity.png'}")
+    print(f"report: {Path(args.output) / 'report.html'}")
     return 0
 
 

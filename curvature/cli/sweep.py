@@ -4,8 +4,12 @@ Layout of a sweep folder::
 
     DIR/dense/                 the dense reference (fine-tuned here unless --finetune-epochs 0)
     DIR/points.jsonl           one line per finished point (the resume log)
-    DIR/results.csv|json|md    the table, rewritten after every point
-    DIR/accuracy_vs_sparsity.png
+    DIR/predictions/NAME.csv   each evaluation's units (example id, label, prediction,
+                               confidence, loss; per document for a decoder), dense.csv included
+    DIR/results.csv|json|md    the table with 95% intervals, rewritten after every point
+    DIR/pies.csv               the examples whose prediction pruning changed (classification)
+    DIR/report.html            the whole report in one self-contained page
+    DIR/*.png                  metric against sparsity, size on disk and measured latency
 
 A rerun with the same arguments skips the points already in ``points.jsonl``; an interrupted run
 loses at most the point in progress (each line is written only when its point is complete).
@@ -23,19 +27,6 @@ from pathlib import Path
 from curvature.pruning import METHODS as PRUNING_METHODS
 from curvature.pruning.masks import parse_mask
 
-COLUMNS = [
-    "method",
-    "mask",
-    "mode",
-    "target_sparsity",
-    "sparsity",
-    "accuracy",
-    "loss",
-    "dense_bytes",
-    "compressed_bytes",
-    "prune_seconds",
-    "peak_memory_mb",
-]
 METHODS = PRUNING_METHODS.names()
 
 
@@ -71,6 +62,10 @@ class SweepConfig:
     progress: bool = True
     task: str | None = None  # None: inferred from the data and the model
     per_layer: bool = False  # magnitude and Fisher methods per layer (layer-wise ones always are)
+    # every point is repeated over this many calibration (one-shot) or fine-tuning (gradual)
+    # seeds: seed, seed + 1, ...; the dense model is the same for all
+    seeds: int = 1
+    speed_reps: int = 5  # timed forwards per format for latency (0: do not measure)
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
@@ -119,6 +114,10 @@ class SweepConfig:
             raise SweepError(
                 f"--block-size {block} is not a multiple of the {structure.name} group of {structure.run}"
             )
+        if self.seeds < 1:
+            raise SweepError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.speed_reps < 0:
+            raise SweepError(f"--speed-reps must be >= 0, got {self.speed_reps}")
         for name in ("num_grads", "block_size", "num_recomputations"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SweepError(
@@ -147,7 +146,21 @@ class SweepConfig:
 
 
 def _key(p: dict) -> tuple:
-    return (p["method"], p["mask"], p["mode"], round(p["target_sparsity"], 6))
+    return (
+        p["method"],
+        p["mask"],
+        p["mode"],
+        round(p["target_sparsity"], 6),
+        p.get("seed_index", 0),
+    )
+
+
+def point_name(p: dict) -> str:
+    """The file name (no suffix) of a point's predictions."""
+    if p["method"] == "dense":
+        return "dense"
+    mask = p["mask"].replace(":", "-")
+    return f"{p['method']}_{mask}_{p['mode']}_{p['target_sparsity']:g}_seed{p.get('seed_index', 0)}"
 
 
 def load_points(folder: Path) -> list[dict]:
@@ -211,32 +224,33 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             tmp.rename(dense_dir)
     dense_dir = _read_dir(cfg, "dense")
     dense_model = load_model(task.task, str(dense_dir))
-    if ("dense", "-", "-", 0.0) not in done:
+    if ("dense", "-", "-", 0.0, 0) not in done:
         ev = task.evaluate(dense_model, progress=cfg.progress, desc="eval dense")
+        point = {"method": "dense", "mask": "-", "mode": "-", "target_sparsity": 0.0}
         _append(
             out,
             {
-                "method": "dense",
-                "mask": "-",
-                "mode": "-",
-                "target_sparsity": 0.0,
+                **point,
                 "sparsity": 0.0,
-                **_ev(ev, task),
+                **_ev(ev, task, out, point),
                 **_sizes(dense_model, out),
+                **_speed(dense_model, task, cfg),
                 "prune_seconds": 0.0,
                 "peak_memory_mb": None,
             },
             points,
         )
+    _save_texts(out, task)
 
     mode = "gradual" if cfg.recipe else "oneshot"
     for method in cfg.methods:
         for s in cfg.sparsities:
-            key = (method, parse_mask(cfg.mask).name, mode, round(s, 6))
-            if key in done:
-                continue
-            point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss)
-            _append(out, point, points)
+            for k in range(cfg.seeds):
+                key = (method, parse_mask(cfg.mask).name, mode, round(s, 6), k)
+                if key in done:
+                    continue
+                point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k)
+                _append(out, point, points)
     render(out, points)
     return points
 
@@ -244,9 +258,49 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 METRICS = ("accuracy", "f1", "exact_match", "perplexity", "loss")  # table columns, in order
 
 
-def _ev(ev: dict, task) -> dict:
-    """A point's metrics: the task's (see :data:`METRICS`), and which one it is judged by."""
+def _ev(ev: dict, task, out: Path, point: dict) -> dict:
+    """A point's metrics: the task's (see :data:`METRICS`), and which one it is judged by. Its
+    units go to ``predictions/NAME.csv`` (on rank 0), where the report's intervals come from."""
+    from curvature.core.parallel import world
+    from curvature.tasks.stats import write_units
+
+    if "units" in ev and world()[0] == 0:
+        write_units(out / "predictions" / f"{point_name(point)}.csv", ev["units"])
     return {"metric": task.metric, **{k: ev[k] for k in METRICS if k in ev}}
+
+
+def _save_texts(out: Path, task) -> None:
+    """The evaluation units' texts (by id), once, for the report's examples."""
+    path = out / "predictions" / "texts.json"
+    if task.texts is not None and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([t[:2000] for t in task.texts]))
+    if task.label_names and not (out / "predictions" / "labels.json").exists():
+        (out / "predictions" / "labels.json").write_text(json.dumps(list(task.label_names)))
+
+
+def _speed(model, task, cfg: SweepConfig) -> dict:
+    """Measured latency and throughput of each format that exists here (see
+    :mod:`curvature.integrations.speed`), on a fixed batch of training inputs."""
+    if cfg.speed_reps == 0:
+        return {}
+    from curvature.integrations.speed import measure
+
+    n = min(cfg.batch_size, len(task.train))
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    rows = [{k: v for k, v in task.train[i].items() if k in keep} for i in range(n)]
+    batch = task.collator(rows)
+    res = measure(model, {k: v for k, v in batch.items() if k in keep}, reps=cfg.speed_reps)
+    out = {
+        "params_kept": int(sum(int((p != 0).sum()) for p in model.parameters())),
+        "speed_batch": res["batch_size"],
+        "speed_seq_len": res["sequence_length"],
+        "speed_device": res["device"],
+    }
+    for fmt, r in res["formats"].items():
+        out[f"latency_ms_{fmt}"] = r["latency_ms"]
+        out[f"throughput_{fmt}"] = r["throughput"]
+    return out
 
 
 def _barrier() -> None:
@@ -300,7 +354,7 @@ def _finetune(model, train, collator, cfg: SweepConfig) -> None:
     Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
 
 
-def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
+def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) -> dict:
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
     from curvature.pruning import prune
     from curvature.tasks.kinds import load_model
@@ -312,7 +366,7 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
         from curvature.integrations.hf import grad_loader
 
         # under torch.distributed each rank's shard of the batches (a DistributedSampler)
-        grads = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed)
+        grads = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed + k)
         fisher = (
             {}  # the layer-wise methods: calibration batches only (their damping is relative)
             if PRUNING_METHODS[method].layerwise
@@ -341,7 +395,7 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
         from curvature.recipes import load_recipe
 
         recipe = _recipe_for(load_recipe(cfg.recipe), method, s, cfg)
-        tmp = Path(cfg.output) / f".point-{method}-{s}"
+        tmp = Path(cfg.output) / f".point-{method}-{s}-{k}"
         job = PruneJob(
             recipe=recipe,
             model=str(dense_dir),
@@ -352,7 +406,7 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
             max_length=cfg.max_length,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
-            seed=cfg.seed,
+            seed=cfg.seed + k,
             overwrite=True,
             progress=cfg.progress,
             task=task.task,
@@ -367,14 +421,20 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss) -> dict:
     seconds = time.perf_counter() - start
     peak = peak_memory_bytes()
     ev = task.evaluate(model, progress=cfg.progress, desc=f"eval {method} {s}")
-    return {
+    point = {
         "method": method,
         "mask": parse_mask(cfg.mask).name,
         "mode": mode,
         "target_sparsity": s,
+        "seed_index": k,
+        "seed": cfg.seed + k,
+    }
+    return {
+        **point,
         "sparsity": reached,
-        **_ev(ev, task),
+        **_ev(ev, task, Path(cfg.output), point),
         **_sizes(model, Path(cfg.output)),
+        **_speed(model, task, cfg),
         "prune_seconds": seconds,
         "peak_memory_mb": peak / 2**20 if peak else None,
     }
@@ -436,14 +496,15 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
 
 
 def render(folder: str | Path, points: list[dict] | None = None) -> None:
-    """Write results.csv, results.json, results.md and the plot from the points."""
+    """Write results.csv|json|md, pies.csv, the plots and report.html from the points and the
+    saved predictions (intervals, seeds, PIEs and calibration are computed here)."""
+    from curvature.cli import report
+
     folder = Path(folder)
     points = load_points(folder) if points is None else points
     if not points:
         raise SweepError(f"{folder} has no finished sweep points (points.jsonl)")
-    rows = sorted(
-        points, key=lambda p: (p["method"] != "dense", p["mode"], p["method"], p["target_sparsity"])
-    )
+    rows = aggregate(folder, points)
     with open(folder / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
         w.writeheader()
@@ -451,6 +512,75 @@ def render(folder: str | Path, points: list[dict] | None = None) -> None:
     (folder / "results.json").write_text(json.dumps(rows, indent=2))
     (folder / "results.md").write_text(markdown_table(rows))
     plot(rows, folder / "accuracy_vs_sparsity.png")
+    report.write_sweep_report(folder, rows, points)
+
+
+def _groups(points: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault(_key(p)[:4], []).append(p)
+    for pts in groups.values():
+        pts.sort(key=lambda p: p.get("seed_index", 0))
+    return groups
+
+
+def load_units(folder: Path, p: dict):
+    """The saved units of a point, or None (points written before predictions were kept)."""
+    from curvature.tasks.stats import read_units
+
+    path = Path(folder) / "predictions" / f"{point_name(p)}.csv"
+    return read_units(path) if path.is_file() else None
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def aggregate(folder: Path, points: list[dict]) -> list[dict]:
+    """One row per method, mask, mode and target: the metrics' mean over seeds, their spread
+    (``m_std``), 95% bootstrap intervals (``m_ci_low``/``m_ci_high``) and the paired difference
+    against dense (``m_delta`` with its interval), ECE and the count of PIEs."""
+    import statistics
+
+    from curvature.tasks import stats
+
+    groups = _groups(points)
+    dense_pts = groups.get(("dense", "-", "-", 0.0))
+    dense_units = load_units(folder, dense_pts[0]) if dense_pts else None
+    rows = []
+    for pts in groups.values():
+        row = {k: v for k, v in pts[0].items() if k not in ("seed_index", "seed")}
+        row["seeds"] = len(pts)
+        if pts[0].get("seed") is not None:
+            row["seed_list"] = " ".join(str(p["seed"]) for p in pts)
+        numeric = {k for p in pts for k, v in p.items() if isinstance(v, (int, float))}
+        for k in numeric - {"seed_index", "seed", "target_sparsity"}:
+            vals = [p[k] for p in pts if isinstance(p.get(k), (int, float))]
+            if vals:
+                row[k] = statistics.mean(vals)
+        units = [load_units(folder, p) for p in pts]
+        units = units if all(u is not None for u in units) else None
+        for m in METRICS:
+            if m not in row:
+                continue
+            if len(pts) > 1:
+                row[f"{m}_std"] = statistics.stdev(p[m] for p in pts)
+            if units and stats.has_metric(units[0], m):
+                row[f"{m}_ci_low"], row[f"{m}_ci_high"] = stats.interval(units, m)
+                if dense_units is not None and row["method"] != "dense":
+                    d, lo, hi = stats.paired_interval(units, dense_units, m)
+                    row[f"{m}_delta"], row[f"{m}_delta_ci_low"], row[f"{m}_delta_ci_high"] = (
+                        d,
+                        lo,
+                        hi,
+                    )
+        if units and "confidence" in units[0]:
+            row["ece"] = statistics.mean(stats.ece(u["confidence"], u["correct"]) for u in units)
+            if dense_units is not None and row["method"] != "dense":
+                row["pies"] = len(stats.pies(units, [dense_units]))
+        rows.append(row)
+    return sorted(
+        rows, key=lambda r: (r["method"] != "dense", r["mode"], r["method"], r["target_sparsity"])
+    )
 
 
 def _metrics_of(rows: list[dict]) -> list[str]:
@@ -458,31 +588,109 @@ def _metrics_of(rows: list[dict]) -> list[str]:
 
 
 def columns(rows: list[dict]) -> list[str]:
-    """``results.csv``'s columns: :data:`COLUMNS` with the metrics of the sweep's task."""
-    i = COLUMNS.index("accuracy")
-    return [*COLUMNS[:i], *_metrics_of(rows), *COLUMNS[i + 2 :]]
+    """``results.csv``'s columns: the point, every metric with its spread, interval and paired
+    difference against dense, calibration and PIEs, size and measured speed, cost."""
+    present = {k for r in rows for k in r}
+    out = ["method", "mask", "mode", "target_sparsity", "sparsity", "seeds"]
+    for m in _metrics_of(rows):
+        for suffix in (
+            "",
+            "_std",
+            "_ci_low",
+            "_ci_high",
+            "_delta",
+            "_delta_ci_low",
+            "_delta_ci_high",
+        ):
+            if suffix == "" or m + suffix in present:
+                out.append(m + suffix)
+    tail = ["ece", "pies", "params_kept", "dense_bytes", "compressed_bytes"]
+    tail += sorted(k for k in present if k.startswith(("latency_ms_", "throughput_")))
+    tail += ["speed_batch", "speed_seq_len", "speed_device", "prune_seconds", "peak_memory_mb"]
+    return out + [c for c in tail if c in present or c in ("dense_bytes", "compressed_bytes")]
+
+
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def verdict(row: dict, m: str) -> str:
+    """``better``/``worse`` than dense when the paired interval excludes zero, else ``within
+    noise``."""
+    lo, hi = row.get(f"{m}_delta_ci_low"), row.get(f"{m}_delta_ci_high")
+    if lo is None:
+        return ""
+    if lo <= 0 <= hi:
+        return "within noise"
+    up = lo > 0
+    return "worse" if up == (m in LOWER_IS_BETTER) else "better"
+
+
+def cell(row: dict, m: str) -> str:
+    """``value [low, high]`` (and ``+- std`` over seeds)."""
+    if m not in row:
+        return "-"
+    text = _num(row[m])
+    if f"{m}_ci_low" in row:
+        text += f" [{_num(row[f'{m}_ci_low'])}, {_num(row[f'{m}_ci_high'])}]"
+    if f"{m}_std" in row:
+        text += f" +- {_num(row[f'{m}_std'])}"
+    return text
+
+
+def delta_cell(row: dict, m: str) -> str:
+    if f"{m}_delta" not in row:
+        return "-"
+    return (
+        f"{row[f'{m}_delta']:+.4f} [{row[f'{m}_delta_ci_low']:+.4f}, "
+        f"{row[f'{m}_delta_ci_high']:+.4f}] {verdict(row, m)}"
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
     names = _metrics_of(rows)
-    lines = [
-        "| method | mask | mode | target | reached | "
-        + " | ".join(n.replace("_", " ") for n in names)
-        + " | size (compressed) | prune s | peak MB |",
-        "|---" * (8 + len(names)) + "|",
-    ]
+    main = rows[0].get("metric", names[0] if names else "accuracy")
+    others = [n for n in names if n != main]
+    has_speed = any("latency_ms_dense" in r for r in rows)
+    head = (
+        f"| method | mask | mode | target | reached | seeds | {main.replace('_', ' ')} [95% CI] | "
+        f"vs dense, paired [95% CI] | "
+        + "".join(f"{n.replace('_', ' ')} | " for n in others)
+        + "ECE | PIEs | size (compressed) | "
+        + ("latency ms (dense / CSR) | " if has_speed else "")
+        + "prune s | peak MB |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         peak = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "-"
-        vals = " | ".join(f"{r[n]:.4f}" if n in r else "-" for n in names)
+        ece = f"{r['ece']:.3f}" if "ece" in r else "-"
+        pies = str(r["pies"]) if "pies" in r else "-"
+        speed = ""
+        if has_speed:
+            d, c = r.get("latency_ms_dense"), r.get("latency_ms_csr")
+            speed = (f"{d:.0f}" if d else "-") + (f" / {c:.0f}" if c else "") + " | "
         lines.append(
-            f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | {r['sparsity']:.4f} | "
-            f"{vals} | {r['compressed_bytes'] / 2**20:.1f} MB "
-            f"({r['compressed_bytes'] / r['dense_bytes']:.0%}) | {r['prune_seconds']:.0f} | {peak} |"
+            f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | "
+            f"{r['sparsity']:.4f} | {r.get('seeds', 1)} | {cell(r, main)} | {delta_cell(r, main)} | "
+            + "".join(f"{cell(r, n)} | " for n in others)
+            + f"{ece} | {pies} | {r['compressed_bytes'] / 2**20:.1f} MB "
+            f"({r['compressed_bytes'] / r['dense_bytes']:.0%}) | {speed}{r['prune_seconds']:.0f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _curves(rows):
+    curves: dict[tuple, list] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            curves.setdefault((r["method"], r["mask"], r["mode"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["sparsity"]) for k, v in sorted(curves.items())}
+
+
+def plot(rows: list[dict], path: Path, x: str = "sparsity") -> None:
+    """The task's metric (with its 95% interval as error bars) against ``x``: ``sparsity``,
+    ``size`` (the compressed checkpoint, MB) or ``latency`` (measured, ms, dense format and CSR
+    where measured)."""
     # A Figure of its own (no pyplot): the caller's backend and open figures stay untouched.
     from matplotlib.figure import Figure
 
@@ -491,28 +699,65 @@ def plot(rows: list[dict], path: Path) -> None:
     dense = [r for r in rows if r["method"] == "dense"]
     metric = rows[0].get("metric", "accuracy")  # points of sweeps before tasks: accuracy
     scale = 100 if metric == "accuracy" else 1
-    curves: dict[tuple, list] = {}
-    for r in rows:
-        if r["method"] != "dense":
-            curves.setdefault((r["method"], r["mask"], r["mode"]), []).append(r)
-    for (method, mask, mode), pts in sorted(curves.items()):
-        pts = sorted(pts, key=lambda r: r["sparsity"])
-        ax.plot(
-            [100 * r["sparsity"] for r in pts],
-            [scale * r[metric] for r in pts],
-            marker="o",
-            label=f"{method} ({mask}, {mode})",
-        )
+
+    def xs(pts, fmt="dense"):
+        if x == "sparsity":
+            return [100 * r["sparsity"] for r in pts]
+        if x == "size":
+            return [r["compressed_bytes"] / 2**20 for r in pts]
+        return [r.get(f"latency_ms_{fmt}", float("nan")) for r in pts]
+
+    def err(pts):
+        if not all(f"{metric}_ci_low" in r for r in pts):
+            return None
+        return [
+            [scale * (r[metric] - r[f"{metric}_ci_low"]) for r in pts],
+            [scale * (r[f"{metric}_ci_high"] - r[metric]) for r in pts],
+        ]
+
+    fmts = ["dense", "csr"] if x == "latency" else ["dense"]
+    for (method, mask, mode), pts in _curves(rows).items():
+        for fmt in fmts:
+            if x == "latency" and not any(f"latency_ms_{fmt}" in r for r in pts):
+                continue
+            label = f"{method} ({mask}, {mode})" + (f", {fmt}" if x == "latency" else "")
+            ax.errorbar(
+                xs(pts, fmt), [scale * r[metric] for r in pts], yerr=err(pts), marker="o",
+                capsize=3, label=label, linestyle="-" if fmt == "dense" else ":",
+            )  # fmt: skip
     if dense:
-        ax.axhline(scale * dense[0][metric], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity of the pruned weights (%)")
+        d = dense[0]
+        if x == "sparsity":
+            ax.axhline(scale * d[metric], color="gray", linestyle="--", label="dense")
+            if f"{metric}_ci_low" in d:
+                ax.axhspan(scale * d[f"{metric}_ci_low"], scale * d[f"{metric}_ci_high"],
+                           color="gray", alpha=0.12, label="dense 95% CI")  # fmt: skip
+        else:
+            dx = xs([d])[0]
+            if dx == dx:  # not NaN
+                ax.plot([dx], [scale * d[metric]], marker="*", markersize=12, color="black",
+                        linestyle="", label="dense")  # fmt: skip
+    xlabel = {
+        "sparsity": "sparsity of the pruned weights (%)",
+        "size": "compressed checkpoint on disk (MB)",
+        "latency": "measured latency of one batch (ms)",
+    }[x]
+    if x == "latency" and rows and rows[0].get("speed_batch"):
+        r0 = rows[0]
+        xlabel += f", batch {r0['speed_batch']} x {r0['speed_seq_len']} tokens, {r0.get('speed_device', 'cpu')}"
+    ax.set_xlabel(xlabel, fontsize=8 if x == "latency" else None)
     label = {"accuracy": "accuracy (%)", "f1": "F1", "perplexity": "perplexity"}.get(metric, metric)
     ax.set_ylabel(f"validation {label}")
-    ax.set_title(f"{label.split(' ')[0].capitalize()} kept at each sparsity")
+    title = {
+        "sparsity": "at each sparsity",
+        "size": "against size on disk",
+        "latency": "against latency",
+    }[x]
+    ax.set_title(f"{label.split(' ')[0].capitalize()} kept {title} (bars: 95% CI)")
     if metric == "perplexity":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 

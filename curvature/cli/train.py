@@ -74,7 +74,7 @@ class EvalEvery(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.train_seconds += time.perf_counter() - self._t
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            ev = self.evaluate(model)
+            ev = {k: v for k, v in self.evaluate(model).items() if k != "units"}
             self.history.append({"step": state.global_step, "seconds": self.train_seconds, **ev})
 
 
@@ -139,6 +139,7 @@ def run_train(job: TrainJob) -> dict:
         result = trainer.train()
         steps = result.global_step
         final = p.evaluate(model, progress=job.progress, desc="eval")
+        final.pop("units", None)
         metrics = {
             "optimizer": job.optimizer.lower(),
             "optimizer_class": type(trainer._inner_optimizer()).__name__,

@@ -63,7 +63,9 @@ def check_optimizer(name: str, kwargs: dict) -> dict:
     key_name = checks.one_of("optimizer", str(name).lower(), OPTIMIZERS)
     cls = _optimizer_class(key_name)
     if cls is None:
-        raise ValueError("optimizer soap needs the pytorch-optimizer package: pip install pytorch-optimizer")
+        raise ValueError(
+            "optimizer soap needs the pytorch-optimizer package: pip install pytorch-optimizer"
+        )
     fixed = ("self", "params", "model", "lr") + (("hybrid",) if key_name == "mkor-h" else ())
     allowed = [
         p

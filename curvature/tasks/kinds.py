@@ -77,6 +77,9 @@ class Prepared:
     evaluate: Callable[..., dict]
     info: dict = field(default_factory=dict)
     label_names: list[str] | None = None
+    #: the text of each evaluation unit, by its ``id`` (examples, questions, documents), so a
+    #: report can show what a pruned model got wrong; None where units have no single text
+    texts: list[str] | None = None
 
     @property
     def metric(self) -> str:
@@ -285,35 +288,53 @@ def prepare(
 
 @torch.no_grad()
 def classification_eval(model, loader, *, progress=False, desc="eval") -> dict:
-    """Accuracy, mean loss and (two labels) the F1 of label 1, as GLUE reports MRPC and QQP."""
+    """Accuracy, mean loss and (two labels) the F1 of label 1, as GLUE reports MRPC and QQP;
+    ``units`` holds each example's label, prediction, confidence (the top class probability),
+    loss and correctness, by position in the loader (see :mod:`curvature.tasks.stats`)."""
     from tqdm.auto import tqdm
 
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    preds, labels = [], []
-    loss_sum = 0.0
+    preds, labels, confs, losses = [], [], [], []
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            preds.append(out.logits.argmax(-1).cpu())
-            labels.append(batch["labels"].cpu())
-            loss_sum += float(out.loss) * len(batch["labels"])
+            logits = model(**batch).logits.float()
+            y = batch["labels"]
+            probs = torch.softmax(logits, -1)
+            conf, p = probs.max(-1)
+            preds.append(p.cpu())
+            confs.append(conf.cpu())
+            labels.append(y.cpu())
+            losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="none").cpu())
     finally:
         model.train(was)
     if not labels:
         raise DataError("evaluation needs at least one validation example")
     p, y = torch.cat(preds), torch.cat(labels)
+    loss = torch.cat(losses).double()
+    correct = (p == y).double()
+    units = {
+        "id": list(range(len(y))),
+        "label": y.numpy(),
+        "prediction": p.numpy(),
+        "confidence": torch.cat(confs).double().numpy(),
+        "loss": loss.numpy(),
+        "correct": correct.numpy(),
+    }
     out = {
-        "accuracy": float((p == y).float().mean()),
-        "loss": loss_sum / len(y),
+        "accuracy": float(correct.mean()),
+        "loss": float(loss.mean()),
         "examples": len(y),
+        "units": units,
     }
     if getattr(model.config, "num_labels", 0) == 2:
         tp = int(((p == 1) & (y == 1)).sum())
         fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
         out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+        units["f1_num"] = (2 * ((p == 1) & (y == 1))).double().numpy()
+        units["f1_den"] = ((p == 1).double() + (y == 1).double()).numpy()
     return out
 
 
@@ -368,8 +389,10 @@ def _prepare_classification(
         "text_columns": list(td.text_columns),
         **td.info,
     }
+    val = td.dataset["validation"]
+    texts = [" | ".join(str(val[c][i]) for c in td.text_columns) for i in range(len(val))]
     return Prepared(
-        "sequence-classification", net, tok, enc["train"], collator, evaluate, info, names
+        "sequence-classification", net, tok, enc["train"], collator, evaluate, info, names, texts
     )
 
 
@@ -445,7 +468,7 @@ def _prepare_qa(
             m, val_feats, default_data_collator, eval_batch_size, progress=progress, desc=desc
         )
         preds = qa.postprocess(val_ex, val_feats, s, e, version_2=version_2)
-        return qa.squad_metrics(preds, refs)
+        return {**qa.squad_metrics(preds, refs), "units": qa.squad_units(preds, refs)}
 
     info = {
         "train_examples": len(train_rows),
@@ -455,7 +478,10 @@ def _prepare_qa(
         "squad_version": 2 if version_2 else 1,
         "doc_stride": stride,
     }
-    return Prepared("question-answering", net, tok, train, default_data_collator, evaluate, info)
+    texts = [r["question"] for r in val_rows]
+    return Prepared(
+        "question-answering", net, tok, train, default_data_collator, evaluate, info, None, texts
+    )
 
 
 def _prepare_lm(
@@ -516,7 +542,7 @@ def _prepare_lm(
         train = lm.block_dataset(
             lm.blocks(lm.token_stream(train_docs, tok, separator=eos), max_length), labels=True
         )
-        stream = lm.token_stream(val_docs, tok, separator=eos)
+        stream, doc_of = lm.token_stream(val_docs, tok, separator=eos, with_documents=True)
         step = stride or max(max_length // 2, 1)
         if not 1 <= step <= max_length:
             raise DataError(f"--eval-stride {step} must be in [1, --max-length {max_length}]")
@@ -524,8 +550,9 @@ def _prepare_lm(
 
         def evaluate(m, *, progress=False, desc="eval"):
             return lm.causal_lm_eval(
-                m, stream, max_length=max_length, stride=step, progress=progress, desc=desc
-            )
+                m, stream, max_length=max_length, stride=step, progress=progress, desc=desc,
+                documents=doc_of,
+            )  # fmt: skip
 
         extra = {"validation_tokens": len(stream), "stride": step}
     if len(train) == 0:
@@ -537,4 +564,5 @@ def _prepare_lm(
         "block_length": max_length,
         **extra,
     }
-    return Prepared(task, net, tok, train, collator, evaluate, info)
+    texts = list(val_docs) if task == "causal-lm" else None  # masked LM: units are blocks
+    return Prepared(task, net, tok, train, collator, evaluate, info, None, texts)

@@ -92,15 +92,19 @@ def split_documents(docs: list[str], validation_fraction: float, seed: int):
     return train, val
 
 
-def token_stream(docs: list[str], tokenizer, *, separator: int | None) -> list[int]:
-    """The documents' tokens concatenated, each document followed by ``separator`` (if any)."""
+def token_stream(docs: list[str], tokenizer, *, separator: int | None, with_documents=False):
+    """The documents' tokens concatenated, each document followed by ``separator`` (if any);
+    with ``with_documents``, also the index of the document each token belongs to (its
+    separator included)."""
     out: list[int] = []
+    doc_of: list[int] = []
     enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    for ids in enc:
+    for d, ids in enumerate(enc):
         out.extend(ids)
         if separator is not None:
             out.append(separator)
-    return out
+        doc_of.extend([d] * (len(out) - len(doc_of)))
+    return (out, doc_of) if with_documents else out
 
 
 def blocks(stream: list[int], length: int, *, cls: int | None = None, sep: int | None = None):
@@ -152,31 +156,47 @@ def masked_lm_eval(model, batches, *, progress=False, desc="eval") -> dict:
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll = 0.0
-    count = 0
+    block_nll, block_count = [], []
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
-            keep = labels != -100
-            nll += float(
-                torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+            per_token = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, reduction="none", ignore_index=-100
             )
-            count += int(keep.sum())
+            block_nll.append(per_token.double().sum(1).cpu())
+            block_count.append((labels != -100).sum(1).cpu())
     finally:
         model.train(was)
+    nll_b, count_b = torch.cat(block_nll), torch.cat(block_count)
+    count = int(count_b.sum())
     if count == 0:
         raise DataError("masked-LM evaluation: the validation blocks have no masked token")
-    loss = nll / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    loss = float(nll_b.sum()) / count
+    units = {"id": list(range(len(nll_b))), "nll": nll_b.numpy(), "tokens": count_b.numpy()}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": count,
+        "units": units,
+    }
 
 
 @torch.no_grad()
 def causal_lm_eval(
-    model, stream: list[int], *, max_length: int, stride: int, progress=False, desc="eval"
+    model,
+    stream: list[int],
+    *,
+    max_length: int,
+    stride: int,
+    progress=False,
+    desc="eval",
+    documents: list[int] | None = None,
 ) -> dict:
-    """Fixed-window perplexity of a token stream (see the module)."""
+    """Fixed-window perplexity of a token stream (see the module). With ``documents`` (the
+    document of each stream position), ``units`` holds each document's summed negative
+    log-likelihood and scored tokens (a token counts for the document it belongs to)."""
     from tqdm.auto import tqdm
 
     if not 1 <= stride <= max_length:
@@ -189,6 +209,9 @@ def causal_lm_eval(
     ids = torch.tensor(stream, dtype=torch.long)
     nll = 0.0
     count = 0
+    per_doc_nll = torch.zeros(max(documents) + 1 if documents else 1, dtype=torch.float64)
+    per_doc_count = torch.zeros_like(per_doc_nll)
+    doc_of = torch.tensor(documents, dtype=torch.long) if documents else None
     scored_to = 1  # tokens [0, scored_to) are done (token 0 has no context)
     starts = range(0, len(stream) - 1, stride)
     try:
@@ -201,14 +224,28 @@ def causal_lm_eval(
             targets = window[0, 1:]
             # target k of the window is token begin + k + 1; score those not yet scored
             first = max(scored_to - begin - 1, 0)
-            nll += float(
-                torch.nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
-            )
+            tok_nll = torch.nn.functional.cross_entropy(
+                logits[first:], targets[first:], reduction="none"
+            ).double()
+            nll += float(tok_nll.sum())
             count += len(targets) - first
+            if doc_of is not None:
+                which = doc_of[begin + 1 + first : end]
+                per_doc_nll.index_add_(0, which, tok_nll.cpu())
+                per_doc_count.index_add_(0, which, torch.ones_like(tok_nll.cpu()))
             scored_to = end
             if end == len(stream):
                 break
     finally:
         model.train(was)
     loss = nll / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    if doc_of is not None:
+        keep = per_doc_count > 0  # a one-token first document has nothing scored
+        ids = torch.arange(len(per_doc_nll))[keep]
+        out["units"] = {
+            "id": ids.tolist(),
+            "nll": per_doc_nll[keep].numpy(),
+            "tokens": per_doc_count[keep].numpy(),
+        }
+    return out
