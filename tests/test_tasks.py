@@ -208,7 +208,12 @@ def test_masked_lm_evaluation_is_fixed_and_equals_its_definition(tmp_path):
     a = p.evaluate(p.model)
     assert torch.equal(state, torch.get_rng_state())  # the fixed masking leaves the RNG alone
     b = p.evaluate(p.model)
+    ua, ub = a.pop("units"), b.pop("units")
     assert a == b and a["tokens"] > 0
+    assert all(np.array_equal(ua[k], ub[k]) for k in ua)
+    # per-block units sum to the totals
+    assert ua["tokens"].sum() == a["tokens"]
+    assert ua["nll"].sum() / ua["tokens"].sum() == pytest.approx(a["loss"], rel=1e-12)
     assert a["perplexity"] == pytest.approx(math.exp(a["loss"]))
     # the mean over masked tokens, recomputed directly from one fixed masking
     from transformers import DataCollatorForLanguageModeling
@@ -263,6 +268,61 @@ def test_causal_lm_window_perplexity_equals_per_token_brute_force(tmp_path, arch
             n += 1
     assert got["tokens"] == n == len(stream) - 1 - (len(stream) - 1) // L * (stride == L)
     assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("L,stride", [(16, 5), (16, 16), (8, 3)])
+def test_causal_lm_per_document_units_split_the_total_by_document(tmp_path, L, stride):
+    """Every scored token counts for the document it belongs to: the documents' sums are the
+    totals, and a document's loss equals the per-token losses of its own tokens."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_task_model_dir(tmp_path / "llama", "causal-lm", "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    g = torch.Generator().manual_seed(2)
+    lengths = [1, 7, 3, 12, 9]  # a one-token first document: nothing of it is scored
+    stream, documents = [], []
+    for d, n in enumerate(lengths):
+        stream += [int(x) for x in torch.randint(5, 30, (n,), generator=g)]
+        documents += [d] * n
+    got = lm.causal_lm_eval(model, stream, max_length=L, stride=stride, documents=documents)
+    plain = lm.causal_lm_eval(model, stream, max_length=L, stride=stride)
+    u = got["units"]
+    assert got["loss"] == pytest.approx(plain["loss"], rel=1e-12)
+    assert u["tokens"].sum() == got["tokens"]
+    assert u["nll"].sum() / u["tokens"].sum() == pytest.approx(got["loss"], rel=1e-12)
+    assert u["id"] == [1, 2, 3, 4]  # document 0's only token has no context
+    if stride == 1:
+        return
+    # document 3 alone: its tokens' losses, scored as the window scheme scores them
+    assert u["tokens"].tolist() == [
+        sum(1 for t in range(1, len(stream)) if documents[t] == d and _scored(t, L, stride))
+        for d in u["id"]
+    ]
+
+
+def _scored(t, L, stride):
+    return any(b + L > t for b in range(0, t, stride))
+
+
+def test_classification_units_hold_what_the_metrics_count():
+    class Fixed(torch.nn.Module):  # predictions 1,1,0,0,1 against labels 1,0,1,0,1
+        config = type("C", (), {"num_labels": 2})()
+
+        def forward(self, labels, **kw):
+            logits = torch.tensor([[0.0, 1.0], [0, 2], [1, 0], [3, 0], [0, 1]])
+            return type("O", (), {"logits": logits})()
+
+    Fixed.parameters = lambda self: iter([torch.zeros(1)])
+    m = classification_eval(Fixed(), [{"labels": torch.tensor([1, 0, 1, 0, 1])}])
+    u = m["units"]
+    assert u["id"] == [0, 1, 2, 3, 4]
+    assert u["prediction"].tolist() == [1, 1, 0, 0, 1] and u["correct"].tolist() == [1, 0, 0, 1, 1]
+    sig = 1 / (1 + math.exp(-1))
+    assert u["confidence"].tolist() == pytest.approx(
+        [sig, 1 / (1 + math.exp(-2)), sig, 1 / (1 + math.exp(-3)), sig]
+    )
+    assert u["loss"].mean() == pytest.approx(m["loss"])
+    assert u["f1_num"].sum() / u["f1_den"].sum() == pytest.approx(m["f1"])
 
 
 # ---------------------------------------------------------------------------- task choice
@@ -361,7 +421,18 @@ def test_prune_cli_runs_each_task_with_distillation_and_saves_plain_loadable_zer
     assert main(argv) == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == head and m["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert set(m["dense"]) == set(m["pruned"]) and m["metric"] in m["pruned"]
+    assert m["metric"] in m["pruned"]
+    # every metric with its interval, and the pruned model's paired difference against dense
+    base = {k for k in m["dense"] if "_ci_" not in k and "_delta" not in k}
+    assert base == {k for k in m["pruned"] if "_ci_" not in k and "_delta" not in k}
+    metric = m["metric"]
+    for ev in (m["dense"], m["pruned"]):
+        assert ev[f"{metric}_ci_low"] <= ev[metric] <= ev[f"{metric}_ci_high"]
+    delta = m["pruned"][f"{metric}_delta"]
+    assert delta == pytest.approx(m["pruned"][metric] - m["dense"][metric])
+    assert m["pruned"][f"{metric}_delta_ci_low"] <= delta <= m["pruned"][f"{metric}_delta_ci_high"]
+    assert {f.name for f in (out / "predictions").iterdir()} == {"dense.csv", "pruned.csv"}
+    assert "<table>" in (out / "report.html").read_text()
     assert m["steps"] > 0 and len(m["pruning_steps"]) == 2
     report = (out / "report.md").read_text()
     assert f"validation {m['metric'].replace('_', ' ')}" in report
@@ -507,7 +578,12 @@ def test_sweep_of_a_language_model_reports_perplexity(tmp_path):
     assert all(p["metric"] == "perplexity" and p["perplexity"] > 1 for p in points)
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
     assert "perplexity" in header and "accuracy" not in header
-    assert "| perplexity | loss |" in (tmp_path / "sweep" / "results.md").read_text()
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| perplexity [95% CI] | vs dense, paired [95% CI] | loss | size" in md
+    row = next(r for r in json.loads((tmp_path / "sweep" / "results.json").read_text())
+               if r["method"] == "obs")  # fmt: skip
+    assert row["perplexity_ci_low"] <= row["perplexity"] <= row["perplexity_ci_high"]
+    assert "ece" not in row and "pies" not in row  # classification only
     assert (tmp_path / "sweep" / "accuracy_vs_sparsity.png").stat().st_size > 0
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert sweep["task"] == "masked-lm"  # inferred for an encoder and a text corpus, and recorded

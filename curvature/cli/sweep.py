@@ -652,11 +652,13 @@ def markdown_table(rows: list[dict]) -> str:
     main = rows[0].get("metric", names[0] if names else "accuracy")
     others = [n for n in names if n != main]
     has_speed = any("latency_ms_dense" in r for r in rows)
+    has_cls = any("ece" in r for r in rows)
     head = (
         f"| method | mask | mode | target | reached | seeds | {main.replace('_', ' ')} [95% CI] | "
         f"vs dense, paired [95% CI] | "
         + "".join(f"{n.replace('_', ' ')} | " for n in others)
-        + "ECE | PIEs | size (compressed) | "
+        + ("ECE | PIEs | " if has_cls else "")
+        + "size (compressed) | "
         + ("latency ms (dense / CSR) | " if has_speed else "")
         + "prune s | peak MB |"
     )
@@ -673,7 +675,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | "
             f"{r['sparsity']:.4f} | {r.get('seeds', 1)} | {cell(r, main)} | {delta_cell(r, main)} | "
             + "".join(f"{cell(r, n)} | " for n in others)
-            + f"{ece} | {pies} | {r['compressed_bytes'] / 2**20:.1f} MB "
+            + (f"{ece} | {pies} | " if has_cls else "")
+            + f"{r['compressed_bytes'] / 2**20:.1f} MB "
             f"({r['compressed_bytes'] / r['dense_bytes']:.0%}) | {speed}{r['prune_seconds']:.0f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
