@@ -631,8 +631,19 @@ def _prune(args) -> int:
         row(f"dense, {base['steps']} steps", base)
     steps = f", {m['steps']} steps" if m.get("steps") else ""
     row("pruned" + steps, pruned)
+    main_metric = m.get("metric")
+    if main_metric and f"{main_metric}_delta" in pruned:
+        d, lo, hi = (pruned[f"{main_metric}_delta{k}"] for k in ("", "_ci_low", "_ci_high"))
+        noise = "within noise" if lo <= 0 <= hi else "beyond noise"
+        print(
+            f"pruned - dense {main_metric}: {d:+.4f}, 95% paired interval [{lo:+.4f}, {hi:+.4f}] "
+            f"({noise}); {m.get('pies', 0)} predictions changed" if "pies" in m else
+            f"pruned - dense {main_metric}: {d:+.4f}, 95% paired interval [{lo:+.4f}, {hi:+.4f}] "
+            f"({noise})"
+        )  # fmt: skip
     print(
-        f"sparsity {m['sparsity']:.2%} of the pruned parameters; {m['seconds']:.0f} s; saved to {args.output}"
+        f"sparsity {m['sparsity']:.2%} of the pruned parameters; {m['seconds']:.0f} s; saved to "
+        f"{args.output} (report.html)"
     )
     return 0
 
