@@ -327,8 +327,9 @@ def run_prune(job: PruneJob) -> dict:
         def record_dense(m):
             metrics["dense"] = p.evaluate(m, progress=job.progress, desc="eval dense")
             units["dense"] = metrics["dense"].pop("units", None)
-            if trainer is not None:
+            if trainer is not None:  # saved with checkpoints, so a resumed run reports the same
                 trainer.extra_state["dense"] = metrics["dense"]
+                trainer.extra_state["dense_units"] = units["dense"]
 
         trainer = None
 
@@ -374,6 +375,7 @@ def run_prune(job: PruneJob) -> dict:
             trainer.train(resume_from_checkpoint=resume_from)
             if resume_from is not None and "dense" in trainer.extra_state:
                 metrics["dense"] = trainer.extra_state["dense"]
+                units["dense"] = trainer.extra_state.get("dense_units")
                 metrics["resumed_from"] = resume_from
             metrics["optimizer"] = type(trainer._inner_optimizer()).__name__
             metrics["steps"] = trainer.state.global_step
