@@ -43,9 +43,9 @@ SETUPS = {
     "smollm2": {
         "job": {"model": "smollm2", "task": "causal-lm", "max_length": 64, "batch_size": 4},
         "metric": "loss",
-        "steps": 20,
-        "eval_every": 5,
-        "max_eval": 30,
+        "steps": 12,
+        "eval_every": 4,
+        "max_eval": 20,
     },
 }
 # cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
@@ -160,10 +160,24 @@ def _quality_one(
     }
 
 
-def part_compare(setup: str, names: list[str], seeds: list[int], threads: int, json_path: str):
-    """Tune each optimizer's learning rate with the same budget (three runs on the first seed:
-    its default / 3, default, default x 3), then run the other seeds at the best one."""
+def part_compare(
+    setup: str,
+    names: list[str],
+    seeds: list[int],
+    threads: int,
+    json_path: str,
+    lr_from: str | None = None,
+):
+    """Tune each optimizer's learning rate by one rule (three runs on the first seed: its default
+    / 3, default, default x 3; while the best is at an end of the grid, one more step beyond it,
+    at most :data:`EXTEND` times), then run the other seeds at the best one. With ``lr_from``
+    (another setup's results), take each optimizer's learning rate chosen there instead."""
     from curvature.cli.defaults import DEFAULTS
+
+    chosen = {}
+    if lr_from:
+        prev = json.load(open(lr_from))
+        chosen = {n: _best_lr(prev, n, seeds[0]) for n in names}
 
     spec = SETUPS[setup]
     lower = spec["metric"] == "loss"
@@ -184,16 +198,47 @@ def part_compare(setup: str, names: list[str], seeds: list[int], threads: int, j
         return out["runs"][key]
 
     for name in names:
+        if chosen.get(name):
+            for s in seeds:
+                run(name, s, chosen[name])
+            continue
         d = DEFAULTS[name][0]
         grid = [d / 3, d, d * 3]
         probes = {lr: run(name, seeds[0], lr) for lr in grid}
-        ok = {lr: r for lr, r in probes.items() if "error" not in r}
-        if not ok:
+        for _ in range(EXTEND):
+            ok = {lr: r for lr, r in probes.items() if "error" not in r}
+            if not ok:
+                break
+            best = (min if lower else max)(ok, key=lambda lr: ok[lr][spec["metric"]])
+            if best == max(probes):
+                nxt = best * 3
+            elif best == min(probes):
+                nxt = best / 3
+            else:
+                break
+            probes[nxt] = run(name, seeds[0], nxt)
+        best = _best_lr(out, name, seeds[0])
+        if best is None:
             continue
-        best = (min if lower else max)(ok, key=lambda lr: ok[lr][spec["metric"]])
         for s in seeds[1:]:
             run(name, s, best)
     return out
+
+
+EXTEND = 2
+
+
+def _best_lr(out: dict, name: str, seed: int):
+    """The learning rate of ``name``'s best run on ``seed`` in ``out`` (None if all failed)."""
+    metric = SETUPS[out["setup"]]["metric"]
+    ok = {
+        float(k.split("|")[2]): r
+        for k, r in out["runs"].items()
+        if k.split("|")[0] == name and k.split("|")[1] == str(seed) and "error" not in r
+    }
+    if not ok:
+        return None
+    return (min if metric == "loss" else max)(ok, key=lambda lr: ok[lr][metric])
 
 
 def compare_tables(out: dict, names: list[str], seeds: list[int]) -> list[str]:
@@ -573,6 +618,9 @@ def main() -> None:
     ap.add_argument("--max-eval", type=int, default=300)
     ap.add_argument("--json", default=None, help="also write all results to this file")
     ap.add_argument("--setup", choices=sorted(SETUPS), default="minilm", help="compare: which")
+    ap.add_argument(
+        "--lr-from", default=None, help="compare: take the learning rates chosen in this JSON"
+    )
     args = ap.parse_args()
     import platform
 
@@ -585,7 +633,7 @@ def main() -> None:
         names = [n for n in args.optimizers.split(",") if n] if args.optimizers != ",".join(
             OPTIMIZERS) else COMPARED  # fmt: skip
         path = args.json or f"bench-optim-compare-{args.setup}.json"
-        res = part_compare(args.setup, names, seeds, args.threads, path)
+        res = part_compare(args.setup, names, seeds, args.threads, path, args.lr_from)
         print("\n".join(compare_tables(res, names, seeds)))
         if args.plot:
             plot_compare(res, names, seeds, args.plot)

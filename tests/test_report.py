@@ -190,3 +190,39 @@ def test_report_opens_in_a_browser(sweep_dir, tmp_path):
         capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     assert dom.count("<table>") == 4 and dom.count("<img") == 3
+
+
+def test_decoder_report_lists_the_documents_whose_loss_rose_most(tmp_path):
+    out = tmp_path / "lm"
+    (out / "predictions").mkdir(parents=True)
+    tokens = np.array([50.0, 80.0, 20.0, 120.0])
+    dense_loss = np.array([3.0, 2.5, 4.0, 3.2])
+    rise = np.array([0.1, 0.9, 0.05, 0.4])  # document 1 suffers most, then 3
+    points = []
+    for p, loss in (
+        (_point("dense", 0.0), dense_loss),
+        (_point("sparsegpt", 0.5, 0), dense_loss + rise),
+    ):
+        p.update(
+            metric="perplexity", perplexity=float(np.exp((loss * tokens).sum() / tokens.sum()))
+        )
+        p.pop("accuracy")
+        units = {"id": [0, 1, 2, 3], "nll": loss * tokens, "tokens": tokens}
+        stats.write_units(out / "predictions" / f"{point_name(p)}.csv", units)
+        points.append(p)
+    (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    (out / "predictions" / "texts.json").write_text(
+        json.dumps(["doc a", "doc b", "doc c", "doc d"])
+    )
+    render_folder(out)
+    md = (out / "report.md").read_text()
+    section = md.split("## Documents that lost the most", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sparsegpt")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "3", "0", "2"]
+    assert "+0.900" in rows[0] and "doc b" in rows[0]
+    row = json.loads((out / "results.json").read_text())[1]
+    assert row["perplexity_ci_low"] <= row["perplexity"] <= row["perplexity_ci_high"]
+    assert row["perplexity_delta"] == pytest.approx(
+        points[1]["perplexity"] - points[0]["perplexity"]
+    )
+    assert "pies" not in row and not (out / "pies.csv").exists()

@@ -348,7 +348,7 @@ def write_sweep_report(folder: Path, rows: list[dict], points: list[dict] | None
     pies = pies_rows(folder, points)
     if pies:
         _write_csv(folder / "pies.csv", pies, ["id", "label", "dense", "pruned", "point"])
-    elif (folder / "predictions" / "dense.csv").is_file():
+    elif _classified(folder):  # a classification sweep with no PIE (yet): the header alone
         _write_csv(folder / "pies.csv", [], ["id", "label", "dense", "pruned", "point"])
     _, cls = class_table(folder, points)
     if cls:
@@ -362,6 +362,14 @@ def write_sweep_report(folder: Path, rows: list[dict], points: list[dict] | None
     title = f"Sparsity sweep: {folder.resolve().name}"
     _write(folder / "report.md", _markdown(title, sections))
     _write(folder / "report.html", _html(title, sections, folder))
+
+
+def _classified(folder: Path) -> bool:
+    path = folder / "predictions" / "dense.csv"
+    if not path.is_file():
+        return False
+    with open(path) as fh:
+        return "prediction" in fh.readline().strip().split(",")
 
 
 def prune_sections(metrics: dict) -> list[tuple]:
