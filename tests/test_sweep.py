@@ -78,17 +78,17 @@ def test_sweep_seeds_intervals_pies_and_report(assets, tmp_path, capsys):
     from curvature.tasks import stats
 
     out = tmp_path / "sweep"
-    cfg = config(assets, out, methods=["obs"], sparsities=[0.8], seeds=2, speed_reps=1)
+    cfg = config(assets, out, methods=["obs", "magnitude"], sparsities=[0.8], seeds=2, speed_reps=1)
     points = run_sweep(cfg)
+    # magnitude reads no data: one run stands for every seed
     assert [(p["method"], p.get("seed")) for p in points] == [
-        ("dense", None),
-        ("obs", 0),
-        ("obs", 1),
-    ]
+        ("dense", None), ("obs", 0), ("obs", 1), ("magnitude", 0)
+    ]  # fmt: skip
     preds = sorted(f.name for f in (out / "predictions").iterdir())
     assert preds == [
-        "dense.csv", "labels.json", "obs_unstructured_oneshot_0.8_seed0.csv",
-        "obs_unstructured_oneshot_0.8_seed1.csv", "texts.json",
+        "dense.csv", "labels.json", "magnitude_unstructured_oneshot_0.8_seed0.csv",
+        "obs_unstructured_oneshot_0.8_seed0.csv", "obs_unstructured_oneshot_0.8_seed1.csv",
+        "texts.json",
     ]  # fmt: skip
     # the two seeds calibrate on different batches, so they prune differently
     seeds = [p for p in points if p["method"] == "obs"]
@@ -100,7 +100,8 @@ def test_sweep_seeds_intervals_pies_and_report(assets, tmp_path, capsys):
     assert float(u1["correct"].mean()) == pytest.approx(seeds[1]["accuracy"])
     assert not np.array_equal(u0["confidence"], u1["confidence"])
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2
+    assert len(rows) == 3
+    assert next(r for r in rows if r["method"] == "magnitude")["seeds"] == "1"
     obs = next(r for r in rows if r["method"] == "obs")
     for col in ("accuracy_ci_low", "accuracy_ci_high", "accuracy_std", "accuracy_delta",
                 "accuracy_delta_ci_low", "accuracy_delta_ci_high", "ece", "pies", "params_kept",

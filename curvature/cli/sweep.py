@@ -244,8 +244,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
     mode = "gradual" if cfg.recipe else "oneshot"
     for method in cfg.methods:
+        # one-shot pruning that reads no data (magnitude) gives the same model for every seed
+        repeats = cfg.seeds if mode == "gradual" or PRUNING_METHODS[method].needs_data else 1
         for s in cfg.sparsities:
-            for k in range(cfg.seeds):
+            for k in range(repeats):
                 key = (method, parse_mask(cfg.mask).name, mode, round(s, 6), k)
                 if key in done:
                     continue
