@@ -248,8 +248,10 @@ def mine_texts(pies: list[dict], texts: list[str]) -> list[dict]:
         by_point.setdefault(p["point"], []).append(p)
     out = []
     curves: dict[str, str] = {}
-    for point in by_point:  # points are listed by curve and rising sparsity: keep the last
-        curves[point.rsplit(" ", 1)[0]] = point
+    for point in by_point:  # the label ends with the target: keep each curve's largest
+        curve, target = point.rsplit(" ", 1)
+        if curve not in curves or float(target) > float(curves[curve].rsplit(" ", 1)[1]):
+            curves[curve] = point
     for point in curves.values():
         out += [p for p in by_point[point] if p["id"] < len(texts)][:SHOW_EXAMPLES]
     return out
