@@ -43,9 +43,9 @@ SETUPS = {
     "smollm2": {
         "job": {"model": "smollm2", "task": "causal-lm", "max_length": 64, "batch_size": 4},
         "metric": "loss",
-        "steps": 12,
-        "eval_every": 4,
-        "max_eval": 20,
+        "steps": 10,
+        "eval_every": 5,
+        "max_eval": 16,
     },
 }
 # cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
