@@ -44,8 +44,8 @@ SETUPS = {
         "job": {"model": "smollm2", "task": "causal-lm", "max_length": 64, "batch_size": 4},
         "metric": "loss",
         "steps": 10,
-        "eval_every": 5,
-        "max_eval": 16,
+        "eval_every": 10,
+        "max_eval": 6,
     },
 }
 # cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
@@ -197,11 +197,13 @@ def part_compare(
             print(f"{setup} {key}: {r.get(spec['metric'], r.get('error'))}", flush=True)
         return out["runs"][key]
 
+    if chosen:  # no tuning here: every optimizer's first seed first, then the next seeds
+        for s in seeds:
+            for name in names:
+                if chosen.get(name):
+                    run(name, s, chosen[name])
+        return out
     for name in names:
-        if chosen.get(name):
-            for s in seeds:
-                run(name, s, chosen[name])
-            continue
         d = DEFAULTS[name][0]
         grid = [d / 3, d, d * 3]
         probes = {lr: run(name, seeds[0], lr) for lr in grid}
