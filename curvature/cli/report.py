@@ -43,22 +43,31 @@ def _json(path: Path):
 # ------------------------------------------------------------------------------------- analyses
 
 
-def pies_rows(folder: Path, points: list[dict]) -> list[dict]:
-    """Every PIE of every point: example id, label, dense and pruned (modal) prediction, point."""
-    from curvature.tasks import stats
-
+def _loaded(folder: Path, points: list[dict]):
+    """``(dense units or None, [(points of a group, their units per seed)])`` for every
+    non-dense group whose predictions are all saved."""
     groups = _groups(points)
     dense = groups.get(("dense", "-", "-", 0.0))
     d_units = load_units(folder, dense[0]) if dense else None
-    if d_units is None or "prediction" not in d_units:
-        return []
-    out = []
+    loaded = []
     for key, pts in groups.items():
         if key[0] == "dense":
             continue
         units = [load_units(folder, p) for p in pts]
-        if any(u is None for u in units):
-            continue
+        if all(u is not None for u in units):
+            loaded.append((pts, units))
+    return d_units, loaded
+
+
+def pies_rows(folder: Path, points: list[dict]) -> list[dict]:
+    """Every PIE of every point: example id, label, dense and pruned (modal) prediction, point."""
+    from curvature.tasks import stats
+
+    d_units, loaded = _loaded(folder, points)
+    if d_units is None or "prediction" not in d_units:
+        return []
+    out = []
+    for pts, units in loaded:
         for e in stats.pies(units, [d_units]):
             out.append({**e, "point": _label(pts[0])})
     return out
@@ -68,9 +77,7 @@ def class_table(folder: Path, points: list[dict]) -> tuple[list[str], list[dict]
     """Per point, each class's accuracy and its change against dense (mean over seeds)."""
     from curvature.tasks import stats
 
-    groups = _groups(points)
-    dense = groups.get(("dense", "-", "-", 0.0))
-    d_units = load_units(folder, dense[0]) if dense else None
+    d_units, loaded = _loaded(folder, points)
     if d_units is None or "label" not in d_units:
         return [], []
     names = _json(folder / "predictions" / "labels.json")
@@ -78,12 +85,7 @@ def class_table(folder: Path, points: list[dict]) -> tuple[list[str], list[dict]
     names = names if names and len(names) >= k else [str(i) for i in range(k)]
     base = stats.per_class(d_units, len(names))
     rows = []
-    for key, pts in groups.items():
-        if key[0] == "dense":
-            continue
-        units = [load_units(folder, p) for p in pts]
-        if any(u is None for u in units):
-            continue
+    for pts, units in loaded:
         acc = stats.per_class(units, len(names))
         for c, name in enumerate(names):
             if acc[c] is None:
@@ -98,19 +100,12 @@ def class_table(folder: Path, points: list[dict]) -> tuple[list[str], list[dict]
 
 def document_rows(folder: Path, points: list[dict], top: int = SHOW_EXAMPLES) -> list[dict]:
     """Decoders: per point, the documents whose loss (nats per token) rose the most."""
-    groups = _groups(points)
-    dense = groups.get(("dense", "-", "-", 0.0))
-    d_units = load_units(folder, dense[0]) if dense else None
+    d_units, loaded = _loaded(folder, points)
     if d_units is None or "nll" not in d_units:
         return []
     base = {i: n / t for i, n, t in zip(d_units["id"], d_units["nll"], d_units["tokens"])}
     out = []
-    for key, pts in groups.items():
-        if key[0] == "dense":
-            continue
-        units = [load_units(folder, p) for p in pts]
-        if any(u is None for u in units):
-            continue
+    for pts, units in loaded:
         rise: dict = {}
         for u in units:
             for i, n, t in zip(u["id"], u["nll"], u["tokens"]):
