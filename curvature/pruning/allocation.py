@@ -116,3 +116,59 @@ class LayerTargets(Allocation):
             )[0]
             for t in targets
         }
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """The share of a group's scores above ``m`` times their mean (all the group's layers'
+    scores together): the layerwise outlier distribution of outlier-weighted sparsity."""
+    flat = torch.cat([s.flatten().to(torch.float64) for s in scores])
+    return float((flat > m * flat.mean()).double().mean())
+
+
+def outlier_targets(
+    ratios: list[float], sizes: list[int], sparsity: float, lam: float
+) -> list[float]:
+    """Per-group sparsities from outlier ratios: more outliers, fewer weights pruned.
+
+    The ratios are mapped linearly onto ``[0, 2 lam]`` (the group with the fewest outliers at 0,
+    the most at ``2 lam``); group ``b`` gets ``clip(sparsity + c - v_b, sparsity - lam,
+    sparsity + lam)`` (and inside ``[0, 1)``), with ``c`` found by bisection so that the
+    targets' average weighted by the groups' sizes is ``sparsity``: the model's sparsity is the
+    target. Equal ratios (or ``lam = 0``) give every group the target. The published rule shifts
+    by the unweighted mean of ``v`` and does not clip, which can leave ``[sparsity - lam,
+    sparsity + lam]`` when the ratios are skewed and misses the target when groups differ in
+    size; here both hold.
+    """
+    if len(ratios) != len(sizes) or not ratios:
+        raise ValueError("outlier_targets: one ratio and one size per group")
+    if not 0 <= lam < 1:
+        raise ValueError(f"outlier_lambda must be in [0, 1), got {lam!r}")
+    r = torch.tensor(ratios, dtype=torch.float64)
+    n = torch.tensor(sizes, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    if lam == 0 or span == 0:
+        return [float(sparsity)] * len(ratios)
+    v = (r - r.min()) / span * (2 * lam)
+    lo = max(sparsity - lam, 0.0)
+    hi = min(sparsity + lam, 1.0 - 1e-9)
+
+    def targets(c: float) -> torch.Tensor:
+        return (sparsity + c - v).clamp(lo, hi)
+
+    def mean(c: float) -> float:
+        return float((targets(c) * n).sum() / n.sum())
+
+    a, b = -3.0, 3.0  # mean(a) = lo <= sparsity <= hi = mean(b)
+    for _ in range(200):
+        mid = (a + b) / 2
+        if mean(mid) < sparsity:
+            a = mid
+        else:
+            b = mid
+    out = targets((a + b) / 2)
+    # the last rounding: spread the remaining difference over the groups strictly inside the bounds
+    diff = sparsity - float((out * n).sum() / n.sum())
+    inside = (out > lo) & (out < hi)
+    if diff and bool(inside.any()):
+        out[inside] += diff * float(n.sum()) / float(n[inside].sum())
+    return [float(x) for x in out]

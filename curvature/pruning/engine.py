@@ -36,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,12 +44,12 @@ import torch
 from curvature.core.checks import available_bytes
 from curvature.pruning import distributed, layerwise, stages
 from curvature.pruning.allocation import Allocation, GlobalThreshold, LayerTargets
-from curvature.pruning.curvatures import Curvature, EmpiricalFisher
+from curvature.pruning.curvatures import Curvature, EmpiricalFisher, LayerHessian
 from curvature.pruning.masks import MaskSet, MaskStructure, check_param_fits
 from curvature.pruning.params import select_params
-from curvature.pruning.registry import resolve
+from curvature.pruning.registry import METHODS, resolve
 from curvature.pruning.settings import PruneSettings
-from curvature.pruning.solvers import Solver
+from curvature.pruning.solvers import KeepMask, Solver
 from curvature.pruning.targets import Target
 
 
@@ -74,6 +74,11 @@ class PruneReport:
     memory_plan: dict = field(default_factory=dict)  # bytes of each large buffer (largest step)
     #: seconds of each phase (layer-wise: ``calibration`` forward passes and ``solve``)
     phases: dict = field(default_factory=dict)
+    #: fixed-mask reconstruction: damped layer errors summed before and after, the most
+    #: iterations and the largest final relative residual (``None`` without it)
+    reconstruction: dict | None = None
+    #: the outlier allocation's target of each parameter (``None`` without it)
+    allocation: dict | None = None
     masks: MaskSet = field(repr=False, default_factory=MaskSet)
 
     def to_dict(self) -> dict:
@@ -113,6 +118,15 @@ def prune(
     progress: bool = True,
     layer_damp: float = 0.01,
     sequential: bool | None = None,
+    reconstruct: bool = False,
+    reconstruct_tol: float = 1e-5,
+    reconstruct_iters: int = 100,
+    allocation: str = "default",
+    outlier_m: float = 5.0,
+    outlier_lambda: float = 0.08,
+    objective: str = "plain",
+    fisher_mix: float = 0.5,
+    fisher_token_mix: float = 0.0,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` and return a :class:`PruneReport`.
 
@@ -144,6 +158,23 @@ def prune(
         layer_damp: layer-wise methods: ``H`` damped by this fraction of its mean diagonal.
         sequential: layer-wise methods: calibrate each block on the outputs of the pruned blocks
             before it (default) or every layer from the dense model (``False``).
+        reconstruct: after the mask is chosen, re-solve the kept weights of every linear layer
+            for it (least squares on the layer inputs, :mod:`curvature.pruning.reconstruct`):
+            inside the layer-wise pass, or as one more sequential calibration pass after any
+            other method. ``reconstruct_tol`` (relative residual) and ``reconstruct_iters``
+            bound the conjugate-gradient solve.
+        allocation: ``"default"`` (the method's: global threshold or the target per layer) or
+            ``"outlier"``: each block's target from its share of outlier activation scores,
+            within ``sparsity +- outlier_lambda`` and averaging to ``sparsity``
+            (:func:`curvature.pruning.layerwise.outlier_sparsities`; ``outlier_m``: a score is an
+            outlier above ``outlier_m`` times its block's mean).
+        objective: ``"plain"`` or ``"fisher"``: the layer objective weighted by the gradient
+            Fisher of each layer's outputs (:mod:`curvature.pruning.fisher_objective`), mixed
+            with uniform weights by ``fisher_mix`` (output rows) and ``fisher_token_mix``
+            (tokens, off by default); for the layer-wise methods and reconstruct.
+
+    ``method`` may add parts by name: ``"sparsegpt+reconstruct+outlier+fisher"`` is
+    ``method="sparsegpt", reconstruct=True, allocation="outlier", objective="fisher"``.
     """
     if isinstance(sparsity, dict):
         params = list(sparsity)
@@ -163,6 +194,15 @@ def prune(
         progress=progress,
         layer_damp=layer_damp,
         sequential=sequential,
+        reconstruct=reconstruct,
+        reconstruct_tol=reconstruct_tol,
+        reconstruct_iters=reconstruct_iters,
+        allocation=allocation,
+        outlier_m=outlier_m,
+        outlier_lambda=outlier_lambda,
+        objective=objective,
+        fisher_mix=fisher_mix,
+        fisher_token_mix=fisher_token_mix,
     )
     return run(model, data, loss_fn, settings, masks=masks)
 
@@ -170,6 +210,76 @@ def prune(
 def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None = None):
     """Prune ``model`` as ``settings`` say; the engine behind :func:`prune`."""
     start = time.perf_counter()
+    if settings.allocation == "outlier" or (
+        settings.reconstruct and not METHODS[settings.method].layerwise
+    ):
+        return _run_with_parts(model, data, loss_fn, settings, masks, start)
+    return _run(model, data, loss_fn, settings, masks, start)
+
+
+def _run_with_parts(model, data, loss_fn, settings, masks, start):
+    """The outlier allocation (per-layer targets, then the method) and the reconstruction pass
+    after a method that is not layer-wise (its masks kept, its kept weights re-solved)."""
+    data = stages.Replayed(data)
+    allocated = None
+    if settings.allocation == "outlier":
+        named = select_params(
+            model, settings.params if isinstance(settings.params, str) else list(settings.params)
+        )
+        lin = layerwise.layer_targets(model, named)
+        t0 = time.perf_counter()
+        allocated = layerwise.outlier_sparsities(
+            model, data, loss_fn, lin, settings.sparsity, settings
+        )
+        alloc_seconds = time.perf_counter() - t0
+        settings = replace(
+            settings,
+            sparsity=tuple(allocated.items()),
+            params=tuple(allocated),
+            allocation="default",
+        )
+    post = settings.reconstruct and not METHODS[settings.method].layerwise
+    inner = (
+        replace(settings, reconstruct=False, objective="plain", sequential=None)
+        if post
+        else settings
+    )
+    if post:  # the dense weights, whose outputs the reconstruction reproduces
+        named = select_params(
+            model, settings.params if isinstance(settings.params, str) else list(settings.params)
+        )
+        lin = layerwise.layer_targets(model, named)
+        dense = {t.name: t.matrix().to(t.param.dtype) for t in lin}
+    report = _run(model, data, loss_fn, inner, masks, start)
+    if post:
+        dense = {n: w.to(torch.float64) for n, w in dense.items()}
+        res = layerwise.run(
+            model,
+            data,
+            loss_fn,
+            lin,
+            {t.name: report.param_sparsity[t.name] for t in lin},
+            KeepMask(),
+            LayerHessian(),
+            settings,
+            report.masks,
+            dense=dense,
+        )
+        report.phases = {
+            **report.phases,
+            **{f"reconstruct_{k}": v for k, v in res.phases().items()},
+        }
+        report.reconstruction = res.reconstruction()
+        report.seconds = time.perf_counter() - start
+        if distributed.active():
+            report.seconds = distributed.broadcast_float(report.seconds)
+    if allocated is not None:
+        report.allocation = allocated
+        report.phases = {"outlier_allocation": alloc_seconds, **report.phases}
+    return report
+
+
+def _run(model, data, loss_fn, settings: PruneSettings, masks, start):
     structure = settings.structure
     curvature, solver = resolve(settings.method, settings.selection)
     allocation = GlobalThreshold() if settings.global_sparsity else LayerTargets()
@@ -299,7 +409,8 @@ def _run_layerwise(model, data, loss_fn, settings, parts, named, masks):
         memory_plan={  # the statistics of the largest layer (sequential: one block's at a time)
             "curvature": max(curvature.estimate_bytes(t, settings) for t in targets),
         },
-        phases={"calibration": res.seconds_calibration, "solve": res.seconds_solve},
+        phases=res.phases(),
+        reconstruction=res.reconstruction(),
         masks=masks,
     )
 

@@ -116,6 +116,7 @@ def sparsegpt(
     ratio: float = DAMP_RATIO,
     block: int = BLOCK,
     name: str = "layer",
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The SparseGPT column sweep. Returns ``(new weights, mask, estimated error)``.
 
@@ -124,8 +125,14 @@ def sparsegpt(
     blocks in proportion to their width; ``N:M``: exactly ``M - N`` per run); ``fixed`` marks
     weights pruned earlier, which stay pruned and count toward the target. The estimated error is
     ``sum (w_q^2 / U_qq^2) / 2`` over the pruned weights, the OBS loss of each step.
+
+    ``row_weights`` (``[rows]``, positive): the objective ``sum_i r_i ||(W_i - W'_i) X||^2`` of
+    :mod:`curvature.pruning.fisher_objective`; each row's correction does not depend on its
+    weight, so only the comparison of scores across rows (the unstructured choice in a column
+    block) and the estimate change. ``None`` is all ones.
     """
     rows, cols = w.shape
+    rw = None if row_weights is None else row_weights.to(F64).to(w.device)[:, None]
     if nm is not None:  # a run of M never straddles two column blocks
         block = max(nm[1], block // nm[1] * nm[1])
     w, h = prepare(w, h)
@@ -143,7 +150,8 @@ def sparsegpt(
         fx = fixed[:, i1:i2]
         m1 = torch.zeros_like(fx)
         if nm is None:
-            score = (w1 * w1 / (d1 * d1)[None, :]).masked_fill(fx, -1.0).flatten()
+            score = w1 * w1 / (d1 * d1)[None, :]
+            score = (score if rw is None else score * rw).masked_fill(fx, -1.0).flatten()
             k = max(counts[bi], int(fx.sum()))
             if k:
                 m1.view(-1)[torch.topk(score, k, largest=False, sorted=False).indices] = True
@@ -158,7 +166,7 @@ def sparsegpt(
             col = w1[:, i]
             q = torch.where(m1[:, i], torch.zeros_like(col), col)
             e = (col - q) / d1[i]
-            est += 0.5 * float((e * e).sum())
+            est += 0.5 * float((e * e).sum() if rw is None else (e * e * rw[:, 0]).sum())
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             w1[:, i] = q
             err1[:, i] = e
@@ -185,6 +193,8 @@ def wanda(
     """
     rows, cols = w.shape
     w = w.to(F64)
+    if h_diag.dim() == 2:  # the full H (kept when the weights are reconstructed afterwards)
+        h_diag = torch.diagonal(h_diag)
     score = w.abs() * torch.sqrt(h_diag.to(F64).clamp_min(0))[None, :]
     if fixed is not None:
         score = score.masked_fill(fixed, -1.0)
@@ -214,6 +224,7 @@ def obc(
     ratio: float = DAMP_RATIO,
     name: str = "layer",
     chunk_bytes: int = 64 << 20,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact greedy OBS of every row on ``H^-1`` (OBC). Returns ``(weights, mask, est. error)``.
 
@@ -241,6 +252,9 @@ def obc(
         orders.append(o)
         costs.append(c)
     order, cost = torch.cat(orders), torch.cat(costs)
+    if row_weights is not None:
+        rw = row_weights.to(F64).to(cost.device)[:, None]
+        cost = torch.where(cost > obs.FIXED_SCORE, cost * rw, cost)
     if nm is not None:
         counts = (order >= 0).sum(1)
     else:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from curvature.pruning import distributed
+from curvature.pruning import distributed, stages
 
 F64 = torch.float64
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -97,12 +97,17 @@ def layer_targets(model, named_params) -> list[LayerTarget]:
 
 
 class _Stats:
-    """Forward hooks accumulating ``sum x x^T`` (or ``sum x^2``) of the inputs of some layers."""
+    """Forward hooks accumulating ``sum x x^T`` (or ``sum x^2``) of the inputs of some layers.
 
-    def __init__(self, targets: list[LayerTarget], diagonal: bool):
+    ``token_weights`` (``{name: [per-batch [tokens] weights]}``): that layer accumulates
+    ``sum s_t x_t x_t^T`` (the Fisher-weighted objective), its own product (not shared)."""
+
+    def __init__(self, targets: list[LayerTarget], diagonal: bool, token_weights=None):
         self.diagonal = diagonal
         self.sums = {t.name: None for t in targets}
         self.rows = dict.fromkeys(self.sums, 0)
+        self.token_weights = token_weights or {}
+        self.batch = 0
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [
             t.module.register_forward_hook(lambda m, a, o, n=t.name: self._add(n, a[0]))
@@ -110,6 +115,20 @@ class _Stats:
         ]
 
     def _add(self, name, x):
+        weights = self.token_weights.get(name)
+        if weights is not None:
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(F64)
+            s = weights[self.batch].to(x2.device) if self.batch < len(weights) else None
+            if s is None or s.numel() != x2.shape[0]:
+                raise ValueError(
+                    f"{name}: the calibration batch {self.batch} does not line up with the "
+                    "output-Fisher pass (different batches or token counts)"
+                )
+            xs = x2 * torch.sqrt(s)[:, None]
+            prod = (xs * xs).sum(0) if self.diagonal else xs.T @ xs
+            self.sums[name] = prod if self.sums[name] is None else self.sums[name] + prod
+            self.rows[name] += x2.shape[0]
+            return
         key = id(x)
         if key not in self._shared:  # keep x alive so that its id is not reused in this batch
             x2 = x.detach().reshape(-1, x.shape[-1]).to(F64)
@@ -121,6 +140,7 @@ class _Stats:
 
     def end_batch(self):
         self._shared.clear()
+        self.batch += 1
 
     def result(self, name, owner: int | None = None) -> torch.Tensor | None:
         """``H = 2/N sum x x^T`` (or its diagonal) of layer ``name``; across ranks the sum of every
@@ -248,21 +268,69 @@ class LayerwiseResult:
     batches: int
     seconds_calibration: float
     seconds_solve: float
+    seconds_fisher: float = 0.0
+    seconds_reconstruct: float = 0.0
+    #: fixed-mask reconstruction: the sums over layers of the damped error before and after, the
+    #: most conjugate-gradient iterations and the largest final relative residual of any layer
+    error_before: float = 0.0
+    error_after: float = 0.0
+    iterations: int = 0
+    residual: float = 0.0
+
+    def phases(self) -> dict:
+        out = {"calibration": self.seconds_calibration, "solve": self.seconds_solve}
+        if self.seconds_fisher:
+            out["output_fisher"] = self.seconds_fisher
+        if self.seconds_reconstruct:
+            out["reconstruct"] = self.seconds_reconstruct
+        return out
+
+    def reconstruction(self) -> dict | None:
+        if not self.seconds_reconstruct:
+            return None
+        return {
+            "error_before": self.error_before,
+            "error_after": self.error_after,
+            "max_iterations": self.iterations,
+            "max_residual": self.residual,
+        }
 
 
-def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, masks):
+def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, masks, dense=None):
     """Prune ``targets`` (:class:`LayerTarget`) to ``sparsities[name]`` with ``solver``; masks go
-    into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks)."""
+    into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks).
+    ``dense`` (``{name: [rows, cols] matrix}``): the weights a reconstruction pass after another
+    method reproduces the outputs of (the layers' current weights otherwise)."""
     structure = settings.structure
-    diagonal = curvature.diagonal
+    # reconstruction solves on the full H: Wanda then reads its diagonal
+    diagonal = curvature.diagonal and not settings.reconstruct
     rank, size = distributed.world()  # num_grads counts every rank's calibration batches
     if settings.num_grads < size:  # the same check on every rank: all raise together
         raise ValueError(
             f"prune: num_grads={settings.num_grads} calibration batches for {size} processes: "
             "every process needs at least one; raise num_grads"
         )
-    data = _Limited(data, distributed.local_count(settings.num_grads, rank, size))
+    # every pass reads the same batches in the same order (token weights must line up)
+    data = _Limited(stages.Replayed(data), distributed.local_count(settings.num_grads, rank, size))
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
+    fisher = None
+    if settings.objective == "fisher":
+        from curvature.pruning import fisher_objective
+
+        if size > 1:
+            raise ValueError(
+                "objective='fisher' is not supported under torch.distributed yet; run it in "
+                "one process"
+            )
+        t0 = time.perf_counter()
+        raw = fisher_objective.collect(model, data, loss_fn, targets, progress=settings.progress)
+        mix, token_mix = settings.fisher_mix, settings.fisher_token_mix
+        fisher = {n: f.mixed(mix, token_mix) for n, f in raw.items()}
+        result.seconds_fisher = time.perf_counter() - t0
+    # uniform token weights (the default) leave H as it is, its products shared between layers
+    token_weights = (
+        {n: f.tokens for n, f in fisher.items()} if fisher and settings.fisher_token_mix else None
+    )
 
     def prune(group: list[LayerTarget], stats: _Stats):
         # across ranks, layer j of the group is solved by rank j % W (its statistics reduced to
@@ -285,7 +353,11 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
                     fixed,
                     ratio=settings.layer_damp,
                     name=t.name,
+                    row_weights=fisher[t.name].rows if fisher else None,
                 )
+                if settings.reconstruct:
+                    w0 = dense[t.name] if dense is not None else t.matrix()
+                    solved[t.name] = _reconstruct(w0, h, solved[t.name], settings, result)
             except Exception as e:  # noqa: BLE001 - every rank raises it (below), none waits
                 if size == 1:
                     raise
@@ -307,14 +379,81 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     model.eval()
     try:
         with torch.no_grad():
-            if settings.sequential:
-                _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result)
+            if settings.sequential is not False:
+                _sequential(
+                    model, data, loss_fn, targets, diagonal, settings, prune, result, token_weights
+                )
             else:
-                _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result)
+                _parallel(
+                    model, data, loss_fn, targets, diagonal, settings, prune, result, token_weights
+                )
     finally:
         model.train(was_training)
     masks.apply(model)
     return result
+
+
+def _reconstruct(w0, h, solved, settings, result: LayerwiseResult):
+    """The solver's mask with the weights that best reproduce ``w0``'s outputs on the layer's
+    inputs (:mod:`.reconstruct`)."""
+    from curvature.pruning import layer_obs, reconstruct
+
+    t0 = time.perf_counter()
+    new, mask, est = solved
+    w0, hp = layer_obs.prepare(w0, h)  # dead inputs: weight 0, diagonal 1
+    rec = reconstruct.reconstruct(
+        w0,
+        hp,
+        mask,
+        start=new,
+        ratio=settings.layer_damp,
+        tol=settings.reconstruct_tol,
+        max_iter=settings.reconstruct_iters,
+    )
+    result.error_before += rec.error_before
+    result.error_after += rec.error_after
+    result.iterations = max(result.iterations, rec.iterations)
+    result.residual = max(result.residual, rec.residual)
+    result.seconds_reconstruct += time.perf_counter() - t0
+    # the estimate: half the damped output error of the layer, as the solvers' OBS estimates
+    return rec.weights, mask, 0.5 * rec.error_after
+
+
+def outlier_sparsities(model, data, loss_fn, targets, sparsity, settings) -> dict[str, float]:
+    """Per-layer targets from outlier activations (the ``outlier`` allocation part).
+
+    One forward pass of the dense model over the calibration batches gives each layer's input
+    norms ``||X_j||``; a layer's scores are ``|W_ij| ||X_j||``, a group is a block of the model
+    (the layers of one repeated block together, as the published rule does; a layer outside the
+    blocks is its own group), and its outlier ratio is the share of its scores above
+    ``outlier_m`` times their mean. :func:`~curvature.pruning.allocation.outlier_targets` turns
+    the ratios into targets within ``sparsity +- outlier_lambda`` whose average weighted by size
+    is ``sparsity``; every layer of a group gets its group's target.
+    """
+    from curvature.pruning.allocation import outlier_ratio, outlier_targets
+
+    rank, size = distributed.world()
+    data = _Limited(stages.Replayed(data), distributed.local_count(settings.num_grads, rank, size))
+    stats = _Stats(targets, diagonal=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _forward_all(model, data, loss_fn, stats, "outlier scores", settings.progress)
+    finally:
+        stats.remove_hooks()
+        model.train(was_training)
+    _, per_block, rest = find_blocks(model, targets)
+    groups = [g for _, g in per_block] + [[t] for t in rest]
+    ratios, sizes = [], []
+    for g in groups:
+        scores = [
+            t.matrix().abs() * torch.sqrt(stats.result(t.name).clamp_min(0))[None, :] for t in g
+        ]
+        ratios.append(outlier_ratio(scores, settings.outlier_m))
+        sizes.append(sum(t.param.numel() for t in g))
+    per_group = outlier_targets(ratios, sizes, sparsity, settings.outlier_lambda)
+    return {t.name: s for g, s in zip(groups, per_group) for t in g}
 
 
 def _timed_stats(result, fn):
@@ -324,7 +463,7 @@ def _timed_stats(result, fn):
     return out
 
 
-def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result):
+def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result, weights=None):
     blocks, per_block, rest = find_blocks(model, targets)
     if per_block:
         first = per_block[0][0]
@@ -341,7 +480,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             block = blocks[i]
             group = wanted.get(i, [])
             if group:
-                stats = _Stats(group, diagonal)
+                stats = _Stats(group, diagonal, weights)
 
                 def calibrate(block=block, stats=stats, inputs=inputs):
                     for a, kw in inputs:
@@ -362,7 +501,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
                 )
         del inputs
     if rest:
-        stats = _Stats(rest, diagonal)
+        stats = _Stats(rest, diagonal, weights)
         try:
             n = _timed_stats(
                 result,
@@ -376,8 +515,10 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             stats.remove_hooks()
 
 
-def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result):
-    stats = _Stats(targets, diagonal)  # every layer's statistics at once, from the dense model
+def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result, weights=None):
+    stats = _Stats(
+        targets, diagonal, weights
+    )  # every layer's statistics at once, from the dense model
     try:
         result.batches = _timed_stats(
             result,

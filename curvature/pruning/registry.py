@@ -4,13 +4,21 @@ A method is one row: a :mod:`curvature <curvature.pruning.curvatures>` part and 
 :mod:`solver <curvature.pruning.solvers>` part (the mask structure and the allocation are chosen
 per call by ``mask=`` and ``global_sparsity=``). ``prune()``, the recipe modifiers and
 ``curvature sweep --methods`` resolve names here, so a new method is one :func:`register` call.
+
+A method may be named with parts added to it, ``base+part+part`` (:data:`PARTS`), such as
+``sparsegpt+reconstruct+outlier+fisher``: the base method chooses the mask, ``reconstruct``
+re-solves the kept weights of every linear layer for that mask
+(:mod:`curvature.pruning.reconstruct`), ``outlier`` gives every block its own target from its
+outlier activations (:func:`curvature.pruning.allocation.outlier_targets`), ``fisher`` weights
+the layer objective by the gradient Fisher of the layer's outputs
+(:mod:`curvature.pruning.fisher_objective`). Each is also a keyword of ``prune()``.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from curvature.pruning.curvatures import Curvature, EmpiricalFisher, Identity, LayerHessian
 from curvature.pruning.solvers import (
@@ -38,6 +46,8 @@ class Method:
     description: str
     #: whether ``selection=`` picks the solver among :data:`SOLVERS` (the OBS methods)
     selectable: bool = False
+    #: parts added to the base method by a ``base+part`` name (:data:`PARTS`)
+    added: tuple[str, ...] = ()
 
     @property
     def needs_gradients(self) -> bool:
@@ -51,11 +61,31 @@ class Method:
     @property
     def needs_data(self) -> bool:
         """Whether a pruning step reads data and a loss function (gradients or inputs)."""
-        return self.needs_gradients or self.layerwise
+        return self.needs_gradients or self.layerwise or bool(self.added)
 
     def parts(self, selection: str = "greedy") -> tuple[Curvature, Solver]:
         solver = SOLVERS[selection]() if self.selectable else self.solver()
         return self.curvature(), solver
+
+
+#: parts a method name may add (``sparsegpt+reconstruct``), each a keyword of ``prune()``
+PARTS = ("reconstruct", "outlier", "fisher")
+
+
+def split_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"sparsegpt+reconstruct+fisher"`` -> ``("sparsegpt", ("reconstruct", "fisher"))``; an
+    unknown or repeated part raises one line naming it and the nearest valid one."""
+    base, *parts = str(spec).split("+")
+    for p in parts:
+        if p not in PARTS:
+            near = difflib.get_close_matches(p, PARTS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(
+                f"method {spec!r}: unknown part {p!r}{hint}; parts: {', '.join(PARTS)}"
+            )
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"method {spec!r}: a part is named twice")
+    return base, tuple(parts)
 
 
 class Registry:
@@ -72,9 +102,16 @@ class Registry:
         return tuple(self._methods)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._methods
+        try:
+            base, _ = split_spec(name)
+        except ValueError:
+            return False
+        return base in self._methods
 
     def __getitem__(self, name: str) -> Method:
+        if "+" in str(name):
+            base, parts = split_spec(name)
+            return replace(self[base], name=str(name), added=parts)
         try:
             return self._methods[name]
         except KeyError:

@@ -9,7 +9,10 @@ import torch
 
 from curvature.core import checks
 from curvature.pruning.masks import MaskStructure, parse_mask
-from curvature.pruning.registry import LAYERWISE, METHODS, SOLVER_CHOICES
+from curvature.pruning.registry import LAYERWISE, METHODS, SOLVER_CHOICES, split_spec
+
+ALLOCATIONS = ("default", "outlier")
+OBJECTIVES = ("plain", "fisher")
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,67 @@ class PruneSettings:
     #: layer-wise methods: calibrate each block on the outputs of the pruned blocks before it
     #: (``None``: ``True``); other methods have no such choice
     sequential: bool | None = None
+    #: re-solve the kept weights of every linear layer for the chosen mask
+    #: (:mod:`curvature.pruning.reconstruct`), to a relative residual ``reconstruct_tol`` or
+    #: ``reconstruct_iters`` conjugate-gradient iterations
+    reconstruct: bool = False
+    reconstruct_tol: float = 1e-5
+    reconstruct_iters: int = 100
+    #: ``"outlier"``: a target per block from its outlier activations, within
+    #: ``sparsity +- outlier_lambda``, averaging to ``sparsity``
+    allocation: str = "default"
+    outlier_m: float = 5.0
+    outlier_lambda: float = 0.08
+    #: ``"fisher"``: the layer objective weighted by the output gradient Fisher, mixed with the
+    #: uniform weights by ``fisher_mix`` (:mod:`curvature.pruning.fisher_objective`)
+    objective: str = "plain"
+    fisher_mix: float = 0.5
+    fisher_token_mix: float = 0.0
 
     def __post_init__(self):
-        checks.one_of("method", self.method, METHODS.names())
+        base, parts = split_spec(self.method)
+        checks.one_of("method", base, METHODS.names())
+        if parts:  # "sparsegpt+reconstruct+outlier+fisher": the parts as keywords
+            object.__setattr__(self, "method", base)
+            if "reconstruct" in parts:
+                object.__setattr__(self, "reconstruct", True)
+            if "outlier" in parts:
+                object.__setattr__(self, "allocation", "outlier")
+            if "fisher" in parts:
+                object.__setattr__(self, "objective", "fisher")
+        checks.one_of("allocation", self.allocation, ALLOCATIONS)
+        checks.one_of("objective", self.objective, OBJECTIVES)
+        if not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be True or False, got {self.reconstruct!r}")
+        if not (isinstance(self.reconstruct_tol, (int, float)) and self.reconstruct_tol > 0):
+            raise ValueError(f"reconstruct_tol must be > 0, got {self.reconstruct_tol!r}")
+        checks.positive_int("reconstruct_iters", self.reconstruct_iters)
+        if not (isinstance(self.outlier_m, (int, float)) and self.outlier_m > 0):
+            raise ValueError(f"outlier_m must be > 0, got {self.outlier_m!r}")
+        if not (isinstance(self.outlier_lambda, (int, float)) and 0 <= self.outlier_lambda < 1):
+            raise ValueError(f"outlier_lambda must be in [0, 1), got {self.outlier_lambda!r}")
+        for key in ("fisher_mix", "fisher_token_mix"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise ValueError(f"{key} must be in [0, 1], got {v!r}")
         layerwise = METHODS[self.method].layerwise
+        if self.objective == "fisher" and not (layerwise or self.reconstruct):
+            raise ValueError(
+                f"objective='fisher' weights the layer objective of the layer-wise methods "
+                f"({', '.join(LAYERWISE)}) and of reconstruct; method {self.method} reads no "
+                "layer objective: add reconstruct=True or choose a layer-wise method"
+            )
+        if self.allocation == "outlier":
+            if parse_mask(self.mask).nm:
+                raise ValueError(
+                    f"allocation='outlier': the {self.mask} mask fixes every layer's sparsity; "
+                    "outlier allocation needs an unstructured or block mask"
+                )
+            if isinstance(self.sparsity, (Mapping, tuple)):
+                raise ValueError(
+                    "allocation='outlier' computes the per-layer targets itself; pass one "
+                    "sparsity, not a mapping"
+                )
         if self.global_sparsity is None:
             object.__setattr__(self, "global_sparsity", not layerwise)
         if layerwise:
@@ -70,10 +130,10 @@ class PruneSettings:
                     f"mask {self.mask!r}: method {self.method} supports "
                     f"{', '.join(solver.structures)} masks"
                 )
-        elif self.sequential is not None:
+        elif self.sequential is not None and not self.reconstruct:
             raise ValueError(
-                f"sequential: only the layer-wise methods ({', '.join(LAYERWISE)}) calibrate "
-                f"layer by layer; method {self.method} does not read it"
+                f"sequential: only the layer-wise methods ({', '.join(LAYERWISE)}) and "
+                f"reconstruct calibrate layer by layer; method {self.method} does not read it"
             )
         checks.one_of("selection", self.selection, SOLVER_CHOICES)
         if isinstance(self.sparsity, Mapping):

@@ -144,7 +144,9 @@ class LayerSolver(Solver):
     #: the mask structures it supports (names of :class:`MaskStructure` kinds)
     structures = ("unstructured", "N:M")
 
-    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
+        """``(new weights, mask, estimate)``; ``row_weights`` (``[rows]`` or ``None``) weight each
+        output row's error (:mod:`curvature.pruning.fisher_objective`)."""
         raise NotImplementedError  # pragma: no cover - interface
 
 
@@ -157,7 +159,7 @@ class SparseGPT(LayerSolver):
     def __init__(self, block: int = 128):
         self.block = block
 
-    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         from curvature.pruning import layer_obs
 
         return layer_obs.sparsegpt(
@@ -169,6 +171,7 @@ class SparseGPT(LayerSolver):
             ratio=ratio,
             block=self.block,
             name=name,
+            row_weights=row_weights,
         )
 
 
@@ -179,7 +182,7 @@ class OBC(LayerSolver):
     needs_inverse = True
     structures = ("unstructured", "block4", "N:M")
 
-    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         from curvature.pruning import layer_obs
 
         return layer_obs.obc(
@@ -191,6 +194,7 @@ class OBC(LayerSolver):
             fixed=fixed,
             ratio=ratio,
             name=name,
+            row_weights=row_weights,
         )
 
 
@@ -199,7 +203,23 @@ class Wanda(LayerSolver):
 
     name = "wanda"
 
-    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name):
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         from curvature.pruning import layer_obs
 
+        # a per-row choice: row weights do not change it
         return layer_obs.wanda(w, stats, sparsity, nm=structure.nm, fixed=fixed)
+
+
+class KeepMask(LayerSolver):
+    """The mask another method chose, unchanged (the weights are then re-solved by
+    :mod:`curvature.pruning.reconstruct`): the reconstruction pass after a non-layer-wise
+    method."""
+
+    name = "keep-mask"
+    needs_inverse = False
+    structures = ("unstructured", "block4", "N:M")
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
+        if fixed is None:
+            raise ValueError(f"{name}: reconstruct needs the layer's mask; it has none")
+        return torch.where(fixed, torch.zeros_like(w), w), fixed.clone(), 0.0

@@ -76,6 +76,17 @@ class ReplayableData:
         return self.data
 
 
+class Replayed:
+    """``data`` as an iterable whose every pass yields the same batches in the same order (the
+    passes of a layer-wise run must line up: the output-Fisher pass, the calibration passes)."""
+
+    def __init__(self, data):
+        self.replayable = data.replayable if isinstance(data, Replayed) else ReplayableData(data)
+
+    def __iter__(self):
+        return iter(self.replayable.replay())
+
+
 def collect_gradients(
     model,
     data,

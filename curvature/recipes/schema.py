@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from curvature.core import checks
 from curvature.pruning import METHODS
 from curvature.pruning.masks import parse_mask
+from curvature.pruning.registry import split_spec
 from curvature.pruning.schedule import interpolate, pruning_points
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ class EpochRangeModifier(Modifier):
 
 def _registered_method(name: str, kind: str) -> str:
     """``name`` if it is a registered method with the property ``kind`` (one clear error naming
-    the nearest such method otherwise)."""
-    checks.one_of("method", name, [m for m in METHODS.names() if getattr(METHODS[m], kind)])
+    the nearest such method otherwise); ``base+part`` names add parts (``sparsegpt+reconstruct``)."""
+    base, _ = split_spec(name)
+    checks.one_of("method", base, [m for m in METHODS.names() if getattr(METHODS[m], kind)])
     return name
 
 

@@ -1,0 +1,307 @@
+"""The parts added to every mask-choosing method: fixed-mask reconstruction, outlier allocation and
+the Fisher-weighted layer objective. Float64 ground truth, then the engine end to end."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from models import batches, ce_loss, full_loss
+from test_layerwise import LAYERS, _lm, damped, layer_problem, lm_loss, lstsq_for_mask
+
+from curvature.pruning import METHODS, layer_obs, prune
+from curvature.pruning.allocation import outlier_ratio, outlier_targets
+from curvature.pruning.fisher_objective import OutputFisher
+from curvature.pruning.reconstruct import layer_error, reconstruct
+
+F64 = torch.float64
+
+
+# --- fixed-mask reconstruction ------------------------------------------------------------------
+
+
+def _masks(w, h):
+    """Masks chosen by every kind of solver, with hard rows: one row fully pruned, one kept."""
+    out = {
+        "magnitude": w.abs() <= w.abs().flatten().kthvalue(int(0.6 * w.numel())).values,
+        "wanda": layer_obs.wanda(w, torch.diagonal(h), 0.6)[1],
+        "sparsegpt": layer_obs.sparsegpt(w, h, 0.6)[1],
+        "sparsegpt 2:4": layer_obs.sparsegpt(w, h, 0.5, nm=(2, 4))[1],
+    }
+    hard = out["magnitude"].clone()
+    hard[0] = True
+    hard[1] = False
+    out["hard rows"] = hard
+    return out
+
+
+@pytest.mark.parametrize("method", ["cg", "exact"])
+def test_reconstruction_reaches_the_least_squares_optimum_of_any_mask(method):
+    """Both solves equal a direct solve of each row's normal equations on its kept support, for
+    masks from every solver, a fully pruned row, an unpruned row and a dead input."""
+    w, _, h = layer_problem(rows=8, cols=24, dead=9)
+    w0, hp = layer_obs.prepare(w, h)
+    for name, mask in _masks(w, h).items():
+        start = torch.where(mask, 0.0, w0)
+        rec = reconstruct(w0, hp, mask, start=start, method=method, tol=1e-12, max_iter=500)
+        ref = lstsq_for_mask(w0, damped(h), mask)
+        assert torch.allclose(rec.weights, ref, atol=1e-8, rtol=0), (name, rec.weights - ref)
+        assert bool((rec.weights[mask] == 0).all())
+        assert rec.error_after <= rec.error_before + 1e-9
+        if method == "cg":
+            assert rec.residual <= 1e-12, (name, rec.residual)
+
+
+def test_reconstruction_stops_at_its_stated_tolerance_and_reports_what_it_reached():
+    w, _, h = layer_problem(rows=8, cols=24)
+    mask = layer_obs.sparsegpt(w, h, 0.6)[1]
+    loose = reconstruct(w, h, mask, tol=1e-2)
+    tight = reconstruct(w, h, mask, tol=1e-10, max_iter=500)
+    assert loose.residual <= 1e-2 and tight.residual <= 1e-10
+    assert 0 < loose.iterations < tight.iterations
+    capped = reconstruct(w, h, mask, tol=1e-14, max_iter=2)
+    assert capped.iterations == 2 and capped.residual > 1e-14  # the cap is reported, not hidden
+    with pytest.raises(ValueError, match="reconstruct method must be one of cg, exact"):
+        reconstruct(w, h, mask, method="admm")
+
+
+def test_reconstruction_improves_every_solver_but_obc_which_is_already_optimal():
+    """SparseGPT's sweep, Wanda and magnitude leave error that the optimum of their mask removes;
+    OBC's joint correction is that optimum already (the reconstruction moves nothing)."""
+    w, x, h = layer_problem(rows=8, cols=24)
+    hd = damped(h)
+    for name, (new, mask) in {
+        "sparsegpt": layer_obs.sparsegpt(w, h, 0.6)[:2],
+        "wanda": layer_obs.wanda(w, torch.diagonal(h), 0.6)[:2],
+    }.items():
+        rec = reconstruct(w, h, mask, start=new, tol=1e-12, max_iter=500)
+        assert rec.error_before == pytest.approx(layer_error(new, w, hd), rel=1e-12)
+        assert rec.error_after < 0.99 * rec.error_before, name
+    new, mask, _ = layer_obs.obc(w, h, 0.6)
+    rec = reconstruct(w, h, mask, start=new, tol=1e-12, max_iter=500)
+    assert torch.allclose(rec.weights, new, atol=1e-9)
+
+
+# --- outlier allocation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ratios, sizes",
+    [
+        ([0.01, 0.02, 0.03, 0.04, 0.05], [10] * 5),  # symmetric
+        ([0.001, 0.001, 0.001, 0.001, 0.2], [10] * 5),  # one outlier-heavy block: skewed
+        ([0.05, 0.01, 0.03], [1000, 10, 300]),  # blocks of different sizes
+    ],
+)
+@pytest.mark.parametrize("sparsity, lam", [(0.7, 0.08), (0.5, 0.1), (0.05, 0.1), (0.95, 0.08)])
+def test_outlier_targets_average_to_the_target_and_respect_the_bounds(ratios, sizes, sparsity, lam):
+    s = outlier_targets(ratios, sizes, sparsity, lam)
+    mean = sum(a * n for a, n in zip(s, sizes)) / sum(sizes)
+    assert mean == pytest.approx(sparsity, abs=1e-12)
+    lo, hi = max(sparsity - lam, 0.0), min(sparsity + lam, 1.0)
+    assert all(lo - 1e-12 <= a <= hi + 1e-12 for a in s), s
+    # more outliers, fewer weights pruned (never more)
+    for i in range(len(s)):
+        for j in range(len(s)):
+            if ratios[i] > ratios[j]:
+                assert s[i] <= s[j] + 1e-12, s
+    assert max(s) - min(s) > 0  # the allocation does split the budget
+
+
+def test_outlier_targets_degenerate_cases_and_the_published_rule_it_corrects():
+    assert outlier_targets([0.1, 0.1], [5, 7], 0.6, 0.08) == [0.6, 0.6]
+    assert outlier_targets([0.1, 0.3], [5, 7], 0.6, 0.0) == [0.6, 0.6]
+    with pytest.raises(ValueError, match="outlier_lambda must be in"):
+        outlier_targets([0.1, 0.3], [5, 7], 0.6, 1.5)
+    # the published rule (shift by the unweighted mean, no clip) leaves the bounds when skewed
+    ratios, lam, sparsity = [0.001] * 4 + [0.2], 0.08, 0.7
+    r = torch.tensor(ratios)
+    v = (r - r.min()) / (r.max() - r.min()) * 2 * lam
+    published = sparsity + v.mean() - v
+    assert float(published.min()) < sparsity - lam - 1e-6  # outside target - lambda
+    s = outlier_targets(ratios, [1] * 5, sparsity, lam)
+    assert min(s) == pytest.approx(sparsity - lam)
+
+
+def test_outlier_ratio_counts_scores_above_m_times_the_group_mean():
+    a = torch.tensor([[1.0, 1.0, 1.0, 30.0]])
+    b = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
+    flat = torch.tensor([1.0, 1, 1, 30, 1, 2, 1, 1])
+    want = float((flat > 3 * flat.mean()).double().mean())
+    assert outlier_ratio([a, b], 3.0) == want == 1 / 8
+
+
+# --- the Fisher-weighted objective --------------------------------------------------------------
+
+
+def test_uniform_fisher_weights_reduce_to_sparsegpt_and_obc_exactly():
+    w, _, h = layer_problem(rows=8, cols=24, dead=9)
+    ones = torch.ones(8, dtype=F64)
+    for nm in (None, (2, 4)):
+        a = layer_obs.sparsegpt(w, h, 0.5, nm=nm)
+        b = layer_obs.sparsegpt(w, h, 0.5, nm=nm, row_weights=ones)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+        c = layer_obs.obc(w, h, 0.5, nm=nm)
+        d = layer_obs.obc(w, h, 0.5, nm=nm, row_weights=ones)
+        assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
+    # mixing with a = 0 gives exactly uniform weights, whatever the gradients
+    f = OutputFisher(torch.rand(8, dtype=F64), [torch.rand(5, dtype=F64)])
+    m = f.mixed(0.0)
+    assert bool((m.rows == 1).all()) and bool((m.tokens[0] == 1).all())
+    m1 = f.mixed(1.0)
+    assert float(m1.rows.mean()) == pytest.approx(1.0)
+    assert float(m1.tokens[0].mean()) == pytest.approx(1.0)
+
+
+def test_fisher_mix_zero_is_sparsegpt_end_to_end(tmp_path):
+    model, data = _lm(tmp_path, "llama")
+    other = copy.deepcopy(model)
+    kw = dict(loss_fn=lm_loss, sparsity=0.5, params=LAYERS, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(model, data, method="sparsegpt", **kw)
+        r = prune(other, data, method="sparsegpt+fisher", fisher_mix=0.0, **kw)
+    for (n, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), n
+    assert "output_fisher" in r.phases
+
+
+def _unequal_outputs():
+    """A layer whose outputs matter unequally: a fixed head reads output i with a scale
+    spanning three decades, and the labels are drawn from the model's own predictions (so the
+    empirical Fisher is the true one in expectation). Inputs have outliers and correlations."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=gen)
+    x[:, :2] *= 10.0
+    x[:, 8:16] = 0.7 * x[:, :8] + 0.3 * torch.randn(2048, 8, generator=gen)
+    lin = torch.nn.Linear(32, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 32, generator=gen) / 32**0.5)
+    head = torch.nn.Linear(24, 6, bias=False)
+    with torch.no_grad():
+        scale = torch.logspace(-1.5, 1.5, 24)[torch.randperm(24, generator=gen)]
+        head.weight.copy_(torch.randn(6, 24, generator=gen) * scale[None, :] * 0.3)
+    model = torch.nn.Sequential(lin, head)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "obc"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_fisher_weighting_beats_the_plain_objective_where_outputs_matter_unequally(
+    method, sparsity
+):
+    model, x, y = _unequal_outputs()
+    cal, held = slice(0, 1024), slice(1024, 2048)
+    data = batches(x[cal], y[cal], 128)
+    with torch.no_grad():
+        dense = torch.log_softmax(model(x[held]), -1)
+
+    def kl(m):  # the loss that matters: how far the pruned model's predictions moved
+        with torch.no_grad():
+            p = torch.log_softmax(m(x[held]), -1)
+        return float((dense.exp() * (dense - p)).sum(-1).mean())
+
+    def pruned(mask, sparsity, **kw):
+        m = copy.deepcopy(model)
+        prune(m, data, loss_fn=ce_loss, sparsity=sparsity, method=method, mask=mask,
+              params=["0.weight"], progress=False, **kw)  # fmt: skip
+        return m
+
+    plain = kl(pruned("unstructured", sparsity))
+    for mix in (0.5, 1.0):
+        assert kl(pruned("unstructured", sparsity, objective="fisher", fisher_mix=mix)) < (
+            0.8 * plain
+        ), mix
+    # N:M compares within a row: row weights change nothing, token weights (off) nothing either
+    a = pruned("2:4", 0.5)
+    b = pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0)
+    assert torch.equal(a[0].weight, b[0].weight)
+    c = pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0, fisher_token_mix=1.0)
+    assert not torch.equal(a[0].weight, c[0].weight)  # the token weights do reach H
+
+
+# --- the engine: every part with every mask-choosing method -------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "obc", "magnitude", "obs"])
+def test_reconstruct_keeps_each_methods_mask_and_lowers_the_output_error(method):
+    """Every mask-choosing method with reconstruct: the same mask (a second pass after the
+    gradient and magnitude methods, inside the pass for the layer-wise ones), new weights, and a
+    smaller error of the model's outputs against the dense model's on a model with correlated
+    outlier inputs; the loss falls too, except after magnitude pruning, where matching the
+    logits in squares raised the cross-entropy (0.603 to 0.735 at 70%): the objective is the
+    outputs, not the loss, and the test says so instead of hiding it. OBC's weights are already
+    optimal for its mask."""
+    from test_layerwise import outlier_problem
+
+    model, x, y = outlier_problem()
+    data = batches(x, y, 64)
+    kw = dict(loss_fn=ce_loss, sparsity=0.7, method=method, progress=False)
+    if method == "obs":
+        kw.update(num_grads=16, block_size=32, global_sparsity=False)
+    if method == "magnitude":
+        kw.update(global_sparsity=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = prune(a, data, **kw)
+    rb = prune(b, data, reconstruct=True, **kw)
+    for n, p in b.named_parameters():
+        if n.endswith("weight"):
+            mask = rb.masks.get(n)
+            assert bool((p[mask] == 0).all()), n
+            if method not in ("sparsegpt", "obc"):  # not layer-wise: the method's own masks
+                assert torch.equal(ra.masks.get(n), mask), n
+    assert torch.equal(ra.masks.get("0.weight"), rb.masks.get("0.weight"))
+    assert rb.global_sparsity == pytest.approx(ra.global_sparsity)
+    rec = rb.reconstruction
+    assert rec["error_after"] <= rec["error_before"] * (1 + 1e-9)
+    with torch.no_grad():
+        dense, out_a, out_b = model(x), a(x), b(x)
+    err_a, err_b = float(((out_a - dense) ** 2).mean()), float(((out_b - dense) ** 2).mean())
+    if method == "obc":
+        assert err_b == pytest.approx(err_a, rel=1e-3)
+    else:
+        assert err_b < 0.9 * err_a, (method, err_a, err_b)
+    if method not in ("obc", "magnitude"):
+        assert full_loss(b, x, y) < full_loss(a, x, y), method
+
+
+def test_every_part_together_on_a_decoder(tmp_path):
+    model, data = _lm(tmp_path, "llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = prune(model, data, loss_fn=lm_loss, sparsity=0.6, params=LAYERS, progress=False,
+                  method="sparsegpt+reconstruct+outlier+fisher", outlier_m=2.0)  # fmt: skip
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    alloc = r.allocation
+    mean = sum(alloc[n] * sizes[n] for n in alloc) / sum(sizes[n] for n in alloc)
+    assert mean == pytest.approx(0.6, abs=1e-12)
+    assert len(set(round(v, 9) for v in alloc.values())) > 1  # blocks got different targets
+    assert r.global_sparsity == pytest.approx(0.6, abs=2e-3)  # per-layer rounding only
+    for n, s in alloc.items():
+        assert r.param_sparsity[n] == pytest.approx(s, abs=1 / sizes[n] + 1e-9)
+    assert {"outlier_allocation", "output_fisher", "reconstruct"} <= set(r.phases)
+    assert r.reconstruction["max_residual"] <= 1e-5 or r.reconstruction["max_iterations"] == 100
+
+
+def test_method_names_with_parts_and_bad_parts_are_one_clear_line():
+    assert METHODS["sparsegpt+reconstruct"].needs_data
+    assert METHODS["magnitude+reconstruct"].needs_data and not METHODS["magnitude"].needs_data
+    assert "wanda+reconstruct+outlier" in METHODS and "wanda+recon" not in METHODS
+    model, x, y = _unequal_outputs()
+    data = batches(x, y, 256)
+    kw = dict(loss_fn=ce_loss, progress=False)
+    with pytest.raises(ValueError, match="unknown part 'recon' \\(did you mean 'reconstruct'"):
+        prune(model, data, sparsity=0.5, method="sparsegpt+recon", **kw)
+    with pytest.raises(ValueError, match="objective='fisher' weights the layer objective"):
+        prune(model, data, sparsity=0.5, method="obs+fisher", **kw)
+    with pytest.raises(ValueError, match="allocation='outlier': the 2:4 mask fixes"):
+        prune(model, data, sparsity=0.5, mask="2:4", method="sparsegpt+outlier", **kw)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        prune(model, data, sparsity=0.5, method="sparsegpt", objective="kl", **kw)
+    with pytest.raises(ValueError, match="fisher_mix must be in"):
+        prune(model, data, sparsity=0.5, method="sparsegpt", fisher_mix=2, **kw)
