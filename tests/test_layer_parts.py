@@ -305,3 +305,32 @@ def test_method_names_with_parts_and_bad_parts_are_one_clear_line():
         prune(model, data, sparsity=0.5, method="sparsegpt", objective="kl", **kw)
     with pytest.raises(ValueError, match="fisher_mix must be in"):
         prune(model, data, sparsity=0.5, method="sparsegpt", fisher_mix=2, **kw)
+
+
+def test_a_sweep_runs_methods_with_parts_beside_their_base(tmp_path):
+    """``--methods sparsegpt,sparsegpt+reconstruct,magnitude+reconstruct``: each is its own curve
+    (magnitude with reconstruct reads calibration data, so it repeats over seeds)."""
+    from tiny import make_corpus, make_task_model_dir
+
+    from curvature.cli.sweep import SweepConfig, run_sweep
+
+    model_dir = make_task_model_dir(tmp_path / "m", "causal-lm", "llama")
+    corpus = make_corpus(tmp_path / "c.txt", n_docs=30)
+    methods = ["sparsegpt", "sparsegpt+reconstruct+outlier+fisher", "magnitude+reconstruct"]
+    cfg = SweepConfig(
+        output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus), methods=methods,
+        sparsities=[0.5], finetune_epochs=0, max_length=16, num_grads=3, per_layer=True,
+        params=[r"re:model.layers.*(proj).weight"], progress=False, seeds=2, speed_reps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        points = run_sweep(cfg)
+    got = {}
+    for p in points:
+        got.setdefault(p["method"], []).append(p)
+    assert set(got) == {"dense", *methods}
+    assert all(len(got[m]) == 2 for m in methods)  # every method reads data: 2 seeds each
+    assert all(p["sparsity"] == pytest.approx(0.5, abs=2e-3) for m in methods for p in got[m])
+    assert "sparsegpt+reconstruct+outlier+fisher" in (tmp_path / "sweep" / "results.md").read_text()
+    with pytest.raises(Exception, match="recon"):
+        SweepConfig(output=str(tmp_path / "x"), methods=["sparsegpt+recon"]).validate()

@@ -250,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="obs,magnitude",
         help="comma list of registered methods: obs, obs-independent, mfac, magnitude, and the "
-        "layer-wise sparsegpt, obc, wanda (calibrated on --num-grads batches of the training data)",
+        "layer-wise sparsegpt, obc, wanda (calibrated on --num-grads batches of the training data); "
+        "parts may be added with +: reconstruct (optimal kept weights for the mask), outlier "
+        "(per-block targets from outlier activations), fisher (Fisher-weighted layer objective), "
+        "e.g. sparsegpt+reconstruct+outlier",
     )
     w.add_argument(
         "--per-layer",

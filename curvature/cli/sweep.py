@@ -90,9 +90,19 @@ class SweepConfig:
         from curvature.tasks.kinds import check_task
 
         check_task(self.task)
-        bad = [m for m in self.methods if m not in METHODS]
+        from curvature.pruning.registry import PARTS, split_spec
+
+        for m in self.methods:
+            try:
+                split_spec(m)  # names an unknown part and the nearest valid one
+            except ValueError as e:
+                raise SweepError(f"--methods: {e}") from None
+        bad = [m for m in self.methods if m not in PRUNING_METHODS]
         if bad or not self.methods:
-            raise SweepError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+            raise SweepError(
+                f"--methods: unknown {bad}; choose from {', '.join(METHODS)}, each with optional "
+                f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct"
+            )
         structure = parse_mask(self.mask)
         if structure.fixed_sparsity is not None:
             given = self.sparsities
