@@ -26,6 +26,7 @@ Parts (each prints a Markdown table; run them alone for clean numbers):
     python scripts/bench_pruning.py --part allocation
     python scripts/bench_pruning.py --part dtype
     python scripts/bench_pruning.py --part layerwise
+    python scripts/bench_pruning.py --part reconstruct
 """
 
 from __future__ import annotations
@@ -360,12 +361,73 @@ def part_layerwise(args):
     print("\nSmolLM2 has 30 blocks of 4 + 2 + 1 such layers.")
 
 
+def part_reconstruct(args):
+    """Fixed-mask reconstruction after SparseGPT on SmolLM2-shaped layers with outlier inputs:
+    conjugate-gradient iterations and seconds per tolerance against SparseGPT's own solve (the
+    same-run baseline), the error above the optimum of the mask, and the iterations' rate
+    against this machine's float64 matrix-product rate (the limit: one [rows, cols] x
+    [cols, cols] product per iteration)."""
+    from curvature.pruning import layer_obs
+    from curvature.pruning.reconstruct import reconstruct
+
+    f64 = torch.float64
+    gemm64 = _gemm_rate(f64)
+    print(f"\nfloat64 matrix product {gemm64 / 1e9:.1f} GFLOP/s")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [("q/o 576x576", 576, 576), ("gate/up 1536x576", 1536, 576),
+              ("down 576x1536", 576, 1536)]  # fmt: skip
+    print(
+        "\n### Reconstruction after SparseGPT (4,096 tokens with outlier and correlated inputs)\n"
+    )
+    print("| layer | mask | SparseGPT s | SparseGPT error above optimum | tol | iterations | "
+          "seconds | ratio to SparseGPT s | error above optimum | GFLOP/s, of float64 peak | "
+          "direct solve s |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rows, cols in shapes:
+        x = torch.randn(4096, cols, generator=gen, dtype=f64)
+        x[:, :5] *= 30.0
+        mix = torch.eye(cols, dtype=f64) + 0.3 * torch.randn(cols, cols, generator=gen, dtype=f64)
+        x = x @ (mix / cols**0.5 + torch.eye(cols, dtype=f64))
+        h = 2 * x.T @ x / x.shape[0]
+        w = torch.randn(rows, cols, generator=gen, dtype=f64) * 0.02
+        for label, kw in (("70%", {"sparsity": 0.7}), ("2:4", {"sparsity": 0.5, "nm": (2, 4)})):
+            t = time.perf_counter()
+            new, mask, _ = layer_obs.sparsegpt(w, h, **kw)
+            s_gpt = time.perf_counter() - t
+            best = reconstruct(w, h, mask, start=new, tol=1e-10, max_iter=1000).error_after
+            t = time.perf_counter()
+            reconstruct(w, h, mask, method="exact") if rows * cols <= 576 * 576 else None
+            s_direct = time.perf_counter() - t
+            first = True
+            for tol in (1e-2, 1e-3, 1e-5, 1e-8):
+                t = time.perf_counter()
+                rec = reconstruct(w, h, mask, start=new, tol=tol, max_iter=1000)
+                sec = time.perf_counter() - t
+                rate = 2 * rows * cols * cols * max(rec.iterations, 1) / sec
+                gpt_gap = (rec.error_before - best) / best
+                print(f"| {name} | {label} | {s_gpt:.2f} | {gpt_gap:.1%} | {tol:g} | "
+                      f"{rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
+                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
+                      f"{rate / gemm64:.0%} | {s_direct:.2f} |" if rows * cols <= 576 * 576 else
+                      f"| {name} | {label} | {s_gpt:.2f} | {gpt_gap:.1%} | {tol:g} | "
+                      f"{rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
+                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
+                      f"{rate / gemm64:.0%} | not run |"
+                      if first else
+                      f"| | | | | {tol:g} | {rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
+                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
+                      f"{rate / gemm64:.0%} | |")  # fmt: skip
+                first = False
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--part", choices=["stages", "bert-base", "allocation", "dtype", "layerwise"], required=True
+        "--part",
+        choices=["stages", "bert-base", "allocation", "dtype", "layerwise", "reconstruct"],
+        required=True,
     )
     ap.add_argument("--num-grads", type=int, default=64)
     ap.add_argument("--block", type=int, default=50)
@@ -378,6 +440,7 @@ def main():
         "allocation": part_allocation,
         "dtype": part_dtype,
         "layerwise": part_layerwise,
+        "reconstruct": part_reconstruct,
     }[args.part](args)
 
 

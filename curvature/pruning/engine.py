@@ -119,7 +119,7 @@ def prune(
     layer_damp: float = 0.01,
     sequential: bool | None = None,
     reconstruct: bool = False,
-    reconstruct_tol: float = 1e-5,
+    reconstruct_tol: float = 1e-3,
     reconstruct_iters: int = 100,
     allocation: str = "default",
     outlier_m: float = 5.0,

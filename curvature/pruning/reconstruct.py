@@ -17,7 +17,11 @@ Two ways to solve it:
   ``diag(Hd)`` (the normalisation by the diagonal that makes the layer's scale irrelevant),
   warm-started from the solver's weights, in float64. It stops when every row's residual
   ``||Hd_SS w_S - b_S||`` is below ``tol`` times ``||b_S||`` or after ``max_iter`` iterations;
-  the reached residual is returned, so a stated tolerance is checked, not assumed.
+  the reached residual is returned, so a stated tolerance is checked, not assumed. The default
+  ``tol=1e-3``: on a 576x1536 layer with outlier inputs at 70% (``/tmp``-free reproduction in
+  ``scripts/bench_pruning.py --part reconstruct``), warm-started from SparseGPT, it took 13
+  iterations and left the error 3e-5 (relative) above the optimum, which 51 iterations reach
+  (to ``1e-8``); SparseGPT's own weights were 11% above it.
   This is the post-processing step of the l0-constrained ADMM of Meng et al. (ALPS, NeurIPS
   2024), which refines the weights of the final support by preconditioned conjugate gradients.
 - ``"exact"``: the closed form through the inverse, ``w = W0_i - W0_iP [Hd^-1]_PP^-1 [Hd^-1]_P:``
@@ -71,7 +75,7 @@ def reconstruct(
     start: torch.Tensor | None = None,
     ratio: float = 0.01,
     method: str = "cg",
-    tol: float = 1e-5,
+    tol: float = 1e-3,
     max_iter: int = 100,
 ) -> Reconstruction:
     """The optimal weights of ``mask`` (``True`` = pruned) for the layer objective (module doc).

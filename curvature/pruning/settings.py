@@ -48,7 +48,7 @@ class PruneSettings:
     #: (:mod:`curvature.pruning.reconstruct`), to a relative residual ``reconstruct_tol`` or
     #: ``reconstruct_iters`` conjugate-gradient iterations
     reconstruct: bool = False
-    reconstruct_tol: float = 1e-5
+    reconstruct_tol: float = 1e-3
     reconstruct_iters: int = 100
     #: ``"outlier"``: a target per block from its outlier activations, within
     #: ``sparsity +- outlier_lambda``, averaging to ``sparsity``
@@ -94,6 +94,15 @@ class PruneSettings:
                 f"({', '.join(LAYERWISE)}) and of reconstruct; method {self.method} reads no "
                 "layer objective: add reconstruct=True or choose a layer-wise method"
             )
+        if self.objective == "fisher" and not self.fisher_token_mix:
+            compares_rows = self.method in ("sparsegpt", "obc") and not parse_mask(self.mask).nm
+            if not compares_rows:
+                raise ValueError(
+                    f"objective='fisher' with fisher_token_mix=0 changes nothing for method "
+                    f"{self.method} with mask {self.mask}: its row weights matter only where "
+                    "rows are compared (sparsegpt or obc, unstructured); set fisher_token_mix > 0 "
+                    "or drop the fisher part"
+                )
         if self.allocation == "outlier":
             if parse_mask(self.mask).nm:
                 raise ValueError(
