@@ -226,3 +226,39 @@ def test_decoder_report_lists_the_documents_whose_loss_rose_most(tmp_path):
         points[1]["perplexity"] - points[0]["perplexity"]
     )
     assert "pies" not in row and not (out / "pies.csv").exists()
+
+
+def test_a_baseline_method_gets_paired_differences_and_the_share_of_its_damage_avoided(
+    sweep_dir, capsys
+):
+    """``--baseline magnitude``: obs against magnitude at each target, paired on the same
+    examples, and the share of magnitude's accuracy loss that obs avoids, both recomputed here
+    from the predictions; the interval of the share covers its point value."""
+    assert main(["report", str(sweep_dir), "--baseline", "magnitude"]) == 0
+    rows = {(r["method"], float(r["target_sparsity"])): r for r in
+            csv.DictReader(open(sweep_dir / "results.csv"))}  # fmt: skip
+    dense = stats.read_units(sweep_dir / "predictions" / "dense.csv")["correct"].mean()
+
+    def acc(method, target):
+        return np.mean([
+            stats.read_units(
+                sweep_dir / "predictions" / f"{point_name(_point(method, target, s))}.csv"
+            )["correct"].mean()
+            for s in (0, 1)
+        ])  # fmt: skip
+
+    for target in (0.5, 0.9):
+        r = rows[("obs", target)]
+        a, m = acc("obs", target), acc("magnitude", target)
+        assert float(r["accuracy_vs_base"]) == pytest.approx(a - m)
+        share = 1 - (dense - a) / (dense - m)
+        assert float(r["accuracy_gap_closed"]) == pytest.approx(share)
+        lo, hi = float(r["accuracy_gap_closed_ci_low"]), float(r["accuracy_gap_closed_ci_high"])
+        assert lo <= share <= hi
+        assert r["baseline"] == "magnitude"
+        assert rows[("magnitude", target)]["accuracy_vs_base"] == ""  # not against itself
+    assert float(rows[("obs", 0.9)]["accuracy_vs_base_ci_low"]) > 0  # obs better beyond noise
+    md = (sweep_dir / "results.md").read_text()
+    assert "vs magnitude, paired [95% CI]" in md and "share of magnitude's damage avoided" in md
+    assert main(["report", str(sweep_dir), "--baseline", "sparsegpt"]) == 2
+    assert "--baseline 'sparsegpt': no point of that method" in capsys.readouterr().err

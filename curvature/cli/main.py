@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="timed forwards per format for each point's latency (0: do not measure)",
     )
+    w.add_argument(
+        "--baseline",
+        default=None,
+        help="a method of --methods to compare every other with at the same mask and target: "
+        "paired difference and the share of its damage (loss of quality against dense) avoided, "
+        "with 95%% intervals",
+    )
     w.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser(
@@ -333,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     r.add_argument("folder")
+    r.add_argument(
+        "--baseline",
+        default=None,
+        help="compare every method with this one (default: the sweep's --baseline, if any)",
+    )
 
     c = sub.add_parser(
         "check",
@@ -404,7 +416,7 @@ def _main(argv: list[str] | None) -> int:
             if args.command == "report":
                 from curvature.cli.report import render_folder
 
-                md = render_folder(args.folder)
+                md = render_folder(args.folder, baseline=args.baseline)
                 print(md.read_text())
                 print(f"report: {md.with_suffix('.html')}")
                 return 0
@@ -512,6 +524,7 @@ def _sweep(args) -> int:
         per_layer=args.per_layer,
         seeds=args.seeds,
         speed_reps=args.speed_reps,
+        baseline=args.baseline,
     )
     cfg.validate()  # before any folder is created
     from curvature.core.parallel import world

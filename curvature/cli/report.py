@@ -382,20 +382,22 @@ def write_prune_report(folder: Path) -> None:
     _write(folder / "report.html", _html(title, prune_sections(metrics), folder))
 
 
-def render_folder(folder: str | Path) -> Path:
+def render_folder(folder: str | Path, baseline: str | None = None) -> Path:
     """Render a sweep folder (``points.jsonl``) or a prune run (``metrics.json``) again; returns
-    the Markdown file written."""
+    the Markdown file written. ``baseline``: a sweep's method to compare the others with."""
     from curvature.cli.sweep import render
 
     folder = Path(folder)
     if not folder.is_dir():
         raise SweepError(f"report: {folder} is not a folder")
     if (folder / "points.jsonl").is_file():
-        render(folder)
+        render(folder, baseline=baseline)
         return folder / "report.md"
     if (folder / "metrics.json").is_file():
         from curvature.cli.jobs import render_report
 
+        if baseline is not None:
+            raise SweepError("report: --baseline compares the methods of a sweep folder")
         metrics = json.loads((folder / "metrics.json").read_text())
         _write(folder / "report.md", render_report(metrics))
         write_prune_report(folder)

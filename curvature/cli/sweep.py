@@ -66,6 +66,9 @@ class SweepConfig:
     # seeds: seed, seed + 1, ...; the dense model is the same for all
     seeds: int = 1
     speed_reps: int = 5  # timed forwards per format for latency (0: do not measure)
+    #: a method every other is compared with at the same mask and target (paired difference and
+    #: the share of its damage avoided); not a result key: it only changes the tables
+    baseline: str | None = None
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
@@ -126,6 +129,10 @@ class SweepConfig:
             )
         if self.seeds < 1:
             raise SweepError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.baseline is not None and self.baseline not in self.methods:
+            raise SweepError(
+                f"--baseline {self.baseline!r} is not one of --methods ({', '.join(self.methods)})"
+            )
         if self.speed_reps < 0:
             raise SweepError(f"--speed-reps must be >= 0, got {self.speed_reps}")
         for name in ("num_grads", "block_size", "num_recomputations"):
@@ -507,16 +514,26 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
     return recipe
 
 
-def render(folder: str | Path, points: list[dict] | None = None) -> None:
+def render(
+    folder: str | Path, points: list[dict] | None = None, baseline: str | None = None
+) -> None:
     """Write results.csv|json|md, pies.csv, the plots and report.html from the points and the
-    saved predictions (intervals, seeds, PIEs and calibration are computed here)."""
+    saved predictions (intervals, seeds, PIEs and calibration are computed here). ``baseline``:
+    a method to compare every other with (default: the one ``sweep.json`` records, if any)."""
     from curvature.cli import report
 
     folder = Path(folder)
     points = load_points(folder) if points is None else points
     if not points:
         raise SweepError(f"{folder} has no finished sweep points (points.jsonl)")
-    rows = aggregate(folder, points)
+    if baseline is None and (folder / "sweep.json").is_file():
+        baseline = json.loads((folder / "sweep.json").read_text()).get("baseline")
+    if baseline is not None and not any(p["method"] == baseline for p in points):
+        raise SweepError(
+            f"--baseline {baseline!r}: no point of that method in {folder}; methods there: "
+            f"{', '.join(sorted({p['method'] for p in points}))}"
+        )
+    rows = aggregate(folder, points, baseline)
     with open(folder / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
         w.writeheader()
@@ -547,10 +564,13 @@ def load_units(folder: Path, p: dict):
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
-def aggregate(folder: Path, points: list[dict]) -> list[dict]:
+def aggregate(folder: Path, points: list[dict], baseline: str | None = None) -> list[dict]:
     """One row per method, mask, mode and target: the metrics' mean over seeds, their spread
     (``m_std``), 95% bootstrap intervals (``m_ci_low``/``m_ci_high``) and the paired difference
-    against dense (``m_delta`` with its interval), ECE and the count of PIEs."""
+    against dense (``m_delta`` with its interval), ECE and the count of PIEs. With ``baseline``
+    (a method), every other method's row at the same mask, mode and target also gets the paired
+    difference against it (``m_vs_base`` with ``_ci_low``/``_ci_high``) and the share of the
+    baseline's damage it avoids (``m_gap_closed`` with its interval, ``baseline`` naming it)."""
     import statistics
 
     from curvature.tasks import stats
@@ -590,9 +610,45 @@ def aggregate(folder: Path, points: list[dict]) -> list[dict]:
             if dense_units is not None and row["method"] != "dense":
                 row["pies"] = len(stats.pies(units, [dense_units]))
         rows.append(row)
+    if baseline is not None:
+        _against_baseline(folder, groups, rows, baseline, dense_units)
     return sorted(
         rows, key=lambda r: (r["method"] != "dense", r["mode"], r["method"], r["target_sparsity"])
     )
+
+
+def _against_baseline(folder, groups, rows, baseline, dense_units) -> None:
+    from curvature.tasks import stats
+
+    def units_of(key):
+        pts = groups.get(key)
+        if not pts:
+            return None
+        u = [load_units(folder, p) for p in pts]
+        return u if all(x is not None for x in u) else None
+
+    for row in rows:
+        if row["method"] in ("dense", baseline):
+            continue
+        key = (row["method"], row["mask"], row["mode"], round(row["target_sparsity"], 6))
+        base = units_of((baseline, *key[1:]))
+        mine = units_of(key)
+        if base is None or mine is None:
+            continue
+        row["baseline"] = baseline
+        for m in METRICS:
+            if m not in row or not stats.has_metric(mine[0], m):
+                continue
+            d, lo, hi = stats.paired_interval(mine, base, m)
+            row[f"{m}_vs_base"], row[f"{m}_vs_base_ci_low"], row[f"{m}_vs_base_ci_high"] = (
+                d,
+                lo,
+                hi,
+            )
+            if dense_units is not None:
+                g, glo, ghi = stats.gap_interval(mine, base, dense_units, m)
+                row[f"{m}_gap_closed"] = g
+                row[f"{m}_gap_closed_ci_low"], row[f"{m}_gap_closed_ci_high"] = glo, ghi
 
 
 def _metrics_of(rows: list[dict]) -> list[str]:
@@ -613,10 +669,16 @@ def columns(rows: list[dict]) -> list[str]:
             "_delta",
             "_delta_ci_low",
             "_delta_ci_high",
+            "_vs_base",
+            "_vs_base_ci_low",
+            "_vs_base_ci_high",
+            "_gap_closed",
+            "_gap_closed_ci_low",
+            "_gap_closed_ci_high",
         ):
             if suffix == "" or m + suffix in present:
                 out.append(m + suffix)
-    tail = ["ece", "pies", "params_kept", "dense_bytes", "compressed_bytes"]
+    tail = ["baseline", "ece", "pies", "params_kept", "dense_bytes", "compressed_bytes"]
     tail += sorted(k for k in present if k.startswith(("latency_ms_", "throughput_")))
     tail += ["speed_batch", "speed_seq_len", "speed_device", "prune_seconds", "peak_memory_mb"]
     return out + [c for c in tail if c in present or c in ("dense_bytes", "compressed_bytes")]
@@ -659,15 +721,39 @@ def delta_cell(row: dict, m: str) -> str:
     )
 
 
+def base_cells(row: dict, m: str) -> str:
+    """``difference [CI] verdict | share of the baseline's damage avoided [CI]``."""
+    if f"{m}_vs_base" not in row:
+        return "- | - | "
+    lo, hi = row[f"{m}_vs_base_ci_low"], row[f"{m}_vs_base_ci_high"]
+    if lo <= 0 <= hi:
+        word = "within noise"
+    else:
+        word = "worse" if (lo > 0) == (m in LOWER_IS_BETTER) else "better"
+    text = f"{_num(row[f'{m}_vs_base'])} [{_num(lo)}, {_num(hi)}] {word} | "
+    if f"{m}_gap_closed" in row:
+        g, glo, ghi = (row[f"{m}_gap_closed{s}"] for s in ("", "_ci_low", "_ci_high"))
+        text += f"{g:.0%} [{glo:.0%}, {ghi:.0%}] | "
+    else:
+        text += "- | "
+    return text
+
+
 def markdown_table(rows: list[dict]) -> str:
     names = _metrics_of(rows)
     main = rows[0].get("metric", names[0] if names else "accuracy")
     others = [n for n in names if n != main]
+    base = next((r["baseline"] for r in rows if r.get("baseline")), None)
     has_speed = any("latency_ms_dense" in r for r in rows)
     has_cls = any("ece" in r for r in rows)
     head = (
         f"| method | mask | mode | target | reached | seeds | {main.replace('_', ' ')} [95% CI] | "
         f"vs dense, paired [95% CI] | "
+        + (
+            f"vs {base}, paired [95% CI] | share of {base}'s damage avoided [95% CI] | "
+            if base
+            else ""
+        )
         + "".join(f"{n.replace('_', ' ')} | " for n in others)
         + ("ECE | PIEs | " if has_cls else "")
         + "size (compressed) | "
@@ -686,6 +772,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['mask']} | {r['mode']} | {r['target_sparsity']:.2f} | "
             f"{r['sparsity']:.4f} | {r.get('seeds', 1)} | {cell(r, main)} | {delta_cell(r, main)} | "
+            + (base_cells(r, main) if base else "")
             + "".join(f"{cell(r, n)} | " for n in others)
             + (f"{ece} | {pies} | " if has_cls else "")
             + f"{r['compressed_bytes'] / 2**20:.1f} MB "

@@ -162,6 +162,35 @@ def paired_interval(
     return value(a, metric) - value(b, metric), lo, hi
 
 
+def gap_interval(
+    units: dict | list[dict],
+    baseline: dict | list[dict],
+    dense: dict | list[dict],
+    metric: str,
+    *,
+    level: float = LEVEL,
+    replicates: int = REPLICATES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(share, low, high)``: the share of the baseline's damage that ``units`` avoid,
+    ``1 - (m(units) - m(dense)) / (m(baseline) - m(dense))``, with all three recomputed on each
+    shared replicate (paired). 0.2 means 20% less loss of quality than the baseline; 1, none
+    left; negative, more than the baseline. Replicates where the baseline equals dense are
+    dropped from the interval (undefined share)."""
+    tables = [t if isinstance(t, list) else [t] for t in (units, baseline, dense)]
+    ids = tables[2][0]["id"]
+    a, b, d = (_aligned(t, ids) for t in tables)
+    w = _weights(len(ids), replicates, seed)
+    ra, rb, rd = (_replicates(t, metric, w) for t in (a, b, d))
+    damage = rb - rd
+    ok = damage != 0
+    share = 1 - (ra[ok] - rd[ok]) / damage[ok]
+    va, vb, vd = value(a, metric), value(b, metric), value(d, metric)
+    point = 1 - (va - vd) / (vb - vd) if vb != vd else float("nan")
+    lo, hi = _percentiles(share, level) if ok.any() else (float("nan"), float("nan"))
+    return point, lo, hi
+
+
 def unpaired_interval(
     units: dict, reference: dict, metric: str, *, level=LEVEL, replicates=REPLICATES, seed=0
 ) -> tuple[float, float]:
