@@ -260,5 +260,9 @@ def test_a_baseline_method_gets_paired_differences_and_the_share_of_its_damage_a
     assert float(rows[("obs", 0.9)]["accuracy_vs_base_ci_low"]) > 0  # obs better beyond noise
     md = (sweep_dir / "results.md").read_text()
     assert "vs magnitude, paired [95% CI]" in md and "share of magnitude's damage avoided" in md
+    assert (sweep_dir / "against_baseline.png").stat().st_size > 5000
+    assert "against_baseline.png" in (sweep_dir / "report.md").read_text()
+    render_folder(sweep_dir, baseline=None)  # the sweep.json baseline is not set: plot removed
+    assert not (sweep_dir / "against_baseline.png").exists()
     assert main(["report", str(sweep_dir), "--baseline", "sparsegpt"]) == 2
     assert "--baseline 'sparsegpt': no point of that method" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def sweep_sections(folder: Path, rows: list[dict], points: list[dict]) -> list[t
         ("accuracy_vs_sparsity.png", "Metric against sparsity"),
         ("metric_vs_size.png", "Metric against size on disk"),
         ("metric_vs_latency.png", "Metric against measured latency"),
+        ("against_baseline.png", "Against the baseline method"),
     ):
         if (folder / name).is_file():
             sections.append((what, [], name))
@@ -355,6 +356,10 @@ def write_sweep_report(folder: Path, rows: list[dict], points: list[dict] | None
         plot(rows, folder / "metric_vs_size.png", x="size")
     if any("latency_ms_dense" in r for r in rows):
         plot(rows, folder / "metric_vs_latency.png", x="latency")
+    from curvature.cli.sweep import plot_baseline
+
+    if not plot_baseline(rows, folder / "against_baseline.png"):
+        (folder / "against_baseline.png").unlink(missing_ok=True)
     sections = sweep_sections(folder, rows, points)
     title = f"Sparsity sweep: {folder.resolve().name}"
     _write(folder / "report.md", _markdown(title, sections))

@@ -864,4 +864,47 @@ def plot(rows: list[dict], path: Path, x: str = "sparsity") -> None:
     fig.savefig(path)
 
 
-__all__ = ["SweepConfig", "render", "run_sweep"]
+def plot_baseline(rows: list[dict], path: Path) -> bool:
+    """Each method's share of the baseline's damage avoided (95% interval as error bars), one
+    group of bars per mask and target; ``False`` (nothing written) without baseline rows."""
+    from matplotlib.figure import Figure
+
+    metric = rows[0].get("metric", "accuracy")
+    key = f"{metric}_gap_closed"
+    have = [r for r in rows if key in r and r[key] == r[key]]
+    if not have:
+        return False
+    base = have[0]["baseline"]
+    settings = sorted({(r["mask"], r["mode"], r["target_sparsity"]) for r in have},
+                      key=lambda k: (k[0] != "unstructured", k[0], k[1], k[2]))  # fmt: skip
+    methods = sorted({r["method"] for r in have})
+    fig = Figure(figsize=(7.2, 0.9 + 0.32 * len(methods) * len(settings)), dpi=120)
+    ax = fig.subplots()
+    ys, labels = [], []
+    y = 0.0
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for st in settings:
+        for m in methods:
+            r = next((r for r in have if (r["mask"], r["mode"], r["target_sparsity"]) == st
+                      and r["method"] == m), None)  # fmt: skip
+            if r is None:
+                continue
+            v, lo, hi = (100 * r[f"{key}{s}"] for s in ("", "_ci_low", "_ci_high"))
+            ax.barh(y, v, color=colors[m], xerr=[[v - lo], [hi - v]], capsize=3)
+            ys.append(y)
+            mask = st[0] if st[0] != "unstructured" else f"{st[2]:.0%}"
+            labels.append(f"{m}  ({mask}, {st[1]}, {r.get('seeds', 1)} seed(s))")
+            y += 1
+        y += 0.6
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"share of {base}'s {metric} damage (against dense) avoided, % (bars: 95% CI)")
+    ax.set_title(f"Against {base} at the same mask and target", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+__all__ = ["SweepConfig", "plot_baseline", "render", "run_sweep"]
