@@ -217,10 +217,10 @@ def test_fisher_weighting_beats_the_plain_objective_where_outputs_matter_unequal
         assert kl(pruned("unstructured", sparsity, objective="fisher", fisher_mix=mix)) < (
             0.8 * plain
         ), mix
-    # N:M compares within a row: row weights change nothing, token weights (off) nothing either
+    # N:M compares within a row: row weights alone would change nothing, which is refused
     a = pruned("2:4", 0.5)
-    b = pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0)
-    assert torch.equal(a[0].weight, b[0].weight)
+    with pytest.raises(ValueError, match="changes nothing"):
+        pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0)
     c = pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0, fisher_token_mix=1.0)
     assert not torch.equal(a[0].weight, c[0].weight)  # the token weights do reach H
 
@@ -352,3 +352,25 @@ def test_a_fisher_part_that_would_change_nothing_is_refused_and_recipes_take_par
     assert r.modifiers[0].engine_settings()["method"] == "sparsegpt+reconstruct"
     with pytest.raises(ValueError, match="unknown part 'fischer'"):
         parse_recipe(LAYERWISE_RECIPE.format(method="sparsegpt+fischer", mask="2:4"))
+
+
+def test_the_output_fisher_pass_in_pieces_equals_whole_batches_after_normalisation():
+    """The backward passes run one example at a time (memory); with a mean loss the pieces'
+    gradients differ from the whole batch's by one constant, which the normalisation removes:
+    the weights match, tokens in the same order."""
+    from curvature.pruning import layerwise
+    from curvature.pruning.fisher_objective import collect, split_batch
+
+    model, x, y = _unequal_outputs()
+    data = batches(x[:96], y[:96], 32)
+    targets = layerwise.layer_targets(model, [("0.weight", model[0].weight)])
+    whole = collect(model, data, ce_loss, targets, progress=False, micro_batch=None)["0.weight"]
+    parts = collect(model, data, ce_loss, targets, progress=False, micro_batch=1)["0.weight"]
+    a, b = whole.mixed(1.0), parts.mixed(1.0)
+    assert torch.allclose(a.rows, b.rows, rtol=1e-5, atol=1e-12)  # float32 gradients
+    assert len(a.tokens) == len(b.tokens) == 3
+    for s, t in zip(a.tokens, b.tokens):
+        assert torch.allclose(s, t, rtol=1e-5, atol=1e-12)
+    assert model[0].weight.grad is None  # the parameters' gradients are left untouched
+    pieces = split_batch({"input_ids": torch.zeros(5, 3), "flag": True}, 2)
+    assert [p["input_ids"].shape[0] for p in pieces] == [2, 2, 1] and pieces[2]["flag"] is True

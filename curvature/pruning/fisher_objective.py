@@ -72,11 +72,52 @@ class OutputFisher:
         return OutputFisher((1 - a) + a * r, [(1 - a) + a * (t / mean) for t in self.tokens])
 
 
-def collect(model, data, loss_fn, targets, *, progress: bool = True) -> dict[str, OutputFisher]:
+def split_batch(batch, size: int) -> list:
+    """``batch`` cut along its first dimension into pieces of ``size`` examples: a tensor, or a
+    dict/tuple/list of tensors of one batch size (other values are passed to every piece).
+    Anything else, or a batch no larger than ``size``, is one piece."""
+    if isinstance(batch, torch.Tensor):
+        n = batch.shape[0] if batch.dim() else 0
+    elif isinstance(batch, dict):
+        sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()}
+        n = sizes.pop() if len(sizes) == 1 else 0
+    elif isinstance(batch, (tuple, list)):
+        sizes = {v.shape[0] for v in batch if isinstance(v, torch.Tensor) and v.dim()}
+        n = sizes.pop() if len(sizes) == 1 else 0
+    else:
+        n = 0
+    if n <= size:
+        return [batch]
+
+    def cut(v, sl):
+        return v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+
+    out = []
+    for i in range(0, n, size):
+        sl = slice(i, min(i + size, n))
+        if isinstance(batch, torch.Tensor):
+            out.append(batch[sl])
+        elif isinstance(batch, dict):
+            out.append({k: cut(v, sl) for k, v in batch.items()})
+        else:
+            out.append(type(batch)(cut(v, sl) for v in batch))
+    return out
+
+
+def collect(
+    model, data, loss_fn, targets, *, progress: bool = True, micro_batch: int | None = 1
+) -> dict[str, OutputFisher]:
     """Row and token sums of the squared output gradients of each target layer (raw, unmixed).
 
     ``targets``: :class:`~curvature.pruning.layerwise.LayerTarget`. A layer called more than
     once per forward pass (weights shared) is refused: its tokens would not line up.
+    ``micro_batch``: examples per forward and backward pass (each calibration batch is cut along
+    its first dimension, :func:`split_batch`; ``None``: whole batches). The backward pass holds
+    the whole model's activations: on SmolLM2 a batch of 8 x 512 tokens peaked at 21.9 GB, one
+    sequence at a time at a few GB. With a loss averaged over each piece, every piece's
+    gradients are scaled by the same constant when the pieces are of equal size and token
+    count, which the normalisation of the weights removes (pieces of unequal token counts are
+    weighted slightly differently from the whole batch's loss).
     """
     rows = {t.name: None for t in targets}
     tokens: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
@@ -93,30 +134,14 @@ def collect(model, data, loss_fn, targets, *, progress: bool = True) -> dict[str
     model.eval()
     batches = 0
     try:
-        for batch in tqdm(data, desc="output Fisher", disable=not progress, leave=False):
-            outputs.clear()
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                names = [t.name for t in targets if t.name in outputs]
-                for n in names:
-                    if len(outputs[n]) != 1:
-                        raise ValueError(
-                            f"{n}: its layer ran {len(outputs[n])} times in one forward pass; "
-                            "the Fisher-weighted objective needs one output per token"
-                        )
-                if not loss.requires_grad:
-                    raise ValueError(
-                        "objective='fisher': loss_fn's loss does not depend on the model's "
-                        "weights (no gradient to weight the layers' outputs by)"
-                    )
-                grads = torch.autograd.grad(loss, [outputs[n][0] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
-                y = outputs[n][0]
-                g = torch.zeros_like(y) if g is None else g
-                g2 = g.detach().reshape(-1, g.shape[-1]).to(F64) ** 2
-                rows[n] = g2.sum(0) if rows[n] is None else rows[n] + g2.sum(0)
-                tokens[n].append(g2.sum(1).cpu())
-            outputs.clear()
+        for whole in tqdm(data, desc="output Fisher", disable=not progress, leave=False):
+            pieces = [whole] if micro_batch is None else split_batch(whole, micro_batch)
+            piece_rows, piece_tokens = {}, {}
+            for batch in pieces:
+                _backward(model, loss_fn, batch, targets, outputs, piece_rows, piece_tokens)
+            for n, r in piece_rows.items():
+                rows[n] = r if rows[n] is None else rows[n] + r
+                tokens[n].append(torch.cat(piece_tokens[n]))
             batches += 1
     finally:
         for h in handles:
@@ -133,3 +158,31 @@ def collect(model, data, loss_fn, targets, *, progress: bool = True) -> dict[str
             )
         out[t.name] = OutputFisher(rows[t.name], tokens[t.name])
     return out
+
+
+def _backward(model, loss_fn, batch, targets, outputs, rows, tokens) -> None:
+    """One forward and backward pass: the squared output gradients of the targets, summed over
+    tokens (into ``rows``) and over outputs (appended to ``tokens``)."""
+    outputs.clear()
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        names = [t.name for t in targets if t.name in outputs]
+        for n in names:
+            if len(outputs[n]) != 1:
+                raise ValueError(
+                    f"{n}: its layer ran {len(outputs[n])} times in one forward pass; "
+                    "the Fisher-weighted objective needs one output per token"
+                )
+        if not loss.requires_grad:
+            raise ValueError(
+                "objective='fisher': loss_fn's loss does not depend on the model's "
+                "weights (no gradient to weight the layers' outputs by)"
+            )
+        grads = torch.autograd.grad(loss, [outputs[n][0] for n in names], allow_unused=True)
+    for n, g in zip(names, grads):
+        y = outputs[n][0]
+        g = torch.zeros_like(y) if g is None else g
+        g2 = g.detach().reshape(-1, g.shape[-1]).to(F64) ** 2
+        rows[n] = g2.sum(0) if n not in rows else rows[n] + g2.sum(0)
+        tokens.setdefault(n, []).append(g2.sum(1).cpu())
+    outputs.clear()

@@ -323,7 +323,9 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
                 "one process"
             )
         t0 = time.perf_counter()
-        raw = fisher_objective.collect(model, data, loss_fn, targets, progress=settings.progress)
+        raw = fisher_objective.collect(
+            model, data, loss_fn, targets, progress=settings.progress, micro_batch=1
+        )
         mix, token_mix = settings.fisher_mix, settings.fisher_token_mix
         fisher = {n: f.mixed(mix, token_mix) for n, f in raw.items()}
         result.seconds_fisher = time.perf_counter() - t0
