@@ -367,10 +367,10 @@ def test_the_output_fisher_pass_in_pieces_equals_whole_batches_after_normalisati
     whole = collect(model, data, ce_loss, targets, progress=False, micro_batch=None)["0.weight"]
     parts = collect(model, data, ce_loss, targets, progress=False, micro_batch=1)["0.weight"]
     a, b = whole.mixed(1.0), parts.mixed(1.0)
-    assert torch.allclose(a.rows, b.rows, rtol=1e-5, atol=1e-12)  # float32 gradients
+    assert torch.allclose(a.rows, b.rows, rtol=1e-4, atol=1e-6)  # float32 gradients
     assert len(a.tokens) == len(b.tokens) == 3
     for s, t in zip(a.tokens, b.tokens):
-        assert torch.allclose(s, t, rtol=1e-5, atol=1e-12)
+        assert torch.allclose(s, t, rtol=1e-4, atol=1e-6)
     assert model[0].weight.grad is None  # the parameters' gradients are left untouched
     pieces = split_batch({"input_ids": torch.zeros(5, 3), "flag": True}, 2)
     assert [p["input_ids"].shape[0] for p in pieces] == [2, 2, 1] and pieces[2]["flag"] is True
