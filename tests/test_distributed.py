@@ -84,6 +84,10 @@ PRUNE_CASES = {
     "mfac": dict(sparsity=0.6, method="mfac"),
     "magnitude": dict(sparsity=0.7, method="magnitude"),
     "sparsegpt": dict(sparsity=0.5, method="sparsegpt", global_sparsity=False),
+    # the parts: outlier targets from every rank's statistics, reconstruction on the layer's
+    # owner, and the pass after a non-layer-wise method
+    "sparsegpt-parts": dict(sparsity=0.6, method="sparsegpt+reconstruct+outlier", outlier_m=1.5),
+    "magnitude+reconstruct": dict(sparsity=0.6, method="magnitude+reconstruct"),
 }
 BASE = dict(num_grads=12, block_size=8, damp=1e-4, progress=False)
 
@@ -112,9 +116,12 @@ def _prune_worker(rank, world, out, contiguous):
         results[name] = {
             "params": [p.detach().clone() for p in model.parameters()],
             "report": {
-                k: v for k, v in report.to_dict().items() if k not in ("memory_plan", "phases")
+                k: v
+                for k, v in report.to_dict().items()
+                if k not in ("memory_plan", "phases", "reconstruction")
             },
             "curvature_bytes": report.memory_plan.get("curvature", 0),
+            "reconstruction": report.reconstruction,
         }
     # a budget below each rank's share: several gradient passes, curvature spilled to disk
     model, batches = _model_and_data()
@@ -164,7 +171,15 @@ def test_pruning_across_processes_equals_one_process(world, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
             assert got["report"]["param_sparsity"] == ref_report.param_sparsity
             assert got["report"] == ranks[0][name]["report"]  # the same report on every rank
-        if name not in ("magnitude", "sparsegpt"):  # layer-wise: every rank solves every layer
+            if ref_report.reconstruction is not None:
+                for k, v in ref_report.reconstruction.items():
+                    assert got["reconstruction"][k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
+        if name not in (
+            "magnitude",
+            "sparsegpt",
+            "sparsegpt-parts",
+            "magnitude+reconstruct",
+        ):  # layer-wise: every rank solves every layer
             one = ref_report.memory_plan["curvature"]
             per_rank = [ranks[r][name]["curvature_bytes"] for r in range(world)]
             assert max(per_rank) <= one / world * 1.5 + 8 * 8 * 8 * 4, (name, per_rank, one)

@@ -311,6 +311,12 @@ def allreduce_min(value: int) -> int:
     return int(t.item())
 
 
+def allreduce_max(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=_comm())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def allreduce_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_comm())
     dist.all_reduce(t)

@@ -392,6 +392,12 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     finally:
         model.train(was_training)
     masks.apply(model)
+    if size > 1 and settings.reconstruct:  # each rank reconstructed the layers it solved
+        result.error_before = distributed.allreduce_sum(result.error_before)
+        result.error_after = distributed.allreduce_sum(result.error_after)
+        result.iterations = int(distributed.allreduce_max(float(result.iterations)))
+        result.residual = distributed.allreduce_max(result.residual)
+        result.seconds_reconstruct = distributed.allreduce_max(result.seconds_reconstruct)
     return result
 
 
