@@ -331,6 +331,10 @@ def test_a_sweep_runs_methods_with_parts_beside_their_base(tmp_path):
     assert set(got) == {"dense", *methods}
     assert all(len(got[m]) == 2 for m in methods)  # every method reads data: 2 seeds each
     assert all(p["sparsity"] == pytest.approx(0.5, abs=2e-3) for m in methods for p in got[m])
+    both = got["sparsegpt+reconstruct+outlier+fisher"]
+    assert all(p["allocation_min"] < 0.5 < p["allocation_max"] for p in both)
+    assert all(0 < p["reconstruct_error_ratio"] <= 1 for p in both + got["magnitude+reconstruct"])
+    assert "allocation_min" not in got["sparsegpt"][0]
     assert "sparsegpt+reconstruct+outlier+fisher" in (tmp_path / "sweep" / "results.md").read_text()
     with pytest.raises(Exception, match="recon"):
         SweepConfig(output=str(tmp_path / "x"), methods=["sparsegpt+recon"]).validate()

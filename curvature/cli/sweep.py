@@ -380,6 +380,7 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
 
     reset_peak_memory()
     start = time.perf_counter()
+    extra: dict = {}
     if mode == "oneshot":
         model = load_model(task.task, str(dense_dir))
         from curvature.integrations.hf import grad_loader
@@ -409,6 +410,13 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
             **fisher,
         )
         reached = report.global_sparsity
+        if report.allocation:  # the outlier part's targets: their spread across layers
+            extra["allocation_min"] = min(report.allocation.values())
+            extra["allocation_max"] = max(report.allocation.values())
+        if report.reconstruction:
+            extra["reconstruct_max_iterations"] = report.reconstruction["max_iterations"]
+            before, after = (report.reconstruction[k] for k in ("error_before", "error_after"))
+            extra["reconstruct_error_ratio"] = after / before if before else None
     else:
         from curvature.cli.jobs import PruneJob, run_prune
         from curvature.recipes import load_recipe
@@ -456,6 +464,7 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
         **_speed(model, task, cfg),
         "prune_seconds": seconds,
         "peak_memory_mb": peak / 2**20 if peak else None,
+        **extra,
     }
 
 
