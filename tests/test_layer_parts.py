@@ -285,6 +285,7 @@ def test_every_part_together_on_a_decoder(tmp_path):
     for n, s in alloc.items():
         assert r.param_sparsity[n] == pytest.approx(s, abs=1 / sizes[n] + 1e-9)
     assert {"outlier_allocation", "output_fisher", "reconstruct"} <= set(r.phases)
+    assert r.method == "sparsegpt+reconstruct+outlier+fisher"
     assert r.reconstruction["max_residual"] <= 1e-3 or r.reconstruction["max_iterations"] == 100
 
 

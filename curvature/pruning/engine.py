@@ -213,8 +213,11 @@ def run(model, data, loss_fn, settings: PruneSettings, *, masks: MaskSet | None 
     if settings.allocation == "outlier" or (
         settings.reconstruct and not METHODS[settings.method].layerwise
     ):
-        return _run_with_parts(model, data, loss_fn, settings, masks, start)
-    return _run(model, data, loss_fn, settings, masks, start)
+        report = _run_with_parts(model, data, loss_fn, settings, masks, start)
+    else:
+        report = _run(model, data, loss_fn, settings, masks, start)
+    report.method = settings.spec  # the method with its parts
+    return report
 
 
 def _run_with_parts(model, data, loss_fn, settings, masks, start):

@@ -178,6 +178,20 @@ class PruneSettings:
             object.__setattr__(self, "params", tuple(self.params))
 
     @property
+    def spec(self) -> str:
+        """The method with its parts, as a name: ``sparsegpt+reconstruct+outlier+fisher``."""
+        parts = [
+            name
+            for name, on in (
+                ("reconstruct", self.reconstruct),
+                ("outlier", self.allocation == "outlier"),
+                ("fisher", self.objective == "fisher"),
+            )
+            if on
+        ]
+        return "+".join([self.method, *parts])
+
+    @property
     def structure(self) -> MaskStructure:
         return parse_mask(self.mask)
 
