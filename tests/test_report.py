@@ -266,3 +266,34 @@ def test_a_baseline_method_gets_paired_differences_and_the_share_of_its_damage_a
     assert not (sweep_dir / "against_baseline.png").exists()
     assert main(["report", str(sweep_dir), "--baseline", "sparsegpt"]) == 2
     assert "--baseline 'sparsegpt': no point of that method" in capsys.readouterr().err
+
+
+def test_a_baseline_comparison_pairs_the_seeds_both_methods_ran(sweep_dir):
+    """Two data-reading methods with different numbers of seeds: only the common seeds are
+    compared (the same calibration draws), not one seed against another seed's mean."""
+    lines = [json.loads(x) for x in (sweep_dir / "points.jsonl").read_text().splitlines()]
+    keep = []
+    for p in lines:
+        if p["method"] == "magnitude":
+            if p["target_sparsity"] == 0.5 and p["seed_index"] == 1:
+                continue  # mfac at 0.5 has seed 0 only
+            old = sweep_dir / "predictions" / f"{point_name(p)}.csv"
+            p["method"] = "mfac"
+            shutil.move(old, sweep_dir / "predictions" / f"{point_name(p)}.csv")
+        keep.append(p)
+    (sweep_dir / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in keep))
+    render_folder(sweep_dir, baseline="obs")
+    rows = {(r["method"], float(r["target_sparsity"])): r for r in
+            csv.DictReader(open(sweep_dir / "results.csv"))}  # fmt: skip
+
+    def acc(method, target, seed):
+        p = _point(method, target, seed)
+        return stats.read_units(sweep_dir / "predictions" / f"{point_name(p)}.csv")[
+            "correct"
+        ].mean()
+
+    r = rows[("mfac", 0.5)]
+    assert float(r["accuracy_vs_base"]) == pytest.approx(acc("mfac", 0.5, 0) - acc("obs", 0.5, 0))
+    r = rows[("mfac", 0.9)]
+    both = np.mean([acc("mfac", 0.9, s) - acc("obs", 0.9, s) for s in (0, 1)])
+    assert float(r["accuracy_vs_base"]) == pytest.approx(both)

@@ -626,11 +626,15 @@ def aggregate(folder: Path, points: list[dict], baseline: str | None = None) -> 
     )
 
 
+def _reads_data(method: str) -> bool:
+    return method not in PRUNING_METHODS or PRUNING_METHODS[method].needs_data
+
+
 def _against_baseline(folder, groups, rows, baseline, dense_units) -> None:
     from curvature.tasks import stats
 
-    def units_of(key):
-        pts = groups.get(key)
+    def units_of(key, seeds):
+        pts = [p for p in groups.get(key, []) if p.get("seed_index", 0) in seeds]
         if not pts:
             return None
         u = [load_units(folder, p) for p in pts]
@@ -640,11 +644,24 @@ def _against_baseline(folder, groups, rows, baseline, dense_units) -> None:
         if row["method"] in ("dense", baseline):
             continue
         key = (row["method"], row["mask"], row["mode"], round(row["target_sparsity"], 6))
-        base = units_of((baseline, *key[1:]))
-        mine = units_of(key)
+        bkey = (baseline, *key[1:])
+        # the seeds both have: each comparison on the same calibration draws; a method that
+        # reads no data (one run, the same model for every seed) pairs with all of the other's
+        mine_seeds = {p.get("seed_index", 0) for p in groups.get(key, [])}
+        base_seeds = {p.get("seed_index", 0) for p in groups.get(bkey, [])}
+        if not _reads_data(row["method"]):
+            seeds = base_seeds
+        elif not _reads_data(baseline):
+            seeds = mine_seeds
+        else:
+            seeds = mine_seeds & base_seeds
+            mine_seeds = base_seeds = seeds
+        mine = units_of(key, mine_seeds)
+        base = units_of(bkey, base_seeds)
         if base is None or mine is None:
             continue
         row["baseline"] = baseline
+        row["baseline_seeds"] = len(seeds)
         for m in METRICS:
             if m not in row or not stats.has_metric(mine[0], m):
                 continue
