@@ -103,13 +103,15 @@ def document_rows(folder: Path, points: list[dict], top: int = SHOW_EXAMPLES) ->
     d_units, loaded = _loaded(folder, points)
     if d_units is None or "nll" not in d_units:
         return []
-    base = {i: n / t for i, n, t in zip(d_units["id"], d_units["nll"], d_units["tokens"])}
+    # a unit with no scored token (a masked-LM block where nothing was masked) has no loss
+    base = {i: n / t for i, n, t in zip(d_units["id"], d_units["nll"], d_units["tokens"]) if t}
     out = []
     for pts, units in loaded:
         rise: dict = {}
         for u in units:
             for i, n, t in zip(u["id"], u["nll"], u["tokens"]):
-                rise[i] = rise.get(i, 0.0) + (n / t - base[i]) / len(units)
+                if t and i in base:
+                    rise[i] = rise.get(i, 0.0) + (n / t - base[i]) / len(units)
         for i in sorted(rise, key=lambda i: -rise[i])[:top]:
             out.append({
                 "point": _label(pts[0]), "document": i, "dense_loss": base[i],
