@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import torch
+from curvature.pruning import parts
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -91,9 +92,8 @@ def _worker(rank, world, port, threads, out):
         loss_fn=_loss,
         sparsity=0.5,
         params=["re:.*encoder.*(query|key|value|dense)\\.weight"],
-        num_grads=NUM_GRADS,
-        block_size=50,
         progress=False,
+        method=parts.OBS(gradients=NUM_GRADS, block_size=50),
     )
     row = {
         "rank": rank,

@@ -39,6 +39,7 @@ import torch
 from _bench import copy_bandwidth
 
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
+from curvature.pruning import parts
 from curvature.pruning import obs, stages
 from curvature.pruning.allocation import GlobalThreshold, take_cheapest, take_cheapest_by_sorting
 from curvature.pruning.curvatures import EmpiricalFisher
@@ -236,8 +237,7 @@ def part_dtype(args):
         out = {}
         for dtype in (torch.float64, torch.float32):
             model.load_state_dict(state)
-            r = prune(model, loader, loss_fn=loss, sparsity=s, params=params, num_grads=args.num_grads,
-                      block_size=args.block, fisher_dtype=dtype, progress=True)  # fmt: skip
+            r = prune(model, loader, loss_fn=loss, sparsity=s, params=params, progress=True, method=parts.OBS(gradients=args.num_grads, block_size=args.block, dtype=dtype))  # fmt: skip
             acc = classification_eval(model, eval_loader)["accuracy"]
             out[dtype] = (
                 r.masks.state_dict(),

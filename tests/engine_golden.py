@@ -63,7 +63,7 @@ def loss_fn(model, batch):
 
 
 def run_case(method, selection, mask, sparsity, global_sparsity) -> dict[str, torch.Tensor]:
-    from curvature.pruning import prune
+    from curvature.pruning import pipeline, prune
 
     model = tiny_bert()
     report = prune(
@@ -72,14 +72,14 @@ def run_case(method, selection, mask, sparsity, global_sparsity) -> dict[str, to
         loss_fn=loss_fn,
         sparsity=sparsity,
         global_sparsity=global_sparsity,
-        method=method,
-        selection=selection,
+        method=pipeline(method).with_settings(
+            **({"selection": selection} if method in ("obs", "mfac") else {}),
+            **({} if method == "magnitude" else {"gradients": 12, "fisher_damping": 1e-4}),
+            **({} if method == "magnitude" else {"dtype": torch.float64}),
+            block_size=8,
+        ),
         mask=mask,
         params=["re:.*encoder.*(query|key|value|dense)\\.weight"],
-        num_grads=12,
-        block_size=8,
-        damp=1e-4,
-        fisher_dtype=torch.float64,
         progress=False,
     )
     out = {}

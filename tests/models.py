@@ -46,6 +46,21 @@ def full_loss(model, x, y):
         return torch.nn.functional.cross_entropy(model(x), y).item()
 
 
+#: keywords of prune() itself; any other keyword of :func:`prune_kw` is a part's setting
+CALL_KEYWORDS = {"sparsity", "mask", "params", "global_sparsity", "masks", "max_memory", "progress"}
+
+
+def prune_kw(**kw) -> dict:
+    """prune() keywords from call keywords and parts' settings by name (``gradients=8``):
+    ``method`` (a name, default ``"obs"``) becomes its pipeline with those settings."""
+    from curvature.pruning import pipeline
+
+    kw = dict(kw)
+    method = kw.pop("method", "obs")
+    settings = {k: kw.pop(k) for k in list(kw) if k not in CALL_KEYWORDS}
+    return {**kw, "method": pipeline(method).with_settings(**settings)}
+
+
 def prune_copy(model, x, y, *, batch_size, **kw):
     """Prune a deep copy of ``model`` with cross-entropy gradients; returns (copy, report)."""
     import copy
@@ -53,5 +68,6 @@ def prune_copy(model, x, y, *, batch_size, **kw):
     from curvature.pruning import prune
 
     m = copy.deepcopy(model)
-    report = prune(m, batches(x, y, batch_size), loss_fn=ce_loss, progress=False, **kw)
+    kw = {"progress": False, **kw}
+    report = prune(m, batches(x, y, batch_size), loss_fn=ce_loss, **prune_kw(**kw))
     return m, report

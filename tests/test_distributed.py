@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from curvature.pruning import parts
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -336,8 +337,7 @@ def _small_layerwise_worker(rank, world):
     from curvature.pruning import prune
 
     model, batches = _model_and_data()
-    prune(model, batches[rank::world], loss_fn=ce_loss, method="sparsegpt", sparsity=0.5,
-          num_grads=1, progress=False)  # fmt: skip
+    prune(model, batches[rank::world], loss_fn=ce_loss, sparsity=0.5, progress=False, method=parts.SparseGPT(batches=1))  # fmt: skip
 
 
 def test_layerwise_with_fewer_batches_than_processes_is_refused_on_every_rank():

@@ -501,7 +501,7 @@ def test_pruning_engine_gives_the_same_model_through_either_backend(monkeypatch,
 
     x = correlated_inputs(n=128)
     model, y = trained_mlp(x, steps=50)
-    kw = {"num_grads": 16, "block_size": 16, "damp": 1e-6, "sparsity": 0.5, **kw}
+    kw = {"gradients": 16, "block_size": 16, "fisher_damping": 1e-6, "sparsity": 0.5, **kw}
     calls = {"greedy": 0, "nm": 0}
     real_greedy, real_scores = obs.launch_greedy, obs.launch_scores
 

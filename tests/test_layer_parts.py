@@ -12,6 +12,7 @@ from models import batches, ce_loss, full_loss
 from test_layerwise import LAYERS, _lm, damped, layer_problem, lm_loss, lstsq_for_mask
 
 from curvature.pruning import METHODS, layer_obs, prune
+from curvature.pruning import parts
 from curvature.pruning.allocation import outlier_ratio, outlier_targets
 from curvature.pruning.fisher_objective import OutputFisher
 from curvature.pruning.reconstruct import layer_error, reconstruct
@@ -274,8 +275,7 @@ def test_every_part_together_on_a_decoder(tmp_path):
     model, data = _lm(tmp_path, "llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = prune(model, data, loss_fn=lm_loss, sparsity=0.6, params=LAYERS, progress=False,
-                  method="sparsegpt+reconstruct+outlier+fisher", outlier_m=2.0)  # fmt: skip
+        r = prune(model, data, loss_fn=lm_loss, sparsity=0.6, params=LAYERS, progress=False, method=parts.chain(parts.SparseGPT(), parts.Reconstruct(), parts.Outlier(m=2.0), parts.FisherObjective()))  # fmt: skip
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     alloc = r.allocation
     mean = sum(alloc[n] * sizes[n] for n in alloc) / sum(sizes[n] for n in alloc)

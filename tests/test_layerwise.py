@@ -12,6 +12,7 @@ from models import batches, ce_loss, full_loss
 from tiny import make_task_model_dir
 
 from curvature.pruning import layer_obs, prune
+from curvature.pruning import parts
 
 F64 = torch.float64
 
@@ -234,10 +235,7 @@ def test_runner_equals_per_layer_full_forward_passes(tmp_path, arch, sequential)
     ref = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = prune(
-            model, data, loss_fn=lm_loss, sparsity=0.5, method="sparsegpt", params=LAYERS,
-            sequential=sequential, progress=False,
-        )  # fmt: skip
+        report = prune(model, data, loss_fn=lm_loss, sparsity=0.5, params=LAYERS, progress=False, method=parts.SparseGPT(sequential=sequential))  # fmt: skip
     names = list(report.param_sparsity)
     assert len(names) >= 8 and report.global_sparsity == pytest.approx(0.5)
     reference_layerwise(ref, data, names, 0.5, "sparsegpt", sequential=sequential)

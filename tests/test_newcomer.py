@@ -13,6 +13,7 @@ import torch
 from tiny import make_csv, make_model_dir
 
 from curvature.cli.main import main
+from curvature.pruning import parts
 from curvature.pruning import prune
 
 
@@ -36,16 +37,14 @@ def _loss(m, b):
 def test_prune_says_when_batches_are_cycled():
     model, batches = _mlp_problem(3)
     with pytest.warns(UserWarning, match="data has 3 batches but num_grads=8") as rec:
-        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
-                       params=["0.weight", "3.weight"], progress=False)  # fmt: skip
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["0.weight", "3.weight"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
     assert len([w for w in rec if "num_grads" in str(w.message)]) == 1  # once, not per step
     assert report.distinct_batches == 3 and report.num_grads == 8
     assert report.to_dict()["distinct_batches"] == 3
     model, batches = _mlp_problem(8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # enough batches: no warning
-        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
-                       params=["0.weight", "3.weight"], progress=False)  # fmt: skip
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["0.weight", "3.weight"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
     assert report.distinct_batches == 8
     # magnitude pruning reads no data: nothing to report
     report = prune(model, batches, loss_fn=_loss, sparsity=0.6, method="magnitude",
@@ -56,14 +55,12 @@ def test_prune_says_when_batches_are_cycled():
 def test_pattern_skips_biases_and_norms_and_says_so():
     model, batches = _mlp_problem(8)
     with pytest.warns(UserWarning, match=r"2 parameters matched by a re: pattern were skipped"):
-        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
-                       params=["re:.*weight", "re:0\\..*"], progress=False)  # fmt: skip
+        report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["re:.*weight", "re:0\\..*"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
     assert sorted(report.param_sparsity) == ["0.weight", "3.weight"]
     assert sorted(report.skipped) == ["0.bias", "1.weight"]  # the bias and the LayerNorm weight
     assert all("1-D" in why for why in report.skipped.values())
     # a 1-D parameter named exactly is pruned as asked, and not reported as skipped
-    report = prune(model, batches, loss_fn=_loss, sparsity=0.5, num_grads=8, block_size=4,
-                   params=["re:.*weight", "1.weight"], progress=False)  # fmt: skip
+    report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["re:.*weight", "1.weight"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
     assert "1.weight" in report.param_sparsity and "1.weight" not in report.skipped
 
 

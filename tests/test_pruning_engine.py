@@ -3,6 +3,7 @@ import torch
 from models import batches, ce_loss, correlated_inputs, full_loss, prune_copy, trained_mlp
 
 from curvature.pruning import MaskSet, interpolate, parse_mask, prune, select_params, sparsity_at
+from curvature.pruning import parts
 from curvature.pruning.params import SKIP_1D
 from curvature.pruning.schedule import pruning_points
 
@@ -16,7 +17,11 @@ def problem():
 
 def run(problem, **kw):
     model, x, y = problem
-    kw = {"num_grads": 32, "block_size": 8, "damp": 1e-6, **kw}
+    obs = kw.get("method", "obs") != "magnitude"  # magnitude reads no gradient settings
+    base = {"gradients": 32, "fisher_damping": 1e-6} if obs else {}
+    kw = {"block_size": 8, **base, **kw}
+    if not obs:
+        kw.pop("selection", None)
     return prune_copy(model, x, y, batch_size=16, **kw)
 
 
@@ -87,12 +92,9 @@ def test_recomputations_and_existing_masks(problem):
         batches(x, y, 16),
         loss_fn=ce_loss,
         sparsity=0.8,
-        num_grads=32,
-        block_size=8,
-        damp=1e-6,
-        num_recomputations=3,
         masks=r1.masks,
         progress=False,
+        method=parts.OBS(gradients=32, block_size=8, fisher_damping=1e-6, recomputations=3),
     )
     assert abs(r2.global_sparsity - 0.8) < 1 / 448
     for k, v in before.items():
@@ -133,14 +135,19 @@ def test_param_selection_and_errors(problem):
         parse_mask("blocky")
     with pytest.raises(ValueError, match="method must be one of"):
         run(problem, sparsity=0.5, method="random")
-    with pytest.raises(ValueError, match="damp must be > 0"):
-        run(problem, sparsity=0.5, damp=0.0)
+    with pytest.raises(ValueError, match="fisher_damping must be > 0"):
+        run(problem, sparsity=0.5, fisher_damping=0.0)
     with pytest.raises(MemoryError, match="lower block_size"):
         run(problem, sparsity=0.5, max_memory=1000)
     bad = torch.nn.Linear(6, 2)
     with pytest.raises(ValueError, match="rows of 6 weights, not divisible by the 2:4 group of 4"):
         prune(
-            bad, [None], loss_fn=lambda m, b: m.weight.sum(), sparsity=0.5, mask="2:4", block_size=4
+            bad,
+            [None],
+            loss_fn=lambda m, b: m.weight.sum(),
+            sparsity=0.5,
+            mask="2:4",
+            method=parts.OBS(block_size=4),
         )
 
 

@@ -8,6 +8,7 @@ import torch
 from models import correlated_inputs, full_loss, prune_copy, trained_mlp
 
 from curvature.pruning import obs, prune
+from curvature.pruning import parts
 
 F64 = torch.float64
 
@@ -42,11 +43,9 @@ def test_greedy_matches_brute_force_reconstruction(block_size):
         data,
         loss_fn=loss_fn,
         sparsity=0.5,
-        num_grads=len(data),
-        block_size=block_size,
-        damp=1e-6,
         params=["weight"],
         progress=False,
+        method=parts.OBS(gradients=len(data), block_size=block_size, fisher_damping=1e-6),
     )
     w = layer.weight.detach().squeeze(0)
     pruned = report.masks.get("weight").squeeze(0)
@@ -95,7 +94,8 @@ def test_greedy_order_is_exact_sequential_obs_on_a_tiny_block():
 
 
 def _prune_copy(model, x, y, **kw):
-    kw = {"num_grads": 64, "block_size": 16, "damp": 1e-8, **kw}
+    obs = {"gradients": 64, "fisher_damping": 1e-8} if kw.get("method") != "magnitude" else {}
+    kw = {"block_size": 16, **obs, **kw}
     return prune_copy(model, x, y, batch_size=8, **kw)
 
 

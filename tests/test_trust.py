@@ -8,6 +8,7 @@ import torch
 from engine_golden import fixed_batches, loss_fn, tiny_bert
 
 from curvature.core import FisherInverse
+from curvature.pruning import parts
 from curvature.pruning import prune
 from curvature.recipes import RecipeManager, parse_recipe
 
@@ -43,14 +44,11 @@ def _prune_bert(max_memory, selection="greedy", mask="unstructured", sparsity=0.
         shuffled_loader(),
         loss_fn=counting,
         sparsity=sparsity,
-        selection=selection,
         mask=mask,
         params=BERT_PARAMS,
-        num_grads=12,
-        block_size=8,
-        damp=1e-4,
         max_memory=max_memory,
         progress=False,
+        method=parts.OBS(gradients=12, block_size=8, fisher_damping=1e-4, selection=selection),
     )
     return model, report, counting.calls
 
@@ -155,8 +153,7 @@ def test_pruning_keeps_the_users_gradients():
     model = tiny_bert()
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
-    prune(model, fixed_batches(), loss_fn=loss_fn, sparsity=0.5, params=BERT_PARAMS,
-          num_grads=4, block_size=8, damp=1e-4, progress=False)  # fmt: skip
+    prune(model, fixed_batches(), loss_fn=loss_fn, sparsity=0.5, params=BERT_PARAMS, progress=False, method=parts.OBS(gradients=4, block_size=8, fisher_damping=1e-4))  # fmt: skip
     assert all(p.grad is not None and torch.all(p.grad == 0.5) for p in model.parameters())
 
 
@@ -292,8 +289,7 @@ def test_weights_pruned_earlier_stay_pruned_beside_exact_zeros(selection):
     masks = MaskSet({"weight": torch.tensor([[False] * 4 + [True] + [False] * 3])})
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
-    prune(layer, data, loss_fn=lambda m, x: m(x).pow(2).mean(), sparsity=0.125, num_grads=4,
-          block_size=4, damp=1e-3, masks=masks, selection=selection, progress=False)  # fmt: skip
+    prune(layer, data, loss_fn=lambda m, x: m(x).pow(2).mean(), sparsity=0.125, masks=masks, progress=False, method=parts.OBS(gradients=4, block_size=4, fisher_damping=1e-3, selection=selection))  # fmt: skip
     assert masks.get("weight")[0, 4]
 
 

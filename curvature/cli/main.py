@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="obs,magnitude",
         help="comma list of registered methods: obs, obs-independent, mfac, magnitude, and the "
-        "layer-wise sparsegpt, obc, wanda (calibrated on --num-grads batches of the training data); "
+        "layer-wise sparsegpt, obc, wanda (calibrated on --batches batches of the training data); "
         "parts may be added with +: reconstruct (optimal kept weights for the mask), outlier "
         "(per-block targets from outlier activations), fisher (Fisher-weighted layer objective), "
         "e.g. sparsegpt+reconstruct+outlier",
@@ -290,22 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-eval", type=int, default=None)
     w.add_argument("--max-length", type=int, default=128)
     w.add_argument(
-        "--num-grads",
+        "--gradients",
         type=int,
         default=None,
-        help="Fisher gradients, or calibration batches of the layer-wise methods (default 64, or "
-        "the recipe's)",
+        help="OBS: per-example gradients in the Fisher (default 64, or the recipe's num_grads)",
     )
-    w.add_argument("--block-size", type=int, default=None, help="default 32, or the recipe's")
     w.add_argument(
-        "--damp",
+        "--batches",
+        type=int,
+        default=None,
+        help="layer-wise methods: calibration batches (default 64, or the recipe's)",
+    )
+    w.add_argument(
+        "--block-size", type=int, default=None, help="OBS, magnitude: default 32, or the recipe's"
+    )
+    w.add_argument(
+        "--fisher-damping",
         type=float,
         default=None,
-        help="Fisher damping, default 1e-7 or the recipe's (the layer-wise methods damp their "
-        "layer Hessian by 1%% of its mean diagonal)",
+        help="OBS: absolute damping of the Fisher, default 1e-7 or the recipe's damp",
     )
     w.add_argument(
-        "--num-recomputations", type=int, default=None, help="default 1, or the recipe's"
+        "--rel-damp",
+        type=float,
+        default=None,
+        help="sparsegpt, obc: damping of the layer Hessian as a fraction of its mean diagonal "
+        "(default 0.01, or the recipe's)",
+    )
+    w.add_argument(
+        "--recomputations", type=int, default=None, help="OBS: default 1, or the recipe's"
     )
     w.add_argument("--seed", type=int, default=0)
     w.add_argument(
@@ -514,10 +527,12 @@ def _sweep(args) -> int:
         max_train=args.max_train,
         max_eval=args.max_eval,
         max_length=args.max_length,
-        num_grads=args.num_grads,
+        gradients=args.gradients,
+        batches=args.batches,
         block_size=args.block_size,
-        damp=args.damp,
-        num_recomputations=args.num_recomputations,
+        fisher_damping=args.fisher_damping,
+        rel_damp=args.rel_damp,
+        recomputations=args.recomputations,
         seed=args.seed,
         progress=not args.no_progress,
         task=args.task,

@@ -53,11 +53,15 @@ class SweepConfig:
     max_length: int = 128
     batch_size: int = 16
     lr: float = 1e-4
-    num_grads: int | None = None
+    #: the parts' settings (:mod:`curvature.pruning.parts`); each applies to the methods whose
+    #: parts have it (one line says which methods it does not apply to)
+    gradients: int | None = None  # OBS: per-example gradients in the Fisher
+    batches: int | None = None  # layer-wise methods: calibration batches
     grad_batch_size: int = 8
-    block_size: int | None = None
-    damp: float | None = None
-    num_recomputations: int | None = None
+    block_size: int | None = None  # OBS and magnitude: weights per block
+    fisher_damping: float | None = None  # OBS: absolute damping of the Fisher
+    rel_damp: float | None = None  # SparseGPT, OBC: damping of H, a fraction of its mean diagonal
+    recomputations: int | None = None  # OBS: gradient collections per pruning step
     seed: int = 0
     progress: bool = True
     task: str | None = None  # None: inferred from the data and the model
@@ -72,22 +76,60 @@ class SweepConfig:
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
-        "num_grads": 64,
+        "gradients": 64,
+        "batches": 64,
         "block_size": 32,
-        "damp": 1e-7,
-        "num_recomputations": 1,
+        "fisher_damping": 1e-7,
+        "rel_damp": 0.01,
+        "recomputations": 1,
     }
+    #: the sweep's setting -> the parts' setting of the same name
+    PART_SETTINGS = (
+        "gradients", "batches", "block_size", "fisher_damping", "rel_damp", "recomputations"
+    )  # fmt: skip
     # settings that change a point's result: a rerun into the same folder must match them
     RESULT_KEYS = (
         "model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs",
-        "batch_size", "lr", "params", "num_grads", "grad_batch_size", "block_size", "damp",
-        "num_recomputations", "recipe", "recipe_sha256", "task", "per_layer",
+        "batch_size", "lr", "params", "gradients", "batches", "grad_batch_size", "block_size",
+        "fisher_damping", "rel_damp", "recomputations", "recipe", "recipe_sha256", "task",
+        "per_layer",
     )  # fmt: skip
 
     def setting(self, name: str):
         """A pruning setting as it applies: the value given, else the one-shot default."""
         value = getattr(self, name)
         return self.ONESHOT_DEFAULTS[name] if value is None else value
+
+    def method_pipelines(self, say: bool = False) -> dict:
+        """``{method: pipeline}`` for one-shot points: each method's parts with the sweep's
+        settings that they have. A setting given that no method has is refused; one that some
+        methods lack is said once (it does not apply to them)."""
+        import dataclasses
+
+        from curvature.pruning.registry import pipeline
+
+        out, used = {}, set()
+        for m in self.methods:
+            pipe = pipeline(m)
+            have = {f.name for f in dataclasses.fields(pipe.chooser)}
+            values = {k: self.setting(k) for k in self.PART_SETTINGS if k in have}
+            used |= {k for k in values if getattr(self, k) is not None}
+            skipped = [k for k in self.PART_SETTINGS if k not in have and getattr(self, k) is not None]
+            if say and skipped and self.recipe is None:
+                flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
+                print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
+            out[m] = dataclasses.replace(pipe.chooser, **values), pipe.added
+        unused = [
+            k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used
+        ]
+        if unused and self.recipe is None:
+            flag = "--" + unused[0].replace("_", "-")
+            raise SweepError(
+                f"{flag}: none of --methods ({', '.join(self.methods)}) has this setting"
+            )
+        from curvature.pruning.parts import chain
+
+        return {m: chain(c, *added) for m, (c, added) in out.items()}
 
     def validate(self) -> None:
         from curvature.tasks.kinds import check_task
@@ -135,13 +177,15 @@ class SweepConfig:
             )
         if self.speed_reps < 0:
             raise SweepError(f"--speed-reps must be >= 0, got {self.speed_reps}")
-        for name in ("num_grads", "block_size", "num_recomputations"):
+        for name in ("gradients", "batches", "block_size", "recomputations"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SweepError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        if self.damp is not None and not self.damp > 0:
-            raise SweepError(f"--damp must be > 0, got {self.damp}")
+        for name in ("fisher_damping", "rel_damp"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise SweepError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        self.method_pipelines(say=True)  # every given setting applies to a method, or is refused
         if self.recipe is not None:
             from curvature.recipes import load_recipe
 
@@ -387,27 +431,17 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
 
         # under torch.distributed each rank's shard of the batches (a DistributedSampler)
         grads = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed + k)
-        fisher = (
-            {}  # the layer-wise methods: calibration batches only (their damping is relative)
-            if PRUNING_METHODS[method].layerwise
-            else {
-                "block_size": cfg.setting("block_size"),
-                "damp": cfg.setting("damp"),
-                "num_recomputations": cfg.setting("num_recomputations"),
-                "global_sparsity": not cfg.per_layer,
-            }
-        )
+        pipe = cfg.method_pipelines()[method]
         report = prune(
             model,
             grads,
             loss_fn=model_loss,
             sparsity=s,
-            method=method,
+            method=pipe,
             mask=cfg.mask,
             params=cfg.setting("params"),
-            num_grads=cfg.setting("num_grads"),
+            global_sparsity=False if cfg.per_layer or pipe.layerwise else None,
             progress=cfg.progress,
-            **fisher,
         )
         reached = report.global_sparsity
         if report.allocation:  # the outlier part's targets: their spread across layers
@@ -470,7 +504,8 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
 
 def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
     """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``, with every
-    pruning setting the sweep was given (params, num_grads, block size, damp, recomputations)."""
+    pruning setting the sweep was given (params, gradients, batches, block size, dampings,
+    recomputations), under the recipe's published field names."""
     from curvature.pruning import METHODS
     from curvature.recipes.schema import (
         LayerwisePruningModifier,
@@ -489,20 +524,22 @@ def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
                 init_sparsity=min(m.init_sparsity, sparsity),
                 mask_type=cfg.mask,
             )
-            given = {
+            given = {  # the sweep's part settings as the recipe's published fields
                 "params": cfg.params,
-                "num_grads": cfg.num_grads,
+                "num_grads": cfg.gradients,
                 "fisher_block_size": cfg.block_size,
-                "damp": cfg.damp,
-                "num_recomputations": cfg.num_recomputations,
+                "damp": cfg.fisher_damping,
+                "num_recomputations": cfg.recomputations,
             }
             fields.update({k: v for k, v in given.items() if v is not None})
             if cfg.per_layer:
                 fields["global_sparsity"] = False
             if METHODS[method].layerwise:
-                # --damp is the Fisher's damping: the layer Hessian keeps its own default
+                # the layer Hessian's damping is --rel-damp, its batches --batches
                 fields.pop("damp", None)
-                fields.update(num_calibration_batches=cfg.num_grads or 128)
+                fields.update(num_calibration_batches=cfg.batches or 128)
+                if cfg.rel_damp is not None:
+                    fields["damp"] = cfg.rel_damp
                 base = {
                     k: v
                     for k, v in fields.items()

@@ -21,7 +21,7 @@ from curvature.pruning import obs
 from curvature.pruning.targets import Target
 
 
-def _monotone(costs: torch.Tensor) -> torch.Tensor:
+def monotone(costs: torch.Tensor) -> torch.Tensor:
     # a NaN cost (a degenerate block) is never chosen: as +inf it cannot poison the threshold
     costs = torch.nan_to_num(costs, nan=float("inf"))
     return torch.cummax(costs.clamp_min(obs.FIXED_SCORE), dim=1).values
@@ -35,7 +35,7 @@ def take_cheapest(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     (first cost tensor first, row by row) until ``k`` are taken, which is the choice a stable sort
     of all costs would make. Linear in the number of costs, not in ``k`` times the targets.
     """
-    flat = [_monotone(c).cpu() for c in costs]
+    flat = [monotone(c).cpu() for c in costs]
     total = sum(f.numel() for f in flat)
     k = max(0, min(int(k), total))
     devices = [c.device for c in costs]
@@ -69,7 +69,7 @@ def take_cheapest_by_sorting(costs: list[torch.Tensor], k: int) -> list[torch.Te
     """:func:`take_cheapest` as one stable sort of every cost: the reference it must equal
     (``tests/test_trust.py``) and the method it replaced (``scripts/bench_pruning.py``);
     ``O(n log n)`` in the number of costs. CPU tensors."""
-    flat = [_monotone(c) for c in costs]
+    flat = [monotone(c) for c in costs]
     allv = torch.cat([f.flatten() for f in flat])
     owner = torch.cat([torch.full((f.numel(),), i, dtype=torch.long) for i, f in enumerate(flat)])
     order = torch.argsort(allv, stable=True)[:k]
@@ -87,7 +87,13 @@ class Allocation:
     def counts(
         self, targets: list[Target], costs: dict[str, torch.Tensor], sparsity: float, group: int
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def pools(self, targets: list[Target], pieces: list, sparsity: float, group: int):
+        """For a selection across processes: ``(pools, ks)``, this rank's ``pieces`` (of the
+        parameters ``targets``) grouped into pools that each take their ``ks[i]`` cheapest
+        steps, in the order :meth:`counts` lists them."""
+        raise NotImplementedError  # pragma: no cover - interface
 
 
 class GlobalThreshold(Allocation):
@@ -99,6 +105,9 @@ class GlobalThreshold(Allocation):
         k = round(sparsity * sum(t.numel for t in targets) / group)
         alloc = take_cheapest([costs[t.name] for t in targets], k)
         return {t.name: c for t, c in zip(targets, alloc)}
+
+    def pools(self, targets, pieces, sparsity, group):
+        return [list(pieces)], [round(sparsity * sum(t.numel for t in targets) / group)]
 
 
 class LayerTargets(Allocation):
@@ -116,6 +125,11 @@ class LayerTargets(Allocation):
             )[0]
             for t in targets
         }
+
+    def pools(self, targets, pieces, sparsity, group):
+        pools = [[p for p in pieces if p.name == t.name] for t in targets]
+        ks = [round(self.sparsities.get(t.name, sparsity) * t.numel / group) for t in targets]
+        return pools, ks
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:

@@ -47,21 +47,23 @@ class Curvature:
     name = "curvature"
     #: whether :meth:`build` consumes per-sample gradients (the gradient-collection stage runs)
     needs_gradients = False
-    #: whether it is built layer by layer from calibration inputs (:mod:`.layerwise` runs it)
-    layerwise = False
 
-    def estimate_bytes(self, target: Target, settings) -> int:
+    #: per-example gradients it reads (0: none)
+    gradients = 0
+
+    def estimate_bytes(self, target: Target) -> int:
         """Bytes the built curvature of ``target`` holds (for the memory plan)."""
         return 0
 
-    def work_bytes(self, target: Target, settings, batch: int) -> tuple[int, int]:
+    def work_bytes(self, target: Target, batch: int) -> tuple[int, int]:
         """Peak temporaries ``(building with one gradient batch, reading)`` of the curvature of
         ``target``, beyond what :meth:`estimate_bytes` counts."""
         return 0, 0
 
     def build(
-        self, targets: list[Target], gradients: Iterable[dict[str, torch.Tensor]] | None, settings
+        self, targets: list[Target], gradients: Iterable[dict[str, torch.Tensor]] | None, call
     ) -> dict[str, CurvatureBlocks]:
+        """``{name: blocks}``; ``call`` is the call's :class:`~.settings.PruneSettings`."""
         raise NotImplementedError
 
 
@@ -75,7 +77,7 @@ class Identity(Curvature):
 
     name = "identity"
 
-    def build(self, targets, gradients, settings):
+    def build(self, targets, gradients, call):
         return {t.name: _IdentityBlocks() for t in targets}
 
 
@@ -106,7 +108,8 @@ class _StoredBlocks(CurvatureBlocks):
 
 
 class EmpiricalFisher(Curvature):
-    """Block-diagonal empirical Fisher ``damp*I + (1/m) sum g g^T``, held as its inverse.
+    """Block-diagonal empirical Fisher ``damping*I + (1/m) sum g g^T`` over ``m = gradients``
+    per-example gradients, held as its inverse in ``dtype``.
 
     ``algorithm``: ``"woodbury"`` (``[n, B, B]`` inverse blocks), ``"mfac"`` (the M-FAC form,
     ``m`` rows per weight) or ``"auto"`` (whichever stores less).
@@ -115,30 +118,40 @@ class EmpiricalFisher(Curvature):
     name = "fisher"
     needs_gradients = True
 
-    def __init__(self, algorithm: str = "auto"):
+    def __init__(
+        self,
+        algorithm: str = "auto",
+        *,
+        gradients: int = 1024,
+        damping: float = 1e-7,
+        dtype: torch.dtype = torch.float64,
+    ):
         self.algorithm = algorithm
+        self.gradients = gradients
+        self.damping = damping
+        self.dtype = dtype
 
-    def estimate_bytes(self, target: Target, settings) -> int:
+    def estimate_bytes(self, target: Target) -> int:
         return FisherInverse.estimate_bytes(
             target.numel,
-            num_grads=settings.num_grads,
+            num_grads=self.gradients,
             block_size=target.block,
-            dtype=settings.fisher_dtype,
+            dtype=self.dtype,
             algorithm=self.algorithm,
         )
 
-    def _algorithm(self, target: Target, settings) -> str:
+    def _algorithm(self, target: Target) -> str:
         if self.algorithm != "auto":
             return self.algorithm
         from curvature.core.fisher import choose_algorithm
 
-        return choose_algorithm(target.numel, settings.num_grads, target.block)
+        return choose_algorithm(target.numel, self.gradients, target.block)
 
-    def work_bytes(self, target: Target, settings, batch: int) -> tuple[int, int]:
+    def work_bytes(self, target: Target, batch: int) -> tuple[int, int]:
         b, n = target.block, target.num_blocks
-        store = torch.empty(0, dtype=settings.fisher_dtype).element_size()
-        k = min(batch, settings.num_grads)
-        if self._algorithm(target, settings) == "woodbury":
+        store = torch.empty(0, dtype=self.dtype).element_size()
+        k = min(batch, self.gradients)
+        if self._algorithm(target) == "woodbury":
             # the float64 rank-k update runs over chunks of 2^24 block entries: G, U and V are
             # [c, B, k] in float64, the product V^T V of the in-place downdate is a [c, B, B]
             # temporary (measured: without it the plan was 20% under the peak), and a float64 copy
@@ -150,18 +163,18 @@ class EmpiricalFisher(Curvature):
         # M-FAC form: each append converts the window to float64 and concatenates a new copy;
         # reading builds one chunk of blocks at a time: its float64 window and two float64
         # B x B temporaries per block
-        m = settings.num_grads
+        m = self.gradients
         c = min(n, max(1, CHUNK_BYTES // (b * b * 8)))
         return n * b * m * (8 + store), c * b * (m * 8 + 2 * b * 8)
 
-    def build(self, targets, gradients, settings):
+    def build(self, targets, gradients, call):
         fishers = {
             t.name: FisherInverse(
                 t.numel,
-                num_grads=settings.num_grads,
-                damp=settings.damp,
+                num_grads=self.gradients,
+                damp=self.damping,
                 block_size=t.block,
-                dtype=settings.fisher_dtype,
+                dtype=self.dtype,
                 device=t.param.device,
                 algorithm=self.algorithm,
             )
@@ -173,26 +186,23 @@ class EmpiricalFisher(Curvature):
         return {name: _FisherBlocks(f) for name, f in fishers.items()}
 
 
-class LayerHessian(Curvature):
+class LayerHessian:
     """The input Hessian ``H = 2/N X^T X`` of each linear layer, from calibration forward passes.
 
     Accumulated in float64: with outlier features (activations 100x the median, as in LLMs)
     ``X^T X`` summed over 10^4 tokens in float32 loses the digits that the Cholesky factor of
     ``H + lambda I`` needs; a ``[cols, cols]`` float64 matrix is a few MB per layer. With
-    ``diagonal=True`` only ``diag(H)`` is kept (Wanda's ``||X_j||^2``).
+    ``diagonal=True`` only ``diag(H)`` is kept (Wanda's ``||X_j||^2``). Built by the layer-wise
+    driver (:mod:`curvature.pruning.layerwise`), which owns the forward passes.
     """
 
     name = "layer-hessian"
-    layerwise = True
 
     def __init__(self, diagonal: bool = False):
         self.diagonal = diagonal
 
-    def estimate_bytes(self, target: Target, settings) -> int:
+    def estimate_bytes(self, target: Target) -> int:
         # the input width is the second dimension (first for GPT-2's transposed Conv1D): the
         # larger one bounds it
         cols = max(target.param.shape) if target.param.dim() == 2 else target.param[0].numel()
         return cols * 8 if self.diagonal else cols * cols * 8
-
-    def build(self, targets, gradients, settings):  # pragma: no cover - built by the runner
-        raise NotImplementedError("the layer Hessian is built by curvature.pruning.layerwise")

@@ -35,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from curvature.pruning import distributed, stages
+from curvature.pruning.params import select_for
+from curvature.pruning.report import PruneReport
 
 F64 = torch.float64
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -298,25 +300,41 @@ class LayerwiseResult:
         }
 
 
-def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, masks, dense=None):
-    """Prune ``targets`` (:class:`LayerTarget`) to ``sparsities[name]`` with ``solver``; masks go
+@dataclass(frozen=True)
+class LayerPass:
+    """What one calibration pass runs: the layer solver and the settings of its parts."""
+
+    solver: object  # a :class:`~curvature.pruning.solvers.LayerSolver`
+    diagonal: bool  # only ``diag(H)`` is needed
+    batches: int  # calibration batches, over every rank
+    sequential: bool  # each block calibrated on the outputs of the pruned blocks before it
+    rel_damp: float  # damping of ``H`` as a fraction of its mean diagonal
+    label: str  # the progress bar's name
+    structure: object  # the mask's :class:`~curvature.pruning.masks.MaskStructure`
+    progress: bool = True
+    objective: object = None  # a :class:`~curvature.pruning.parts.FisherObjective`
+    reconstruct: object = None  # a :class:`~curvature.pruning.parts.Reconstruct`
+
+
+def run(model, data, loss_fn, targets, sparsities, lp: LayerPass, masks, dense=None):
+    """Prune ``targets`` (:class:`LayerTarget`) to ``sparsities[name]`` as ``lp`` says; masks go
     into ``masks`` (a :class:`~curvature.pruning.masks.MaskSet`, which may hold earlier masks).
     ``dense`` (``{name: [rows, cols] matrix}``): the weights a reconstruction pass after another
     method reproduces the outputs of (the layers' current weights otherwise)."""
-    structure = settings.structure
+    structure = lp.structure
     # reconstruction solves on the full H: Wanda then reads its diagonal
-    diagonal = curvature.diagonal and not settings.reconstruct
-    rank, size = distributed.world()  # num_grads counts every rank's calibration batches
-    if settings.num_grads < size:  # the same check on every rank: all raise together
+    diagonal = lp.diagonal and lp.reconstruct is None
+    rank, size = distributed.world()  # batches counts every rank's calibration batches
+    if lp.batches < size:  # the same check on every rank: all raise together
         raise ValueError(
-            f"prune: num_grads={settings.num_grads} calibration batches for {size} processes: "
-            "every process needs at least one; raise num_grads"
+            f"prune: batches={lp.batches} calibration batches for {size} processes: "
+            "every process needs at least one; raise batches"
         )
     # every pass reads the same batches in the same order (token weights must line up)
-    data = _Limited(stages.Replayed(data), distributed.local_count(settings.num_grads, rank, size))
+    data = _Limited(stages.Replayed(data), distributed.local_count(lp.batches, rank, size))
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
     fisher = None
-    if settings.objective == "fisher":
+    if lp.objective is not None:
         from curvature.pruning import fisher_objective
 
         if size > 1:
@@ -326,14 +344,14 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
             )
         t0 = time.perf_counter()
         raw = fisher_objective.collect(
-            model, data, loss_fn, targets, progress=settings.progress, micro_batch=1
+            model, data, loss_fn, targets, progress=lp.progress, micro_batch=1
         )
-        mix, token_mix = settings.fisher_mix, settings.fisher_token_mix
+        mix, token_mix = lp.objective.mix, lp.objective.token_mix
         fisher = {n: f.mixed(mix, token_mix) for n, f in raw.items()}
         result.seconds_fisher = time.perf_counter() - t0
     # uniform token weights (the default) leave H as it is, its products shared between layers
     token_weights = (
-        {n: f.tokens for n, f in fisher.items()} if fisher and settings.fisher_token_mix else None
+        {n: f.tokens for n, f in fisher.items()} if fisher and lp.objective.token_mix else None
     )
 
     def prune(group: list[LayerTarget], stats: _Stats):
@@ -349,19 +367,19 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
             fixed = masks.get(t.name)
             fixed = t.as_matrix_mask(fixed.to(t.param.device)) if fixed is not None else None
             try:
-                solved[t.name] = solver.prune_layer(
+                solved[t.name] = lp.solver.prune_layer(
                     t.matrix(),
                     h,
                     sparsities[t.name],
                     structure,
                     fixed,
-                    ratio=settings.layer_damp,
+                    ratio=lp.rel_damp,
                     name=t.name,
                     row_weights=fisher[t.name].rows if fisher else None,
                 )
-                if settings.reconstruct:
+                if lp.reconstruct is not None:
                     w0 = dense[t.name] if dense is not None else t.matrix()
-                    solved[t.name] = _reconstruct(w0, h, solved[t.name], settings, result)
+                    solved[t.name] = _reconstruct(w0, h, solved[t.name], lp.reconstruct, result)
             except Exception as e:  # noqa: BLE001 - every rank raises it (below), none waits
                 if size == 1:
                     raise
@@ -383,18 +401,12 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     model.eval()
     try:
         with torch.no_grad():
-            if settings.sequential is not False:
-                _sequential(
-                    model, data, loss_fn, targets, diagonal, settings, prune, result, token_weights
-                )
-            else:
-                _parallel(
-                    model, data, loss_fn, targets, diagonal, settings, prune, result, token_weights
-                )
+            calibrate = _sequential if lp.sequential else _parallel
+            calibrate(model, data, loss_fn, targets, (diagonal, lp), prune, result, token_weights)
     finally:
         model.train(was_training)
     masks.apply(model)
-    if size > 1 and settings.reconstruct:  # each rank reconstructed the layers it solved
+    if size > 1 and lp.reconstruct is not None:  # each rank reconstructed the layers it solved
         result.error_before = distributed.allreduce_sum(result.error_before)
         result.error_after = distributed.allreduce_sum(result.error_after)
         result.iterations = int(distributed.allreduce_max(float(result.iterations)))
@@ -403,7 +415,7 @@ def run(model, data, loss_fn, targets, sparsities, solver, curvature, settings, 
     return result
 
 
-def _reconstruct(w0, h, solved, settings, result: LayerwiseResult):
+def _reconstruct(w0, h, solved, part, result: LayerwiseResult):
     """The solver's mask with the weights that best reproduce ``w0``'s outputs on the layer's
     inputs (:mod:`.reconstruct`)."""
     from curvature.pruning import layer_obs, reconstruct
@@ -416,9 +428,9 @@ def _reconstruct(w0, h, solved, settings, result: LayerwiseResult):
         hp,
         mask,
         start=new,
-        ratio=settings.layer_damp,
-        tol=settings.reconstruct_tol,
-        max_iter=settings.reconstruct_iters,
+        ratio=part.rel_damp,
+        tol=part.tol,
+        max_iter=part.iters,
     )
     result.error_before += rec.error_before
     result.error_after += rec.error_after
@@ -429,27 +441,30 @@ def _reconstruct(w0, h, solved, settings, result: LayerwiseResult):
     return rec.weights, mask, 0.5 * rec.error_after
 
 
-def outlier_sparsities(model, data, loss_fn, targets, sparsity, settings) -> dict[str, float]:
+def outlier_sparsities(model, data, loss_fn, targets, sparsity, how) -> dict[str, float]:
     """Per-layer targets from outlier activations (the ``outlier`` allocation part).
 
     One forward pass of the dense model over the calibration batches gives each layer's input
     norms ``||X_j||``; a layer's scores are ``|W_ij| ||X_j||``, a group is a block of the model
     (the layers of one repeated block together, as the published rule does; a layer outside the
     blocks is its own group), and its outlier ratio is the share of its scores above
-    ``outlier_m`` times their mean. :func:`~curvature.pruning.allocation.outlier_targets` turns
-    the ratios into targets within ``sparsity +- outlier_lambda`` whose average weighted by size
-    is ``sparsity``; every layer of a group gets its group's target.
+    ``m`` times their mean. :func:`~curvature.pruning.allocation.outlier_targets` turns the
+    ratios into targets within ``sparsity +- lam`` whose average weighted by size is
+    ``sparsity``; every layer of a group gets its group's target. ``how``: ``(part, context)``,
+    the :class:`~curvature.pruning.parts.Outlier` part and the call's ``batches`` and
+    ``progress``.
     """
     from curvature.pruning.allocation import outlier_ratio, outlier_targets
 
+    part, context = how
     rank, size = distributed.world()
-    data = _Limited(stages.Replayed(data), distributed.local_count(settings.num_grads, rank, size))
+    data = _Limited(stages.Replayed(data), distributed.local_count(context.batches, rank, size))
     stats = _Stats(targets, diagonal=True)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _forward_all(model, data, loss_fn, stats, "outlier scores", settings.progress)
+            _forward_all(model, data, loss_fn, stats, "outlier scores", context.progress)
     finally:
         stats.remove_hooks()
         model.train(was_training)
@@ -460,9 +475,9 @@ def outlier_sparsities(model, data, loss_fn, targets, sparsity, settings) -> dic
         scores = [
             t.matrix().abs() * torch.sqrt(stats.result(t.name).clamp_min(0))[None, :] for t in g
         ]
-        ratios.append(outlier_ratio(scores, settings.outlier_m))
+        ratios.append(outlier_ratio(scores, part.m))
         sizes.append(sum(t.param.numel() for t in g))
-    per_group = outlier_targets(ratios, sizes, sparsity, settings.outlier_lambda)
+    per_group = outlier_targets(ratios, sizes, sparsity, part.lam)
     return {t.name: s for g, s in zip(groups, per_group) for t in g}
 
 
@@ -473,18 +488,19 @@ def _timed_stats(result, fn):
     return out
 
 
-def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result, weights=None):
+def _sequential(model, data, loss_fn, targets, how, prune, result, weights=None):
+    diagonal, lp = how
     blocks, per_block, rest = find_blocks(model, targets)
     if per_block:
         first = per_block[0][0]
         inputs = _timed_stats(
-            result, lambda: _capture(model, data, loss_fn, blocks[first], settings.progress)
+            result, lambda: _capture(model, data, loss_fn, blocks[first], lp.progress)
         )
         result.batches = len(inputs)
         wanted = dict(per_block)
         last = per_block[-1][0]
         bar = tqdm(
-            range(first, last + 1), desc=f"{settings.method} blocks", disable=not settings.progress
+            range(first, last + 1), desc=f"{lp.label} blocks", disable=not lp.progress
         )
         for i in bar:
             block = blocks[i]
@@ -516,7 +532,7 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             n = _timed_stats(
                 result,
                 lambda: _forward_all(
-                    model, data, loss_fn, stats, "calibration (other layers)", settings.progress
+                    model, data, loss_fn, stats, "calibration (other layers)", lp.progress
                 ),
             )
             result.batches = result.batches or n
@@ -525,15 +541,72 @@ def _sequential(model, data, loss_fn, targets, diagonal, settings, prune, result
             stats.remove_hooks()
 
 
-def _parallel(model, data, loss_fn, targets, diagonal, settings, prune, result, weights=None):
+def _parallel(model, data, loss_fn, targets, how, prune, result, weights=None):
+    diagonal, lp = how
     stats = _Stats(
         targets, diagonal, weights
     )  # every layer's statistics at once, from the dense model
     try:
         result.batches = _timed_stats(
             result,
-            lambda: _forward_all(model, data, loss_fn, stats, "calibration", settings.progress),
+            lambda: _forward_all(model, data, loss_fn, stats, "calibration", lp.progress),
         )
     finally:
         stats.remove_hooks()
     prune(targets, stats)
+
+
+def drive(model, data, loss_fn, call, pipeline, masks) -> PruneReport:
+    """The layer-wise driver: every selected linear layer pruned to its target by the pipeline's
+    layer-wise chooser, with its objective and reconstruction parts in the same pass."""
+    start = time.perf_counter()
+    chooser = pipeline.chooser
+    named, skipped = select_for(model, call)
+    targets = layer_targets(model, named)
+    structure = call.structure
+    for t in targets:  # N:M runs along the input dimension of the layer
+        if t.cols % structure.run:
+            raise ValueError(
+                f"parameter {t.name} has {t.cols} inputs, not divisible by the {structure.name} "
+                f"group of {structure.run}; exclude it from params"
+            )
+    per = call.targets()
+    sparsities = {t.name: per.get(t.name, per.get("")) for t in targets}
+    curvature = chooser.curvature()
+    lp = LayerPass(
+        solver=chooser.solver(),
+        diagonal=curvature.diagonal,
+        batches=chooser.batches,
+        sequential=chooser.sequential,
+        rel_damp=chooser.rel_damping,
+        label=chooser.label,
+        structure=structure,
+        progress=call.progress,
+        objective=pipeline.objective,
+        reconstruct=pipeline.reconstruct,
+    )
+    res = run(model, data, loss_fn, targets, sparsities, lp, masks)
+    reached = {t.name: float(masks.get(t.name).float().mean()) for t in targets}
+    total = sum(t.param.numel() for t in targets)
+    report = PruneReport(
+        method=chooser.label,
+        mask=structure.name,
+        selection=("sequential" if chooser.sequential else "parallel"),
+        target_sparsity=sum(sparsities[t.name] * t.param.numel() for t in targets) / total,
+        global_sparsity=sum(reached[t.name] * t.param.numel() for t in targets) / total,
+        param_sparsity=reached,
+        estimated_loss_increase=res.estimate,
+        num_grads=0,
+        seconds=time.perf_counter() - start,
+        distinct_batches=res.batches,
+        skipped=skipped,
+        # the statistics of the largest layer (sequential: one block's at a time)
+        memory_plan={"curvature": max(curvature.estimate_bytes(t) for t in targets)},
+        phases=res.phases(),
+        reconstruction=res.reconstruction(),
+        masks=masks,
+    )
+    if distributed.active():  # one report on every rank: rank 0's clock, all ranks' batches
+        report.seconds = distributed.broadcast_float(report.seconds)
+        report.distinct_batches = int(distributed.allreduce_sum(report.distinct_batches or 0))
+    return report

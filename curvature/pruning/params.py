@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import difflib
 import re
 
@@ -69,3 +71,22 @@ def select_params(model: torch.nn.Module, params: str | list[str], *, with_skipp
     skipped = {n: why for n, why in skipped.items() if n not in chosen}
     selected = [(n, p) for n, p in named.items() if n in chosen]
     return (selected, skipped) if with_skipped else selected
+
+
+def select_for(model, call):
+    """The selected parameters, and those a ``re:`` pattern matched but left out (warned)."""
+    named, skipped = select_params(model, call.param_list, with_skipped=True)
+    if skipped:
+        warnings.warn(
+            f"prune: {len(skipped)} parameters matched by a re: pattern were skipped "
+            f"({skip_summary(skipped)}); the list is in report.skipped",
+            stacklevel=5,
+        )
+    return named, skipped
+
+
+def skip_summary(skipped: dict[str, str]) -> str:
+    reasons: dict[str, int] = {}
+    for why in skipped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return "; ".join(f"{n} {why}" for why, n in reasons.items())

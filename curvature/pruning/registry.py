@@ -1,182 +1,159 @@
-"""The method registry: a pruning method is a named preset of parts.
+"""Named presets of parts: the pruning methods, and the parts a name may add with ``+``.
 
-A method is one row: a :mod:`curvature <curvature.pruning.curvatures>` part and a
-:mod:`solver <curvature.pruning.solvers>` part (the mask structure and the allocation are chosen
-per call by ``mask=`` and ``global_sparsity=``). ``prune()``, the recipe modifiers and
-``curvature sweep --methods`` resolve names here, so a new method is one :func:`register` call.
-
-A method may be named with parts added to it, ``base+part+part`` (:data:`PARTS`), such as
-``sparsegpt+reconstruct+outlier+fisher``: the base method chooses the mask, ``reconstruct``
-re-solves the kept weights of every linear layer for that mask
-(:mod:`curvature.pruning.reconstruct`), ``outlier`` gives every block its own target from its
-outlier activations (:func:`curvature.pruning.allocation.outlier_targets`), ``fisher`` weights
-the layer objective by the gradient Fisher of the layer's outputs
-(:mod:`curvature.pruning.fisher_objective`). Each is also a keyword of ``prune()``.
+A method name is a preset: a factory of a :class:`~curvature.pruning.parts.Chooser`
+(``"obs"`` is ``OBS()``, ``"mfac"`` is ``OBS(inverse="mfac")``, ``"sparsegpt"`` is
+``SparseGPT()``). ``base+part+part`` adds registered parts to it
+(``"sparsegpt+reconstruct+outlier+fisher"``). ``prune()``, the recipe modifiers and
+``curvature sweep --methods`` resolve names here (:func:`pipeline`), so a new method or part is
+one :func:`register` or :func:`register_part` line.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from curvature.pruning.curvatures import Curvature, EmpiricalFisher, Identity, LayerHessian
-from curvature.pruning.solvers import (
-    OBC,
-    GreedyOBS,
-    IndependentOBS,
-    ScoreOnly,
-    Solver,
-    SparseGPT,
-    Wanda,
-)
+from curvature.pruning import parts as P
 
-#: OBS solvers a ``selection=`` argument may choose for a method whose solver is selectable
-SOLVERS: dict[str, Callable[[], Solver]] = {"greedy": GreedyOBS, "independent": IndependentOBS}
-SOLVER_CHOICES = tuple(SOLVERS)
+
+def _unknown(kind: str, name: str, known) -> ValueError:
+    near = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ValueError(f"unknown {kind} {name!r}{hint}; registered: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: how to make its parts."""
+    """A registered method: its name, the factory of its chooser, a description."""
 
     name: str
-    curvature: Callable[[], Curvature]
-    solver: Callable[[], Solver]
+    make: Callable[[], P.Chooser]
     description: str
-    #: whether ``selection=`` picks the solver among :data:`SOLVERS` (the OBS methods)
-    selectable: bool = False
-    #: parts added to the base method by a ``base+part`` name (:data:`PARTS`)
-    added: tuple[str, ...] = ()
-
-    @property
-    def needs_gradients(self) -> bool:
-        return self.curvature().needs_gradients
-
-    @property
-    def layerwise(self) -> bool:
-        """Built layer by layer from calibration inputs (forward passes, no gradients)."""
-        return self.curvature().layerwise
-
-    @property
-    def needs_data(self) -> bool:
-        """Whether a pruning step reads data and a loss function (gradients or inputs)."""
-        return self.needs_gradients or self.layerwise or bool(self.added)
-
-    def parts(self, selection: str = "greedy") -> tuple[Curvature, Solver]:
-        solver = SOLVERS[selection]() if self.selectable else self.solver()
-        return self.curvature(), solver
 
 
-#: parts a method name may add (``sparsegpt+reconstruct``), each a keyword of ``prune()``
-PARTS = ("reconstruct", "outlier", "fisher")
+class Registry:
+    """Names of presets (``kind="pruning method"``) or of added parts (``kind="part"``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, object] = {}
+
+    def add(self, name: str, entry) -> None:
+        if name in self._entries:
+            raise ValueError(f"a {self.kind} named {name!r} is already registered")
+        if "+" in name or not name:
+            raise ValueError(f"a {self.kind} name must be non-empty and without '+': {name!r}")
+        self._entries[name] = entry
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def get(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise _unknown(self.kind, name, self.names()) from None
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            pipeline(name)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, name: str) -> P.Pipeline:
+        """The pipeline of a method name (with ``+`` parts): ``METHODS["sparsegpt+reconstruct"]``."""
+        return pipeline(name)
+
+    def describe(self) -> str:
+        return "\n".join(f"{n}: {getattr(e, 'description', '')}" for n, e in self._entries.items())
+
+
+METHODS = Registry("pruning method")
+PARTS = Registry("part")
+
+
+def register(name: str, chooser, solver=None, description: str = "") -> Method:
+    """Add a method: ``register(name, factory, description=...)`` with a factory of a chooser
+    part, or ``register(name, CurvatureClass, SolverClass, description)`` for a gradient-driver
+    method made of a :class:`~curvature.pruning.curvatures.Curvature` and a
+    :class:`~curvature.pruning.solvers.Solver`."""
+    if solver is not None:
+        curv = chooser
+        method = Method(
+            name,
+            lambda: P.Custom(make_curvature=curv, make_solver=solver, name=name),
+            description,
+        )
+    else:
+        method = Method(name, chooser, description)
+    METHODS.add(name, method)
+    return method
+
+
+def register_part(name: str, factory: Callable[[], P.Part]) -> None:
+    """Add a part a method name may add with ``+name`` (a factory of the part with defaults)."""
+    PARTS.add(name, factory)
 
 
 def split_spec(spec: str) -> tuple[str, tuple[str, ...]]:
     """``"sparsegpt+reconstruct+fisher"`` -> ``("sparsegpt", ("reconstruct", "fisher"))``; an
     unknown or repeated part raises one line naming it and the nearest valid one."""
-    base, *parts = str(spec).split("+")
-    for p in parts:
-        if p not in PARTS:
-            near = difflib.get_close_matches(p, PARTS, n=1)
+    base, *added = str(spec).split("+")
+    for p in added:
+        if p not in PARTS.names():
+            near = difflib.get_close_matches(p, PARTS.names(), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(
-                f"method {spec!r}: unknown part {p!r}{hint}; parts: {', '.join(PARTS)}"
+                f"method {spec!r}: unknown part {p!r}{hint}; parts: {', '.join(PARTS.names())}"
             )
-    if len(set(parts)) != len(parts):
+    if len(set(added)) != len(added):
         raise ValueError(f"method {spec!r}: a part is named twice")
-    return base, tuple(parts)
+    return base, tuple(added)
 
 
-class Registry:
-    def __init__(self) -> None:
-        self._methods: dict[str, Method] = {}
-
-    def register(self, method: Method) -> Method:
-        if method.name in self._methods:
-            raise ValueError(f"a pruning method named {method.name!r} is already registered")
-        self._methods[method.name] = method
+def pipeline(method) -> P.Pipeline:
+    """A method name, a part, or a pipeline, as a :class:`~curvature.pruning.parts.Pipeline`."""
+    if isinstance(method, P.Pipeline):
         return method
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._methods)
-
-    def __contains__(self, name: str) -> bool:
-        try:
-            base, _ = split_spec(name)
-        except ValueError:
-            return False
-        return base in self._methods
-
-    def __getitem__(self, name: str) -> Method:
-        if "+" in str(name):
-            base, parts = split_spec(name)
-            return replace(self[base], name=str(name), added=parts)
-        try:
-            return self._methods[name]
-        except KeyError:
-            near = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(
-                f"unknown pruning method {name!r}{hint}; registered: {', '.join(self.names())}"
-            ) from None
-
-    def describe(self) -> str:
-        return "\n".join(f"{m.name}: {m.description}" for m in self._methods.values())
+    if isinstance(method, P.Part):
+        return P.chain(method)
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a method name, a part or a pipeline of parts, got {method!r}"
+        )
+    base, added = split_spec(method)
+    if base not in METHODS.names():
+        near = difflib.get_close_matches(base, METHODS.names(), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(
+            f"method must be one of {', '.join(repr(n) for n in METHODS.names())}, "
+            f"got {base!r}{hint}"
+        )
+    return P.chain(METHODS.get(base).make(), *(PARTS.get(p)() for p in added))
 
 
-METHODS = Registry()
-
-
-def register(name, curvature, solver, description, *, selectable=False) -> Method:
-    """Add a method (``curvature`` and ``solver`` are classes or factories of the parts)."""
-    return METHODS.register(Method(name, curvature, solver, description, selectable))
-
-
-register(
-    "obs",
-    EmpiricalFisher,
-    GreedyOBS,
-    "gradient-Fisher OBS; selection='greedy' (exact, default) or 'independent' (oBERT)",
-    selectable=True,
-)
+register("obs", P.OBS, description="gradient-Fisher OBS, exact greedy selection in each block")
 register(
     "obs-independent",
-    EmpiricalFisher,
-    IndependentOBS,
-    "gradient-Fisher OBS, oBERT's independent scores and summed corrections",
+    lambda: P.OBS(selection="independent"),
+    description="gradient-Fisher OBS, independent scores and summed corrections",
 )
 register(
     "mfac",
-    lambda: EmpiricalFisher(algorithm="mfac"),
-    GreedyOBS,
-    "gradient-Fisher OBS with the Fisher inverse held in the M-FAC form",
-    selectable=True,
+    lambda: P.OBS(inverse="mfac"),
+    description="gradient-Fisher OBS with the Fisher inverse held in the M-FAC form",
 )
-register("magnitude", Identity, ScoreOnly, "weight magnitude, no curvature and no correction")
+register("magnitude", P.Magnitude, description="weight magnitude, no curvature, no correction")
 register(
     "sparsegpt",
-    LayerHessian,
-    SparseGPT,
-    "layer-wise OBS on each linear layer's input Hessian: the column sweep with lazy updates",
+    P.SparseGPT,
+    description="layer-wise OBS on each linear layer's input Hessian: the column sweep",
 )
-register(
-    "obc",
-    LayerHessian,
-    OBC,
-    "layer-wise OBS, exact greedy per row on the input Hessian (Optimal Brain Compression)",
-)
-register(
-    "wanda",
-    lambda: LayerHessian(diagonal=True),
-    Wanda,
-    "|weight| x input norm compared within each output row, no correction",
-)
+register("obc", P.OBC, description="layer-wise OBS, exact greedy per row (Optimal Brain Compression)")
+register("wanda", P.Wanda, description="|weight| x input norm within each output row, no update")
 
-#: the methods that prune one linear layer at a time from its calibration inputs
-LAYERWISE = ("sparsegpt", "obc", "wanda")
-
-
-def resolve(method: str, selection: str = "greedy") -> tuple[Curvature, Solver]:
-    """The parts of ``method`` (``selection`` picks the OBS solver where the method allows)."""
-    return METHODS[method].parts(selection)
+register_part("reconstruct", P.Reconstruct)
+register_part("outlier", P.Outlier)
+register_part("fisher", P.FisherObjective)

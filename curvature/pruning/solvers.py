@@ -136,13 +136,13 @@ class GreedyOBS(Solver):
         return obs.masked_update(w, curvature.inverse(sl), pruned)
 
 
-class LayerSolver(Solver):
+class LayerSolver:
     """A layer-wise solver: prunes one linear layer ``W`` (``[rows, cols]``, float64) from its
     input statistics (``H`` ``[cols, cols]``, or its diagonal) to a sparsity, choosing the mask
     and the new weights together. Run by :mod:`curvature.pruning.layerwise`."""
 
-    #: the mask structures it supports (names of :class:`MaskStructure` kinds)
-    structures = ("unstructured", "N:M")
+    name = "layer-solver"
+    needs_inverse = False
 
     def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         """``(new weights, mask, estimate)``; ``row_weights`` (``[rows]`` or ``None``) weight each
@@ -180,7 +180,6 @@ class OBC(LayerSolver):
 
     name = "obc"
     needs_inverse = True
-    structures = ("unstructured", "block4", "N:M")
 
     def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         from curvature.pruning import layer_obs
@@ -216,8 +215,6 @@ class KeepMask(LayerSolver):
     method."""
 
     name = "keep-mask"
-    needs_inverse = False
-    structures = ("unstructured", "block4", "N:M")
 
     def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         if fixed is None:

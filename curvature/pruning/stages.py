@@ -195,17 +195,18 @@ class MemoryPlan:
         }
 
 
-def memory_plan(model, targets, groups, curvature, settings) -> MemoryPlan:
-    """Count every large buffer of a step on ``targets`` split into ``groups``."""
+def memory_plan(model, targets, groups, curvature, structure) -> MemoryPlan:
+    """Count every large buffer of a step on ``targets`` split into ``groups`` (``structure``:
+    the mask's :class:`~curvature.pruning.masks.MaskStructure`)."""
     # keyed by object: several pieces of one parameter (across ranks) share its name
-    per = {id(t): curvature.estimate_bytes(t, settings) for t in targets}
-    k = min(GRADIENT_BATCH, settings.num_grads) if curvature.needs_gradients else 0
+    per = {id(t): curvature.estimate_bytes(t) for t in targets}
+    k = min(GRADIENT_BATCH, curvature.gradients) if curvature.needs_gradients else 0
     item = {id(t): t.param.element_size() for t in targets}
     padded = {id(t): t.num_blocks * t.block for t in targets}
-    g = settings.structure.group
+    g = structure.group
     largest = max(groups, key=lambda grp: sum(per[id(t)] for t in grp))
     model_grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    work = [curvature.work_bytes(t, settings, k) for t in targets]  # (build, read) per target
+    work = [curvature.work_bytes(t, k) for t in targets]  # (build, read) per target
     return MemoryPlan(
         curvature=sum(per[id(t)] for t in largest),
         build_work=max(w[0] for w in work),
@@ -218,16 +219,16 @@ def memory_plan(model, targets, groups, curvature, settings) -> MemoryPlan:
     )
 
 
-def plan_groups(targets: list[Target], curvature, settings, budget: int) -> list[list[Target]]:
+def plan_groups(targets: list[Target], curvature, budget: int) -> list[list[Target]]:
     """Split ``targets`` into groups whose built curvature fits in ``budget`` bytes together."""
     groups, current, used = [], [], 0
     for t in targets:
-        need = curvature.estimate_bytes(t, settings)
+        need = curvature.estimate_bytes(t)
         if need > budget:
             raise MemoryError(
                 f"the Fisher blocks of {t.name} ({t.numel:,} weights, block_size {t.block}) need "
                 f"{need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB budget: lower "
-                "block_size (fisher_block_size), use fisher_dtype=torch.float32, or raise max_memory"
+                "block_size, use dtype=torch.float32, or raise max_memory"
             )
         if current and used + need > budget:
             groups.append(current)
@@ -239,7 +240,7 @@ def plan_groups(targets: list[Target], curvature, settings, budget: int) -> list
     return groups
 
 
-def build_curvature(problem, group, curvature, settings):
+def build_curvature(problem, group, curvature, call):
     """Stages 1 and 2 for one group of targets (``problem``: model, data and loss_fn).
 
     ``problem.data`` is a :class:`ReplayableData`: every group sees the same batches.
@@ -251,11 +252,11 @@ def build_curvature(problem, group, curvature, settings):
             problem.data.replay(),
             problem.loss_fn,
             group,
-            num_grads=settings.num_grads,
-            progress=settings.progress,
+            num_grads=curvature.gradients,
+            progress=call.progress,
             counts=counts,
         )
-    built = curvature.build(group, grads, settings)  # consumes every gradient batch
+    built = curvature.build(group, grads, call)  # consumes every gradient batch
     if "distinct" in counts:  # the fewest distinct batches any collection used
         prev = problem.data.distinct_batches
         problem.data.distinct_batches = min(prev or counts["distinct"], counts["distinct"])

@@ -177,7 +177,7 @@ class RecipeManager:
                     f"{m.method} pruning needs grad_data and loss_fn at each pruning step "
                     "(gradients, or calibration inputs for the layer-wise methods)"
                 )
-            settings = m.engine_settings(self._last_target(i))
+            settings = m.engine_settings(reached=self._last_target(i))
             sparsity = self._targets(m, e)
             if isinstance(sparsity, dict):
                 settings.pop("params")

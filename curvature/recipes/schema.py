@@ -8,15 +8,17 @@ what this toolkit does instead (:data:`RUNTIME_ONLY_FIELDS`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curvature.core import checks
-from curvature.pruning import METHODS
+from curvature.pruning import METHODS, parts
 from curvature.pruning.masks import parse_mask
-from curvature.pruning.registry import split_spec
+from curvature.pruning.registry import pipeline, split_spec
 from curvature.pruning.schedule import interpolate, pruning_points
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,22 @@ def _registered_method(name: str, kind: str) -> str:
     return name
 
 
+def _with(pipe: parts.Pipeline, **values) -> parts.Pipeline:
+    """``pipe`` with its chooser's settings set from a recipe's published fields (the one place
+    where ``num_grads``, ``damp`` and friends become the parts' own names). A chooser without
+    such a setting refuses a value other than the recipe's default with one line."""
+    chooser = pipe.chooser
+    have = {f.name for f in dataclasses.fields(chooser)}
+    kept = {k: v for k, (v, _default) in values.items() if k in have}
+    for k, (v, default) in values.items():
+        if k not in have and v != default:
+            raise ValueError(
+                f"method {chooser.label} has no setting {k!r}; the recipe's value {v!r} would "
+                "be ignored: remove it or choose a method that reads it"
+            )
+    return parts.chain(dataclasses.replace(chooser, **kept), *pipe.added)
+
+
 class _Pruning(Modifier):
     params: list[str] | str = "__ALL_PRUNABLE__"
     init_sparsity: float = Field(0.0, ge=0, lt=1)
@@ -92,23 +110,24 @@ class _Pruning(Modifier):
         """``method:`` where the modifier has that field, else the modifier's own method."""
         return getattr(self, "method_name", self.METHOD)
 
-    def engine_settings(self, sparsity: float = 0.0) -> dict:
+    def engine_settings(self, reached: float = 0.0) -> dict:
         """Keywords of :func:`curvature.pruning.prune` for one pruning point of this modifier
-        (``sparsity``: what the pruned parameters have reached before it)."""
+        (``reached``: the sparsity the pruned parameters have before it)."""
         return dict(
-            method=self.method,
+            method=self.pipeline(reached),
             mask=self.mask_type,
             params=self.params,
-            num_grads=1,
-            block_size=parse_mask(self.mask_type).run,
-            damp=1.0,
             global_sparsity=self.global_sparsity,
         )
+
+    def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
+        """The parts this modifier runs, its published fields mapped onto their settings."""
+        return _with(pipeline(self.method), block_size=(parse_mask(self.mask_type).run, None))
 
     @property
     def needs_data(self) -> bool:
         """Whether a pruning point reads data and a loss (gradients, or calibration inputs)."""
-        return METHODS[self.method].needs_data
+        return pipeline(self.method).needs_data
 
     @field_validator("params")
     @classmethod
@@ -240,15 +259,20 @@ class OBSPruningModifier(_Pruning):
     def _method(cls, v):
         return _registered_method(v, "needs_gradients")
 
-    def engine_settings(self, sparsity: float = 0.0) -> dict:
-        return dict(
-            super().engine_settings(sparsity),
-            num_grads=self.num_grads,
-            block_size=self.fisher_block_size,
-            damp=self.damp,
-            num_recomputations=self.num_recomputations,
-            selection=self.selection,
+    def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
+        fields = type(self).model_fields
+        return _with(
+            pipeline(self.method),
+            gradients=(self.grads_at(reached), fields["num_grads"].default),
+            block_size=(self.fisher_block_size, fields["fisher_block_size"].default),
+            fisher_damping=(self.damp, fields["damp"].default),
+            recomputations=(self.num_recomputations, 1),
+            selection=(self.selection, fields["selection"].default),
         )
+
+    def grads_at(self, sparsity: float) -> int:
+        """Gradients to collect when the pruned parameters are at ``sparsity``."""
+        return self.num_grads
 
     @model_validator(mode="after")
     def _block(self):
@@ -310,9 +334,6 @@ class MFACPruningModifier(OBSPruningModifier):
             return self.num_grads
         return self.num_grads[max(k for k in self.num_grads if k <= sparsity + 1e-12)]
 
-    def engine_settings(self, sparsity: float = 0.0) -> dict:
-        return dict(super().engine_settings(sparsity), num_grads=self.grads_at(sparsity))
-
 
 class LayerwisePruningModifier(_Pruning):
     """Layer-wise pruning (this toolkit's modifier): ``method`` ``sparsegpt``, ``obc`` or
@@ -344,12 +365,13 @@ class LayerwisePruningModifier(_Pruning):
             )
         return v
 
-    def engine_settings(self, sparsity: float = 0.0) -> dict:
-        return dict(
-            super().engine_settings(sparsity),
-            num_grads=self.num_calibration_batches,
-            layer_damp=self.damp,
-            sequential=self.sequential,
+    def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
+        fields = type(self).model_fields
+        return _with(
+            pipeline(self.method),
+            batches=(self.num_calibration_batches, None),
+            rel_damp=(self.damp, fields["damp"].default),
+            sequential=(self.sequential, True),
         )
 
 
