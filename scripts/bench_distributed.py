@@ -30,9 +30,10 @@ import tempfile
 import time
 
 import torch
-from curvature.pruning import parts
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from curvature.pruning import parts
 
 NUM_GRADS, BATCHES, BATCH, SEQ = 64, 64, 8, 64
 

@@ -39,8 +39,7 @@ import torch
 from _bench import copy_bandwidth
 
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
-from curvature.pruning import parts
-from curvature.pruning import obs, stages
+from curvature.pruning import obs, parts, stages
 from curvature.pruning.allocation import GlobalThreshold, take_cheapest, take_cheapest_by_sorting
 from curvature.pruning.curvatures import EmpiricalFisher
 from curvature.pruning.params import select_params
@@ -61,19 +60,20 @@ class Stopwatch:
         return out
 
 
-def one_step(model, data, loss_fn, targets, settings, solver, grads=None):
-    """The stages of one pruning step on one memory group, timed."""
+def one_step(model, data, loss_fn, targets, how, grads=None):
+    """The stages of one pruning step on one memory group, timed; ``how``: the call's settings,
+    the Fisher (its gradients, damping and dtype) and the solver."""
     import psutil
 
+    settings, curvature, solver = how
     base_rss = psutil.Process().memory_info().rss
     sw = Stopwatch()
     structure = settings.structure
-    curvature = EmpiricalFisher()
     weights = {t.name: t.blocks_of(t.param.detach().flatten().to(obs.F64)) for t in targets}
     fixed = {t.name: torch.zeros(t.num_blocks, t.block, dtype=torch.bool) for t in targets}
     if grads is None:
         grads = stages.collect_gradients(
-            model, data, loss_fn, targets, num_grads=settings.num_grads, progress=True
+            model, data, loss_fn, targets, num_grads=curvature.gradients, progress=True
         )
     curv = sw.run("gradients + Fisher", lambda: curvature.build(targets, grads, settings))
     scored = sw.run(
@@ -91,7 +91,7 @@ def one_step(model, data, loss_fn, targets, settings, solver, grads=None):
             stages.update(t, weights[t.name], curv[t.name], solver, o, c, counts[t.name], structure)
 
     sw.run("update", update)
-    plan = stages.memory_plan(model, targets, [targets], curvature, settings)
+    plan = stages.memory_plan(model, targets, [targets], curvature, structure)
     plan.base_rss = base_rss
     return sw.rows, plan
 
@@ -135,10 +135,9 @@ def part_stages(args):
     named = select_params(model, ["re:.*encoder.*(query|key|value|dense)\\.weight"])
     for dtype in (torch.float32, torch.float64):
         targets = [Target(n, p, args.block) for n, p in named]
-        settings = PruneSettings(
-            sparsity=0.7, num_grads=args.num_grads, block_size=args.block, fisher_dtype=dtype
-        )
-        rows, plan = one_step(model, loader, loss, targets, settings, GreedyOBS())
+        settings = PruneSettings(0.7)
+        fisher = EmpiricalFisher(gradients=args.num_grads, dtype=dtype)
+        rows, plan = one_step(model, loader, loss, targets, (settings, fisher, GreedyOBS()))
         total = sum(t.numel for t in targets)
         table(
             f"MiniLM, {len(targets)} weight matrices, {total / 1e6:.1f}M weights, num_grads "
@@ -158,15 +157,13 @@ def part_bert_base(args):
         for _ in range(math.ceil(args.num_grads / 16)):
             yield {t.name: torch.randn(16, t.numel, generator=gen) * 1e-3 for t in targets}
 
-    settings = PruneSettings(
-        sparsity=0.7, num_grads=args.num_grads, block_size=args.block,
-        fisher_dtype=torch.float32,
-    )  # fmt: skip
+    settings = PruneSettings(0.7)
+    fisher = EmpiricalFisher(gradients=args.num_grads, dtype=torch.float32)
     model = torch.nn.Module()
     for n, p in zip(names, params):
         model.register_parameter(n.replace(".", "_"), p)
     for solver in (IndependentOBS(), GreedyOBS()):
-        rows, plan = one_step(model, None, None, targets, settings, solver, grads=grads())
+        rows, plan = one_step(model, None, None, targets, (settings, fisher, solver), grads=grads())
         table(
             f"BERT-base, one encoder layer (7.1M weights), synthetic gradients, num_grads "
             f"{args.num_grads}, block {args.block}, {solver.name}, Fisher float32",

@@ -50,15 +50,25 @@ def full_loss(model, x, y):
 CALL_KEYWORDS = {"sparsity", "mask", "params", "global_sparsity", "masks", "max_memory", "progress"}
 
 
-def prune_kw(**kw) -> dict:
+def prune_kw(lenient: bool = False, **kw) -> dict:
     """prune() keywords from call keywords and parts' settings by name (``gradients=8``):
-    ``method`` (a name, default ``"obs"``) becomes its pipeline with those settings."""
+    ``method`` (a name, default ``"obs"``) becomes its pipeline with those settings.
+
+    ``lenient``: one dict of settings shared by cases of several methods; each method takes the
+    settings its parts have (``gradients`` is a layer-wise method's ``batches``)."""
+    import dataclasses
+
     from curvature.pruning import pipeline
 
     kw = dict(kw)
-    method = kw.pop("method", "obs")
+    pipe = pipeline(kw.pop("method", "obs"))
     settings = {k: kw.pop(k) for k in list(kw) if k not in CALL_KEYWORDS}
-    return {**kw, "method": pipeline(method).with_settings(**settings)}
+    if lenient:
+        have = {f.name for p in pipe.parts for f in dataclasses.fields(p)}
+        if "batches" in have and "gradients" in settings and "batches" not in settings:
+            settings["batches"] = settings["gradients"]
+        settings = {k: v for k, v in settings.items() if k in have}
+    return {**kw, "method": pipe.with_settings(**settings)}
 
 
 def prune_copy(model, x, y, *, batch_size, **kw):

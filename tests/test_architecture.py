@@ -12,7 +12,7 @@ import torch
 from models import batches, ce_loss, correlated_inputs, trained_mlp
 
 import curvature.pruning as pruning
-from curvature.pruning import METHODS, PruneSettings, prune, register
+from curvature.pruning import METHODS, PruneSettings, parts, pipeline, prune, register
 from curvature.pruning.curvatures import Curvature, CurvatureBlocks
 from curvature.pruning.solvers import ScoreOnly
 
@@ -63,9 +63,9 @@ def test_layer_contract_fails_on_a_wrong_import(tmp_path, module, bad_import):
 def test_every_method_is_a_registry_row():
     assert set(METHODS.names()) >= {"obs", "obs-independent", "mfac", "magnitude"}
     with pytest.raises(ValueError, match=r"method must be one of .*'obs'.*'magnitude'"):
-        PruneSettings(sparsity=0.5, method="obz")
+        pipeline("obz")
     with pytest.raises(ValueError, match="did you mean 'obs'"):
-        PruneSettings(sparsity=0.5, method="obz")
+        pipeline("obz")
     with pytest.raises(ValueError, match="already registered"):
         register("obs", Curvature, ScoreOnly, "again")
 
@@ -89,42 +89,58 @@ def test_a_new_method_is_one_new_part_and_one_row(monkeypatch):
 
             return {t.name: Blocks(t) for t in targets}
 
-    monkeypatch.setattr(pruning.registry.METHODS, "_methods", dict(METHODS._methods))
+    monkeypatch.setattr(pruning.registry.METHODS, "_entries", dict(METHODS._entries))
     register("column-scaled", ColumnScale, ScoreOnly, "test: w^2 times the column index")
     layer = torch.nn.Linear(8, 4, bias=False)
     with torch.no_grad():
         layer.weight.fill_(1.0)
     prune(
-        layer, [], loss_fn=None, sparsity=0.5, method="column-scaled", block_size=8, progress=False
+        layer,
+        [],
+        loss_fn=None,
+        sparsity=0.5,
+        method=pipeline("column-scaled").with_settings(block_size=8),
+        progress=False,
     )
     zero_cols = (layer.weight == 0).all(0)
     assert zero_cols.tolist() == [True] * 4 + [False] * 4  # the low-scale columns went first
 
 
 def test_settings_are_one_frozen_validated_object():
+    """The call-wide settings and every part's settings are frozen values checked once, when
+    made, each with a message naming the argument."""
     s = PruneSettings(sparsity=0.5, params=["a", "b"])
     assert s.params == ("a", "b")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.sparsity = 0.1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parts.OBS().gradients = 3  # type: ignore[misc]
     for kw, msg in [
         ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
         ({"sparsity": 0.3, "mask": "2:4"}, "prunes exactly 0.5"),
-        ({"sparsity": 0.5, "block_size": 6, "mask": "block4"}, "not a multiple"),
-        ({"sparsity": 0.5, "num_grads": 0}, "num_grads must be a positive integer"),
-        ({"sparsity": 0.5, "damp": 0}, "damp must be > 0"),
-        ({"sparsity": 0.5, "selection": "greedyy"}, "did you mean 'greedy'"),
-        ({"sparsity": 0.5, "num_recomputations": 0}, "num_recomputations must be an integer >= 1"),
     ]:
         with pytest.raises(ValueError, match=msg):
             PruneSettings(**kw)
-    # magnitude needs no gradient settings
-    PruneSettings(sparsity=0.5, method="magnitude", num_grads=0, damp=0)
+    for make, msg in [
+        (lambda: parts.OBS(gradients=0), "gradients must be a positive integer"),
+        (lambda: parts.OBS(fisher_damping=0), "fisher_damping must be > 0"),
+        (lambda: parts.OBS(selection="greedyy"), "did you mean 'greedy'"),
+        (lambda: parts.OBS(recomputations=0), "recomputations must be an integer >= 1"),
+        (lambda: parts.SparseGPT(rel_damp=-1), "rel_damp must be > 0"),
+        (lambda: parts.Outlier(lam=1.5), r"lam must be in \[0, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            make()
+    with pytest.raises(ValueError, match="not a multiple"):  # a part against the call
+        parts.chain(parts.OBS(block_size=6)).check(PruneSettings(0.5, mask="block4"))
+    # magnitude has no gradient settings at all
+    assert not {"gradients", "fisher_damping"} & set(parts.Magnitude.__dataclass_fields__)
 
 
 def test_engine_functions_take_few_parameters():
     """Internal engine functions take at most 8 parameters (the public prune() keywords aside)."""
     mods = [pruning.engine, pruning.stages, pruning.solvers, pruning.allocation]
-    mods += [pruning.curvatures, pruning.registry]
+    mods += [pruning.curvatures, pruning.registry, pruning.gradient_driver, pruning.parts]
     too_many = []
     for mod in mods:
         for name, fn in inspect.getmembers(mod, inspect.isfunction):
@@ -142,16 +158,14 @@ def test_methods_resolve_through_the_registry_everywhere(tmp_path):
     model, y = trained_mlp(x, hidden=8, steps=50)
     data = batches(x, y, 8)
     outs = []
-    for kw in [
-        {"method": "obs-independent"},
-        {"method": "obs", "selection": "independent"},
-        {"method": "mfac", "selection": "independent"},
+    for method in [
+        pipeline("obs-independent"),
+        pipeline("obs").with_settings(selection="independent"),
+        pipeline("mfac").with_settings(selection="independent"),
     ]:
         m = __import__("copy").deepcopy(model)
-        prune(
-            m, data, loss_fn=ce_loss, sparsity=0.5, num_grads=8, block_size=8, damp=1e-4,
-            progress=False, **kw,
-        )  # fmt: skip
+        method = method.with_settings(gradients=8, block_size=8, fisher_damping=1e-4)
+        prune(m, data, loss_fn=ce_loss, sparsity=0.5, method=method, progress=False)
         outs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-7)

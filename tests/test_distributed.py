@@ -13,9 +13,11 @@ import time
 
 import pytest
 import torch
-from curvature.pruning import parts
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models import prune_kw
+
+from curvature.pruning import parts
 
 F64 = torch.float64
 DEADLINE = 240  # seconds for a whole multi-process test
@@ -87,10 +89,10 @@ PRUNE_CASES = {
     "sparsegpt": dict(sparsity=0.5, method="sparsegpt", global_sparsity=False),
     # the parts: outlier targets from every rank's statistics, reconstruction on the layer's
     # owner, and the pass after a non-layer-wise method
-    "sparsegpt-parts": dict(sparsity=0.6, method="sparsegpt+reconstruct+outlier", outlier_m=1.5),
+    "sparsegpt-parts": dict(sparsity=0.6, method="sparsegpt+reconstruct+outlier", m=1.5),
     "magnitude+reconstruct": dict(sparsity=0.6, method="magnitude+reconstruct"),
 }
-BASE = dict(num_grads=12, block_size=8, damp=1e-4, progress=False)
+BASE = dict(gradients=12, block_size=8, fisher_damping=1e-4, progress=False)
 
 
 def _shard(batches, rank, world, contiguous):
@@ -112,7 +114,10 @@ def _prune_worker(rank, world, out, contiguous):
     for name, kw in PRUNE_CASES.items():
         model, batches = _model_and_data()
         report = prune(
-            model, _shard(batches, rank, world, contiguous), loss_fn=ce_loss, **BASE, **kw
+            model,
+            _shard(batches, rank, world, contiguous),
+            loss_fn=ce_loss,
+            **prune_kw(True, **BASE, **kw),
         )
         results[name] = {
             "params": [p.detach().clone() for p in model.parameters()],
@@ -130,9 +135,7 @@ def _prune_worker(rank, world, out, contiguous):
         model,
         _shard(batches, rank, world, contiguous),
         loss_fn=ce_loss,
-        **BASE,
-        **PRUNE_CASES["greedy"],
-        max_memory=6000,
+        **prune_kw(True, **BASE, **PRUNE_CASES["greedy"], max_memory=6000),
     )
     results["greedy-split"] = {
         "params": [p.detach().clone() for p in model.parameters()],
@@ -147,7 +150,7 @@ def _single(name):
     from curvature.pruning import prune
 
     model, batches = _model_and_data()
-    report = prune(model, batches, loss_fn=ce_loss, **BASE, **PRUNE_CASES[name])
+    report = prune(model, batches, loss_fn=ce_loss, **prune_kw(True, **BASE, **PRUNE_CASES[name]))
     return [p.detach().clone() for p in model.parameters()], report
 
 
@@ -210,7 +213,7 @@ def _failing_worker(rank, world):
             raise ValueError("this rank's batch is broken")
         return ce_loss(m, b)
 
-    prune(model, batches[rank::world], loss_fn=loss, **BASE, sparsity=0.5)
+    prune(model, batches[rank::world], loss_fn=loss, **prune_kw(True, **BASE, sparsity=0.5))
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message():
@@ -233,7 +236,12 @@ def test_fsdp_sharded_parameters_are_refused_with_one_line():
 
     model, batches = _model_and_data()
     with pytest.raises(ValueError, match="sharded by FSDP"):
-        prune(FullyShardedDataParallel(model), batches, loss_fn=ce_loss, **BASE, sparsity=0.5)
+        prune(
+            FullyShardedDataParallel(model),
+            batches,
+            loss_fn=ce_loss,
+            **prune_kw(True, **BASE, sparsity=0.5),
+        )
 
 
 class _Mixed(torch.nn.Module):
@@ -302,7 +310,9 @@ def _edge_worker(rank, world, out):
     for name, (make, kw, _) in EDGE_CASES.items():
         model = make()
         data = _shard(_mixed_data(), rank, world, True)
-        kw = {"num_grads": 12, "damp": 1e-4, "progress": False, **kw}
+        kw = prune_kw(
+            lenient=True, **{"gradients": 12, "fisher_damping": 1e-4, "progress": False, **kw}
+        )
         if "max_memory" in kw:
             kw["max_memory"] = kw["max_memory"] * (1 + rank)  # ranks that disagree on memory
         prune(model, data, loss_fn=ce_loss, **kw)
@@ -322,7 +332,9 @@ def test_awkward_shapes_dtypes_and_budgets_across_processes(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (make, kw, tol) in EDGE_CASES.items():
         model = make()
-        kw = {"num_grads": 12, "damp": 1e-4, "progress": False, **kw}
+        kw = prune_kw(
+            lenient=True, **{"gradients": 12, "fisher_damping": 1e-4, "progress": False, **kw}
+        )
         kw.pop("max_memory", None)
         prune(model, _mixed_data(), loss_fn=ce_loss, **kw)
         for r in range(2):
@@ -342,7 +354,7 @@ def _small_layerwise_worker(rank, world):
 
 def test_layerwise_with_fewer_batches_than_processes_is_refused_on_every_rank():
     msg = run_ranks(_small_layerwise_worker, 2, expect_fail=True)
-    assert "num_grads=1 calibration batches for 2 processes" in msg
+    assert "batches=1 calibration batches for 2 processes" in msg
 
 
 # ------------------------------------------------------------------ the threshold
@@ -559,7 +571,7 @@ def test_sweep_under_torchrun_writes_once_and_resumes(cli, tmp_path):
     args = [
         "sweep", "--output", str(out), "--model", cli.model, "--data", cli.data,
         "--methods", "obs,magnitude", "--sparsities", "0.5", "--finetune-epochs", "1",
-        "--num-grads", "8", "--block-size", "8", "--params", "re:bert.encoder", "--no-progress",
+        "--gradients", "8", "--block-size", "8", "--params", "re:bert.encoder", "--no-progress",
     ]  # fmt: skip
     res = _torchrun(args)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -11,10 +11,10 @@ import torch
 from models import batches, ce_loss, full_loss
 from test_layerwise import LAYERS, _lm, damped, layer_problem, lm_loss, lstsq_for_mask
 
-from curvature.pruning import METHODS, layer_obs, prune
-from curvature.pruning import parts
+from curvature.pruning import METHODS, chain, layer_obs, pipeline, prune
 from curvature.pruning.allocation import outlier_ratio, outlier_targets
 from curvature.pruning.fisher_objective import OutputFisher
+from curvature.pruning.parts import OBS, FisherObjective, Outlier, Reconstruct, SparseGPT
 from curvature.pruning.reconstruct import layer_error, reconstruct
 
 F64 = torch.float64
@@ -163,7 +163,7 @@ def test_fisher_mix_zero_is_sparsegpt_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune(model, data, method="sparsegpt", **kw)
-        r = prune(other, data, method="sparsegpt+fisher", fisher_mix=0.0, **kw)
+        r = prune(other, data, method=chain(SparseGPT(), FisherObjective(mix=0.0)), **kw)
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.equal(p, q), n
     assert "output_fisher" in r.phases
@@ -207,22 +207,23 @@ def test_fisher_weighting_beats_the_plain_objective_where_outputs_matter_unequal
             p = torch.log_softmax(m(x[held]), -1)
         return float((dense.exp() * (dense - p)).sum(-1).mean())
 
-    def pruned(mask, sparsity, **kw):
+    def pruned(mask, sparsity, fisher=None):
         m = copy.deepcopy(model)
-        prune(m, data, loss_fn=ce_loss, sparsity=sparsity, method=method, mask=mask,
-              params=["0.weight"], progress=False, **kw)  # fmt: skip
+        how = chain(pipeline(method), fisher) if fisher else method
+        prune(m, data, loss_fn=ce_loss, sparsity=sparsity, mask=mask, params=["0.weight"],
+              progress=False, method=how)  # fmt: skip
         return m
 
     plain = kl(pruned("unstructured", sparsity))
     for mix in (0.5, 1.0):
-        assert kl(pruned("unstructured", sparsity, objective="fisher", fisher_mix=mix)) < (
+        assert kl(pruned("unstructured", sparsity, fisher=FisherObjective(mix=mix))) < (
             0.8 * plain
         ), mix
     # N:M compares within a row: row weights alone would change nothing, which is refused
     a = pruned("2:4", 0.5)
     with pytest.raises(ValueError, match="changes nothing"):
-        pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0)
-    c = pruned("2:4", 0.5, objective="fisher", fisher_mix=1.0, fisher_token_mix=1.0)
+        pruned("2:4", 0.5, fisher=FisherObjective(mix=1.0))
+    c = pruned("2:4", 0.5, fisher=FisherObjective(mix=1.0, token_mix=1.0))
     assert not torch.equal(a[0].weight, c[0].weight)  # the token weights do reach H
 
 
@@ -242,14 +243,16 @@ def test_reconstruct_keeps_each_methods_mask_and_lowers_the_output_error(method)
 
     model, x, y = outlier_problem()
     data = batches(x, y, 64)
-    kw = dict(loss_fn=ce_loss, sparsity=0.7, method=method, progress=False)
+    kw = dict(loss_fn=ce_loss, sparsity=0.7, progress=False)
+    chooser = pipeline(method).chooser
     if method == "obs":
-        kw.update(num_grads=16, block_size=32, global_sparsity=False)
+        chooser = OBS(gradients=16, block_size=32)
+        kw.update(global_sparsity=False)
     if method == "magnitude":
         kw.update(global_sparsity=False)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = prune(a, data, **kw)
-    rb = prune(b, data, reconstruct=True, **kw)
+    ra = prune(a, data, method=chooser, **kw)
+    rb = prune(b, data, method=chain(chooser, Reconstruct()), **kw)
     for n, p in b.named_parameters():
         if n.endswith("weight"):
             mask = rb.masks.get(n)
@@ -275,7 +278,7 @@ def test_every_part_together_on_a_decoder(tmp_path):
     model, data = _lm(tmp_path, "llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = prune(model, data, loss_fn=lm_loss, sparsity=0.6, params=LAYERS, progress=False, method=parts.chain(parts.SparseGPT(), parts.Reconstruct(), parts.Outlier(m=2.0), parts.FisherObjective()))  # fmt: skip
+        r = prune(model, data, loss_fn=lm_loss, sparsity=0.6, params=LAYERS, progress=False, method=chain(SparseGPT(), Reconstruct(), Outlier(m=2.0), FisherObjective()))  # fmt: skip
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     alloc = r.allocation
     mean = sum(alloc[n] * sizes[n] for n in alloc) / sum(sizes[n] for n in alloc)
@@ -298,14 +301,14 @@ def test_method_names_with_parts_and_bad_parts_are_one_clear_line():
     kw = dict(loss_fn=ce_loss, progress=False)
     with pytest.raises(ValueError, match="unknown part 'recon' \\(did you mean 'reconstruct'"):
         prune(model, data, sparsity=0.5, method="sparsegpt+recon", **kw)
-    with pytest.raises(ValueError, match="objective='fisher' weights the layer objective"):
+    with pytest.raises(ValueError, match="fisher weights the layer objective"):
         prune(model, data, sparsity=0.5, method="obs+fisher", **kw)
-    with pytest.raises(ValueError, match="allocation='outlier': the 2:4 mask fixes"):
+    with pytest.raises(ValueError, match="outlier: the 2:4 mask fixes"):
         prune(model, data, sparsity=0.5, mask="2:4", method="sparsegpt+outlier", **kw)
-    with pytest.raises(ValueError, match="objective must be one of"):
-        prune(model, data, sparsity=0.5, method="sparsegpt", objective="kl", **kw)
-    with pytest.raises(ValueError, match="fisher_mix must be in"):
-        prune(model, data, sparsity=0.5, method="sparsegpt", fisher_mix=2, **kw)
+    with pytest.raises(ValueError, match="two objective parts"):
+        chain(SparseGPT(), FisherObjective(), FisherObjective(mix=1.0))
+    with pytest.raises(ValueError, match="mix must be in"):
+        FisherObjective(mix=2)
 
 
 def test_a_sweep_runs_methods_with_parts_beside_their_base(tmp_path):
@@ -320,7 +323,7 @@ def test_a_sweep_runs_methods_with_parts_beside_their_base(tmp_path):
     methods = ["sparsegpt", "sparsegpt+reconstruct+outlier+fisher", "magnitude+reconstruct"]
     cfg = SweepConfig(
         output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus), methods=methods,
-        sparsities=[0.5], finetune_epochs=0, max_length=16, num_grads=3, per_layer=True,
+        sparsities=[0.5], finetune_epochs=0, max_length=16, batches=3, per_layer=True,
         params=[r"re:model.layers.*(proj).weight"], progress=False, seeds=2, speed_reps=0,
     )  # fmt: skip
     with warnings.catch_warnings():
@@ -351,10 +354,10 @@ def test_a_fisher_part_that_would_change_nothing_is_refused_and_recipes_take_par
     kw = dict(loss_fn=ce_loss, progress=False, sparsity=0.5)
     for method, mask in [("sparsegpt+fisher", "2:4"), ("wanda+fisher", "unstructured"),
                          ("magnitude+reconstruct+fisher", "unstructured")]:  # fmt: skip
-        with pytest.raises(ValueError, match="fisher_token_mix=0 changes nothing"):
+        with pytest.raises(ValueError, match="fisher with token_mix=0 changes nothing"):
             prune(model, data, method=method, mask=mask, **kw)
     r = parse_recipe(LAYERWISE_RECIPE.format(method="sparsegpt+reconstruct", mask="2:4"))
-    assert r.modifiers[0].engine_settings()["method"] == "sparsegpt+reconstruct"
+    assert r.modifiers[0].engine_settings()["method"].spec == "sparsegpt+reconstruct"
     with pytest.raises(ValueError, match="unknown part 'fischer'"):
         parse_recipe(LAYERWISE_RECIPE.format(method="sparsegpt+fischer", mask="2:4"))
 

@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
-from models import batches, ce_loss, full_loss
+from models import batches, ce_loss, full_loss, prune_kw
 from tiny import make_task_model_dir
 
-from curvature.pruning import layer_obs, prune
-from curvature.pruning import parts
+from curvature.pruning import layer_obs, parts, prune
 
 F64 = torch.float64
 
@@ -305,11 +304,11 @@ def test_layerwise_and_fisher_obs_beat_magnitude_on_outlier_features(mask, spars
     losses = {}
     for method in ("magnitude", "wanda", "sparsegpt", "obc", "obs"):
         m = copy.deepcopy(model)
-        kw = {"num_grads": 256} if method == "obs" else {}
+        kw = {"gradients": 256} if method == "obs" else {}
         if method in ("magnitude", "obs"):
             kw.update(global_sparsity=False, block_size=32)
         prune(m, data if method != "obs" else batches(x, y, 4), loss_fn=ce_loss,
-              sparsity=sparsity, method=method, mask=mask, progress=False, **kw)  # fmt: skip
+              **prune_kw(sparsity=sparsity, method=method, mask=mask, progress=False, **kw))  # fmt: skip
         losses[method] = full_loss(m, x, y)
     dense = full_loss(model, x, y)
     for method in ("sparsegpt", "obc", "obs") + (("wanda",) if mask == "unstructured" else ()):
@@ -398,7 +397,7 @@ def test_layerwise_recipe_fields_are_checked():
     with pytest.raises(ValueError, match="global_sparsity must be false"):
         parse_recipe(bad)
     ok = parse_recipe(LAYERWISE_RECIPE.format(method="obc", mask="4:8"))
-    assert ok.modifiers[0].engine_settings()["layer_damp"] == 0.01
+    assert ok.modifiers[0].engine_settings()["method"].chooser.rel_damp == 0.01
 
 
 def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
@@ -413,7 +412,7 @@ def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
     cfg = SweepConfig(
         output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus),
         methods=["magnitude", "wanda", "sparsegpt", "obc"], sparsities=[0.5], finetune_epochs=0,
-        max_length=16, params=[r"re:model.decoder.layers.*(proj|fc\d).weight"], num_grads=3,
+        max_length=16, params=[r"re:model.decoder.layers.*(proj|fc\d).weight"], batches=3,
         per_layer=True, progress=False,
     )  # fmt: skip
     points = run_sweep(cfg)
@@ -498,7 +497,7 @@ def test_a_gradual_sweep_recipe_becomes_a_layerwise_one():
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "sweep-gradual-minilm.yaml"
     original = load_recipe(path)
-    cfg = SweepConfig(output="unused", methods=["sparsegpt"], num_grads=16, mask="2:4")
+    cfg = SweepConfig(output="unused", methods=["sparsegpt"], batches=16, mask="2:4")
     recipe = _recipe_for(load_recipe(path), "sparsegpt", 0.5, cfg)
     (old,) = original.of(OBSPruningModifier)
     (new,) = recipe.of(LayerwisePruningModifier)

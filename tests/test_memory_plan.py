@@ -13,6 +13,7 @@ import gc, json, sys
 import psutil, torch
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
 from curvature.pruning import prune
+from curvature.pruning.parts import OBS
 
 selection, dtype, block, num_grads = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
@@ -24,8 +25,8 @@ def loss(m, b):
 gc.collect()
 base = psutil.Process().memory_info().rss
 reset_peak_memory()
-r = prune(model, data, loss_fn=loss, sparsity=0.5, num_grads=num_grads, block_size=block,
-          damp=1e-4, selection=selection, fisher_dtype=dtype, progress=False, params=["re:.*weight"])
+obs = OBS(gradients=num_grads, block_size=block, fisher_damping=1e-4, selection=selection, dtype=dtype)
+r = prune(model, data, loss_fn=loss, sparsity=0.5, method=obs, progress=False, params=["re:.*weight"])
 print(json.dumps({"plan": r.memory_plan, "peak": peak_memory_bytes() - base}))
 """
 

@@ -13,8 +13,7 @@ import torch
 from tiny import make_csv, make_model_dir
 
 from curvature.cli.main import main
-from curvature.pruning import parts
-from curvature.pruning import prune
+from curvature.pruning import parts, prune
 
 
 def _mlp_problem(n_batches):
@@ -36,9 +35,9 @@ def _loss(m, b):
 
 def test_prune_says_when_batches_are_cycled():
     model, batches = _mlp_problem(3)
-    with pytest.warns(UserWarning, match="data has 3 batches but num_grads=8") as rec:
+    with pytest.warns(UserWarning, match="data has 3 batches but gradients=8") as rec:
         report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["0.weight", "3.weight"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
-    assert len([w for w in rec if "num_grads" in str(w.message)]) == 1  # once, not per step
+    assert len([w for w in rec if "gradients=" in str(w.message)]) == 1  # once, not per step
     assert report.distinct_batches == 3 and report.num_grads == 8
     assert report.to_dict()["distinct_batches"] == 3
     model, batches = _mlp_problem(8)

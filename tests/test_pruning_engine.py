@@ -2,8 +2,15 @@ import pytest
 import torch
 from models import batches, ce_loss, correlated_inputs, full_loss, prune_copy, trained_mlp
 
-from curvature.pruning import MaskSet, interpolate, parse_mask, prune, select_params, sparsity_at
-from curvature.pruning import parts
+from curvature.pruning import (
+    MaskSet,
+    interpolate,
+    parse_mask,
+    parts,
+    prune,
+    select_params,
+    sparsity_at,
+)
 from curvature.pruning.params import SKIP_1D
 from curvature.pruning.schedule import pruning_points
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from models import correlated_inputs, full_loss, prune_copy, trained_mlp
 
-from curvature.pruning import obs, prune
-from curvature.pruning import parts
+from curvature.pruning import obs, parts, prune
 
 F64 = torch.float64
 

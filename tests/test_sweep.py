@@ -27,13 +27,18 @@ def config(assets, out, **kw):
         finetune_epochs=1.0,
         batch_size=8,
         lr=1e-3,
-        num_grads=8,
+        gradients=8,
         block_size=8,
-        damp=1e-6,
+        fisher_damping=1e-6,
         progress=False,
         params=["re:bert.encoder"],
     )
     base.update(kw)
+    if not any(m.startswith(("obs", "mfac")) for m in base["methods"]) and not base.get("recipe"):
+        # settings no method has are refused: a magnitude sweep is given none of OBS's
+        for k in ("gradients", "fisher_damping"):
+            if k not in kw:
+                base.pop(k)
     return SweepConfig(**base)
 
 
@@ -173,18 +178,35 @@ def test_nothing_is_written_before_the_inputs_load(assets, tmp_path, capsys):
 @pytest.mark.parametrize(
     "change,name",
     [
-        ({"num_grads": 16}, "num_grads"),
+        ({"gradients": 16}, "gradients"),
         ({"block_size": 16}, "block_size"),
-        ({"damp": 1e-4}, "damp"),
+        ({"fisher_damping": 1e-4}, "fisher_damping"),
         ({"params": ["re:bert.encoder.layer.0"]}, "params"),
-        ({"num_recomputations": 2}, "num_recomputations"),
+        ({"recomputations": 2}, "recomputations"),
     ],
 )
 def test_a_changed_setting_is_refused_not_mixed_into_the_table(assets, tmp_path, change, name):
     out = tmp_path / "sweep"
-    run_sweep(config(assets, out, methods=["magnitude"], sparsities=[0.5]))
+    methods = ["magnitude"] if name in ("block_size", "params") else ["obs"]
+    run_sweep(config(assets, out, methods=methods, sparsities=[0.5]))
     with pytest.raises(SweepError, match=f"different {name} "):
-        run_sweep(config(assets, out, methods=["magnitude"], sparsities=[0.5], **change))
+        run_sweep(config(assets, out, methods=methods, sparsities=[0.5], **change))
+
+
+def test_a_setting_no_method_has_is_refused_and_one_some_lack_is_said(assets, tmp_path, capsys):
+    """--fisher-damping for a magnitude sweep would change nothing: refused with one line; for
+    obs and sparsegpt it applies to obs and one line says sparsegpt has no such setting."""
+    with pytest.raises(SweepError, match="--fisher-damping: none of --methods"):
+        config(assets, tmp_path / "a", methods=["magnitude"], fisher_damping=1e-4).validate()
+    with pytest.raises(SweepError, match="--rel-damp: none of --methods"):
+        config(assets, tmp_path / "b", methods=["obs"], rel_damp=0.05).validate()
+    cfg = config(assets, tmp_path / "c", methods=["obs", "sparsegpt"], rel_damp=0.05)
+    cfg.validate()
+    said = capsys.readouterr().out
+    assert "--gradients, --block-size, --fisher-damping do(es) not apply to sparsegpt" in said
+    pipes = cfg.method_pipelines()
+    assert pipes["sparsegpt"].chooser.rel_damp == 0.05
+    assert pipes["obs"].chooser.fisher_damping == 1e-6 and pipes["obs"].chooser.gradients == 8
 
 
 def test_a_changed_recipe_file_is_refused(assets, tmp_path):
@@ -225,15 +247,24 @@ def test_gradual_sweep_applies_the_pruning_options(assets, tmp_path, monkeypatch
     kw = dict(methods=["obs"], sparsities=[0.5], recipe=str(recipe), finetune_epochs=0)
     run_sweep(
         config(
-            assets, tmp_path / "a", **kw, num_grads=None, block_size=None, damp=None, params=None
+            assets,
+            tmp_path / "a",
+            **kw,
+            gradients=None,
+            block_size=None,
+            fisher_damping=None,
+            params=None,
         )
     )
-    assert {(k["num_grads"], k["block_size"], k["damp"]) for k in seen} == {
-        (4, 8, 1e-6)
-    }  # the recipe's
+
+    def settings(k):
+        c = k["method"].chooser
+        return c.gradients, c.block_size, c.fisher_damping
+
+    assert {settings(k) for k in seen} == {(4, 8, 1e-6)}  # the recipe's
     seen.clear()
-    run_sweep(config(assets, tmp_path / "b", **kw, num_grads=6, block_size=16, damp=1e-3))
-    assert {(k["num_grads"], k["block_size"], k["damp"]) for k in seen} == {(6, 16, 1e-3)}
+    run_sweep(config(assets, tmp_path / "b", **kw, gradients=6, block_size=16, fisher_damping=1e-3))
+    assert {settings(k) for k in seen} == {(6, 16, 1e-3)}
     assert all(k["params"] == ["re:bert.encoder"] for k in seen)
 
 

@@ -570,7 +570,7 @@ def test_sweep_of_a_language_model_reports_perplexity(tmp_path):
     cfg = SweepConfig(
         output=str(tmp_path / "sweep"), model=str(model_dir), data=str(corpus),
         methods=["obs", "magnitude"], sparsities=[0.5], finetune_epochs=0, max_length=16,
-        params=["re:bert.encoder.*weight"], num_grads=4, block_size=8, damp=1e-4,
+        params=["re:bert.encoder.*weight"], gradients=4, block_size=8, fisher_damping=1e-4,
         progress=False,
     )  # fmt: skip
     points = run_sweep(cfg)

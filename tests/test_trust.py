@@ -8,8 +8,7 @@ import torch
 from engine_golden import fixed_batches, loss_fn, tiny_bert
 
 from curvature.core import FisherInverse
-from curvature.pruning import parts
-from curvature.pruning import prune
+from curvature.pruning import parts, prune
 from curvature.recipes import RecipeManager, parse_recipe
 
 BERT_PARAMS = ["re:.*encoder.*(query|key|value|dense)\\.weight"]

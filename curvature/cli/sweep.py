@@ -114,14 +114,14 @@ class SweepConfig:
             have = {f.name for f in dataclasses.fields(pipe.chooser)}
             values = {k: self.setting(k) for k in self.PART_SETTINGS if k in have}
             used |= {k for k in values if getattr(self, k) is not None}
-            skipped = [k for k in self.PART_SETTINGS if k not in have and getattr(self, k) is not None]
+            skipped = [
+                k for k in self.PART_SETTINGS if k not in have and getattr(self, k) is not None
+            ]
             if say and skipped and self.recipe is None:
                 flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
             out[m] = dataclasses.replace(pipe.chooser, **values), pipe.added
-        unused = [
-            k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used
-        ]
+        unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
         if unused and self.recipe is None:
             flag = "--" + unused[0].replace("_", "-")
             raise SweepError(
@@ -184,7 +184,9 @@ class SweepConfig:
                 )
         for name in ("fisher_damping", "rel_damp"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise SweepError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise SweepError(
+                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+                )
         self.method_pipelines(say=True)  # every given setting applies to a method, or is refused
         if self.recipe is not None:
             from curvature.recipes import load_recipe

@@ -79,10 +79,11 @@ def run(model, data, loss_fn, call: PruneSettings, pipeline, masks: MaskSet) -> 
         )
         dense = {n: w.to(torch.float64) for n, w in dense.items()}
         sparsities = {t.name: report.param_sparsity[t.name] for t in lin}
-        res = layerwise.run(
-            model, data, loss_fn, lin, sparsities, layer_pass, report.masks, dense
-        )
-        report.phases = {**report.phases, **{f"reconstruct_{k}": v for k, v in res.phases().items()}}
+        res = layerwise.run(model, data, loss_fn, lin, sparsities, layer_pass, report.masks, dense)
+        report.phases = {
+            **report.phases,
+            **{f"reconstruct_{k}": v for k, v in res.phases().items()},
+        }
         report.reconstruction = res.reconstruction()
     report.seconds = time.perf_counter() - start
     if distributed.active():  # one report on every rank: rank 0's clock
@@ -187,7 +188,6 @@ def _curvature_budget(model, targets, curvature, call) -> int:
     return budget
 
 
-
 @dataclass(frozen=True)
 class _Problem:
     """What the loss is measured on: the model, its data and the loss function."""
@@ -288,8 +288,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, budget):
         for pieces in distributed.shard(targets, size)
     ]
     groups = [
-        stages.plan_groups(pieces, parts.curvature, budget) if pieces else []
-        for pieces in plan
+        stages.plan_groups(pieces, parts.curvature, budget) if pieces else [] for pieces in plan
     ]
     passes = max(len(g) for g in groups)
     mine = plan[rank]

@@ -499,9 +499,7 @@ def _sequential(model, data, loss_fn, targets, how, prune, result, weights=None)
         result.batches = len(inputs)
         wanted = dict(per_block)
         last = per_block[-1][0]
-        bar = tqdm(
-            range(first, last + 1), desc=f"{lp.label} blocks", disable=not lp.progress
-        )
+        bar = tqdm(range(first, last + 1), desc=f"{lp.label} blocks", disable=not lp.progress)
         for i in bar:
             block = blocks[i]
             group = wanted.get(i, [])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import difflib
 import re
+import warnings
 
 import torch
 

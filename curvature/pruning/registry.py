@@ -151,7 +151,9 @@ register(
     P.SparseGPT,
     description="layer-wise OBS on each linear layer's input Hessian: the column sweep",
 )
-register("obc", P.OBC, description="layer-wise OBS, exact greedy per row (Optimal Brain Compression)")
+register(
+    "obc", P.OBC, description="layer-wise OBS, exact greedy per row (Optimal Brain Compression)"
+)
 register("wanda", P.Wanda, description="|weight| x input norm within each output row, no update")
 
 register_part("reconstruct", P.Reconstruct)

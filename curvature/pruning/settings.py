@@ -69,7 +69,9 @@ class PruneSettings:
         fixed = structure.fixed_sparsity
         for s in (dict(sparsity) if isinstance(sparsity, tuple) else {"": sparsity}).values():
             if fixed is not None and abs(s - fixed) > 1e-9:
-                raise ValueError(f"mask {structure.name} prunes exactly {fixed:g}; got sparsity {s}")
+                raise ValueError(
+                    f"mask {structure.name} prunes exactly {fixed:g}; got sparsity {s}"
+                )
         values = {
             "sparsity": sparsity,
             "mask": mask,

@@ -9,7 +9,6 @@ what this toolkit does instead (:data:`RUNTIME_ONLY_FIELDS`).
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from typing import Any, ClassVar, Literal
 
