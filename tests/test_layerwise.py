@@ -11,7 +11,8 @@ import torch
 from models import batches, ce_loss, full_loss, prune_kw
 from tiny import make_task_model_dir
 
-from curvature.pruning import layer_obs, parts, prune
+from curvature.pruning import layer_obs, parts, pipeline, prune
+from curvature.pruning.parts import SparseGPT
 
 F64 = torch.float64
 
@@ -248,11 +249,11 @@ def test_sequential_differs_from_parallel(tmp_path):
     """The two modes calibrate on different inputs (a test that cannot pass by accident)."""
     model, data = _lm(tmp_path, "llama")
     other = copy.deepcopy(model)
-    kw = dict(loss_fn=lm_loss, sparsity=0.5, method="sparsegpt", params=LAYERS, progress=False)
+    kw = dict(loss_fn=lm_loss, sparsity=0.5, params=LAYERS, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prune(model, data, sequential=True, **kw)
-        prune(other, data, sequential=False, **kw)
+        prune(model, data, method=SparseGPT(sequential=True), **kw)
+        prune(other, data, method=SparseGPT(sequential=False), **kw)
     w1 = model.model.layers[1].mlp.down_proj.weight
     w2 = other.model.layers[1].mlp.down_proj.weight
     assert not torch.allclose(w1, w2)
@@ -325,8 +326,8 @@ def test_bad_settings_are_one_clear_line():
         prune(model, data, method="sparsegpt", global_sparsity=True, **kw)
     with pytest.raises(ValueError, match="mask 'block4': method wanda supports"):
         prune(model, data, method="wanda", mask="block4", **kw)
-    with pytest.raises(ValueError, match="sequential: only the layer-wise methods"):
-        prune(model, data, method="obs", sequential=False, **kw)
+    with pytest.raises(ValueError, match="sequential: no part of obs has this setting"):
+        pipeline("obs").with_settings(sequential=False)
     emb = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"params: 0\.weight is not the weight of a linear"):
         prune(emb, [torch.tensor([1, 2])], method="sparsegpt", params="__ALL__",

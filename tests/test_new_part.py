@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from test_layerwise import LAYERWISE_RECIPE, LAYERS, _lm, lm_loss
+from test_layerwise import LAYERS, LAYERWISE_RECIPE, _lm, lm_loss
 
 from curvature.core import checks
 from curvature.pruning import PARTS, chain, prune, register_part

@@ -350,25 +350,9 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, budget):
         distinct = distributed.allreduce_sum(float(seen.get("distinct", counts[rank])))
         problem.data.distinct_batches = int(distinct)
         counts_by_piece = _allocate_sharded(targets, plan, scored, sparsity, parts)
-        est, values, flags, error = 0.0, {}, {}, None
-        try:
-            for p in mine:
-                order, cost = scored[p.key]
-                new, pruned, e = stages.update(
-                    p,
-                    weights[p.key],
-                    curv.pop(p.key),
-                    parts.solver,
-                    order,
-                    cost,
-                    counts_by_piece[p.key],
-                    structure,
-                )
-                est += e
-                values[p.key] = new.flatten()[: p.numel]
-                flags[p.key] = pruned.flatten()[: p.numel]
-        except Exception as e:  # noqa: BLE001 - raised on every rank by agree()
-            error = e
+        est, values, flags, error = _update_pieces(
+            mine, (weights, curv, scored), counts_by_piece, parts
+        )
         distributed.agree(error, "prune")
     est = distributed.allreduce_sum(est)
     gathered = distributed.gather_pieces(plan, values, flags)
@@ -380,6 +364,32 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, budget):
     masks.apply(problem.model)
     problem.timed("allocation and update", clock)
     return est, passes
+
+
+def _update_pieces(mine, state, counts, parts):
+    """Stage 5 on this rank's pieces: ``(summed cost, {key: weights}, {key: flags}, error)``;
+    an error is returned, for every rank to raise it together."""
+    weights, curv, scored = state
+    est, values, flags = 0.0, {}, {}
+    try:
+        for p in mine:
+            order, cost = scored[p.key]
+            new, pruned, e = stages.update(
+                p,
+                weights[p.key],
+                curv.pop(p.key),
+                parts.solver,
+                order,
+                cost,
+                counts[p.key],
+                parts.structure,
+            )
+            est += e
+            values[p.key] = new.flatten()[: p.numel]
+            flags[p.key] = pruned.flatten()[: p.numel]
+    except Exception as e:  # noqa: BLE001 - raised on every rank by agree()
+        return est, values, flags, e
+    return est, values, flags, None
 
 
 class _KeyedPiece(distributed.Piece):

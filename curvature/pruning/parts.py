@@ -154,8 +154,10 @@ class OBS(Chooser):
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        base = "mfac" if self.inverse == "mfac" else "obs"
-        return base if self.selection == "greedy" else f"{base}-{self.selection}"
+        # the preset names: mfac (either selection; the report gives the selection) and obs
+        if self.inverse == "mfac":
+            return "mfac"
+        return "obs" if self.selection == "greedy" else f"obs-{self.selection}"
 
     @property
     def batches(self) -> int:

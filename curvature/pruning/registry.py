@@ -55,6 +55,9 @@ class Registry:
         except KeyError:
             raise _unknown(self.kind, name, self.names()) from None
 
+    def __iter__(self):
+        return iter(self._entries)
+
     def __contains__(self, name: str) -> bool:
         try:
             pipeline(name)
