@@ -5,7 +5,7 @@ These operations are memory-bound: a Woodbury batch reads and writes every block
 reads every block once; M-FAC reads its m x d rows. "GB/s" below counts those bytes; "of copy" is
 that rate divided by the bandwidth of a large tensor copy measured in the same run.
 
-    python scripts/bench_curvature.py            # the README table (a few minutes on 2 cores)
+    python scripts/bench_curvature.py            # the table of docs/bench-curvature.md (a few minutes on 2 cores)
     python scripts/bench_curvature.py --quick    # small sizes only
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Fine-tuning defaults for a small BERT (MiniLM) at batch size 16, chosen by a short learning-rate
-# probe on bbc-news (see the README's optimizer benchmark); ``--lr`` and ``--opt`` override them.
+# probe on bbc-news (docs/bench-optim.md); ``--lr`` and ``--opt`` override them.
 DEFAULTS: dict[str, tuple[float, dict]] = {
     "adamw": (1e-4, {"weight_decay": 0.01}),
     "adahessian": (1e-2, {"weight_decay": 0.01}),

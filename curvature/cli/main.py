@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune a model on its task (--task) with the chosen optimizer through the Hugging Face "
             "Trainer (AdaHessian's create_graph backward and MKOR-H's loss feed are handled), "
             "evaluate it, and write the model, tokenizer and metrics.json to --output. Learning "
-            "rates default to values probed for MiniLM fine-tuning (see the README): "
+            "rates default to values probed for MiniLM fine-tuning (docs/bench-optim.md): "
             + describe()
             + ". Other defaults: 1 epoch, batch 16, 128 tokens; all of them are recorded in "
             "metrics.json."
