@@ -56,15 +56,13 @@ def prune_kw(lenient: bool = False, **kw) -> dict:
 
     ``lenient``: one dict of settings shared by cases of several methods; each method takes the
     settings its parts have (``gradients`` is a layer-wise method's ``batches``)."""
-    import dataclasses
-
     from curvature.pruning import pipeline
 
     kw = dict(kw)
     pipe = pipeline(kw.pop("method", "obs"))
     settings = {k: kw.pop(k) for k in list(kw) if k not in CALL_KEYWORDS}
     if lenient:
-        have = {f.name for p in pipe.parts for f in dataclasses.fields(p)}
+        have = pipe.settings()
         if "batches" in have and "gradients" in settings and "batches" not in settings:
             settings["batches"] = settings["gradients"]
         settings = {k: v for k, v in settings.items() if k in have}

@@ -382,3 +382,20 @@ def test_the_output_fisher_pass_in_pieces_equals_whole_batches_after_normalisati
     assert model[0].weight.grad is None  # the parameters' gradients are left untouched
     pieces = split_batch({"input_ids": torch.zeros(5, 3), "flag": True}, 2)
     assert [p["input_ids"].shape[0] for p in pieces] == [2, 2, 1] and pieces[2]["flag"] is True
+
+
+def test_a_recipes_damp_reaches_every_part_that_factors_the_layer_hessian():
+    """The layer-wise modifier's ``damp`` is the relative damping of every part that factors H:
+    the solver and the reconstruction (as one setting did before parts had their own); a
+    setting no part has is refused unless it is the modifier's default."""
+    from test_layerwise import LAYERWISE_RECIPE
+
+    from curvature.recipes import parse_recipe
+
+    text = LAYERWISE_RECIPE.format(method="sparsegpt+reconstruct", mask="2:4") + "    damp: 0.05\n"
+    pipe = parse_recipe(text).modifiers[0].engine_settings()["method"]
+    assert pipe.chooser.rel_damp == 0.05 and pipe.reconstruct.rel_damp == 0.05
+    assert pipe.chooser.batches == 3
+    wanda = LAYERWISE_RECIPE.format(method="wanda", mask="2:4") + "    damp: 0.05\n"
+    with pytest.raises(ValueError, match="method wanda has no setting 'rel_damp'"):
+        parse_recipe(wanda).modifiers[0].engine_settings()

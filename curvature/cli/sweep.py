@@ -103,15 +103,13 @@ class SweepConfig:
     def method_pipelines(self, say: bool = False) -> dict:
         """``{method: pipeline}`` for one-shot points: each method's parts with the sweep's
         settings that they have. A setting given that no method has is refused; one that some
-        methods lack is said once (it does not apply to them)."""
-        import dataclasses
-
+        methods lack is said (``say``) once per method (it does not apply to them)."""
         from curvature.pruning.registry import pipeline
 
         out, used = {}, set()
         for m in self.methods:
             pipe = pipeline(m)
-            have = {f.name for f in dataclasses.fields(pipe.chooser)}
+            have = pipe.settings()
             values = {k: self.setting(k) for k in self.PART_SETTINGS if k in have}
             used |= {k for k in values if getattr(self, k) is not None}
             skipped = [
@@ -120,16 +118,14 @@ class SweepConfig:
             if say and skipped and self.recipe is None:
                 flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
-            out[m] = dataclasses.replace(pipe.chooser, **values), pipe.added
+            out[m] = pipe.with_settings(**values)
         unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
         if unused and self.recipe is None:
             flag = "--" + unused[0].replace("_", "-")
             raise SweepError(
                 f"{flag}: none of --methods ({', '.join(self.methods)}) has this setting"
             )
-        from curvature.pruning.parts import chain
-
-        return {m: chain(c, *added) for m, (c, added) in out.items()}
+        return out
 
     def validate(self) -> None:
         from curvature.tasks.kinds import check_task

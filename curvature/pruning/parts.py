@@ -553,41 +553,39 @@ class Pipeline:
         added = sorted(self.added, key=lambda p: (order.get(p.role, 3), p.label))
         return "+".join([self.chooser.label, *(p.label for p in added)])
 
+    def settings(self) -> tuple[str, ...]:
+        """The names of every part's settings (its dataclass fields), sorted."""
+        return tuple(sorted({name for p in self.parts for name in _setting_names(p)}))
+
     def with_settings(self, **values) -> Pipeline:
         """The same pipeline with settings set by name on every part that has them:
         ``pipeline("sparsegpt+reconstruct").with_settings(rel_damp=0.02, tol=1e-4)``. A name no
         part has is refused with the nearest valid one."""
         import difflib
 
-        new = []
-        used: set[str] = set()
-        for p in self.parts:
-            have = {f.name for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else set()
-            mine = {k: v for k, v in values.items() if k in have}
-            used |= set(mine)
-            new.append(dataclasses.replace(p, **mine) if mine else p)
-        unknown = [k for k in values if k not in used]
+        valid = self.settings()
+        unknown = [k for k in values if k not in valid]
         if unknown:
-            valid = sorted(
-                {
-                    f.name
-                    for p in self.parts
-                    if dataclasses.is_dataclass(p)
-                    for f in dataclasses.fields(p)
-                }
-            )
             near = difflib.get_close_matches(unknown[0], valid, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(
                 f"{unknown[0]}: no part of {self.spec} has this setting{hint}; settings: "
                 f"{', '.join(valid)}"
             )
+        new = []
+        for p in self.parts:
+            mine = {k: v for k, v in values.items() if k in _setting_names(p)}
+            new.append(dataclasses.replace(p, **mine) if mine else p)
         return Pipeline(tuple(new))
 
     def check(self, call) -> None:
         """Every part checks the call's settings and its neighbours (one line on refusal)."""
         for p in self.parts:
             p.check(call, self)
+
+
+def _setting_names(part: Part) -> set[str]:
+    return {f.name for f in dataclasses.fields(part)} if dataclasses.is_dataclass(part) else set()
 
 
 def chain(*parts: Part) -> Pipeline:

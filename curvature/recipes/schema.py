@@ -8,7 +8,6 @@ what this toolkit does instead (:data:`RUNTIME_ONLY_FIELDS`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -74,19 +73,18 @@ def _registered_method(name: str, kind: str) -> str:
 
 
 def _with(pipe: parts.Pipeline, **values) -> parts.Pipeline:
-    """``pipe`` with its chooser's settings set from a recipe's published fields (the one place
-    where ``num_grads``, ``damp`` and friends become the parts' own names). A chooser without
-    such a setting refuses a value other than the recipe's default with one line."""
-    chooser = pipe.chooser
-    have = {f.name for f in dataclasses.fields(chooser)}
-    kept = {k: v for k, (v, _default) in values.items() if k in have}
+    """``pipe`` with the settings of its parts set from a recipe's published fields (the one
+    place where ``num_grads``, ``damp`` and friends become the parts' own names); ``values`` are
+    ``name: (value, the modifier's default)``. A value other than the default for a setting no
+    part has is refused with one line."""
+    have = pipe.settings()
     for k, (v, default) in values.items():
         if k not in have and v != default:
             raise ValueError(
-                f"method {chooser.label} has no setting {k!r}; the recipe's value {v!r} would "
-                "be ignored: remove it or choose a method that reads it"
+                f"method {pipe.spec} has no setting {k!r}; the recipe's value {v!r} would be "
+                "ignored: remove it or choose a method that reads it"
             )
-    return parts.chain(dataclasses.replace(chooser, **kept), *pipe.added)
+    return pipe.with_settings(**{k: v for k, (v, _) in values.items() if k in have})
 
 
 class _Pruning(Modifier):
