@@ -169,3 +169,34 @@ def test_methods_resolve_through_the_registry_everywhere(tmp_path):
         outs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-7)
+
+
+def test_no_function_in_the_package_takes_more_than_8_positional_parameters():
+    """Read from the source (every def in curvature/, nested ones too): at most 8 positional
+    parameters, ``self`` included; the optimizers take ``params`` (or the model) and ``lr``
+    positionally and everything else by keyword, as ``torch.optim`` does."""
+    import ast
+
+    too_many = []
+    for path in sorted((ROOT / "curvature").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = len(node.args.posonlyargs) + len(node.args.args)
+                if n > 8:
+                    too_many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n}")
+    import curvature.optim as optim
+
+    optimizers = {
+        name: [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        for name, cls in inspect.getmembers(optim, inspect.isclass)
+        if issubclass(cls, torch.optim.Optimizer) and cls.__module__.startswith("curvature")
+    }
+    assert not too_many, too_many
+    assert {"AdaHessian", "MFAC", "MKOR", "LAMB", "MuonAdamW"} <= set(optimizers), optimizers
+    for name, args in optimizers.items():
+        if name != "Combined":  # a wrapper of built optimizers: its one argument is the list
+            assert args[2:] == ["lr"] and args[1] in ("params", "model"), (name, args)

@@ -121,6 +121,7 @@ class AdaHessian(Optimizer):
         self,
         params,
         lr: float = 0.15,
+        *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-4,
         weight_decay: float = 0.0,

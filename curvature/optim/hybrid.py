@@ -127,6 +127,7 @@ class MuonAdamW(Combined):
         self,
         model: torch.nn.Module,
         lr: float = 1e-4,
+        *,
         weight_decay: float = 0.01,
         momentum: float = 0.95,
         nesterov: bool = True,

@@ -21,7 +21,7 @@ from curvature.optim._closure import run_closure
 
 
 class LAMB(Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         checks.learning_rate(lr)
         checks.betas(betas)
         checks.nonnegative("eps", eps)

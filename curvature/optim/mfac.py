@@ -68,6 +68,7 @@ class MFAC(Optimizer):
         self,
         params,
         lr: float,
+        *,
         num_grads: int = 1024,
         damp: float = 1e-5,
         momentum: float = 0.0,

@@ -270,19 +270,20 @@ def prepare(
         raise DataError(
             f"--eval-split applies to hub classification data, not to {task} (use --eval-data)"
         )
+    sizes = dict(seed=seed, max_train=max_train, max_eval=max_eval, max_length=max_length)
     if task == "sequence-classification":
         return _prepare_classification(
-            model, data, seed, max_train, max_eval, max_length, eval_batch_size,
-            validation_fraction, eval_split, eval_data,
+            model, data, **sizes, eval_batch_size=eval_batch_size,
+            fraction=validation_fraction, eval_split=eval_split, eval_data=eval_data,
         )  # fmt: skip
     if task == "question-answering":
         return _prepare_qa(
-            model, data, seed, max_train, max_eval, max_length, eval_batch_size, doc_stride,
-            validation_fraction, eval_data,
+            model, data, **sizes, eval_batch_size=eval_batch_size, stride=doc_stride,
+            frac=validation_fraction, eval_data=eval_data,
         )  # fmt: skip
     return _prepare_lm(
-        task, model, data, seed, max_train, max_eval, max_length, eval_batch_size, stride,
-        validation_fraction, eval_data,
+        task, model, data, **sizes, bs=eval_batch_size, stride=stride,
+        frac=validation_fraction, eval_data=eval_data,
     )  # fmt: skip
 
 
@@ -341,6 +342,7 @@ def classification_eval(model, loader, *, progress=False, desc="eval") -> dict:
 def _prepare_classification(
     model,
     data,
+    *,
     seed,
     max_train,
     max_eval,
@@ -430,7 +432,7 @@ def _load_qa_rows(data, seed, fraction, eval_data=None):
 
 
 def _prepare_qa(
-    model, data, seed, max_train, max_eval, max_length, eval_batch_size, stride, frac, eval_data
+    model, data, *, seed, max_train, max_eval, max_length, eval_batch_size, stride, frac, eval_data
 ):
     from datasets import Dataset
     from transformers import default_data_collator
@@ -485,7 +487,7 @@ def _prepare_qa(
 
 
 def _prepare_lm(
-    task, model, data, seed, max_train, max_eval, max_length, bs, stride, frac, eval_data
+    task, model, data, *, seed, max_train, max_eval, max_length, bs, stride, frac, eval_data
 ):
     from transformers import DataCollatorForLanguageModeling
 
