@@ -56,12 +56,12 @@ def backend(*tensors: torch.Tensor, supported: bool = True) -> str:
     return "triton" if all(t.is_cuda for t in tensors) else "torch"
 
 
-def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
-    """In place: block inverses ``[n, B, B]`` gain the gradients ``[k, n, B]`` (``F = damp I + GG^T/m``)."""
+def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, gradients: float) -> None:
+    """In place: block inverses ``[n, B, B]`` gain the gradients ``[k, n, B]`` (``F = damping I + GG^T/m``)."""
     if backend(blocks, grads, supported=_woodbury.supported(blocks, grads)) == "triton":
-        _woodbury.launch(blocks, grads, num_grads)
+        _woodbury.launch(blocks, grads, gradients)
     else:
-        _woodbury.reference(blocks, grads, num_grads)
+        _woodbury.reference(blocks, grads, gradients)
 
 
 def obs_scores(

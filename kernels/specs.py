@@ -61,7 +61,7 @@ def _woodbury() -> list[Spec]:
                 ("k", "i32"),
                 ("bsz", "i32"),
                 ("g_stride_k", "i64"),
-                ("num_grads", "fp32"),
+                ("gradients", "fp32"),
             )
             specs.append(
                 Spec("woodbury._woodbury_kernel", fn, sig, tuple(cfg.items()), warps, f"B {sizes}")

@@ -1,7 +1,7 @@
 r"""Batched block Woodbury update of damped empirical-Fisher block inverses.
 
 For ``n`` blocks of size ``B`` with inverses ``F_b^{-1}`` and ``k`` gradients ``g_{j,b}``, the
-Fisher ``F_b = damp I + (1/m) sum_j g_{j,b} g_{j,b}^T`` gains the ``k`` rank-1 terms:
+Fisher ``F_b = damping I + (1/m) sum_j g_{j,b} g_{j,b}^T`` gains the ``k`` rank-1 terms:
 
 .. math::  F^{-1} \leftarrow F^{-1} - F^{-1} G^\top (m I_k + G F^{-1} G^\top)^{-1} G F^{-1}
 
@@ -32,12 +32,12 @@ _CHUNK_ELEMENTS = 1 << 24  # float64 elements of blocks processed at once by the
 MAX_BLOCK = 64  # the largest block the kernel holds in registers without spilling (sm_80, sm_90)
 
 
-def reference(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
+def reference(blocks: torch.Tensor, grads: torch.Tensor, gradients: float) -> None:
     """In place: ``blocks [n, B, B]`` inverses gain the gradients ``grads [k, n, B]`` (rank-k form)."""
     n, bsz, _ = blocks.shape
     k = grads.shape[0]
     step = max(1, _CHUNK_ELEMENTS // (bsz * bsz))
-    eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=blocks.device) * num_grads
+    eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=blocks.device) * gradients
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
         finv = blocks[sl].to(COMPUTE_DTYPE)  # a view when the storage is already float64
@@ -53,7 +53,7 @@ def reference(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> No
 
 
 @jit
-def _woodbury_kernel(f_ptr, g_ptr, k, bsz, g_stride_k, num_grads, BP: tl.constexpr):
+def _woodbury_kernel(f_ptr, g_ptr, k, bsz, g_stride_k, gradients, BP: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BP)
     mr = r < bsz
@@ -64,7 +64,7 @@ def _woodbury_kernel(f_ptr, g_ptr, k, bsz, g_stride_k, num_grads, BP: tl.constex
     for j in range(k):  # j * n * B passes 2^31 at BERT sizes: 64-bit offsets
         g = tl.load(g_base + offset64(j, g_stride_k), mask=mr, other=0.0).to(tl.float64)
         u = tl.sum(f * g[None, :], axis=1)  # F^-1 g (F^-1 is symmetric)
-        denom = num_grads + tl.sum(g * u, axis=0)
+        denom = gradients + tl.sum(g * u, axis=0)
         f = f - (u[:, None] * u[None, :]) / denom
     tl.store(fptrs, f.to(f_ptr.dtype.element_ty), mask=fmask)
 
@@ -75,7 +75,7 @@ def config(bsz: int) -> dict:
     return {"BP": bp, "num_warps": 16 if bp >= 64 else (8 if bp >= 32 else 4)}
 
 
-def launch(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
+def launch(blocks: torch.Tensor, grads: torch.Tensor, gradients: float) -> None:
     """Triton launcher: one program per block, the block held on chip for all ``k`` gradients."""
     n, bsz, _ = blocks.shape
     k = grads.shape[0]
@@ -85,7 +85,7 @@ def launch(blocks: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
         raise ValueError(f"the Woodbury kernel takes blocks up to {MAX_BLOCK}, got {bsz}")
     grads = grads.contiguous()
     cfg = config(bsz)
-    _woodbury_kernel[(n,)](blocks, grads, k, bsz, n * bsz, float(num_grads), **cfg)
+    _woodbury_kernel[(n,)](blocks, grads, k, bsz, n * bsz, float(gradients), **cfg)
 
 
 def supported(blocks: torch.Tensor, grads: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ def timed(fn, repeat=3):
 def bench_fisher(d, m, block, k, algorithm, bw):
     reset_peak_memory()
     base = peak_memory_bytes() or 0
-    f = FisherInverse(d, num_grads=m, damp=1e-7, block_size=block, algorithm=algorithm)
+    f = FisherInverse(d, gradients=m, damping=1e-7, block_size=block, algorithm=algorithm)
     g = torch.randn(k, d)
     # fill to m - k gradients first so the timed batch sees a full-size state
     filled = 0
@@ -47,7 +47,7 @@ def bench_fisher(d, m, block, k, algorithm, bw):
     t_add = time.perf_counter() - t0
     x = torch.randn(d)
     t_mul = timed(lambda: f.mul(x))
-    stored = FisherInverse.estimate_bytes(d, num_grads=m, block_size=block, algorithm=algorithm)
+    stored = FisherInverse.estimate_bytes(d, gradients=m, block_size=block, algorithm=algorithm)
     if algorithm == "woodbury":
         add_bytes, mul_bytes = 2 * stored, stored
     else:
@@ -81,7 +81,7 @@ def main():
                 alg = "mfac" if block is None else "woodbury"
                 k = min(16, m)
                 stored = FisherInverse.estimate_bytes(
-                    d, num_grads=m, block_size=block, algorithm=alg
+                    d, gradients=m, block_size=block, algorithm=alg
                 )
                 if stored > args.max_gib * 2**30 or (block is not None and block > d):
                     continue
@@ -98,7 +98,7 @@ def main():
     print(f"{'d':>10} {'m':>5} {'add ms':>9} {'mul ms':>8} {'mul GB/s':>9} {'of copy':>8}")
     for d in ds[:2]:
         for m in ms:
-            s = SlidingWindowFisherInverse(d, window=m, damp=1e-6)
+            s = SlidingWindowFisherInverse(d, window=m, damping=1e-6)
             g = torch.randn(m, d)
             s.add_grad(g)
             t_add = timed(lambda s=s, g=g: s.add_grad(g[0]))

@@ -58,7 +58,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
     name, _, extra = row.partition(":")
     extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
 
-    from curvature.cli.train import DEFAULTS
+    from curvature.optim.registry import get as optimizer_row
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
     from curvature.optim import build_optimizer, needs_create_graph
 
@@ -76,10 +76,10 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
         def loss_fn():
             return torch.nn.functional.cross_entropy(model(x), y)
 
-        lr, kwargs = DEFAULTS[name]
+        lr, kwargs = optimizer_row(name).lr, dict(optimizer_row(name).defaults)
         kwargs = {k: v for k, v in kwargs.items() if k != "exclude"}
         if name == "mfac":
-            kwargs["num_grads"] = 64
+            kwargs["gradients"] = 64
         kwargs = kwargs | {k: int(v) for k, v in extra.items()}
     else:
         from curvature.tasks.models import load_classifier
@@ -92,7 +92,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
         def loss_fn():
             return model(**batch, labels=labels).loss
 
-        lr, kwargs = DEFAULTS[name]
+        lr, kwargs = optimizer_row(name).lr, dict(optimizer_row(name).defaults)
         kwargs = kwargs | {k: int(v) for k, v in extra.items()}
     opt = build_optimizer(name, model, lr=lr, **kwargs)
     reset_peak_memory()
@@ -108,7 +108,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
 
     # warm-up: allocate state, first factor updates; M-FAC until its window is full (the steady
     # state: every row of the window is read on every step)
-    for _ in range(kwargs.get("num_grads", 0) + 2 if name == "mfac" else 2):
+    for _ in range(kwargs.get("gradients", 0) + 2 if name == "mfac" else 2):
         one_step()
     times = []
     for _ in range(steps):
@@ -172,7 +172,7 @@ def part_compare(
     / 3, default, default x 3; while the best is at an end of the grid, one more step beyond it,
     at most :data:`EXTEND` times), then run the other seeds at the best one. With ``lr_from``
     (another setup's results), take each optimizer's learning rate chosen there instead."""
-    from curvature.cli.defaults import DEFAULTS
+    from curvature.optim.registry import get as optimizer_row
 
     chosen = {}
     if lr_from:
@@ -204,7 +204,7 @@ def part_compare(
                     run(name, s, chosen[name])
         return out
     for name in names:
-        d = DEFAULTS[name][0]
+        d = optimizer_row(name).lr
         grid = [d / 3, d, d * 3]
         probes = {lr: run(name, seeds[0], lr) for lr in grid}
         for _ in range(EXTEND):
@@ -468,7 +468,7 @@ def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
                     torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
                     torch.nn.Tanh(), torch.nn.Linear(64, 4),
                 ).double()  # fmt: skip
-                opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=1e-4,
+                opt = MFAC(model.parameters(), lr=lr, gradients=m, damping=1e-4,
                            fisher_dtype=torch.float64, warmup=warmup)  # fmt: skip
                 curve = []
                 for _ in range(steps):
@@ -517,7 +517,7 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
         x = torch.randn(d)
         base = timed(lambda g32=g32, x=x: g32 @ x)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            f = SlidingWindowFisherInverse(d, window=m, damp=1e-5, dtype=dtype, normalizer="window")
+            f = SlidingWindowFisherInverse(d, window=m, damping=1e-5, dtype=dtype, normalizer="window")
             f.add_grad(g32)
             before = f.refactors
             t_mul = timed(lambda f=f, x=x: f.mul(x))
@@ -558,7 +558,7 @@ def part_tiny_bert() -> list[str]:
     runs = [("adamw", 1e-2, {}), ("adahessian", 0.2, {})]
     runs += [("sgd", lr, {}) for lr in (0.01, 0.1, 1.0)]
     runs += [
-        ("mfac", lr, {"num_grads": m, "damp": d})
+        ("mfac", lr, {"gradients": m, "damping": d})
         for lr in (0.01, 0.1, 1.0)
         for d in (1e-3, 1e-1)
         for m in (4, 16)

@@ -73,7 +73,7 @@ def one_step(model, data, loss_fn, targets, how, grads=None):
     fixed = {t.name: torch.zeros(t.num_blocks, t.block, dtype=torch.bool) for t in targets}
     if grads is None:
         grads = stages.collect_gradients(
-            model, data, loss_fn, targets, num_grads=curvature.gradients, progress=True
+            model, data, loss_fn, targets, gradients=curvature.gradients, progress=True
         )
     curv = sw.run("gradients + Fisher", lambda: curvature.build(targets, grads, settings))
     scored = sw.run(
@@ -112,7 +112,7 @@ def table(title, rows, plan, scale=1):
         )
 
 
-def minilm(num_grads=64, max_train=512):
+def minilm(gradients=64, max_train=512):
     from curvature.integrations.hf import model_loss
     from curvature.tasks.data import load_task, tokenize
     from curvature.tasks.models import load_classifier
@@ -131,17 +131,17 @@ def minilm(num_grads=64, max_train=512):
 
 
 def part_stages(args):
-    model, loader, loss, _, _ = minilm(args.num_grads)
+    model, loader, loss, _, _ = minilm(args.gradients)
     named = select_params(model, ["re:.*encoder.*(query|key|value|dense)\\.weight"])
     for dtype in (torch.float32, torch.float64):
         targets = [Target(n, p, args.block) for n, p in named]
         settings = PruneSettings(0.7)
-        fisher = EmpiricalFisher(gradients=args.num_grads, dtype=dtype)
+        fisher = EmpiricalFisher(gradients=args.gradients, dtype=dtype)
         rows, plan = one_step(model, loader, loss, targets, (settings, fisher, GreedyOBS()))
         total = sum(t.numel for t in targets)
         table(
-            f"MiniLM, {len(targets)} weight matrices, {total / 1e6:.1f}M weights, num_grads "
-            f"{args.num_grads}, block {args.block}, greedy, Fisher {dtype}",
+            f"MiniLM, {len(targets)} weight matrices, {total / 1e6:.1f}M weights, gradients "
+            f"{args.gradients}, block {args.block}, greedy, Fisher {dtype}",
             rows, plan,
         )  # fmt: skip
 
@@ -154,19 +154,19 @@ def part_bert_base(args):
     gen = torch.Generator().manual_seed(0)
 
     def grads():
-        for _ in range(math.ceil(args.num_grads / 16)):
+        for _ in range(math.ceil(args.gradients / 16)):
             yield {t.name: torch.randn(16, t.numel, generator=gen) * 1e-3 for t in targets}
 
     settings = PruneSettings(0.7)
-    fisher = EmpiricalFisher(gradients=args.num_grads, dtype=torch.float32)
+    fisher = EmpiricalFisher(gradients=args.gradients, dtype=torch.float32)
     model = torch.nn.Module()
     for n, p in zip(names, params):
         model.register_parameter(n.replace(".", "_"), p)
     for solver in (IndependentOBS(), GreedyOBS()):
         rows, plan = one_step(model, None, None, targets, (settings, fisher, solver), grads=grads())
         table(
-            f"BERT-base, one encoder layer (7.1M weights), synthetic gradients, num_grads "
-            f"{args.num_grads}, block {args.block}, {solver.name}, Fisher float32",
+            f"BERT-base, one encoder layer (7.1M weights), synthetic gradients, gradients "
+            f"{args.gradients}, block {args.block}, {solver.name}, Fisher float32",
             rows, plan,
         )  # fmt: skip
         table(f"BERT-base encoder (x12, extrapolated), {solver.name}", rows, plan, scale=12)
@@ -208,7 +208,7 @@ def part_dtype(args):
     from curvature.pruning import prune
     from curvature.tasks.kinds import classification_eval
 
-    model, loader, loss, enc, collator = minilm(args.num_grads)
+    model, loader, loss, enc, collator = minilm(args.gradients)
     eval_loader = torch.utils.data.DataLoader(enc["validation"], batch_size=64, collate_fn=collator)
     # fine-tune the classifier first (2 epochs of the 512 training articles): pruning a model
     # that has not learnt the task says nothing about accuracy
@@ -234,7 +234,7 @@ def part_dtype(args):
         out = {}
         for dtype in (torch.float64, torch.float32):
             model.load_state_dict(state)
-            r = prune(model, loader, loss_fn=loss, sparsity=s, params=params, progress=True, method=parts.OBS(gradients=args.num_grads, block_size=args.block, dtype=dtype))  # fmt: skip
+            r = prune(model, loader, loss_fn=loss, sparsity=s, params=params, progress=True, method=parts.OBS(gradients=args.gradients, block_size=args.block, dtype=dtype))  # fmt: skip
             acc = classification_eval(model, eval_loader)["accuracy"]
             out[dtype] = (
                 r.masks.state_dict(),
@@ -426,7 +426,7 @@ def main():
         choices=["stages", "bert-base", "allocation", "dtype", "layerwise", "reconstruct"],
         required=True,
     )
-    ap.add_argument("--num-grads", type=int, default=64)
+    ap.add_argument("--gradients", type=int, default=64)
     ap.add_argument("--block", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -414,9 +414,9 @@ def _make(kind, model):
     if kind == "mfac-sharded":
         shard = dist.is_initialized()
         return MFAC(
-            model.parameters(), lr=0.05, num_grads=4, damp=0.1, fisher_dtype=F64, shard_window=shard
+            model.parameters(), lr=0.05, gradients=4, damping=0.1, fisher_dtype=F64, shard_window=shard
         )
-    return MFAC(model.parameters(), lr=0.05, num_grads=4, damp=0.1, fisher_dtype=F64)
+    return MFAC(model.parameters(), lr=0.05, gradients=4, damping=0.1, fisher_dtype=F64)
 
 
 def _train(kind, model, opt, x, y, steps=4):
@@ -650,7 +650,7 @@ def _opt_edge_worker(rank, world, out):
         opt.step()
     results["adahessian"] = [p.detach().clone() for p in params]
     # a sharded window over fewer coordinates than ranks, 16-bit storage
-    f = SlidingWindowFisherInverse(1, window=3, damp=0.1, dtype=torch.bfloat16, shard=True)
+    f = SlidingWindowFisherInverse(1, window=3, damping=0.1, dtype=torch.bfloat16, shard=True)
     results["window"] = [f.add_and_mul(torch.tensor([float(i + 1)])) for i in range(4)]
     torch.save(results, f"{out}/rank{rank}.pt")
 
@@ -666,6 +666,6 @@ def test_optimizer_edge_cases_across_processes(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(ranks[0]["adahessian"], ranks[1]["adahessian"]):
         assert torch.equal(a, b)  # replicas agree despite dtypes and an unused layer
-    f = SlidingWindowFisherInverse(1, window=3, damp=0.1, dtype=torch.bfloat16)
+    f = SlidingWindowFisherInverse(1, window=3, damping=0.1, dtype=torch.bfloat16)
     for i, got in enumerate(ranks[1]["window"]):  # rank 1 holds no column of the window
         torch.testing.assert_close(got, f.add_and_mul(torch.tensor([float(i + 1)])))

@@ -8,12 +8,12 @@ from curvature.core.fisher import choose_algorithm
 ALGS = ["woodbury", "mfac"]
 
 
-def build(grads, damp, block_size, algorithm, num_grads=None, chunk=3, dtype=None):
-    m = num_grads or grads.shape[0]
+def build(grads, damp, block_size, algorithm, gradients=None, chunk=3, dtype=None):
+    m = gradients or grads.shape[0]
     f = FisherInverse(
         grads.shape[1],
-        num_grads=m,
-        damp=damp,
+        gradients=m,
+        damping=damp,
         block_size=block_size,
         algorithm=algorithm,
         dtype=dtype,
@@ -94,7 +94,7 @@ def test_float32_gradients_accepted():
 @pytest.mark.parametrize("algorithm", ALGS)
 def test_partial_fill_uses_declared_num_grads(algorithm):
     grads = make_grads(4, 10, seed=5)
-    f = build(grads, 1e-2, None, algorithm, num_grads=16)
+    f = build(grads, 1e-2, None, algorithm, gradients=16)
     ref = fisher_inverse(grads, 1e-2, 16, None)
     assert rel_err(f.diag(), ref.diagonal()) < 1e-11
 
@@ -106,28 +106,28 @@ def test_algorithms_agree_and_auto_choice():
     a = build(grads, 1e-4, 10, "woodbury")
     b = build(grads, 1e-4, 10, "mfac")
     assert rel_err(a.diag(), b.diag()) < 1e-10
-    assert FisherInverse(100, num_grads=8, damp=1.0).algorithm == "mfac"
-    assert FisherInverse(100, num_grads=8, damp=1.0, block_size=4).algorithm == "woodbury"
+    assert FisherInverse(100, gradients=8, damping=1.0).algorithm == "mfac"
+    assert FisherInverse(100, gradients=8, damping=1.0, block_size=4).algorithm == "woodbury"
 
 
 def test_estimate_bytes_matches_allocation():
-    f = FisherInverse(101, num_grads=4, damp=1.0, block_size=10, algorithm="woodbury")
-    est = FisherInverse.estimate_bytes(101, num_grads=4, block_size=10, algorithm="woodbury")
+    f = FisherInverse(101, gradients=4, damping=1.0, block_size=10, algorithm="woodbury")
+    est = FisherInverse.estimate_bytes(101, gradients=4, block_size=10, algorithm="woodbury")
     assert est == f._blocks.nbytes
-    est = FisherInverse.estimate_bytes(101, num_grads=4, block_size=None, algorithm="mfac")
+    est = FisherInverse.estimate_bytes(101, gradients=4, block_size=None, algorithm="mfac")
     assert est == 101 * 4 * 8
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(num_params=0, num_grads=4, damp=1.0), "num_params must be a positive integer"),
-        (dict(num_params=5, num_grads=0, damp=1.0), "num_grads must be a positive integer"),
-        (dict(num_params=5, num_grads=4, damp=0.0), "damp must be > 0"),
-        (dict(num_params=5, num_grads=4, damp=-1e-3), "damp must be > 0"),
-        (dict(num_params=5, num_grads=4, damp=float("nan")), "damp must be a positive finite"),
-        (dict(num_params=5, num_grads=4, damp=1.0, block_size=0), "block_size must be a positive"),
-        (dict(num_params=5, num_grads=4, damp=1.0, algorithm="lu"), "algorithm must be one of"),
+        (dict(num_params=0, gradients=4, damping=1.0), "num_params must be a positive integer"),
+        (dict(num_params=5, gradients=0, damping=1.0), "gradients must be a positive integer"),
+        (dict(num_params=5, gradients=4, damping=0.0), "damping must be > 0"),
+        (dict(num_params=5, gradients=4, damping=-1e-3), "damping must be > 0"),
+        (dict(num_params=5, gradients=4, damping=float("nan")), "damping must be a positive finite"),
+        (dict(num_params=5, gradients=4, damping=1.0, block_size=0), "block_size must be a positive"),
+        (dict(num_params=5, gradients=4, damping=1.0, algorithm="lu"), "algorithm must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -139,7 +139,7 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("algorithm", ALGS)
 def test_bad_gradients_rejected_without_poisoning(algorithm):
     grads = make_grads(4, 9, seed=7)
-    f = build(grads[:2], 1e-3, 4, algorithm, num_grads=4)
+    f = build(grads[:2], 1e-3, 4, algorithm, gradients=4)
     before = f.blocks().clone()
     with pytest.raises(ValueError, match="g has length 8, expected 9"):
         f.add_grad(torch.zeros(8))
@@ -153,7 +153,7 @@ def test_bad_gradients_rejected_without_poisoning(algorithm):
         f.add_grad(inf)
     assert torch.equal(f.blocks(), before) and f.num_seen == 2
     f.add_grad(grads[2:4])
-    with pytest.raises(ValueError, match="more than num_grads=4"):
+    with pytest.raises(ValueError, match="more than gradients=4"):
         f.add_grad(grads[0])
     ref = fisher_inverse(grads, 1e-3, 4, 4)
     assert rel_err(f.diag(), ref.diagonal()) < 1e-11

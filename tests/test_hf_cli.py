@@ -317,7 +317,7 @@ def test_recipe_selects_second_order_optimizer_and_masks_hold(assets, tmp_path, 
         # damp 1e-3/1e-1, window 4/16), nor does SGD with momentum at lr 0.01-1, while AdamW and
         # AdaHessian do: `python scripts/bench_optim.py --part tiny-bert` (README); here it must
         # run, evaluate and save like the others
-        ("mfac", ["--opt", "num_grads=4", "--opt", "damp=1e-3"], False),
+        ("mfac", ["--opt", "gradients=4", "--opt", "damping=1e-3"], False),
     ],
 )
 def test_train_cli_learns_and_saves(assets, tmp_path, capsys, optimizer, extra, learns):
@@ -364,7 +364,7 @@ def test_command_line_values_are_yaml():
     from curvature.cli.main import _overrides
     from curvature.optim import build_optimizer
 
-    kw = _overrides(["hybrid=false", "exclude=[classifier, pooler]", "damp=1e-4", "inv_freq=2"])
+    kw = _overrides(["hybrid=false", "exclude=[classifier, pooler]", "damping=1e-4", "inv_freq=2"])
     assert kw == {"hybrid": False, "exclude": ["classifier", "pooler"], "damp": 1e-4, "inv_freq": 2}
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     opt = build_optimizer("mkor", model, lr=0.1, **kw)

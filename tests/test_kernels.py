@@ -470,9 +470,9 @@ def test_forced_triton_path_through_the_core(monkeypatch):
     results = {}
     for mode in ("torch", "triton"):
         monkeypatch.setenv("CURVATURE_KERNELS", mode)
-        f = FisherInverse(23, num_grads=6, damp=1e-3, block_size=5, algorithm="woodbury")
+        f = FisherInverse(23, gradients=6, damping=1e-3, block_size=5, algorithm="woodbury")
         f.add_grad(grads)
-        k = KroneckerFactorInverse(7, decay=0.8, damp=1.0)
+        k = KroneckerFactorInverse(7, decay=0.8, damping=1.0)
         k.update(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)))
         w = torch.randn(5, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
         h = f.blocks().to(F64)

@@ -38,7 +38,7 @@ def test_prune_says_when_batches_are_cycled():
     with pytest.warns(UserWarning, match="data has 3 batches but gradients=8") as rec:
         report = prune(model, batches, loss_fn=_loss, sparsity=0.5, params=["0.weight", "3.weight"], progress=False, method=parts.OBS(gradients=8, block_size=4))  # fmt: skip
     assert len([w for w in rec if "gradients=" in str(w.message)]) == 1  # once, not per step
-    assert report.distinct_batches == 3 and report.num_grads == 8
+    assert report.distinct_batches == 3 and report.gradients == 8
     assert report.to_dict()["distinct_batches"] == 3
     model, batches = _mlp_problem(8)
     with warnings.catch_warnings():
@@ -175,7 +175,7 @@ def test_train_says_its_defaults(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "adamw lr 0.0001" in help_text and "mfac lr 0.03, num_grads=16" in help_text
+    assert "adamw lr 0.0001" in help_text and "mfac lr 0.03, gradients=16" in help_text
     assert "training batch (default 16)" in help_text and "(default 128)" in help_text
     model_dir, data = assets
     out = tmp_path / "t"

@@ -31,7 +31,7 @@ def mlp_data(seed=0, n=64, dtype=torch.float32):
 def make(name, model, **kw):
     defaults = {
         "adahessian": dict(lr=0.1),
-        "mfac": dict(lr=3e-2, num_grads=8, damp=1e-2),
+        "mfac": dict(lr=3e-2, gradients=8, damping=1e-2),
         "mkor": dict(lr=0.1, inv_freq=2),
         "mkor-h": dict(lr=0.1, inv_freq=2),
         "lamb": dict(lr=1e-2),
@@ -202,7 +202,7 @@ def test_adahessian_converges_on_test_functions(fn, start, target, kw):
 def test_mfac_converges_on_test_functions(fn, start, target):
     p = torch.nn.Parameter(torch.tensor(start, dtype=F64))
     # momentum is an average (b = mu b + (1 - mu) u): 10x the rate of a heavy-ball sum
-    opt = MFAC([p], lr=2e-2, num_grads=4, damp=1e-3, momentum=0.9, fisher_dtype=F64)
+    opt = MFAC([p], lr=2e-2, gradients=4, damping=1e-3, momentum=0.9, fisher_dtype=F64)
     best = float("inf")
     for _ in range(4000):
         opt.zero_grad()
@@ -224,7 +224,7 @@ def test_mfac_direction_equals_dense_damped_fisher_solve():
     x, y = mlp_data(dtype=F64)
     model = mlp(dtype=F64)
     lr, damp, m = 0.1, 1e-3, 5
-    opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp, fisher_dtype=F64)
+    opt = MFAC(model.parameters(), lr=lr, gradients=m, damping=damp, fisher_dtype=F64)
     history = []
     for step in range(8):
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -249,8 +249,8 @@ def test_mfac_with_huge_damping_is_scaled_sgd():
     oa = MFAC(
         a.parameters(),
         lr=0.1 * damp,
-        num_grads=4,
-        damp=damp,
+        gradients=4,
+        damping=damp,
         momentum=0.9,
         weight_decay=1e-3,
         fisher_dtype=F64,
@@ -271,7 +271,7 @@ def test_mkor_factor_inverses_equal_dense_inverses():
     model = mlp(dtype=F64)
     decay, damp = 0.9, 0.5
     opt = MKOR(
-        model, lr=0.01, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12,
+        model, lr=0.01, decay=decay, damping=damp, inv_freq=1, stability_threshold=1e12,
         factor_update="factor",
     )  # fmt: skip
     layer = opt.layers[0]
@@ -302,7 +302,7 @@ def test_mkor_conv2d_factors_and_preconditioned_gradient():
     )
     decay, damp = 0.8, 0.3
     opt = MKOR(
-        model, lr=0.0, decay=decay, damp=damp, inv_freq=1, stability_threshold=1e12,
+        model, lr=0.0, decay=decay, damping=damp, inv_freq=1, stability_threshold=1e12,
         factor_update="factor",
     )  # fmt: skip
     layer = opt.layers[0]
@@ -344,7 +344,7 @@ def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
     monkeypatch.setattr(KroneckerFactorInverse, "update_many", staticmethod(lambda f, v: None))
     x, y = mlp_data()
     a, b = mlp(), mlp()
-    oa = MKOR(a, lr=0.05, base_optimizer=base, damp=1.0)
+    oa = MKOR(a, lr=0.05, base_optimizer=base, damping=1.0)
     ob = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
         "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.0),
@@ -358,7 +358,7 @@ def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
 
 def test_mkor_stabiliser_blends_not_resets():
     model = mlp()
-    opt = MKOR(model, lr=0.01, damp=1.0, decay=0.5, stability_threshold=10.0, stability_blend=0.5)
+    opt = MKOR(model, lr=0.01, damping=1.0, decay=0.5, stability_threshold=10.0, stability_blend=0.5)
     f = opt.layers[1].right
     f.inverse = torch.diag(torch.tensor([100.0, 1.0, 1.0], dtype=F64))  # blew up in one direction
     opt._stabilise(f)
@@ -504,8 +504,8 @@ def test_param_groups_dtype_and_no_state_growth(name):
         (lambda ps: AdaHessian(ps, update_each=0), "update_each must be an integer >= 1"),
         (lambda ps: AdaHessian(ps, distribution="uniform"), "distribution must be one of"),
         (lambda ps: AdaHessian(ps, lr=-1), "lr must be a finite number >= 0"),
-        (lambda ps: MFAC(ps, lr=0.1, damp=0), "damp must be > 0"),
-        (lambda ps: MFAC(ps, lr=0.1, num_grads=0), "num_grads must be an integer >= 1"),
+        (lambda ps: MFAC(ps, lr=0.1, damping=0), "damping must be > 0"),
+        (lambda ps: MFAC(ps, lr=0.1, gradients=0), "gradients must be an integer >= 1"),
         (lambda ps: MFAC(ps, lr=0.1, momentum=1.0), r"momentum must be in \[0, 1\)"),
         (lambda ps: LAMB(ps, betas=(0.9,)), "betas must be a pair"),
     ],
@@ -525,8 +525,8 @@ def test_build_optimizer_errors():
 
 def test_mfac_refuses_a_window_that_cannot_fit():
     big = torch.nn.Parameter(torch.zeros(1_000_000))
-    with pytest.raises(MemoryError, match="lower num_grads"):
-        MFAC([big], lr=1e-3, num_grads=10**7)  # 40 TB of window
+    with pytest.raises(MemoryError, match="lower gradients"):
+        MFAC([big], lr=1e-3, gradients=10**7)  # 40 TB of window
 
 
 def test_mkor_releases_its_hooks_on_close_exit_and_garbage_collection():

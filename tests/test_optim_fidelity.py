@@ -187,7 +187,7 @@ def mfac_reference(kind, steps, lr, m, damp, mu, wd):
 def mfac_ours(kind, steps, lr, m, damp, mu, wd, **extra):
     return run_ours(
         kind, steps,
-        lambda model: MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp, momentum=mu,
+        lambda model: MFAC(model.parameters(), lr=lr, gradients=m, damping=damp, momentum=mu,
                            weight_decay=wd, fisher_dtype=torch.float64, **extra),
     )  # fmt: skip
 

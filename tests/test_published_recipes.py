@@ -159,7 +159,7 @@ def test_mfac_study_recipe_runs_unchanged(path):
     if isinstance(pruner, MFACPruningModifier):
         # the published M-FAC method: independent OBS scores and corrections, M-FAC inverse
         assert all(h["selection"] == "independent" for h in manager.history)
-        assert all(h["num_grads"] == pruner.grads_at(0.0) for h in manager.history[:1])
+        assert all(h["gradients"] == pruner.grads_at(0.0) for h in manager.history[:1])
         assert all(
             h["estimated_loss_increase"] > 0 for h in manager.history if h["target_sparsity"]
         )
@@ -201,6 +201,6 @@ def test_published_obert_recipe_runs_unchanged_on_a_tiny_bert():
             loss(model, batches[epoch % 4]).backward()
             opt.step()
     assert [h["epoch"] for h in manager.history] == [2, 6, 10, 14, 18, 22, 26]
-    assert [h["num_grads"] for h in manager.history] == [1024] * 7
+    assert [h["gradients"] for h in manager.history] == [1024] * 7
     assert manager.history[0]["target_sparsity"] == pytest.approx(0.7)
     assert manager.sparsity() == pytest.approx(0.8, abs=1e-3)

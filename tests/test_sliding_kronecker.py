@@ -10,7 +10,7 @@ from curvature import KroneckerFactorInverse, SlidingWindowFisherInverse
 def test_sliding_window_matches_dense(window, total):
     d = 11
     grads = make_grads(total, d, seed=total)
-    f = SlidingWindowFisherInverse(d, window=window, damp=1e-3, dtype=F64)
+    f = SlidingWindowFisherInverse(d, window=window, damping=1e-3, dtype=F64)
     x = torch.randn(2, d, dtype=F64)
     for i in range(total):
         f.add_grad(grads[i])
@@ -22,7 +22,7 @@ def test_sliding_window_matches_dense(window, total):
 
 
 def test_sliding_batch_add_and_before_any_gradient():
-    f = SlidingWindowFisherInverse(5, window=3, damp=0.5)
+    f = SlidingWindowFisherInverse(5, window=3, damping=0.5)
     x = torch.randn(5)
     assert torch.allclose(f.mul(x), x / 0.5)
     g = make_grads(5, 5, seed=1).float()
@@ -35,7 +35,7 @@ def test_sliding_batch_add_and_before_any_gradient():
 def test_sliding_hard_cases(scale, damp, rank):
     d, window = 40, 8
     grads = make_grads(12, d, scale=scale, rank=rank, seed=3)
-    f = SlidingWindowFisherInverse(d, window=window, damp=damp, dtype=F64)
+    f = SlidingWindowFisherInverse(d, window=window, damping=damp, dtype=F64)
     f.add_grad(grads)
     last = grads[-window:]
     ref = fisher_inverse(last, damp, window)
@@ -55,10 +55,10 @@ def test_sliding_incremental_updates_match_dense_over_many_windows(normalizer):
     d, window, total = 30, 6, 30
     grads = make_grads(total, d, seed=5)
     f = SlidingWindowFisherInverse(
-        d, window=window, damp=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
+        d, window=window, damping=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
     )
     twin = SlidingWindowFisherInverse(
-        d, window=window, damp=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
+        d, window=window, damping=1e-3, dtype=F64, normalizer=normalizer, refresh_every=100
     )
     for i in range(total):
         u = f.add_and_mul(grads[i])
@@ -80,7 +80,7 @@ def test_sliding_float32_window_accuracy():
     float64; the result is as accurate as float32 storage of the gradients allows."""
     d, window = 5000, 16
     grads = make_grads(40, d, seed=7).float()
-    f = SlidingWindowFisherInverse(d, window=window, damp=1e-4, normalizer="window")
+    f = SlidingWindowFisherInverse(d, window=window, damping=1e-4, normalizer="window")
     for g in grads:
         u = f.add_and_mul(g)
     last = grads[-window:].double()
@@ -104,8 +104,8 @@ def test_sliding_float32_nearly_parallel_large_gradients_stay_definite():
     grads = base + 1e-4 * torch.randn(40, d, generator=gen, dtype=F64)
     grads = 1e3 * grads / grads.norm(dim=1, keepdim=True)
     x = torch.randn(d, dtype=F64)
-    f32 = SlidingWindowFisherInverse(d, window=window, damp=1e-8, normalizer="window")
-    f64 = SlidingWindowFisherInverse(d, window=window, damp=1e-8, normalizer="window", dtype=F64)
+    f32 = SlidingWindowFisherInverse(d, window=window, damping=1e-8, normalizer="window")
+    f64 = SlidingWindowFisherInverse(d, window=window, damping=1e-8, normalizer="window", dtype=F64)
     for g in grads:
         assert torch.isfinite(f32.add_and_mul(g.float())).all()
         f64.add_grad(g)
@@ -118,7 +118,7 @@ def test_sliding_float32_nearly_parallel_large_gradients_stay_definite():
 
 
 def test_sliding_rejects_bad_input_without_poisoning():
-    f = SlidingWindowFisherInverse(4, window=2, damp=1e-2)
+    f = SlidingWindowFisherInverse(4, window=2, damping=1e-2)
     f.add_grad(torch.ones(4))
     state = (f.grads.clone(), f.gram.clone(), f.num_seen)
     with pytest.raises(ValueError, match="g has length 3, expected 4"):
@@ -128,9 +128,9 @@ def test_sliding_rejects_bad_input_without_poisoning():
     assert torch.equal(f.grads, state[0]) and torch.equal(f.gram, state[1])
     assert f.num_seen == state[2]
     with pytest.raises(ValueError, match="window must be a positive integer"):
-        SlidingWindowFisherInverse(4, window=0, damp=1.0)
-    with pytest.raises(ValueError, match="damp must be > 0"):
-        SlidingWindowFisherInverse(4, window=2, damp=0)
+        SlidingWindowFisherInverse(4, window=0, damping=1.0)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        SlidingWindowFisherInverse(4, window=2, damping=0)
 
 
 def dense_ema(us, decay, damp):
@@ -145,7 +145,7 @@ def dense_ema(us, decay, damp):
 def test_kronecker_inverse_matches_dense(dim, decay, damp):
     gen = torch.Generator().manual_seed(dim)
     us = torch.randn(25, dim, generator=gen, dtype=F64)
-    k = KroneckerFactorInverse(dim, decay=decay, damp=damp)
+    k = KroneckerFactorInverse(dim, decay=decay, damping=damp)
     lt = torch.eye(dim, dtype=F64) * damp
     kappa = 1.0
     for u in us:
@@ -159,7 +159,7 @@ def test_kronecker_inverse_matches_dense(dim, decay, damp):
     assert rel_err(k.inverse, torch.linalg.inv(dense_ema(us, decay, damp))) < max(
         1e-12, 1e-14 * kappa
     )
-    k2 = KroneckerFactorInverse(dim, decay=decay, damp=damp)
+    k2 = KroneckerFactorInverse(dim, decay=decay, damping=damp)
     k2.update(us)  # batch form, applied in order
     assert rel_err(k2.inverse, k.inverse) < 1e-12
     assert k.num_updates == 25
@@ -167,7 +167,7 @@ def test_kronecker_inverse_matches_dense(dim, decay, damp):
 
 def test_kronecker_reset_blends_toward_identity():
     us = torch.randn(5, 4, dtype=F64)
-    k = KroneckerFactorInverse(4, decay=0.8, damp=0.1)
+    k = KroneckerFactorInverse(4, decay=0.8, damping=0.1)
     k.update(us)
     lt = dense_ema(us, 0.8, 0.1)
     k.reset(blend=0.25)
@@ -179,12 +179,12 @@ def test_kronecker_reset_blends_toward_identity():
 
 def test_kronecker_bad_input():
     with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
-        KroneckerFactorInverse(3, decay=1.0, damp=1.0)
+        KroneckerFactorInverse(3, decay=1.0, damping=1.0)
     with pytest.raises(ValueError, match=r"decay must be in \(0, 1\)"):
-        KroneckerFactorInverse(3, decay=0.0, damp=1.0)
-    with pytest.raises(ValueError, match="damp must be > 0"):
-        KroneckerFactorInverse(3, decay=0.5, damp=-1.0)
-    k = KroneckerFactorInverse(3, decay=0.5, damp=1.0)
+        KroneckerFactorInverse(3, decay=0.0, damping=1.0)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        KroneckerFactorInverse(3, decay=0.5, damping=-1.0)
+    k = KroneckerFactorInverse(3, decay=0.5, damping=1.0)
     before = k.inverse.clone()
     with pytest.raises(ValueError, match="u has length 2, expected 3"):
         k.update(torch.ones(2))

@@ -56,7 +56,7 @@ def _fisher_bytes(model):
     sizes = [p.numel() for n, p in model.named_parameters() if "encoder" in n and "weight" in n]
     sizes = [s for s in sizes if s > 16]  # LayerNorm weights are not prunable
     return [
-        FisherInverse.estimate_bytes(s, num_grads=12, block_size=8, dtype=torch.float64)
+        FisherInverse.estimate_bytes(s, gradients=12, block_size=8, dtype=torch.float64)
         for s in sizes
     ]
 

@@ -90,7 +90,7 @@ def _metric_line(ev: dict, names: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from curvature.cli.defaults import describe
+    from curvature.optim.registry import describe_defaults as describe
 
     parser = argparse.ArgumentParser(
         prog="curvature",
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="optimizer_kwargs",
         action="append",
         metavar="NAME=VALUE",
-        help="optimizer keyword, e.g. --opt damp=1e-4 --opt num_grads=32 (repeatable)",
+        help="optimizer keyword, e.g. --opt damping=1e-4 --opt gradients=32 (repeatable)",
     )
     t.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
     t.add_argument(

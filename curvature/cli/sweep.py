@@ -502,59 +502,24 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
 
 def _recipe_for(recipe, method, sparsity, cfg: SweepConfig):
     """The recipe with its pruning modifiers switched to ``method`` at ``sparsity``, with every
-    pruning setting the sweep was given (params, gradients, batches, block size, dampings,
-    recomputations), under the recipe's published field names."""
-    from curvature.pruning import METHODS
-    from curvature.recipes.schema import (
-        LayerwisePruningModifier,
-        MagnitudePruningModifier,
-        OBSPruningModifier,
-        _Pruning,
-    )
+    pruning setting the sweep was given (the recipe layer writes them as published fields)."""
+    from curvature.recipes.schema import _Pruning
 
     recipe = copy.deepcopy(recipe)
-    mods = []
-    for m in recipe.modifiers:
-        if isinstance(m, _Pruning):
-            fields = m.model_dump()
-            fields.update(
-                final_sparsity=sparsity,
-                init_sparsity=min(m.init_sparsity, sparsity),
-                mask_type=cfg.mask,
-            )
-            given = {  # the sweep's part settings as the recipe's published fields
-                "params": cfg.params,
-                "num_grads": cfg.gradients,
-                "fisher_block_size": cfg.block_size,
-                "damp": cfg.fisher_damping,
-                "num_recomputations": cfg.recomputations,
-            }
-            fields.update({k: v for k, v in given.items() if v is not None})
-            if cfg.per_layer:
-                fields["global_sparsity"] = False
-            if METHODS[method].layerwise:
-                # the layer Hessian's damping is --rel-damp, its batches --batches
-                fields.pop("damp", None)
-                fields.update(num_calibration_batches=cfg.batches or 128)
-                if cfg.rel_damp is not None:
-                    fields["damp"] = cfg.rel_damp
-                base = {
-                    k: v
-                    for k, v in fields.items()
-                    if k in LayerwisePruningModifier.model_fields
-                    and k not in ("method_name", "global_sparsity")
-                }
-                m = LayerwisePruningModifier(**base, global_sparsity=False, method_name=method)
-            elif not METHODS[method].needs_gradients:
-                fields = {
-                    k: v for k, v in fields.items() if k in MagnitudePruningModifier.model_fields
-                }
-                m = MagnitudePruningModifier(**fields)
-            else:
-                base = {k: v for k, v in fields.items() if k in OBSPruningModifier.model_fields}
-                m = OBSPruningModifier(**{**base, "method_name": method})
-        mods.append(m)
-    recipe.modifiers = mods
+    settings = {k: getattr(cfg, k) for k in cfg.PART_SETTINGS}
+    recipe.modifiers = [
+        m.retarget(
+            method=method,
+            sparsity=sparsity,
+            mask=cfg.mask,
+            settings=settings,
+            params=cfg.params,
+            per_layer=cfg.per_layer,
+        )
+        if isinstance(m, _Pruning)
+        else m
+        for m in recipe.modifiers
+    ]
     return recipe
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from curvature.cli.defaults import DEFAULTS  # noqa: E402
 from curvature.cli.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
 
 
@@ -29,8 +28,8 @@ class TrainJob:
     model: str = "default"
     data: str = "bbc-news"
     output: str | None = "runs/train"  # None: do not save the model (benchmarks)
-    lr: float | None = None  # None: DEFAULTS[optimizer]
-    optimizer_kwargs: dict | None = None  # merged over DEFAULTS[optimizer]
+    lr: float | None = None  # None: the optimizer's registered fine-tuning default
+    optimizer_kwargs: dict | None = None  # merged over its registered default keywords
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 16
@@ -50,13 +49,22 @@ class TrainJob:
     eval_stride: int | None = None  # causal LM: the evaluation window's stride
 
     def resolved(self) -> tuple[float, dict]:
-        from curvature.optim import OPTIMIZERS
+        """The learning rate and the checked keywords (defaults under the user's)."""
+        row = self.row()
+        kwargs = {**row.defaults, **(self.optimizer_kwargs or {})}
+        try:
+            kwargs = row.check(kwargs)
+        except ValueError as exc:
+            raise JobError(f"--opt: {exc}") from None
+        return (self.lr if self.lr is not None else row.lr), kwargs
 
-        name = self.optimizer.lower()
-        if name not in DEFAULTS:
-            raise JobError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-        lr, kwargs = DEFAULTS[name]
-        return (self.lr if self.lr is not None else lr), {**kwargs, **(self.optimizer_kwargs or {})}
+    def row(self):
+        from curvature.optim import registry
+
+        try:
+            return registry.get(self.optimizer)
+        except ValueError as exc:
+            raise JobError(f"--{exc}") from None
 
 
 class EvalEvery(TrainerCallback):
@@ -90,17 +98,16 @@ def steps_to_reach(
 def run_train(job: TrainJob) -> dict:
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
     from curvature.integrations.hf import RecipeTrainer
-    from curvature.optim import build_optimizer
     from curvature.tasks.kinds import check_task
 
     check_task(job.task)
     import os
 
-    if job.optimizer == "adahessian" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not job.row().data_parallel and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise JobError(
-            "--optimizer adahessian under torchrun: the Trainer wraps the model in "
+            f"--optimizer {job.optimizer} under torchrun: the Trainer wraps the model in "
             "DistributedDataParallel, whose reducer has no double backward; run it in one process, "
-            "or in your own loop without DDP (AdaHessian then averages across ranks itself)"
+            "or in your own loop without DDP (the optimizer then averages across ranks itself)"
         )
     lr, kwargs = job.resolved()
     out = Path(job.output) if job.output else None
@@ -108,8 +115,6 @@ def run_train(job: TrainJob) -> dict:
         _check_output(out, job.overwrite)
     if job.eval_every is not None and job.eval_every < 1:
         raise JobError(f"--eval-every must be a positive number of steps, got {job.eval_every}")
-    # names and values of the optimizer's settings are checked on a 1x1 layer before loading
-    build_optimizer(job.optimizer, torch.nn.Linear(1, 1), lr=lr, **kwargs)
     p = load_for_job(job)
     model, tokenizer = p.model, p.tokenizer
 

@@ -37,7 +37,7 @@ References:
 Example:
     >>> import torch
     >>> from curvature import FisherInverse
-    >>> finv = FisherInverse(10, num_grads=4, damp=1e-3, block_size=4)
+    >>> finv = FisherInverse(10, gradients=4, damping=1e-3, block_size=4)
     >>> finv.add_grad(torch.randn(4, 10))
     >>> finv.mul(torch.ones(10)).shape
     torch.Size([10])
@@ -58,24 +58,24 @@ COMPUTE_DTYPE = torch.float64
 # Blocks processed per chunk in the Woodbury update: bounds the float64 temporaries.
 
 
-def choose_algorithm(num_params: int, num_grads: int, block_size: int | None) -> str:
+def choose_algorithm(num_params: int, gradients: int, block_size: int | None) -> str:
     """The algorithm that stores less: Woodbury blocks take ``d*B``, M-FAC rows take ``d*m``."""
     block = num_params if block_size is None else min(block_size, num_params)
-    return "woodbury" if block <= num_grads else "mfac"
+    return "woodbury" if block <= gradients else "mfac"
 
 
-def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, num_grads: int) -> None:
+def woodbury_update(blocks: torch.Tensor, grads: torch.Tensor, gradients: int) -> None:
     """Apply ``k`` gradients to block inverses in place (rank-k Woodbury).
 
     Args:
         blocks: ``[n, B, B]`` block inverses.
         grads: ``[k, n, B]`` gradients split into the same blocks.
-        num_grads: the ``m`` of ``F = damp I + (1/m) sum g g^T``.
+        gradients: the ``m`` of ``F = damping I + (1/m) sum g g^T``.
 
     Runs through :func:`curvature.kernels.woodbury_update`: the fused Triton kernel for CUDA
     tensors, the float64 rank-k torch form otherwise.
     """
-    kernels.woodbury_update(blocks, grads, num_grads)
+    kernels.woodbury_update(blocks, grads, gradients)
 
 
 class FisherInverse:
@@ -83,9 +83,9 @@ class FisherInverse:
 
     Args:
         num_params: ``d``, the length of a gradient.
-        num_grads: ``m``, the number of gradients the Fisher averages (the normaliser ``1/m``).
+        gradients: ``m``, the number of gradients the Fisher averages (the normaliser ``1/m``).
             Adding more than ``m`` gradients is an error.
-        damp: ``lambda > 0``, the damping added to the diagonal.
+        damping: ``lambda > 0``, the damping added to the diagonal.
         block_size: ``B``; ``None`` means one dense ``d x d`` block. ``d`` need not be divisible.
         algorithm: ``"woodbury"``, ``"mfac"`` or ``"auto"`` (the one that stores less).
         device: where the buffers live.
@@ -96,21 +96,21 @@ class FisherInverse:
         self,
         num_params: int,
         *,
-        num_grads: int,
-        damp: float,
+        gradients: int,
+        damping: float,
         block_size: int | None = None,
         algorithm: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.num_params = _checks.positive_int("num_params", num_params)
-        self.num_grads = _checks.positive_int("num_grads", num_grads)
-        self.damp = _checks.positive("damp", damp)
+        self.gradients = _checks.positive_int("gradients", gradients)
+        self.damping = _checks.positive("damping", damping)
         if block_size is not None:
             _checks.positive_int("block_size", block_size)
         _checks.one_of("algorithm", algorithm, ALGORITHMS)
         if algorithm == "auto":
-            algorithm = choose_algorithm(num_params, num_grads, block_size)
+            algorithm = choose_algorithm(num_params, gradients, block_size)
         self.algorithm = algorithm
         self.block_size = num_params if block_size is None else min(block_size, num_params)
         self.num_blocks = math.ceil(num_params / self.block_size)
@@ -119,8 +119,8 @@ class FisherInverse:
         self.num_seen = 0  # gradients added so far
         n, b = self.num_blocks, self.block_size
         if algorithm == "woodbury":
-            # blocks[i] = inverse of block i; starts at I / damp.
-            eye = torch.eye(b, dtype=self.dtype, device=self.device) / self.damp
+            # blocks[i] = inverse of block i; starts at I / damping.
+            eye = torch.eye(b, dtype=self.dtype, device=self.device) / self.damping
             self._blocks = eye.repeat(n, 1, 1)  # [n, B, B], dtype
         else:
             # Rows of W = L^-1 G~ per block. The factor L itself is never needed again: the next
@@ -143,51 +143,51 @@ class FisherInverse:
     def estimate_bytes(
         num_params: int,
         *,
-        num_grads: int,
+        gradients: int,
         block_size: int | None,
         algorithm: str = "auto",
         dtype: torch.dtype = torch.float64,
     ) -> int:
         """Bytes the stored buffers of such an estimator take (before allocating them)."""
         if algorithm == "auto":
-            algorithm = choose_algorithm(num_params, num_grads, block_size)
+            algorithm = choose_algorithm(num_params, gradients, block_size)
         b = num_params if block_size is None else min(block_size, num_params)
         padded = math.ceil(num_params / b) * b
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if algorithm == "woodbury":
             return padded * b * itemsize
-        return padded * num_grads * itemsize
+        return padded * gradients * itemsize
 
     # ------------------------------------------------------------------ public API
     def add_grad(self, g: torch.Tensor) -> None:
         """Add one gradient ``[d]`` or a batch ``[k, d]``.
 
         Raises ``ValueError`` (leaving the estimator unchanged) on a wrong length, NaN/Inf entries,
-        or more than ``num_grads`` gradients in total.
+        or more than ``gradients`` gradients in total.
         """
         rows, _ = _checks.as_rows("g", g, self.num_params)
         k = rows.shape[0]
-        if self.num_seen + k > self.num_grads:
+        if self.num_seen + k > self.gradients:
             raise ValueError(
                 f"adding {k} gradient(s) would make {self.num_seen + k}, more than "
-                f"num_grads={self.num_grads}; create the estimator with a larger num_grads"
+                f"gradients={self.gradients}; create the estimator with a larger gradients"
             )
         split = self._split(rows.to(device=self.device))
         if self.algorithm == "woodbury":
-            woodbury_update(self._blocks, split, self.num_grads)
+            woodbury_update(self._blocks, split, self.gradients)
         else:
             self._mfac_append(split)
         self.num_seen += k
 
     def _mfac_append(self, split: torch.Tensor) -> None:
-        # Grow the per-block Cholesky factor of K = damp I + G~ G~^T by k rows:
-        # L21 = G~_new W_old^T, L22 = chol(damp I + G~_new G~_new^T - L21 L21^T),
+        # Grow the per-block Cholesky factor of K = damping I + G~ G~^T by k rows:
+        # L21 = G~_new W_old^T, L22 = chol(damping I + G~_new G~_new^T - L21 L21^T),
         # W_new = L22^-1 (G~_new - L21 W_old). All per block, computed in float64.
-        g = split.to(COMPUTE_DTYPE).permute(1, 0, 2) / math.sqrt(self.num_grads)  # [n, k, B]
+        g = split.to(COMPUTE_DTYPE).permute(1, 0, 2) / math.sqrt(self.gradients)  # [n, k, B]
         k = g.shape[1]
         w_old = self._w.to(COMPUTE_DTYPE).permute(1, 0, 2)  # [n, i, B]
         l21 = g @ w_old.transpose(1, 2)  # [n, k, i]
-        eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=self.device) * self.damp
+        eye = torch.eye(k, dtype=COMPUTE_DTYPE, device=self.device) * self.damping
         s = eye + g @ g.transpose(1, 2) - l21 @ l21.transpose(1, 2)
         l22 = torch.linalg.cholesky(s)
         w_new = torch.linalg.solve_triangular(l22, g - l21 @ w_old, upper=False)  # [n, k, B]
@@ -202,7 +202,7 @@ class FisherInverse:
         else:
             w = self._w.to(COMPUTE_DTYPE)  # [i, n, B]
             coef = torch.einsum("inb,knb->kni", w, xs)
-            out = (xs - torch.einsum("kni,inb->knb", coef, w)) / self.damp
+            out = (xs - torch.einsum("kni,inb->knb", coef, w)) / self.damping
         out = out.reshape(rows.shape[0], -1)[:, : self.num_params].to(x.dtype)
         return out[0] if single else out
 
@@ -212,11 +212,11 @@ class FisherInverse:
             d = torch.diagonal(self._blocks, dim1=1, dim2=2)
         else:
             w = self._w.to(COMPUTE_DTYPE)
-            d = ((1.0 - (w * w).sum(0)) / self.damp).to(self.dtype)
+            d = ((1.0 - (w * w).sum(0)) / self.damping).to(self.dtype)
         return d.reshape(-1)[: self.num_params]
 
     def blocks(self, sl: slice | None = None) -> torch.Tensor:
-        """The block inverses ``[n_blocks, B, B]`` (padded coordinates carry ``1/damp``), or only
+        """The block inverses ``[n_blocks, B, B]`` (padded coordinates carry ``1/damping``), or only
         the blocks ``sl``.
 
         Materialised from ``W`` for ``"mfac"`` (``O(d B)`` memory for all blocks, so read them a
@@ -227,4 +227,4 @@ class FisherInverse:
             return self._blocks[sl]
         w = self._w[:, sl].to(COMPUTE_DTYPE).permute(1, 0, 2)  # [n, i, B]
         eye = torch.eye(self.block_size, dtype=COMPUTE_DTYPE, device=self.device)
-        return ((eye - w.transpose(1, 2) @ w) / self.damp).to(self.dtype)
+        return ((eye - w.transpose(1, 2) @ w) / self.damping).to(self.dtype)

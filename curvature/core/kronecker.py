@@ -14,7 +14,7 @@ toward ``I`` followed by a rank-1 term of weight 1,
            L_t^{-1} = P - \frac{P u u^\top P}{1 + u^\top P u}
            \quad\big(L_t = P^{-1} + u u^\top\big),
 
-whose inverse stays bounded (its eigenvalues never exceed ``max(1, 1/damp)``).
+whose inverse stays bounded (its eigenvalues never exceed ``max(1, 1/damping)``).
 
 Precision: the inverse is stored in ``dtype`` (float64 by default) and each update is computed in
 float64. Directions that ``u`` stops visiting decay like ``gamma^t``, so their inverse grows like
@@ -27,7 +27,7 @@ References:
 Example:
     >>> import torch
     >>> from curvature import KroneckerFactorInverse
-    >>> k = KroneckerFactorInverse(3, decay=0.9, damp=1.0)
+    >>> k = KroneckerFactorInverse(3, decay=0.9, damping=1.0)
     >>> k.update(torch.tensor([1.0, 0.0, 0.0]))
     >>> round(k.inverse[0, 0].item(), 6)  # 1 / (0.9 * 1 + 0.1 * 1)
     1.0
@@ -49,7 +49,7 @@ class KroneckerFactorInverse:
     Args:
         dim: size of the factor.
         decay: ``gamma`` in ``(0, 1)``.
-        damp: ``lambda > 0``, the initial factor is ``damp * I``.
+        damping: ``lambda > 0``, the initial factor is ``damping * I``.
         device, dtype: storage of the inverse (float64 by default).
         form: ``"factor"`` (moving average of the factor, the paper's equation) or
             ``"inverse"`` (moving average of the inverse toward ``I``, the authors' code).
@@ -60,7 +60,7 @@ class KroneckerFactorInverse:
         dim: int,
         *,
         decay: float,
-        damp: float,
+        damping: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         form: str = "factor",
@@ -70,10 +70,10 @@ class KroneckerFactorInverse:
         self.decay = _checks.in_unit_interval("decay", decay)
         if self.decay == 0.0:
             raise ValueError("decay must be in (0, 1): decay=0 makes the factor u u^T, singular")
-        self.damp = _checks.positive("damp", damp)
+        self.damping = _checks.positive("damping", damping)
         self.dtype = dtype or torch.float64
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.inverse = torch.eye(dim, dtype=self.dtype, device=self.device) / self.damp  # L_t^-1
+        self.inverse = torch.eye(dim, dtype=self.dtype, device=self.device) / self.damping  # L_t^-1
         self.num_updates = 0
 
     def update(self, u: torch.Tensor) -> None:
@@ -107,16 +107,16 @@ class KroneckerFactorInverse:
             f.num_updates += 1
 
     def reset(self, blend: float = 1.0) -> None:
-        """Blend the factor back toward ``damp * I``: ``L <- (1 - blend) L + blend * damp * I``.
+        """Blend the factor back toward ``damping * I``: ``L <- (1 - blend) L + blend * damping * I``.
 
         ``blend = 1`` is a hard reset. The blended inverse is computed exactly (one ``dim^3``
         inversion), which only happens when the stabiliser fires.
         """
         _checks.in_unit_interval("blend", blend, closed_right=True)
         if blend == 1.0:
-            self.inverse = torch.eye(self.dim, dtype=self.dtype, device=self.device) / self.damp
+            self.inverse = torch.eye(self.dim, dtype=self.dtype, device=self.device) / self.damping
             return
         inv = self.inverse.to(COMPUTE_DTYPE)
         eye = torch.eye(self.dim, dtype=COMPUTE_DTYPE, device=self.device)
-        factor = (1.0 - blend) * torch.linalg.inv(inv) + blend * self.damp * eye
+        factor = (1.0 - blend) * torch.linalg.inv(inv) + blend * self.damping * eye
         self.inverse = torch.linalg.inv(factor).to(self.dtype)

@@ -14,10 +14,10 @@ of rows in the ring buffer does not matter.
 Cost per step: a product is two passes over the ``[m, d]`` window (``G x``, then ``x - G^T c``),
 and :meth:`add_and_mul` (the optimizer's step: push ``g``, return ``F^-1 g``) also takes two,
 because the new Gram row is ``G g``. The ``m x m`` system is kept as an explicit inverse
-``B = (s damp I + G G^T)^-1`` that a new gradient changes by a symmetric rank-2 term (its row and
+``B = (s damping I + G G^T)^-1`` that a new gradient changes by a symmetric rank-2 term (its row and
 column of the Gram matrix), applied by a Woodbury update in ``O(m^2)`` instead of an ``O(m^3)``
 factorisation. After each update the changed column of ``A B - I`` is checked; when it exceeds
-``1e-6`` (nearly rank-deficient windows with a small ``damp``, where the update loses digits),
+``1e-6`` (nearly rank-deficient windows with a small ``damping``, where the update loses digits),
 and every ``refresh_every`` updates, ``B`` is recomputed from a Cholesky factor of the Gram
 matrix. Products solve with ``B`` and two steps of iterative refinement against ``A`` itself, so
 they keep the accuracy of a direct Cholesky solve (``tests/test_sliding_kronecker.py``). The
@@ -28,9 +28,9 @@ Precision: the Gram matrix, ``B`` and every ``m x m`` step are float64. The ``O(
 run in the storage dtype (float32 by default, as in the reference; float32 for 16-bit storage),
 with ``G x`` summed over column chunks of about ``2**22`` window elements in float64; float64
 storage makes every step float64. The float32 Gram entries carry a round-off of about
-``1e-7 |g|^2``: when that is not small against ``s * damp`` (a tiny ``damp`` with large, nearly
+``1e-7 |g|^2``: when that is not small against ``s * damping`` (a tiny ``damping`` with large, nearly
 parallel gradients) the float32 answer is as poor as the reference's float32 one, and round-off
-can even make ``s damp I + G G^T`` indefinite; the Gram matrix is then projected back to
+can even make ``s damping I + G G^T`` indefinite; the Gram matrix is then projected back to
 semi-definite (counted in ``projections``) so that the step never fails. Use float64 storage
 there.
 
@@ -41,7 +41,7 @@ References:
 Example:
     >>> import torch
     >>> from curvature import SlidingWindowFisherInverse
-    >>> finv = SlidingWindowFisherInverse(6, window=3, damp=1e-2)
+    >>> finv = SlidingWindowFisherInverse(6, window=3, damping=1e-2)
     >>> for _ in range(5):
     ...     finv.add_grad(torch.randn(6))
     >>> finv.mul(torch.ones(6)).shape
@@ -67,7 +67,7 @@ class SlidingWindowFisherInverse:
     Args:
         num_params: ``d``.
         window: ``m``, how many of the most recent gradients the Fisher averages.
-        damp: ``lambda > 0``.
+        damping: ``lambda > 0``.
         device: where the buffers live.
         dtype: storage dtype of the ``[m, d]`` gradient ring buffer (default float32).
         normalizer: ``"seen"`` (divide by the gradients added so far, up to ``window``) or
@@ -86,7 +86,7 @@ class SlidingWindowFisherInverse:
         num_params: int,
         *,
         window: int,
-        damp: float,
+        damping: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         normalizer: str = "seen",
@@ -96,7 +96,7 @@ class SlidingWindowFisherInverse:
         self.normalizer = _checks.one_of("normalizer", normalizer, ("seen", "window"))
         self.num_params = _checks.positive_int("num_params", num_params)
         self.window = _checks.positive_int("window", window)
-        self.damp = _checks.positive("damp", damp)
+        self.damping = _checks.positive("damping", damping)
         self.refresh_every = _checks.positive_int("refresh_every", refresh_every)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
@@ -112,13 +112,13 @@ class SlidingWindowFisherInverse:
             f"the gradient window ({window} x {width:,})",
             window * width * itemsize,
             self.device,
-            "lower num_grads (the window) or store it in a smaller dtype",
+            "lower gradients (the window) or store it in a smaller dtype",
         )
         # State (all of it):
         self.grads = torch.zeros(window, width, dtype=self.dtype, device=self.device)  # ring
         self.gram = torch.zeros(window, window, dtype=COMPUTE_DTYPE, device=self.device)  # G G^T
         self.num_seen = 0  # gradients added since creation
-        # (s damp I + G G^T)^-1 over all m slots (rows not yet written are zero), and the number
+        # (s damping I + G G^T)^-1 over all m slots (rows not yet written are zero), and the number
         # of incremental updates since it was last recomputed
         self._inv: torch.Tensor | None = None
         self._inv_scale = 0
@@ -152,7 +152,7 @@ class SlidingWindowFisherInverse:
         row = rows[0].to(device=self.device)
         gx = self._push(row[self._lo : self._hi]).unsqueeze(1)
         # precondition the stored row: with 16-bit storage G g is a product with the rounded g,
-        # and the rounding error would otherwise pass through 1 / damp
+        # and the rounding error would otherwise pass through 1 / damping
         stored = self.grads[(self.num_seen - 1) % self.window].unsqueeze(0)
         return self._gather(self._apply(stored, gx))[0].to(g.dtype)
 
@@ -236,14 +236,14 @@ class SlidingWindowFisherInverse:
         return out
 
     def _apply(self, xs: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
-        """``(x - G^T B G x) / damp`` from ``gx = G x``."""
+        """``(x - G^T B G x) / damping`` from ``gx = G x``."""
         a = self._matrix()
         coef = self._inv @ gx
         for _ in range(REFINE_STEPS):  # iterative refinement against A itself
             coef = coef + self._inv @ (gx - a @ coef)
         coef = coef.T.to(self._work)  # [k, m]
         xs = xs.to(self._work)
-        inv_damp = 1.0 / self.damp
+        inv_damp = 1.0 / self.damping
         if self.grads.dtype == self._work:  # no reduction over d here: one product, no chunks
             return torch.addmm(xs, coef, self.grads, beta=inv_damp, alpha=-inv_damp)
         parts = [
@@ -256,16 +256,16 @@ class SlidingWindowFisherInverse:
         return torch.cat(parts, dim=1) if parts else xs[:, :0].clone()
 
     def _matrix(self) -> torch.Tensor:
-        """``s damp I + G G^T`` (``m x m``, float64) at the scale of the current inverse."""
-        return self.gram + self._inv_scale * self.damp * torch.eye(
+        """``s damping I + G G^T`` (``m x m``, float64) at the scale of the current inverse."""
+        return self.gram + self._inv_scale * self.damping * torch.eye(
             self.window, dtype=COMPUTE_DTYPE, device=self.device
         )
 
     def refactor(self) -> None:
-        """Recompute the ``m x m`` inverse ``(s damp I + G G^T)^-1`` from the stored Gram matrix.
+        """Recompute the ``m x m`` inverse ``(s damping I + G G^T)^-1`` from the stored Gram matrix.
 
-        Gram rows of the float32 products carry round-off; if it makes ``s damp I + G G^T``
-        indefinite (nearly parallel gradients of large norm with a tiny ``damp``), the Gram
+        Gram rows of the float32 products carry round-off; if it makes ``s damping I + G G^T``
+        indefinite (nearly parallel gradients of large norm with a tiny ``damping``), the Gram
         matrix is first projected back onto the positive semi-definite matrices (negative
         eigenvalues set to zero), as ``G G^T`` is in exact arithmetic.
         """
@@ -274,12 +274,12 @@ class SlidingWindowFisherInverse:
             self._inv, self._inv_scale, self._since_refresh = None, scale, 0
             return
         eye = torch.eye(self.window, dtype=COMPUTE_DTYPE, device=self.device)
-        chol, info = torch.linalg.cholesky_ex(self.gram + scale * self.damp * eye)
+        chol, info = torch.linalg.cholesky_ex(self.gram + scale * self.damping * eye)
         if info.item() != 0:
             evals, evecs = torch.linalg.eigh(self.gram)
             self.gram.copy_((evecs * evals.clamp(min=0)) @ evecs.T)
             self.gram.copy_(0.5 * (self.gram + self.gram.T))
-            chol = torch.linalg.cholesky(self.gram + scale * self.damp * eye)
+            chol = torch.linalg.cholesky(self.gram + scale * self.damping * eye)
             self.projections += 1
         self._inv = torch.cholesky_inverse(chol)
         self._inv_scale, self._since_refresh = scale, 0
@@ -290,7 +290,7 @@ class SlidingWindowFisherInverse:
         rows, single = _checks.as_rows("x", x, self.num_params)
         rows = rows.to(device=self.device)
         if self._inv is None:
-            out = rows.to(self._work) / self.damp
+            out = rows.to(self._work) / self.damping
         else:
             local = rows[:, self._lo : self._hi]
             out = self._gather(self._apply(local, self._gx(local)))

@@ -186,11 +186,14 @@ class RecipeTrainer(Trainer):
         spec = manager.optimizer_spec() if manager is not None else None
         self.optimizer_name = optimizer_name or (spec[0] if spec else None)
         self.optimizer_kwargs = dict(optimizer_kwargs or (spec[1] if spec else {}))
-        if self.optimizer_name and self.optimizer_name.lower() == "adahessian":
+        from curvature.optim.registry import get as optimizer_row
+
+        if self.optimizer_name and optimizer_row(self.optimizer_name).differentiates_gradient:
             if self.args.max_grad_norm:
                 log.info(
-                    "AdaHessian: gradient clipping turned off for this trainer (max_grad_norm "
+                    "%s: gradient clipping turned off for this trainer (max_grad_norm "
                     "%s -> 0): clipping in place would corrupt the gradient's graph",
+                    self.optimizer_name,
                     self.args.max_grad_norm,
                 )
             self.args = copy.copy(self.args)  # the caller's TrainingArguments stay as they were

@@ -1,6 +1,6 @@
 r"""M-FAC: preconditioning by the inverse of a sliding-window damped empirical Fisher.
 
-The authors' update. Over the last ``m = num_grads`` vectors ``\hat g_i = g_i + \mathrm{wd}\,
+The authors' update. Over the last ``m = gradients`` vectors ``\hat g_i = g_i + \mathrm{wd}\,
 p_{i-1}`` (the gradient with the weight decay, stored as such in the window; the current one
 included),
 
@@ -23,8 +23,8 @@ parameters of a group share one Fisher (their vectors are concatenated); the ref
 Fisher over every group, the same with one group.
 
 Note the scale: along the gradient ``F^-1 g`` is about ``c g / |g|^2``, so useful learning rates
-are much smaller than SGD's when ``damp`` is small; with a huge ``damp`` M-FAC is SGD with
-learning rate ``lr / damp``.
+are much smaller than SGD's when ``damping`` is small; with a huge ``damping`` M-FAC is SGD with
+learning rate ``lr / damping``.
 
 References:
     Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
@@ -48,14 +48,14 @@ class MFAC(Optimizer):
     Args:
         params: parameters or param groups (each group keeps its own Fisher window).
         lr: learning rate.
-        num_grads: window ``m`` of gradients in the Fisher.
-        damp: ``lambda > 0``.
+        gradients: window ``m`` of gradients in the Fisher.
+        damping: ``lambda > 0``.
         momentum: ``mu`` in ``[0, 1)``; an average, ``b = mu b + (1 - mu) u``, from zero.
         weight_decay: coupled weight decay (added to the gradient, and stored in the window).
         fisher_dtype: storage of the gradient window (float32, as the reference; the window
             products run in float32, the ``m x m`` algebra in float64; float64 storage makes
             every step float64).
-        warmup: ``"window"`` (divide by ``num_grads`` from the start, the reference) or
+        warmup: ``"window"`` (divide by ``gradients`` from the start, the reference) or
             ``"seen"`` (divide by the vectors seen so far).
         shard_window: under ``torch.distributed`` (a DDP-wrapped model, so every rank sees the
             same averaged gradient), split the gradient window by coordinates across the ranks:
@@ -69,8 +69,8 @@ class MFAC(Optimizer):
         params,
         lr: float,
         *,
-        num_grads: int = 1024,
-        damp: float = 1e-5,
+        gradients: int = 1024,
+        damping: float = 1e-5,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         fisher_dtype: torch.dtype = torch.float32,
@@ -79,12 +79,12 @@ class MFAC(Optimizer):
     ) -> None:
         checks.learning_rate(lr)
         self.warmup = checks.one_of("warmup", warmup, ("window", "seen"))
-        checks.integer_at_least("num_grads", num_grads)
-        checks.positive("damp", damp)
+        checks.integer_at_least("gradients", gradients)
+        checks.positive("damping", damping)
         checks.in_range("momentum", momentum, 0, 1, "[)")
         checks.nonnegative("weight_decay", weight_decay)
         defaults = dict(
-            lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay
+            lr=lr, gradients=gradients, damping=damping, momentum=momentum, weight_decay=weight_decay
         )
         super().__init__(params, defaults)
         self.fisher_dtype = fisher_dtype
@@ -97,13 +97,13 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             numel = sum(p.numel() for p in group["params"] if p.requires_grad)
             dev = group["params"][0].device if group["params"] else torch.device("cpu")
-            need[dev] = need.get(dev, 0) + group["num_grads"] * -(-numel // ranks) * itemsize
+            need[dev] = need.get(dev, 0) + group["gradients"] * -(-numel // ranks) * itemsize
         for dev, nbytes in need.items():
             checks.fits(
                 "M-FAC's gradient windows",
                 nbytes,
                 dev,
-                "lower num_grads or pass fisher_dtype=torch.bfloat16",
+                "lower gradients or pass fisher_dtype=torch.bfloat16",
             )
 
     def _fisher(self, index: int, group, numel: int, device) -> SlidingWindowFisherInverse:
@@ -111,8 +111,8 @@ class MFAC(Optimizer):
         if f is None:
             f = SlidingWindowFisherInverse(
                 numel,
-                window=group["num_grads"],
-                damp=group["damp"],
+                window=group["gradients"],
+                damping=group["damping"],
                 device=device,
                 dtype=self.fisher_dtype,
                 normalizer=self.warmup,
@@ -179,8 +179,8 @@ class MFAC(Optimizer):
             group = self.param_groups[int(i)]
             f = SlidingWindowFisherInverse(
                 st.get("num_params", st["grads"].shape[1]),
-                window=group["num_grads"],
-                damp=group["damp"],
+                window=group["gradients"],
+                damping=group["damping"],
                 device=st["grads"].device,
                 dtype=self.fisher_dtype,
                 normalizer=self.warmup,

@@ -14,9 +14,9 @@ rank-1 Sherman-Morrison term of weight 1,
            \mathrm{SM}(P, v) = P - \frac{P v v^\top P}{1 + v^\top P v},
 
 with ``gamma = decay`` (0.95, the constant of the reference). A layer's first factor step sets its
-inverses to ``I / damp`` (the reference: ``I``) and folds in nothing. ``factor_update="factor"`` is
+inverses to ``I / damping`` (the reference: ``I``) and folds in nothing. ``factor_update="factor"`` is
 the paper's equation instead, ``L <- gamma L + (1 - gamma) a a^T`` inverted exactly from
-``L_0 = damp I``, folding in the first statistics. The gradient ``G = [dW | db]`` is then
+``L_0 = damping I``, folding in the first statistics. The gradient ``G = [dW | db]`` is then
 preconditioned and rescaled before the first-order base optimizer (SGD, Adam, AdamW or LAMB)
 takes the step:
 
@@ -50,8 +50,8 @@ factors in float16 by default, where ``v^T P v`` overflows and the rank-1 term s
 (here float64). It also clamps statistics to +-100, which this implementation does not.
 
 Stabiliser (the paper's): when an inverse factor's largest entry exceeds ``stability_threshold``
-times its initial ``1/damp`` or is not finite, the factor is blended back toward ``damp * I`` by
-``stability_blend`` (``L <- (1 - b) L + b * damp * I``, computed exactly); a non-finite factor is
+times its initial ``1/damping`` or is not finite, the factor is blended back toward ``damping * I`` by
+``stability_blend`` (``L <- (1 - b) L + b * damping * I``, computed exactly); a non-finite factor is
 reset. With the default update the inverse stays bounded and the stabiliser does not fire, as in
 the reference.
 
@@ -138,7 +138,7 @@ class _LayerState:
     """
 
     def __init__(
-        self, name: str, module: torch.nn.Module, decay: float, damp: float, form: str = "factor"
+        self, name: str, module: torch.nn.Module, decay: float, damping: float, form: str = "factor"
     ):
         self.name = name
         self.module = module
@@ -148,9 +148,9 @@ class _LayerState:
         in_dim = module.weight[0].numel()
         dev = module.weight.device
         self.left = KroneckerFactorInverse(
-            in_dim + int(self.has_bias), decay=decay, damp=damp, device=dev, form=form
+            in_dim + int(self.has_bias), decay=decay, damping=damping, device=dev, form=form
         )
-        self.right = KroneckerFactorInverse(out_dim, decay=decay, damp=damp, device=dev, form=form)
+        self.right = KroneckerFactorInverse(out_dim, decay=decay, damping=damping, device=dev, form=form)
         # statistics of the micro-batches since the last step: sums and counts
         self._a_sum: torch.Tensor | None = None
         self._g_sum: torch.Tensor | None = None
@@ -239,7 +239,7 @@ class MKOR(Optimizer):
         base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"lamb"``.
         momentum, betas, eps, weight_decay: passed to the base optimizer.
         decay: ``gamma`` of the factor moving averages.
-        damp: initial factors ``damp * I``.
+        damping: initial factors ``damping * I``.
         inv_freq: update the factor inverses every this many steps.
         exclude: layer names or ``re:`` patterns left to the base optimizer alone.
         stability_threshold, stability_blend: the stabiliser.
@@ -258,7 +258,7 @@ class MKOR(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decay: float = 0.95,
-        damp: float = 1.0,
+        damping: float = 1.0,
         inv_freq: int = 10,
         exclude: list[str] | tuple[str, ...] = (),
         stability_threshold: float = 1e3,
@@ -275,7 +275,7 @@ class MKOR(Optimizer):
             )
         checks.learning_rate(lr)
         checks.betas(betas)
-        checks.positive("damp", damp)
+        checks.positive("damping", damping)
         checks.integer_at_least("inv_freq", inv_freq)
         checks.in_range("decay", decay, 0, 1, "()")
         checks.in_range("stability_blend", stability_blend, 0, 1, "(]")
@@ -294,7 +294,7 @@ class MKOR(Optimizer):
 
         self.factor_update = checks.one_of("factor_update", factor_update, ("inverse", "factor"))
         self.layers = [
-            _LayerState(n, m, decay, damp, form=factor_update)
+            _LayerState(n, m, decay, damping, form=factor_update)
             for n, m in model.named_modules()
             if _supported(m) and not excluded(n) and m.weight.requires_grad
         ]
@@ -378,7 +378,7 @@ class MKOR(Optimizer):
         if not torch.isfinite(inv).all():
             factor.reset(1.0)
             self.stabilised += 1
-        elif inv.abs().max() > self.stability_threshold / factor.damp:
+        elif inv.abs().max() > self.stability_threshold / factor.damping:
             factor.reset(self.stability_blend)
             self.stabilised += 1
 
@@ -386,7 +386,7 @@ class MKOR(Optimizer):
         """All layers' factor inverses in one batched Sherman-Morrison call, then the stabiliser.
 
         With ``factor_update="inverse"`` (the reference), a layer's first factor step sets its
-        inverses to ``I / damp`` and folds in nothing (the step is preconditioned by the identity).
+        inverses to ``I / damping`` and folds in nothing (the step is preconditioned by the identity).
         """
         ready = [
             l
@@ -440,7 +440,7 @@ class MKOR(Optimizer):
                     )
                     grad = torch.cat([grad, b[:, None]], dim=1)
                 # 16-bit gradients are preconditioned in float32 (inverse entries reach
-                # stability_threshold / damp, past float16's range)
+                # stability_threshold / damping, past float16's range)
                 dtype = torch.promote_types(grad.dtype, torch.float32)
                 r_inv, l_inv = layer.inverses(dtype)
                 grad = grad.to(dtype)

@@ -134,7 +134,7 @@ class EmpiricalFisher(Curvature):
     def estimate_bytes(self, target: Target) -> int:
         return FisherInverse.estimate_bytes(
             target.numel,
-            num_grads=self.gradients,
+            gradients=self.gradients,
             block_size=target.block,
             dtype=self.dtype,
             algorithm=self.algorithm,
@@ -171,8 +171,8 @@ class EmpiricalFisher(Curvature):
         fishers = {
             t.name: FisherInverse(
                 t.numel,
-                num_grads=self.gradients,
-                damp=self.damping,
+                gradients=self.gradients,
+                damping=self.damping,
                 block_size=t.block,
                 dtype=self.dtype,
                 device=t.param.device,

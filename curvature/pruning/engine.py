@@ -42,7 +42,7 @@ def collect_fisher(model, data, loss_fn, targets, fisher: EmpiricalFisher, progr
     Fisher inverses of ``targets`` (:class:`~curvature.pruning.targets.Target`). Returns
     ``{name: FisherInverse}``."""
     grads = stages.collect_gradients(
-        model, data, loss_fn, targets, num_grads=fisher.gradients, progress=progress
+        model, data, loss_fn, targets, gradients=fisher.gradients, progress=progress
     )
     built = fisher.build(targets, grads, None)
     return {n: b.fisher for n, b in built.items()}

@@ -157,7 +157,7 @@ def _step_all(model, data, loss_fn, call, chooser, masks) -> PruneReport:
         global_sparsity=sum(per[t.name] * t.numel for t in targets) / total,
         param_sparsity=per,
         estimated_loss_increase=est if uses_curvature else None,
-        num_grads=curvature.gradients if uses_curvature else 0,
+        gradients=curvature.gradients if uses_curvature else 0,
         seconds=0.0,  # set by run()
         distinct_batches=distinct if uses_curvature else None,
         skipped=skipped,
@@ -315,7 +315,7 @@ def _prune_step_sharded(problem, targets, masks, sparsity, parts, budget):
                     problem.data.replay(),
                     problem.loss_fn,
                     needed,
-                    num_grads=counts[rank],
+                    gradients=counts[rank],
                     progress=problem.call.progress and rank == 0,
                     counts=seen,
                 )

@@ -594,7 +594,7 @@ def drive(model, data, loss_fn, call, pipeline, masks) -> PruneReport:
         global_sparsity=sum(reached[t.name] * t.param.numel() for t in targets) / total,
         param_sparsity=reached,
         estimated_loss_increase=res.estimate,
-        num_grads=0,
+        gradients=0,
         seconds=time.perf_counter() - start,
         distinct_batches=res.batches,
         skipped=skipped,

@@ -14,13 +14,8 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from curvature.core.registry import Registry as _Registry
 from curvature.pruning import parts as P
-
-
-def _unknown(kind: str, name: str, known) -> ValueError:
-    near = difflib.get_close_matches(str(name), list(known), n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ValueError(f"unknown {kind} {name!r}{hint}; registered: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -32,33 +27,11 @@ class Method:
     description: str
 
 
-class Registry:
-    """Names of presets (``kind="pruning method"``) or of added parts (``kind="part"``)."""
+class Registry(_Registry):
+    """Names of presets (``kind="pruning method"``) or of added parts (``kind="part"``); a
+    method name may carry ``+`` parts: ``METHODS["sparsegpt+reconstruct"]`` is its pipeline."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._entries: dict[str, object] = {}
-
-    def add(self, name: str, entry) -> None:
-        if name in self._entries:
-            raise ValueError(f"a {self.kind} named {name!r} is already registered")
-        if "+" in name or not name:
-            raise ValueError(f"a {self.kind} name must be non-empty and without '+': {name!r}")
-        self._entries[name] = entry
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
-
-    def get(self, name: str):
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise _unknown(self.kind, name, self.names()) from None
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name) -> bool:
         try:
             pipeline(name)
         except (ValueError, TypeError):
@@ -66,15 +39,11 @@ class Registry:
         return True
 
     def __getitem__(self, name: str) -> P.Pipeline:
-        """The pipeline of a method name (with ``+`` parts): ``METHODS["sparsegpt+reconstruct"]``."""
         return pipeline(name)
-
-    def describe(self) -> str:
-        return "\n".join(f"{n}: {getattr(e, 'description', '')}" for n, e in self._entries.items())
 
 
 METHODS = Registry("pruning method")
-PARTS = Registry("part")
+PARTS = _Registry("part")
 
 
 def register(name: str, chooser, solver=None, description: str = "") -> Method:

@@ -18,9 +18,9 @@ class PruneReport:
     global_sparsity: float  # reached, over the selected parameters
     param_sparsity: dict[str, float]
     estimated_loss_increase: float | None  # sum of the OBS costs of the pruned groups
-    num_grads: int  # gradients per Fisher (requested)
+    gradients: int  # gradients per Fisher (requested)
     seconds: float
-    # distinct batches behind them: fewer than num_grads when the data was cycled
+    # distinct batches behind them: fewer than gradients when the data was cycled
     distinct_batches: int | None = None
     # parameters a ``re:`` pattern matched but that were left out, with the reason
     skipped: dict[str, str] = field(default_factory=dict)

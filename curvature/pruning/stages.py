@@ -50,7 +50,7 @@ class ReplayableData:
             if hasattr(obj, "set_epoch") and isinstance(getattr(obj, "epoch", None), int)
         ]
         self._epochs: list[int] | None = None
-        # distinct batches behind the gradients of a collection (fewer than num_grads: cycled)
+        # distinct batches behind the gradients of a collection (fewer than gradients: cycled)
         self.distinct_batches: int | None = None
 
     def new_step(self) -> None:
@@ -93,17 +93,17 @@ def collect_gradients(
     loss_fn,
     targets: list[Target],
     *,
-    num_grads: int,
+    gradients: int,
     batch: int = GRADIENT_BATCH,
     progress=True,
     counts: dict | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``{target name: [k, numel]}`` gradient batches (``k <= batch``), ``num_grads`` in all.
+    """Yield ``{target name: [k, numel]}`` gradient batches (``k <= batch``), ``gradients`` in all.
 
-    One gradient per item of ``data`` (a re-iterable, cycled if shorter than ``num_grads``), the
+    One gradient per item of ``data`` (a re-iterable, cycled if shorter than ``gradients``), the
     model in eval mode (no dropout: the same batches give the same gradients), its train mode and
     ``.grad`` fields restored at the end (the user's accumulated gradients survive pruning).
-    ``counts["distinct"]`` (if given) is set to the number of distinct batches used: ``num_grads``,
+    ``counts["distinct"]`` (if given) is set to the number of distinct batches used: ``gradients``,
     or the length of one pass when ``data`` was cycled.
     """
     pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
@@ -118,9 +118,9 @@ def collect_gradients(
     saved_grads = [(p, p.grad) for p in model.parameters()]
     model.eval()
     seen = 0
-    bar = tqdm(total=num_grads, desc="Fisher gradients", disable=not progress, leave=False)
+    bar = tqdm(total=gradients, desc="Fisher gradients", disable=not progress, leave=False)
     try:
-        while seen < num_grads:
+        while seen < gradients:
             before = seen
             for item in data:
                 model.zero_grad(set_to_none=True)
@@ -141,7 +141,7 @@ def collect_gradients(
                 bar.update(1)
                 if len(pending[targets[0].name]) >= batch:
                     yield flush()
-                if seen >= num_grads:
+                if seen >= gradients:
                     break
             if seen == before:
                 raise ValueError("data yielded no batches: pass a re-iterable of batches")
@@ -252,7 +252,7 @@ def build_curvature(problem, group, curvature, call):
             problem.data.replay(),
             problem.loss_fn,
             group,
-            num_grads=curvature.gradients,
+            gradients=curvature.gradients,
             progress=call.progress,
             counts=counts,
         )

@@ -72,11 +72,10 @@ def _registered_method(name: str, kind: str) -> str:
     return name
 
 
-def _with(pipe: parts.Pipeline, **values) -> parts.Pipeline:
-    """``pipe`` with the settings of its parts set from a recipe's published fields (the one
-    place where ``num_grads``, ``damp`` and friends become the parts' own names); ``values`` are
-    ``name: (value, the modifier's default)``. A value other than the default for a setting no
-    part has is refused with one line."""
+def _with(pipe: parts.Pipeline, values: dict) -> parts.Pipeline:
+    """``pipe`` with the settings of its parts set from a recipe's published fields; ``values``
+    are ``setting: (value, the modifier's default)``. A value other than the default for a
+    setting no part has is refused with one line."""
     have = pipe.settings()
     for k, (v, default) in values.items():
         if k not in have and v != default:
@@ -117,9 +116,51 @@ class _Pruning(Modifier):
             global_sparsity=self.global_sparsity,
         )
 
+    #: the one mapping of published field names to the parts' settings: ``{setting: field}``
+    #: (``num_grads`` is ``gradients``, ``damp`` is ``fisher_damping`` or ``rel_damp``, ...)
+    PART_FIELDS: ClassVar[dict[str, str]] = {}
+
     def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
         """The parts this modifier runs, its published fields mapped onto their settings."""
-        return _with(pipeline(self.method), block_size=(parse_mask(self.mask_type).run, None))
+        fields = type(self).model_fields
+        run = parse_mask(self.mask_type).run  # magnitude's blocks: the mask's group
+        values = {"block_size": (run, run)}
+        for setting, name in self.PART_FIELDS.items():
+            value = self.grads_at(reached) if name == "num_grads" else getattr(self, name)
+            values[setting] = (value, fields[name].default)
+        return _with(pipeline(self.method), values)
+
+    def retarget(
+        self, *, method: str, sparsity: float, mask: str, settings: dict, params, per_layer: bool
+    ) -> _Pruning:
+        """This modifier switched to ``method`` at ``sparsity`` with ``mask``, the parts'
+        ``settings`` given (``None``: the recipe's own value) written as the published fields of
+        the modifier ``method`` needs (layer-wise, magnitude or gradient OBS)."""
+        pipe = pipeline(method)
+        kind = (
+            LayerwisePruningModifier
+            if pipe.layerwise
+            else OBSPruningModifier
+            if pipe.needs_gradients
+            else MagnitudePruningModifier
+        )
+        fields = self.model_dump()
+        fields.update(
+            final_sparsity=sparsity, init_sparsity=min(self.init_sparsity, sparsity), mask_type=mask
+        )
+        if kind is LayerwisePruningModifier and not isinstance(self, kind):
+            fields.pop("damp", None)  # a layer-wise damp is relative; an OBS one is absolute
+        if params is not None:
+            fields["params"] = params
+        for setting, name in kind.PART_FIELDS.items():
+            if settings.get(setting) is not None:
+                fields[name] = settings[setting]
+        if per_layer or kind is LayerwisePruningModifier:
+            fields["global_sparsity"] = False
+        fields = {k: v for k, v in fields.items() if k in kind.model_fields}
+        if "method_name" in kind.model_fields:
+            fields["method_name"] = method
+        return kind(**fields)
 
     @property
     def needs_data(self) -> bool:
@@ -256,16 +297,13 @@ class OBSPruningModifier(_Pruning):
     def _method(cls, v):
         return _registered_method(v, "needs_gradients")
 
-    def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
-        fields = type(self).model_fields
-        return _with(
-            pipeline(self.method),
-            gradients=(self.grads_at(reached), fields["num_grads"].default),
-            block_size=(self.fisher_block_size, fields["fisher_block_size"].default),
-            fisher_damping=(self.damp, fields["damp"].default),
-            recomputations=(self.num_recomputations, 1),
-            selection=(self.selection, fields["selection"].default),
-        )
+    PART_FIELDS: ClassVar[dict[str, str]] = {
+        "gradients": "num_grads",
+        "block_size": "fisher_block_size",
+        "fisher_damping": "damp",
+        "recomputations": "num_recomputations",
+        "selection": "selection",
+    }
 
     def grads_at(self, sparsity: float) -> int:
         """Gradients to collect when the pruned parameters are at ``sparsity``."""
@@ -362,14 +400,11 @@ class LayerwisePruningModifier(_Pruning):
             )
         return v
 
-    def pipeline(self, reached: float = 0.0) -> parts.Pipeline:
-        fields = type(self).model_fields
-        return _with(
-            pipeline(self.method),
-            batches=(self.num_calibration_batches, None),
-            rel_damp=(self.damp, fields["damp"].default),
-            sequential=(self.sequential, True),
-        )
+    PART_FIELDS: ClassVar[dict[str, str]] = {
+        "batches": "num_calibration_batches",
+        "rel_damp": "damp",
+        "sequential": "sequential",
+    }
 
 
 class SetLearningRateModifier(Modifier):
@@ -416,8 +451,14 @@ class DistillationModifier(Modifier):
     teacher: str | None = None  # model path; the CLI's --teacher overrides it
 
 
+#: keywords recipes written for earlier versions use, and the optimizers' names for them
+OPTIMIZER_RECIPE_NAMES = {"num_grads": "gradients", "damp": "damping"}
+
+
 class OptimizerModifier(Modifier):
-    """Chooses the optimizer (the recipe hook for the second-order optimizers)."""
+    """Chooses the optimizer (the recipe hook for the second-order optimizers). ``kwargs`` are
+    the optimizer's keywords; ``num_grads`` and ``damp`` are read as ``gradients`` and
+    ``damping``."""
 
     name: str = "adamw"
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -426,7 +467,10 @@ class OptimizerModifier(Modifier):
     def _known(self):
         from curvature.optim import check_optimizer
 
-        self.kwargs = check_optimizer(self.name, self.kwargs)
+        renamed = {OPTIMIZER_RECIPE_NAMES.get(k, k): v for k, v in self.kwargs.items()}
+        if len(renamed) != len(self.kwargs):
+            raise ValueError("kwargs: num_grads/damp and gradients/damping name one setting twice")
+        self.kwargs = check_optimizer(self.name, renamed)
         return self
 
 
