@@ -58,9 +58,9 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
     name, _, extra = row.partition(":")
     extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
 
-    from curvature.optim.registry import get as optimizer_row
     from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
     from curvature.optim import build_optimizer, needs_create_graph
+    from curvature.optim.registry import get as optimizer_row
 
     torch.manual_seed(0)
     if model_kind == "mlp":
@@ -517,7 +517,9 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
         x = torch.randn(d)
         base = timed(lambda g32=g32, x=x: g32 @ x)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            f = SlidingWindowFisherInverse(d, window=m, damping=1e-5, dtype=dtype, normalizer="window")
+            f = SlidingWindowFisherInverse(
+                d, window=m, damping=1e-5, dtype=dtype, normalizer="window"
+            )
             f.add_grad(g32)
             before = f.refactors
             t_mul = timed(lambda f=f, x=x: f.mul(x))

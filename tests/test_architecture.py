@@ -49,6 +49,10 @@ def test_layer_contract_holds():
         ("curvature/tasks/data.py", "import curvature.recipes.loader"),  # sibling layers
         ("kernels/obs.py", "import curvature.core.fisher"),  # kernels -> core
         ("curvature/optim/mfac.py", "import transformers"),  # engine -> Hugging Face
+        ("curvature/tasks/data.py", "import curvature.core.checks"),  # tasks are a leaf
+        ("curvature/cli/results.py", "import curvature.cli.sweep"),  # a circle in the CLI
+        ("curvature/cli/report.py", "import curvature.cli.jobs"),  # report -> jobs -> report
+        ("curvature/cli/outputs.py", "import curvature.cli.config"),  # siblings
     ],
 )
 def test_layer_contract_fails_on_a_wrong_import(tmp_path, module, bad_import):
@@ -200,3 +204,111 @@ def test_no_function_in_the_package_takes_more_than_8_positional_parameters():
     for name, args in optimizers.items():
         if name != "Combined":  # a wrapper of built optimizers: its one argument is the list
             assert args[2:] == ["lr"] and args[1] in ("params", "model"), (name, args)
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """``{module: curvature modules it imports}``, read from the source: top-level imports and
+    those made inside functions; ``kernels/`` is the installed ``curvature.kernels``."""
+    import ast
+
+    files = {}
+    for folder, prefix in (
+        (ROOT / "curvature", ["curvature"]),
+        (ROOT / "kernels", ["curvature", "kernels"]),
+    ):
+        for path in folder.rglob("*.py"):
+            parts = prefix + list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join(parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                graph[module] |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in files:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    graph[module].add(sub if sub in files else node.module)
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (or a module importing itself)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1 or v in graph[v]:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    """Every import in curvature/ and kernels/, inside functions too, as a graph: no circle."""
+    graph = _package_imports()
+    assert len(graph) > 60 and "curvature.cli.results" in graph["curvature.cli.report"]
+    assert _circles(graph) == []
+    # the check finds a circle when there is one (report -> sweep -> report)
+    graph["curvature.cli.report"].add("curvature.cli.sweep")
+    assert ["curvature.cli.report", "curvature.cli.sweep"] in [
+        [m for m in c if m in ("curvature.cli.report", "curvature.cli.sweep")]
+        for c in _circles(graph)
+    ]
+
+
+def test_no_function_in_the_package_is_over_100_lines():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "curvature").rglob("*.py")) + sorted(
+        (ROOT / "kernels").rglob("*.py")
+    ):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines}")
+    assert not long, long
+
+
+def _module_switches(source: str) -> list[str]:
+    """Module-level names bound to True/False: switches a caller would flip."""
+    import ast
+
+    out = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            if isinstance(node.value.value, bool):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                out += [t.id for t in targets if isinstance(t, ast.Name)]
+    return out
+
+
+def test_no_module_switch_in_the_command_line():
+    """A job's switches (such as a rank's private outputs) are fields of its typed
+    configuration, never module globals flipped by the caller."""
+    assert _module_switches("PRIVATE_OUTPUTS = False\nX: bool = True\n") == ["PRIVATE_OUTPUTS", "X"]
+    for path in sorted((ROOT / "curvature" / "cli").glob("*.py")):
+        assert _module_switches(path.read_text()) == [], path.name

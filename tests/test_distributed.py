@@ -414,7 +414,12 @@ def _make(kind, model):
     if kind == "mfac-sharded":
         shard = dist.is_initialized()
         return MFAC(
-            model.parameters(), lr=0.05, gradients=4, damping=0.1, fisher_dtype=F64, shard_window=shard
+            model.parameters(),
+            lr=0.05,
+            gradients=4,
+            damping=0.1,
+            fisher_dtype=F64,
+            shard_window=shard,
         )
     return MFAC(model.parameters(), lr=0.05, gradients=4, damping=0.1, fisher_dtype=F64)
 

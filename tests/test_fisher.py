@@ -125,8 +125,14 @@ def test_estimate_bytes_matches_allocation():
         (dict(num_params=5, gradients=0, damping=1.0), "gradients must be a positive integer"),
         (dict(num_params=5, gradients=4, damping=0.0), "damping must be > 0"),
         (dict(num_params=5, gradients=4, damping=-1e-3), "damping must be > 0"),
-        (dict(num_params=5, gradients=4, damping=float("nan")), "damping must be a positive finite"),
-        (dict(num_params=5, gradients=4, damping=1.0, block_size=0), "block_size must be a positive"),
+        (
+            dict(num_params=5, gradients=4, damping=float("nan")),
+            "damping must be a positive finite",
+        ),
+        (
+            dict(num_params=5, gradients=4, damping=1.0, block_size=0),
+            "block_size must be a positive",
+        ),
         (dict(num_params=5, gradients=4, damping=1.0, algorithm="lu"), "algorithm must be one of"),
     ],
 )

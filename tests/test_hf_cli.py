@@ -365,7 +365,12 @@ def test_command_line_values_are_yaml():
     from curvature.optim import build_optimizer
 
     kw = _overrides(["hybrid=false", "exclude=[classifier, pooler]", "damping=1e-4", "inv_freq=2"])
-    assert kw == {"hybrid": False, "exclude": ["classifier", "pooler"], "damp": 1e-4, "inv_freq": 2}
+    assert kw == {
+        "hybrid": False,
+        "exclude": ["classifier", "pooler"],
+        "damping": 1e-4,
+        "inv_freq": 2,
+    }
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     opt = build_optimizer("mkor", model, lr=0.1, **kw)
     assert opt.hybrid is False and list(opt.exclude) == ["classifier", "pooler"]
@@ -382,7 +387,7 @@ def test_mask_the_model_cannot_hold_is_refused_before_training(assets, tmp_path,
 
 
 def test_prune_job_resumes_after_an_interruption(assets, tmp_path, monkeypatch):
-    from curvature.cli.jobs import checkpoint_dir
+    from curvature.cli.outputs import checkpoint_dir
     from curvature.integrations.hf import RecipeCallback
 
     text = RECIPE.replace("MASK", "unstructured")
@@ -488,3 +493,52 @@ def test_obert_syntax_recipe_with_more_pruning_points_than_steps(assets, tmp_pat
     assert len({s["epoch"] for s in steps}) == len(steps)
     assert targets[-1] == pytest.approx(0.6) and metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert metrics["dense"] is not None
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """A toy optimizer registered by the test below: sign of the gradient times lr."""
+
+    built = 0
+
+    def __init__(self, params, lr: float, *, scale: float = 1.0):
+        type(self).built += 1
+        super().__init__(params, dict(lr=lr, scale=scale))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-g["lr"] * g["scale"])
+
+
+def test_a_new_optimizer_is_one_registry_line(assets, tmp_path, capsys, monkeypatch):
+    """Registered once, an optimizer is known to build_optimizer (keywords checked by type), to a
+    recipe's !OptimizerModifier and to `curvature train`, which builds it exactly once."""
+    from curvature.optim import registry
+    from curvature.recipes import load_recipe
+
+    monkeypatch.setattr(registry.OPTIMIZERS, "_entries", dict(registry.OPTIMIZERS._entries))
+    registry.register("signsgd", lambda: _SignSGD, lr=1e-3, defaults={"scale": 0.5})
+
+    from curvature.optim import build_optimizer
+
+    opt = build_optimizer("signsgd", torch.nn.Linear(2, 2), lr=0.1, scale="2")
+    assert isinstance(opt, _SignSGD) and opt.param_groups[0]["scale"] == 2.0
+    with pytest.raises(ValueError, match=r"unexpected keyword 'scal'.*did you mean 'scale'"):
+        build_optimizer("signsgd", torch.nn.Linear(2, 2), lr=0.1, scal=1)
+    recipe = tmp_path / "opt.yaml"
+    recipe.write_text("modifiers:\n  - !OptimizerModifier {name: signsgd, kwargs: {scale: 3}}\n")
+    assert load_recipe(str(recipe)).modifiers[0].kwargs == {"scale": 3.0}
+
+    model_dir, data = assets
+    _SignSGD.built = 0
+    out = tmp_path / "train-signsgd"
+    argv = ["train", "--optimizer", "signsgd", "--model", str(model_dir), "--data", str(data)]
+    assert main([*argv, "--output", str(out), "--max-steps", "3", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["optimizer_class"] == "_SignSGD" and m["optimizer_kwargs"] == {"scale": 0.5}
+    assert m["lr"] == 1e-3 and m["steps"] == 3
+    assert _SignSGD.built == 1
+    assert main([*argv, "--output", str(tmp_path / "x"), "--opt", "scale=fast"]) == 2
+    assert "scale must be float" in capsys.readouterr().err

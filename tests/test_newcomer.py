@@ -105,7 +105,7 @@ def test_cli_prints_warnings_as_one_line_and_reports_skips(assets, tmp_path, cap
 
 
 def test_partial_outputs_cleaned_named_and_files_follow_the_umask(assets, tmp_path, capsys):
-    from curvature.cli.jobs import _atomic_output
+    from curvature.cli.outputs import atomic_output as _atomic_output
 
     out = tmp_path / "o"
     with pytest.raises(RuntimeError), _atomic_output(out):

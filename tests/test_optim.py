@@ -358,7 +358,9 @@ def test_mkor_with_identity_factors_equals_base_optimizer(base, monkeypatch):
 
 def test_mkor_stabiliser_blends_not_resets():
     model = mlp()
-    opt = MKOR(model, lr=0.01, damping=1.0, decay=0.5, stability_threshold=10.0, stability_blend=0.5)
+    opt = MKOR(
+        model, lr=0.01, damping=1.0, decay=0.5, stability_threshold=10.0, stability_blend=0.5
+    )
     f = opt.layers[1].right
     f.inverse = torch.diag(torch.tensor([100.0, 1.0, 1.0], dtype=F64))  # blew up in one direction
     opt._stabilise(f)

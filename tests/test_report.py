@@ -15,7 +15,7 @@ import pytest
 
 from curvature.cli.main import main
 from curvature.cli.report import render_folder
-from curvature.cli.sweep import point_name
+from curvature.cli.results import point_name
 from curvature.tasks import stats
 
 LABELS = ["business", "sport", "tech"]

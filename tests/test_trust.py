@@ -159,7 +159,7 @@ def test_pruning_keeps_the_users_gradients():
 def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
 
-    from curvature.cli.sweep import plot
+    from curvature.cli.results import plot
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")

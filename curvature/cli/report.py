@@ -16,17 +16,17 @@ import html
 import json
 from pathlib import Path
 
-from curvature.cli.sweep import (
-    METRICS,
-    SweepError,
-    _groups,
-    cell,
-    delta_cell,
+from curvature.cli.outputs import SweepError
+from curvature.cli.results import (
+    aggregate,
+    columns,
+    groups,
     load_points,
     load_units,
     markdown_table,
     plot,
-    point_name,
+    plot_baseline,
+    render_report,
 )
 
 SHOW_EXAMPLES = 5  # texts of the first PIEs / worst documents shown per point
@@ -46,11 +46,11 @@ def _json(path: Path):
 def _loaded(folder: Path, points: list[dict]):
     """``(dense units or None, [(points of a group, their units per seed)])`` for every
     non-dense group whose predictions are all saved."""
-    groups = _groups(points)
-    dense = groups.get(("dense", "-", "-", 0.0))
+    by_key = groups(points)
+    dense = by_key.get(("dense", "-", "-", 0.0))
     d_units = load_units(folder, dense[0]) if dense else None
     loaded = []
-    for key, pts in groups.items():
+    for key, pts in by_key.items():
         if key[0] == "dense":
             continue
         units = [load_units(folder, p) for p in pts]
@@ -181,9 +181,9 @@ def sweep_sections(folder: Path, rows: list[dict], points: list[dict]) -> list[t
 
     pies = pies_rows(folder, points)
     dense_units = None
-    groups = _groups(points)
-    if ("dense", "-", "-", 0.0) in groups:
-        dense_units = load_units(folder, groups[("dense", "-", "-", 0.0)][0])
+    by_key = groups(points)
+    if ("dense", "-", "-", 0.0) in by_key:
+        dense_units = load_units(folder, by_key[("dense", "-", "-", 0.0)][0])
     if dense_units is not None and "prediction" in dense_units:
         n = len(dense_units["id"])
         lines = [
@@ -358,8 +358,6 @@ def write_sweep_report(folder: Path, rows: list[dict], points: list[dict] | None
         plot(rows, folder / "metric_vs_size.png", x="size")
     if any("latency_ms_dense" in r for r in rows):
         plot(rows, folder / "metric_vs_latency.png", x="latency")
-    from curvature.cli.sweep import plot_baseline
-
     if not plot_baseline(rows, folder / "against_baseline.png"):
         (folder / "against_baseline.png").unlink(missing_ok=True)
     sections = sweep_sections(folder, rows, points)
@@ -377,8 +375,6 @@ def _classified(folder: Path) -> bool:
 
 
 def prune_sections(metrics: dict) -> list[tuple]:
-    from curvature.cli.jobs import render_report
-
     return [("Run", render_report(metrics).splitlines()[2:], None)]
 
 
@@ -389,11 +385,37 @@ def write_prune_report(folder: Path) -> None:
     _write(folder / "report.html", _html(title, prune_sections(metrics), folder))
 
 
+def render(
+    folder: str | Path, points: list[dict] | None = None, baseline: str | None = None
+) -> None:
+    """Write results.csv|json|md, the plots and the report of a sweep folder from its points and
+    saved predictions (intervals, seeds, PIEs and calibration are computed here). ``baseline``:
+    a method to compare every other with (default: the one ``sweep.json`` records, if any)."""
+    folder = Path(folder)
+    points = load_points(folder) if points is None else points
+    if not points:
+        raise SweepError(f"{folder} has no finished sweep points (points.jsonl)")
+    if baseline is None and (folder / "sweep.json").is_file():
+        baseline = json.loads((folder / "sweep.json").read_text()).get("baseline")
+    if baseline is not None and not any(p["method"] == baseline for p in points):
+        raise SweepError(
+            f"--baseline {baseline!r}: no point of that method in {folder}; methods there: "
+            f"{', '.join(sorted({p['method'] for p in points}))}"
+        )
+    rows = aggregate(folder, points, baseline)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (folder / "results.json").write_text(json.dumps(rows, indent=2))
+    (folder / "results.md").write_text(markdown_table(rows))
+    plot(rows, folder / "accuracy_vs_sparsity.png")
+    write_sweep_report(folder, rows, points)
+
+
 def render_folder(folder: str | Path, baseline: str | None = None) -> Path:
     """Render a sweep folder (``points.jsonl``) or a prune run (``metrics.json``) again; returns
     the Markdown file written. ``baseline``: a sweep's method to compare the others with."""
-    from curvature.cli.sweep import render
-
     folder = Path(folder)
     if not folder.is_dir():
         raise SweepError(f"report: {folder} is not a folder")
@@ -401,8 +423,6 @@ def render_folder(folder: str | Path, baseline: str | None = None) -> Path:
         render(folder, baseline=baseline)
         return folder / "report.md"
     if (folder / "metrics.json").is_file():
-        from curvature.cli.jobs import render_report
-
         if baseline is not None:
             raise SweepError("report: --baseline compares the methods of a sweep folder")
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -414,4 +434,4 @@ def render_folder(folder: str | Path, baseline: str | None = None) -> Path:
     )
 
 
-__all__ = ["METRICS", "cell", "delta_cell", "point_name", "render_folder", "write_sweep_report"]
+__all__ = ["render", "render_folder", "write_prune_report", "write_sweep_report"]

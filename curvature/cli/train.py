@@ -16,37 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
-from curvature.cli.jobs import JobError, _atomic_output, _check_output, load_for_job, training_args
+from curvature.cli.config import DataConfig, load_for_job, training_args
+from curvature.cli.outputs import JobError, atomic_output, check_output
 
 
-@dataclass
-class TrainJob:
+@dataclass(kw_only=True)
+class TrainJob(DataConfig):
     optimizer: str = "adamw"
-    model: str = "default"
-    data: str = "bbc-news"
     output: str | None = "runs/train"  # None: do not save the model (benchmarks)
     lr: float | None = None  # None: the optimizer's registered fine-tuning default
     optimizer_kwargs: dict | None = None  # merged over its registered default keywords
     epochs: float = 1.0
     max_steps: int | None = None
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    max_train: int | None = None
-    max_eval: int | None = None
-    max_length: int = 128
     eval_every: int | None = None
-    seed: int = 0
     overwrite: bool = False
-    progress: bool = True
-    threads: int | None = None
-    task: str | None = None  # None: inferred from the data and the model
-    doc_stride: int | None = None
-    eval_split: str | None = None
-    eval_data: str | None = None  # a separate validation file
-    eval_stride: int | None = None  # causal LM: the evaluation window's stride
 
     def resolved(self) -> tuple[float, dict]:
         """The learning rate and the checked keywords (defaults under the user's)."""
@@ -112,14 +97,18 @@ def run_train(job: TrainJob) -> dict:
     lr, kwargs = job.resolved()
     out = Path(job.output) if job.output else None
     if out is not None:
-        _check_output(out, job.overwrite)
+        check_output(out, job.overwrite)
     if job.eval_every is not None and job.eval_every < 1:
         raise JobError(f"--eval-every must be a positive number of steps, got {job.eval_every}")
     p = load_for_job(job)
     model, tokenizer = p.model, p.tokenizer
 
     start = time.perf_counter()
-    output = _atomic_output(out) if out else tempfile.TemporaryDirectory(prefix="curvature-train-")
+    output = (
+        atomic_output(out, private=job.private_outputs)
+        if out
+        else tempfile.TemporaryDirectory(prefix="curvature-train-")
+    )
     with output as tmp:
         args = training_args(
             job,

@@ -84,7 +84,11 @@ class MFAC(Optimizer):
         checks.in_range("momentum", momentum, 0, 1, "[)")
         checks.nonnegative("weight_decay", weight_decay)
         defaults = dict(
-            lr=lr, gradients=gradients, damping=damping, momentum=momentum, weight_decay=weight_decay
+            lr=lr,
+            gradients=gradients,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
         self.fisher_dtype = fisher_dtype

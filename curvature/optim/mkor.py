@@ -150,7 +150,9 @@ class _LayerState:
         self.left = KroneckerFactorInverse(
             in_dim + int(self.has_bias), decay=decay, damping=damping, device=dev, form=form
         )
-        self.right = KroneckerFactorInverse(out_dim, decay=decay, damping=damping, device=dev, form=form)
+        self.right = KroneckerFactorInverse(
+            out_dim, decay=decay, damping=damping, device=dev, form=form
+        )
         # statistics of the micro-batches since the last step: sums and counts
         self._a_sum: torch.Tensor | None = None
         self._g_sum: torch.Tensor | None = None

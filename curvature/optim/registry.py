@@ -81,6 +81,10 @@ class Optimizer:
         allowed = self.keywords()
         out = {}
         for key, value in kwargs.items():
+            if key in self.fixed:
+                if value != self.fixed[key]:
+                    raise ValueError(self._fixed_error(key, value))
+                continue  # the value the name already sets
             if key not in allowed:
                 near = difflib.get_close_matches(str(key), list(allowed), n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -102,6 +106,11 @@ class Optimizer:
                     + (" (a list is written [a, b])" if isinstance(value, str) else "")
                 ) from None
         return out
+
+    def _fixed_error(self, key: str, value) -> str:
+        same = [n for n in OPTIMIZERS if OPTIMIZERS.get(n).fixed.get(key, object()) == value]
+        hint = f"; optimizer {same[0]} is {key}={value!r}" if same else ""
+        return f"optimizer {self.name} is {key}={self.fixed[key]!r}{hint}"
 
     def build(self, model: torch.nn.Module, *, lr: float, **kwargs) -> torch.optim.Optimizer:
         """The optimizer for ``model``'s trainable parameters (or the model itself)."""
@@ -170,9 +179,7 @@ register(
     defaults={"weight_decay": 0.01},
     description="torch.optim.AdamW, the first-order baseline",
 )
-register(
-    "sgd", lambda: torch.optim.SGD, lr=1e-2, defaults={"momentum": 0.9}, description="SGD"
-)
+register("sgd", lambda: torch.optim.SGD, lr=1e-2, defaults={"momentum": 0.9}, description="SGD")
 register(
     "adahessian",
     lambda: AdaHessian,
