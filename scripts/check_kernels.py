@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             f.write(
                 "# Kernel compile and resource check\n\n"
                 "`python scripts/check_kernels.py --markdown docs/check-kernels.md` "
-                "(no GPU needed; CI runs it through `tests/test_check_kernels.py`).\n\n"
+                "(no GPU needed; CI runs it through `tests/kernel/test_check_kernels.py`).\n\n"
                 f"{summary}\n\n{text}\n"
             )
     for r in bad:

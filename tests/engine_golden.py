@@ -37,14 +37,11 @@ def case_key(method, selection, mask, sparsity, global_sparsity) -> str:
     return f"{method}-{selection}-{mask.replace(':', 'of')}-{sparsity}-{where}"
 
 
-def tiny_bert():
-    from tiny import tiny_bert_config
-    from transformers import BertForSequenceClassification
+def golden_bert():
+    """The shared tiny BERT at the golden file's size, without dropout, in float64."""
+    from models import tiny_bert
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(vocab_size=17, num_labels=2))
-    model.eval()
-    return model.double()
+    return tiny_bert(vocab_size=17, num_labels=2).eval().double()
 
 
 def fixed_batches(n=12, batch=4, length=10):
@@ -65,7 +62,7 @@ def loss_fn(model, batch):
 def run_case(method, selection, mask, sparsity, global_sparsity) -> dict[str, torch.Tensor]:
     from curvature.pruning import pipeline, prune
 
-    model = tiny_bert()
+    model = golden_bert()
     report = prune(
         model,
         fixed_batches(),

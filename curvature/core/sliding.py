@@ -20,7 +20,7 @@ factorisation. After each update the changed column of ``A B - I`` is checked; w
 ``1e-6`` (nearly rank-deficient windows with a small ``damping``, where the update loses digits),
 and every ``refresh_every`` updates, ``B`` is recomputed from a Cholesky factor of the Gram
 matrix. Products solve with ``B`` and two steps of iterative refinement against ``A`` itself, so
-they keep the accuracy of a direct Cholesky solve (``tests/test_sliding_kronecker.py``). The
+they keep the accuracy of a direct Cholesky solve (``tests/core/test_sliding_kronecker.py``). The
 reference code refactors an LU without pivoting every step, which PyTorch implements only on
 CUDA.
 

@@ -16,7 +16,7 @@ estimate is folded into ``v`` at every step between refreshes and the bias corre
 averaging: 4-D (Conv2d) over the kernel's spatial dims, 3-D (Conv1d) over the last dim (the
 authors' general version), 1-D and 2-D over consecutive blocks of ``block_length`` along the last
 dim (1: none, the authors' vision default; the reference's blocks run over the flattened tensor,
-the same whenever ``block_length`` divides the row length). ``tests/test_optim_fidelity.py``
+the same whenever ``block_length`` divides the row length). ``tests/optim/test_optim_fidelity.py``
 checks 20 steps against a dense float64 transcription of the reference on an MLP and a conv net.
 
 With ``n_samples > 1`` the probes are averaged before the absolute value (an estimate of

@@ -12,7 +12,7 @@ included),
 The window starts as ``m`` zero vectors and the divisor is always ``m``, as in the reference
 (``warmup="window"``). ``warmup="seen"`` divides by the vectors seen so far instead (a deliberate,
 switchable deviation that keeps the Fisher's scale in the first ``m`` steps); the default follows
-the measurement in ``docs/bench-optim.md``. ``tests/test_optim_fidelity.py`` checks 20 steps
+the measurement in ``docs/bench-optim.md``. ``tests/optim/test_optim_fidelity.py`` checks 20 steps
 against a dense float64 transcription of the reference on an MLP and a conv net.
 
 ``F^-1`` is applied matrix-free through :class:`~curvature.SlidingWindowFisherInverse`

@@ -24,7 +24,7 @@ takes the step:
            G \leftarrow U \cdot \frac{\lVert dW \rVert + \lVert db \rVert}
                                         {\lVert U_W \rVert + \lVert U_b \rVert}.
 
-``tests/test_optim_fidelity.py`` checks 20 steps against a dense float64 transcription of the
+``tests/optim/test_optim_fidelity.py`` checks 20 steps against a dense float64 transcription of the
 reference on an MLP and a conv net (``inv_freq`` 1 and 3).
 
 Gradient accumulation: when several backward passes run before a step, ``a`` and ``g`` are
@@ -66,7 +66,7 @@ rate-based" return to the first-order method once second-order steps stop paying
 equation, threshold or window, and the authors' public code has no MKOR-H (their BERT example
 resumes an MKOR checkpoint with LAMB by hand). The window / ratio / patience rule and its
 defaults are therefore this toolkit's reading of that sentence, not a transcription;
-``tests/test_optim.py`` pins the exact step at which it fires, the reset of the patience count,
+``tests/optim/test_optim.py`` pins the exact step at which it fires, the reset of the patience count,
 and that the steps after the switch are the base optimizer's alone.
 
 Layers are excluded by name or ``re:`` pattern (``exclude``), e.g. a 30k-wide vocabulary

@@ -67,7 +67,7 @@ def take_at_threshold(costs: list[torch.Tensor], threshold, need: int) -> list[t
 
 def take_cheapest_by_sorting(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """:func:`take_cheapest` as one stable sort of every cost: the reference it must equal
-    (``tests/test_trust.py``) and the method it replaced (``scripts/bench_pruning.py``);
+    (``tests/project/test_trust.py``) and the method it replaced (``scripts/bench_pruning.py``);
     ``O(n log n)`` in the number of costs. CPU tensors."""
     flat = [monotone(c) for c in costs]
     allv = torch.cat([f.flatten() for f in flat])

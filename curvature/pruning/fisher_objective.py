@@ -32,7 +32,7 @@ With ``a = b = 0`` (or uniform gradients) ``r = 1`` and ``H_s = H``: the unweigh
 
 Token weights are off by default: the empirical ``g_t^2`` of one token is a one-sample estimate
 of that token's Fisher, and weighting ``H`` by it shrinks the calibration set's effective size.
-On the constructed layer of ``tests/test_layer_parts.py`` (outputs read with scales spanning
+On the constructed layer of ``tests/pruning/test_layer_parts.py`` (outputs read with scales spanning
 three decades, labels drawn from the model) token weights raised the held-out KL of SparseGPT at
 2:4 from 0.477 to 0.565 (``b = 0.5``) and 0.646 (``b = 1``), while row weights lowered it at 70%
 unstructured from 1.36 to 1.01 (``a = 0.5``) and 0.017 (``a = 1``).

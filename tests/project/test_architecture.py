@@ -16,7 +16,7 @@ from curvature.pruning import METHODS, PruneSettings, parts, pipeline, prune, re
 from curvature.pruning.curvatures import Curvature, CurvatureBlocks
 from curvature.pruning.solvers import ScoreOnly
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess:

@@ -82,7 +82,7 @@ def test_a_new_part_prunes_from_a_recipe(tmp_path, ramp):
 
 
 def test_a_new_part_prunes_from_the_sweep_command(tmp_path, ramp):
-    from tiny import make_corpus, make_task_model_dir
+    from models import make_corpus, make_task_model_dir
 
     from curvature.cli.main import main
 

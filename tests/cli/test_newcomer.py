@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import make_csv, make_model_dir
+from models import make_csv, make_model_dir
 
 from curvature.cli.main import main
 from curvature.pruning import parts, prune

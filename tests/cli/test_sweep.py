@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from tiny import make_csv, make_model_dir
+from models import make_csv, make_model_dir
 
 from curvature.cli.main import main
 from curvature.cli.sweep import SweepConfig, SweepError, load_points, run_sweep

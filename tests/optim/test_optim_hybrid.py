@@ -7,20 +7,14 @@ import copy
 
 import pytest
 import torch
+from models import tiny_bert, tiny_llama_config
 
 from curvature.optim import build_optimizer
 from curvature.optim.hybrid import Combined, MuonAdamW, muon_split
 
 
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-    )  # fmt: skip
-    return BertForSequenceClassification(cfg)
+    return tiny_bert(vocab_size=40, num_labels=3)
 
 
 def _batch():
@@ -45,13 +39,9 @@ def test_split_puts_hidden_matrices_on_muon_and_the_rest_on_adamw():
 
 
 def test_tied_embedding_stays_on_adamw():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(tiny_llama_config(50, tie_word_embeddings=True))
     muon, rest = muon_split(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(p is not model.lm_head.weight for p in muon)

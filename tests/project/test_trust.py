@@ -5,7 +5,7 @@ Each test here failed on the engine and manager before the fixes it guards.
 
 import pytest
 import torch
-from engine_golden import fixed_batches, loss_fn, tiny_bert
+from engine_golden import fixed_batches, golden_bert, loss_fn
 
 from curvature.core import FisherInverse
 from curvature.pruning import parts, prune
@@ -36,7 +36,7 @@ def shuffled_loader():
 
 
 def _prune_bert(max_memory, selection="greedy", mask="unstructured", sparsity=0.6):
-    model = tiny_bert()
+    model = golden_bert()
     counting = CountingLoss()
     report = prune(
         model,
@@ -64,7 +64,7 @@ def _fisher_bytes(model):
 @pytest.mark.parametrize("selection,mask", [("greedy", "unstructured"), ("independent", "block4")])
 @pytest.mark.parametrize("groups", [2, 3])
 def test_memory_groups_give_the_same_answer_as_no_split(groups, selection, mask):
-    per_target = _fisher_bytes(tiny_bert())
+    per_target = _fisher_bytes(golden_bert())
     budget = -(-sum(per_target) // groups)  # cannot fit in fewer than `groups` groups
     ref_model, ref, ref_calls = _prune_bert(None, selection, mask)
     model, rep, calls = _prune_bert(budget, selection, mask)
@@ -96,7 +96,7 @@ modifiers:
 
 
 def test_overtaken_pruning_points_are_never_replayed():
-    model = tiny_bert()
+    model = golden_bert()
     manager = RecipeManager(parse_recipe(SCHEDULE.format(leave="true"), "r.yaml"), model)
     calls = 0
     for k in range(0, 9):  # a step every 0.25 epoch: coarser than the 0.1 pruning points
@@ -110,7 +110,7 @@ def test_overtaken_pruning_points_are_never_replayed():
 
 
 def test_masks_released_after_end_epoch_when_leave_enabled_is_false():
-    model = tiny_bert()
+    model = golden_bert()
     manager = RecipeManager(parse_recipe(SCHEDULE.format(leave="false"), "r.yaml"), model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     manager.masks.attach(model, opt)
@@ -149,7 +149,7 @@ def test_allocation_by_threshold_equals_a_stable_sort(seed):
 
 
 def test_pruning_keeps_the_users_gradients():
-    model = tiny_bert()
+    model = golden_bert()
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     prune(model, fixed_batches(), loss_fn=loss_fn, sparsity=0.5, params=BERT_PARAMS, progress=False, method=parts.OBS(gradients=4, block_size=8, fisher_damping=1e-4))  # fmt: skip
@@ -189,7 +189,7 @@ def test_trainer_does_not_mutate_the_callers_training_arguments(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_grad_norm=1.0, report_to=[], use_cpu=True
     )
-    trainer = RecipeTrainer(model=tiny_bert().float(), args=args, optimizer_name="adahessian")
+    trainer = RecipeTrainer(model=golden_bert().float(), args=args, optimizer_name="adahessian")
     assert trainer.args.max_grad_norm == 0.0
     assert args.max_grad_norm == 1.0
 
@@ -223,7 +223,7 @@ def _resume_run(out_dir, stop_at=None, resume=None):
                 control.should_training_stop = True
 
     torch.manual_seed(0)
-    model = tiny_bert().float()
+    model = golden_bert().float()
     gen = torch.Generator().manual_seed(5)
     rows = [
         {"input_ids": torch.randint(5, 17, (8,), generator=gen), "labels": int(i % 2)}
@@ -267,11 +267,11 @@ def test_gradual_pruning_resumes_from_a_checkpoint(tmp_path):
 
 
 def test_manager_and_masks_round_trip_their_state():
-    model = tiny_bert()
+    model = golden_bert()
     recipe = parse_recipe(SCHEDULE.format(leave="true"), "r.yaml")
     a = RecipeManager(recipe, model)
     a.step(0.5, grad_data=fixed_batches(), loss_fn=loss_fn, progress=False)
-    b = RecipeManager(recipe, tiny_bert())
+    b = RecipeManager(recipe, golden_bert())
     b.load_state_dict(a.state_dict())
     assert b.history == a.history and b.due(0.5) == [] and b.due(0.6) == a.due(0.6)
     assert all(torch.equal(b.masks.get(n), m) for n, m in a.masks.masks.items())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import (
+from models import (
     QA_WORDS,
     make_corpus,
     make_csv,
@@ -26,8 +26,8 @@ from curvature.tasks import lm, qa
 from curvature.tasks.data import DataError
 from curvature.tasks.kinds import classification_eval, infer_task, prepare
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "published-recipes" / "obert"
-ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "published-recipes" / "obert"
+ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- SQuAD metric
 

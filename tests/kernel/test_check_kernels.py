@@ -16,7 +16,7 @@ from curvature.kernels import adahessian, obs, specs, woodbury
 
 from curvature import kernels
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_kernels.py"
 pytestmark = pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="Triton is not installed")
 

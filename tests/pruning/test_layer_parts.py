@@ -314,7 +314,7 @@ def test_method_names_with_parts_and_bad_parts_are_one_clear_line():
 def test_a_sweep_runs_methods_with_parts_beside_their_base(tmp_path):
     """``--methods sparsegpt,sparsegpt+reconstruct,magnitude+reconstruct``: each is its own curve
     (magnitude with reconstruct reads calibration data, so it repeats over seeds)."""
-    from tiny import make_corpus, make_task_model_dir
+    from models import make_corpus, make_task_model_dir
 
     from curvature.cli.sweep import SweepConfig, run_sweep
 

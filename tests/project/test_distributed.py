@@ -488,8 +488,8 @@ def cli(tmp_path):
     """A tiny model folder, data file and gradual OBS recipe for the commands."""
     from types import SimpleNamespace
 
-    from test_hf_cli import RECIPE, write_recipe
-    from tiny import make_csv, make_model_dir
+    from models import make_csv, make_model_dir
+    from test_prune_and_train import RECIPE, write_recipe
 
     return SimpleNamespace(
         model=str(make_model_dir(tmp_path / "model")),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny import make_csv, make_model_dir
+from models import make_csv, make_model_dir
 
 from curvature.cli.main import main
 

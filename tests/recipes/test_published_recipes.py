@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_bert_config
+from models import tiny_bert_config
 
 from curvature.recipes import RecipeManager, load_recipe
 from curvature.recipes.schema import (
@@ -19,7 +19,7 @@ from curvature.recipes.schema import (
     SetWeightDecayModifier,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "published-recipes"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "published-recipes"
 OBERT = sorted((SHARED / "obert").glob("*.yaml"))
 MFAC = sorted((SHARED / "mfac").glob("*.md"))
 

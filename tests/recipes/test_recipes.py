@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_bert_config
+from models import tiny_bert, tiny_bert_config, tiny_llama_config
 
 from curvature.recipes import RecipeError, RecipeManager, load_recipe, parse_recipe
 from curvature.recipes.schema import OBSPruningModifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 LEGACY = """---
 # a Markdown recipe in the older format, front matter between --- lines
@@ -63,13 +63,6 @@ distillation_modifiers:
 """
 
 
-def tiny_bert(num_labels=3):
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(tiny_bert_config(64, num_labels))
-
-
 def test_legacy_recipe_parses():
     r = parse_recipe(LEGACY, "legacy.md")
     (obs,) = r.of(OBSPruningModifier)
@@ -81,7 +74,7 @@ def test_legacy_recipe_parses():
 
 def test_schedule_and_lr_from_recipe():
     r = parse_recipe(LEGACY)
-    m = RecipeManager(r, tiny_bert())
+    m = RecipeManager(r, tiny_bert(num_labels=3))
     sched = m.pruning_schedule()
     assert [e for e, _, _ in sched] == list(range(2, 27, 2))
     assert sched[0][2] == pytest.approx(0.7) and sched[-1][2] == pytest.approx(0.9)
@@ -173,7 +166,7 @@ def test_params_checked_against_model_before_training():
         ValueError,
         match="'bert.encoder.layer.0.output.dens.weight' matches no parameter.*nearest parameter names: bert.encoder.layer.0.output.dense.weight",
     ):
-        RecipeManager(r, tiny_bert())
+        RecipeManager(r, tiny_bert(num_labels=3))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -185,10 +178,7 @@ def test_shipped_recipes_validate_and_match_bert(path):
 
     r = load_recipe(path)
     if "smollm2" in path.name:  # a decoder recipe: a tiny model with SmolLM2's parameter names
-        model = tf.LlamaForCausalLM(
-            tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1)
-        )  # fmt: skip
+        model = tf.LlamaForCausalLM(tiny_llama_config(64))
         manager = RecipeManager(r, model)
         assert len(manager.pruned_param_names) == 14
         return

@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from models import batches, ce_loss, full_loss, prune_kw
-from tiny import make_task_model_dir
+from models import batches, ce_loss, full_loss, make_task_model_dir, prune_kw
 
 from curvature.pruning import layer_obs, parts, pipeline, prune
 from curvature.pruning.parts import SparseGPT
@@ -354,7 +353,7 @@ def test_prune_cli_oneshot_layerwise_saves_zeros_metadata_and_a_compressed_copy(
     import json
 
     import transformers
-    from tiny import make_corpus
+    from models import make_corpus
 
     from curvature.cli.main import main
     from curvature.integrations.compress import load_compressed
@@ -404,7 +403,7 @@ def test_layerwise_recipe_fields_are_checked():
 def test_sweep_compares_layerwise_and_magnitude_per_layer(tmp_path):
     import json
 
-    from tiny import make_corpus
+    from models import make_corpus
 
     from curvature.cli.sweep import SweepConfig, run_sweep
 
@@ -496,7 +495,7 @@ def test_a_gradual_sweep_recipe_becomes_a_layerwise_one():
     from curvature.recipes import load_recipe
     from curvature.recipes.schema import LayerwisePruningModifier, OBSPruningModifier
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "sweep-gradual-minilm.yaml"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "sweep-gradual-minilm.yaml"
     original = load_recipe(path)
     cfg = SweepConfig(output="unused", methods=["sparsegpt"], batches=16, mask="2:4")
     recipe = _recipe_for(load_recipe(path), "sparsegpt", 0.5, cfg)
