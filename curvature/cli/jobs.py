@@ -81,10 +81,10 @@ def _recipe_trainer(job, manager, p, epochs, output_dir, *, logging, saving=None
     )
 
 
-def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
+def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> tuple[dict, dict]:
     """The dense model trained for the same steps as the pruned run: the same recipe without its
     pruning and distillation modifiers (learning-rate and epoch modifiers kept), the same seed,
-    data order, batch size and optimizer; its validation metrics, and the steps.
+    data order, batch size and optimizer; its validation metrics with the steps, and its units.
     ``work`` (inside the job's partial output, so removed with it) holds the Trainer's files."""
     from curvature.integrations.hf import RecipeCallback
     from curvature.recipes import RecipeManager
@@ -105,8 +105,8 @@ def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> dict:
     result = trainer.train()
     shutil.rmtree(work, ignore_errors=True)
     ev = p.evaluate(model, progress=job.progress, desc="eval dense baseline")
-    ev.pop("units", None)
-    return {**ev, "steps": result.global_step, "epochs": epochs}
+    units = ev.pop("units", None)
+    return {**ev, "steps": result.global_step, "epochs": epochs}, units
 
 
 @torch.no_grad()
@@ -248,11 +248,11 @@ def _save(run: _Run, tmp: Path, start: float) -> None:
     manager.masks.apply(model)
     metrics["pruned"] = p.evaluate(model, progress=job.progress, desc="eval pruned")
     run.units["pruned"] = metrics["pruned"].pop("units", None)
-    _add_intervals(metrics, run.units, tmp)
     if job.dense_baseline:
-        metrics["dense_equal_budget"] = _dense_baseline(
+        metrics["dense_equal_budget"], run.units["dense_equal_budget"] = _dense_baseline(
             job, run.recipe, run.epochs, tmp / "dense-trainer"
         )
+    _add_intervals(metrics, run.units, tmp)
     metrics["sparsity"] = manager.sparsity()
     params = dict(model.named_parameters())
     metrics["param_sparsity"] = {
@@ -295,16 +295,27 @@ def run_prune(job: PruneJob) -> dict:
     return run.metrics
 
 
+#: what the pruned model is compared with, first choice first: the dense model trained for the
+#: same steps without pruning (``--dense-baseline``), else the dense model before pruning
+REFERENCES = {
+    "dense_equal_budget": "dense, the same steps without pruning",
+    "dense": "dense, before pruning",
+}
+
+
 def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
-    """95% bootstrap intervals of every metric (``m_ci_low``/``m_ci_high``) and, with a dense
-    evaluation, the paired difference against it (``m_delta`` and its interval); the units go to
-    ``predictions/``."""
+    """95% bootstrap intervals of every metric (``m_ci_low``/``m_ci_high``) and the pruned
+    model's paired difference (``m_delta`` and its interval) against the first dense model of
+    :data:`REFERENCES` that was evaluated (``metrics["compared_with"]`` names it); against the
+    other one too as ``m_delta_<name>``. The PIEs count against the same reference. The units go
+    to ``predictions/``."""
     from curvature.tasks import stats
 
     for name, u in units.items():
         if u is not None:
             stats.write_units(folder / "predictions" / f"{name}.csv", u)
-    for name in ("dense", "pruned"):
+    refs = [r for r in REFERENCES if metrics.get(r) and units.get(r) is not None]
+    for name in ("dense", "dense_equal_budget", "pruned"):
         ev, u = metrics.get(name), units.get(name)
         if not ev or u is None:
             continue
@@ -314,14 +325,18 @@ def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
             if not stats.has_metric(u, m):
                 continue
             ev[f"{m}_ci_low"], ev[f"{m}_ci_high"] = stats.interval(u, m)
-            if name == "pruned" and units.get("dense") is not None:
-                d, lo, hi = stats.paired_interval(u, units["dense"], m)
-                ev[f"{m}_delta"], ev[f"{m}_delta_ci_low"], ev[f"{m}_delta_ci_high"] = d, lo, hi
+            if name != "pruned":
+                continue
+            for i, ref in enumerate(refs):
+                key = f"{m}_delta" if i == 0 else f"{m}_delta_{ref}"
+                d, lo, hi = stats.paired_interval(u, units[ref], m)
+                ev[key], ev[f"{key}_ci_low"], ev[f"{key}_ci_high"] = d, lo, hi
         if "confidence" in u:
             ev["ece"] = stats.ece(u["confidence"], u["correct"])
-    if units.get("dense") is not None and units.get("pruned") is not None:
-        if "prediction" in units["pruned"]:
-            metrics["pies"] = len(stats.pies([units["pruned"]], [units["dense"]]))
+    if refs:
+        metrics["compared_with"] = refs[0]
+        if units.get("pruned") is not None and "prediction" in units["pruned"]:
+            metrics["pies"] = len(stats.pies([units["pruned"]], [units[refs[0]]]))
 
 
 def _check_teacher(recipe, distill, teacher, epochs, given) -> None:

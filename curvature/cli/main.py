@@ -262,15 +262,21 @@ def _prune(args) -> int:
     steps = f", {m['steps']} steps" if m.get("steps") else ""
     row("pruned" + steps, pruned)
     main_metric = m.get("metric")
-    if main_metric and f"{main_metric}_delta" in pruned:
-        d, lo, hi = (pruned[f"{main_metric}_delta{k}"] for k in ("", "_ci_low", "_ci_high"))
-        noise = "within noise" if lo <= 0 <= hi else "beyond noise"
-        print(
-            f"pruned - dense {main_metric}: {d:+.4f}, 95% paired interval [{lo:+.4f}, {hi:+.4f}] "
-            f"({noise}); {m.get('pies', 0)} predictions changed" if "pies" in m else
-            f"pruned - dense {main_metric}: {d:+.4f}, 95% paired interval [{lo:+.4f}, {hi:+.4f}] "
-            f"({noise})"
-        )  # fmt: skip
+    refs = {
+        "dense_equal_budget": f"dense of the same {m.get('steps')} steps",
+        "dense": "dense before pruning",
+    }
+    ref = m.get("compared_with", "dense")
+    other = "dense" if ref == "dense_equal_budget" else "dense_equal_budget"
+    for key, name in ((f"{main_metric}_delta", ref), (f"{main_metric}_delta_{other}", other)):
+        if main_metric and key in pruned:
+            d, lo, hi = (pruned[f"{key}{k}"] for k in ("", "_ci_low", "_ci_high"))
+            noise = "within noise" if lo <= 0 <= hi else "beyond noise"
+            changed = f"; {m['pies']} predictions changed" if "pies" in m and name == ref else ""
+            print(
+                f"pruned - {refs[name]} {main_metric}: {d:+.4f}, 95% paired interval "
+                f"[{lo:+.4f}, {hi:+.4f}] ({noise}){changed}"
+            )
     print(
         f"sparsity {m['sparsity']:.2%} of the pruned parameters; {m['seconds']:.0f} s; saved to "
         f"{args.output} (report.html)"

@@ -463,16 +463,22 @@ def render_report(metrics: dict) -> str:
         "|---" * (len(cols) + 1) + "|",
     ]
 
+    #: what ``m_delta`` compares the pruned model with, and the other comparison's key
+    ref = metrics.get("compared_with", "dense")
+    short = {"dense_equal_budget": "vs dense same steps", "dense": "vs dense before pruning"}
+    other = "dense" if ref == "dense_equal_budget" else "dense_equal_budget"
+
     def row(label, ev):
         def one(c):
             text = _fmt(ev[c])
             if f"{c}_ci_low" in ev:
                 text += f" [{_fmt(ev[c + '_ci_low'])}, {_fmt(ev[c + '_ci_high'])}]"
-            if f"{c}_delta" in ev:
-                text += (
-                    f"; vs dense {ev[c + '_delta']:+.4f} [{ev[c + '_delta_ci_low']:+.4f}, "
-                    f"{ev[c + '_delta_ci_high']:+.4f}]"
-                )
+            for key, name in ((f"{c}_delta", ref), (f"{c}_delta_{other}", other)):
+                if key in ev:
+                    text += (
+                        f"; {short[name]} {ev[key]:+.4f} [{ev[key + '_ci_low']:+.4f}, "
+                        f"{ev[key + '_ci_high']:+.4f}]"
+                    )
             return text
 
         return f"| {label} | " + " | ".join(one(c) for c in cols) + " |"
@@ -487,15 +493,23 @@ def render_report(metrics: dict) -> str:
     if any(k.endswith("_ci_low") for k in pruned):
         lines += [
             "",
-            "In brackets: 95% bootstrap intervals over the validation examples; `vs dense` is the "
-            "paired difference on the same examples (a real change only when its interval "
-            "excludes zero).",
+            "In brackets: 95% bootstrap intervals over the validation examples; `vs dense ...` is "
+            "the paired difference on the same examples against the dense model it names (a real "
+            "change only when its interval excludes zero). The pruned model is compared first "
+            + (
+                "with the dense model trained for the same steps without pruning (the equal "
+                "budget), then with the dense model before pruning."
+                if ref == "dense_equal_budget"
+                else "with the dense model before pruning (no equal-budget dense model was "
+                "trained: `--dense-baseline` trains one)."
+            ),
         ]
     if "pies" in metrics:
         ece = pruned.get("ece")
         lines.append(
-            f"Pruning changed the prediction of {metrics['pies']} validation examples (PIEs; "
-            f"`predictions/` holds both models' predictions)"
+            f"Pruning changed the prediction of {metrics['pies']} validation examples against the "
+            f"{'dense model of the same steps' if ref == 'dense_equal_budget' else 'dense model'} "
+            f"(PIEs; `predictions/` holds the models' predictions)"
             + (
                 f"; ECE {dense.get('ece', float('nan')):.3f} dense, {ece:.3f} pruned."
                 if ece is not None and dense

@@ -259,6 +259,17 @@ def test_dense_baseline_trains_the_same_steps(assets, tmp_path, capsys):
     assert m["sparsity"] > 0.4
     report = (out / "report.md").read_text()
     assert f"dense, the same {m['steps']} steps without pruning" in report
+    # the headline comparison is the equal-budget one: the paired difference, the console line,
+    # metrics.json and the report compare with the dense model of the same steps first
+    assert m["compared_with"] == "dense_equal_budget"
+    pruned, dense = m["pruned"], m["dense"]
+    assert pruned["accuracy_delta"] == pytest.approx(pruned["accuracy"] - base["accuracy"])
+    assert pruned["accuracy_delta_dense"] == pytest.approx(pruned["accuracy"] - dense["accuracy"])
+    assert pruned["accuracy_delta_ci_low"] <= pruned["accuracy_delta"] <= pruned["accuracy_delta_ci_high"]
+    lines = [x for x in printed.splitlines() if x.startswith("pruned - ")]
+    assert lines[0].startswith(f"pruned - dense of the same {m['steps']} steps accuracy: ")
+    assert lines[1].startswith("pruned - dense before pruning accuracy: ")
+    assert "vs dense same steps" in report and "equal budget" in report
     # with no training steps to repeat the option is refused in one line, nothing written
     capsys.readouterr()
     other = tmp_path / "oneshot"
