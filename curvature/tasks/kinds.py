@@ -27,6 +27,7 @@ import difflib
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,23 @@ def infer_task(model: str, data: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- models
+
+
+def fit_length(net, max_length: int) -> int:
+    """``max_length``, or the model's number of positions with one warning line when it holds
+    fewer tokens (as a tokenizer truncates): a longer input would fail inside the model."""
+    cfg = net.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (cfg.pad_token_id or 0) + 1  # positions start after the padding index
+    if limit and max_length > limit:
+        warnings.warn(
+            f"--max-length {max_length} is longer than the model's {limit} positions: using "
+            f"{limit} tokens per example",
+            stacklevel=2,
+        )
+        return int(limit)
+    return max_length
 
 
 def load_model(task: str, name_or_path, **kwargs):
@@ -376,6 +394,7 @@ def _prepare_classification(
     tok = _tokenizer(model)
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tok.pad_token_id
+    max_length = fit_length(net, max_length)
     enc = tokenize(td, tok, max_length=max_length)
     collator = DataCollatorWithPadding(tok)
     loader = torch.utils.data.DataLoader(
@@ -446,11 +465,12 @@ def _prepare_qa(
         val_rows = val_rows[:max_eval]
     if version_2 is False or version_2 is None:  # v2 when some question has no answer
         version_2 = any(not r["answers"]["text"] for r in train_rows + val_rows)
+    net = load_model("question-answering", model)
+    max_length = fit_length(net, max_length)
     if stride is None:
         stride = min(128, max_length // 3)
     if not 0 <= stride < max_length:
         raise DataError(f"--doc-stride {stride} must be in [0, --max-length {max_length})")
-    net = load_model("question-answering", model)
     tok = _tokenizer(model)
     train_ex, val_ex = Dataset.from_list(train_rows), Dataset.from_list(val_rows)
     train = train_ex.map(
@@ -508,6 +528,7 @@ def _prepare_lm(
     if max_eval is not None:
         val_docs = val_docs[:max_eval]
     net = load_model(task, model)
+    max_length = fit_length(net, max_length)
     tok = _tokenizer(model)
     if task == "masked-lm":
         if tok.mask_token is None:

@@ -265,7 +265,11 @@ def test_dense_baseline_trains_the_same_steps(assets, tmp_path, capsys):
     pruned, dense = m["pruned"], m["dense"]
     assert pruned["accuracy_delta"] == pytest.approx(pruned["accuracy"] - base["accuracy"])
     assert pruned["accuracy_delta_dense"] == pytest.approx(pruned["accuracy"] - dense["accuracy"])
-    assert pruned["accuracy_delta_ci_low"] <= pruned["accuracy_delta"] <= pruned["accuracy_delta_ci_high"]
+    assert (
+        pruned["accuracy_delta_ci_low"]
+        <= pruned["accuracy_delta"]
+        <= pruned["accuracy_delta_ci_high"]
+    )
     lines = [x for x in printed.splitlines() if x.startswith("pruned - ")]
     assert lines[0].startswith(f"pruned - dense of the same {m['steps']} steps accuracy: ")
     assert lines[1].startswith("pruned - dense before pruning accuracy: ")

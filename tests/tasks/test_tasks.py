@@ -744,3 +744,26 @@ def test_steps_to_reach_reads_the_metric_in_its_direction():
     curve = [{"step": 1, "perplexity": 50.0}, {"step": 2, "perplexity": 20.0}]
     assert steps_to_reach(curve, 30.0, "perplexity", higher_is_better=False) == 2
     assert steps_to_reach(curve, 10.0, "perplexity", higher_is_better=False) is None
+
+
+@pytest.mark.parametrize("task", ["question-answering", "sequence-classification", "masked-lm"])
+def test_max_length_beyond_the_models_positions_is_clamped_with_one_warning(tmp_path, task):
+    """The tiny models hold 64 positions; the default --max-length 128 used to fail inside the
+    model (a tensor-size RuntimeError) at the first evaluation."""
+    head = "masked-lm" if task == "masked-lm" else "question-answering"
+    model_dir = make_task_model_dir(tmp_path / "m", head)  # a classifier: a new head on it
+    if task == "question-answering":
+        data = make_squad(tmp_path / "s.json", n_contexts=3)
+    elif task == "masked-lm":
+        data = make_corpus(tmp_path / "c.txt", n_docs=150)
+    else:
+        data = tmp_path / "d.csv"
+        data.write_text("text,label\n" + "\n".join(
+            f"{' '.join(['anna lives in paris'] * 40)},{'north' if i % 2 else 'south'}" for i in range(8)
+        ) + "\n")  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"--max-length 128 is longer than the model's 64 positions"
+    ):
+        p = prepare(task, str(model_dir), str(data), max_length=128)
+    ev = p.evaluate(p.model)  # would raise inside the model without the clamp
+    assert all(math.isfinite(v) for k, v in ev.items() if isinstance(v, float))
