@@ -121,10 +121,8 @@ class RecipeCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # the Trainer's scheduler has just written its own rate into the optimizer: put the
         # recipe's back, so that what is logged after this step is the rate the recipe applies
-        lr = self.manager.lr_at(state.epoch or 0.0)
-        if lr is not None and optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        if optimizer is not None:
+            self.manager.apply_rates(optimizer, state.epoch or 0.0)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # the points due at the epoch reached (the end of the schedule after a full run; an

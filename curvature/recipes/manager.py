@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -210,31 +211,49 @@ class RecipeManager:
         if taken or self.masks.masks:
             self.masks.apply(self.model)
         if optimizer is not None:
-            lr = self.lr_at(epoch)
-            if lr is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+            self.apply_rates(optimizer, epoch)
             for m in self.recipe.of(SetWeightDecayModifier):
                 key = ("weight_decay", self.recipe.modifiers.index(m))
                 if epoch + _EPS >= m.start_epoch and key not in self._done:
                     groups = optimizer.param_groups
                     chosen = m.param_groups if m.param_groups is not None else range(len(groups))
-                    for gi in chosen:
+                    for gi in _checked_groups(m, chosen, len(groups)):
                         groups[gi]["weight_decay"] = m.weight_decay
                     self._done.add(key)
         return taken
 
-    def lr_at(self, epoch: float) -> float | None:
-        """Learning rate from the recipe (None: no override): an active
-        ``LearningRateFunctionModifier``, else the latest ``SetLearningRateModifier`` started."""
+    def apply_rates(self, optimizer, epoch: float) -> None:
+        """Set each parameter group's learning rate to the recipe's at ``epoch`` (groups a
+        learning-rate function's ``param_groups`` leaves out keep their rate)."""
+        groups = optimizer.param_groups
         for m in self.recipe.of(LearningRateFunctionModifier):
+            if m.param_groups is not None:
+                _checked_groups(m, m.param_groups, len(groups))
+        for i, group in enumerate(groups):
+            lr = self.lr_at(epoch, group=i)
+            if lr is not None:
+                group["lr"] = lr
+
+    def lr_at(self, epoch: float, group: int | None = None) -> float | None:
+        """Learning rate from the recipe (None: no override) for parameter group ``group`` (None:
+        any group): an active ``LearningRateFunctionModifier`` whose ``param_groups`` hold the
+        group, else the latest ``SetLearningRateModifier`` started. A function with
+        ``update_frequency > 0`` changes the rate every that many epochs (a staircase from its
+        start), with -1 (the default) at every step."""
+        for m in self.recipe.of(LearningRateFunctionModifier):
+            if group is not None and m.param_groups is not None and group not in m.param_groups:
+                continue
             end = m.end_epoch if m.end_epoch != -1 else float("inf")
             if m.start_epoch - _EPS <= epoch <= end + _EPS:
+                at = epoch
+                if m.update_frequency > 0:
+                    k = math.floor((epoch - m.start_epoch) / m.update_frequency + _EPS)
+                    at = m.start_epoch + k * m.update_frequency
                 if m.lr_func == "linear":
                     span = end - m.start_epoch
-                    x = 0.0 if span in (0, float("inf")) else (epoch - m.start_epoch) / span
+                    x = 0.0 if span in (0, float("inf")) else (at - m.start_epoch) / span
                 else:  # cyclic_linear: linear from init_lr to final_lr in every cycle
-                    x = ((epoch - m.start_epoch) % m.cycle_epochs) / m.cycle_epochs
+                    x = ((at - m.start_epoch) % m.cycle_epochs) / m.cycle_epochs
                 return m.init_lr + (m.final_lr - m.init_lr) * min(1.0, max(0.0, x))
         started = [
             m for m in self.recipe.of(SetLearningRateModifier) if m.start_epoch <= epoch + _EPS
@@ -300,3 +319,15 @@ def distillation_loss(
 
 
 __all__ = ["RecipeManager", "distillation_loss"]
+
+
+def _checked_groups(modifier, chosen, count: int):
+    """``chosen`` parameter-group indices, each checked against the optimizer's ``count``."""
+    bad = [g for g in chosen if not 0 <= g < count]
+    if bad:
+        where = f"line {modifier.line}: " if modifier.line else ""
+        raise ValueError(
+            f"{where}{type(modifier).__name__}: param_groups {bad} do not exist; the optimizer "
+            f"has {count} parameter group(s) (0 to {count - 1})"
+        )
+    return chosen

@@ -28,6 +28,8 @@ RUNTIME_ONLY_FIELDS = {
     "grads_device": "gradients stream into the Fisher on the parameters' device; none are buffered",
     "num_pages": "the memory plan splits parameters into groups (max_memory) instead of pages",
     "use_gradient_buffering": "gradients are always sampled from the training data at each point",
+    "log_types": "logging goes through the Trainer's loggers (TrainingArguments.report_to)",
+    "constant_logging": "the Trainer logs the learning rate the recipe applies at every step",
 }
 
 
@@ -57,6 +59,11 @@ class Modifier(BaseModel):
             raise ValueError(
                 f"end_epoch ({self.end_epoch}) is before start_epoch ({self.start_epoch})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_only(self):
+        _note_runtime_fields(self, [f for f in RUNTIME_ONLY_FIELDS if f in type(self).model_fields])
         return self
 
 
@@ -358,11 +365,6 @@ class MFACPruningModifier(OBSPruningModifier):
             raise ValueError(f"num_grads must be > 0 (got {v})")
         return v
 
-    @model_validator(mode="after")
-    def _runtime(self):
-        _note_runtime_fields(self, RUNTIME_ONLY_FIELDS)
-        return self
-
     def grads_at(self, sparsity: float) -> int:
         """Gradients to collect when the pruned parameters are at ``sparsity``."""
         if isinstance(self.num_grads, int):
@@ -440,8 +442,15 @@ class LearningRateFunctionModifier(Modifier):
     init_lr: float = Field(..., ge=0)
     final_lr: float = Field(0.0, ge=0)
     cycle_epochs: float = Field(1.0, gt=0)
-    update_frequency: float = -1.0
-    param_groups: list[int] | None = None
+    update_frequency: float = -1.0  # -1: the rate changes at every step
+    param_groups: list[int] | None = None  # None: every parameter group
+
+    @field_validator("update_frequency")
+    @classmethod
+    def _frequency(cls, v):
+        if v != -1 and not v > 0:
+            raise ValueError("update_frequency must be -1 (every step) or > 0 epochs")
+        return v
 
 
 class DistillationModifier(Modifier):

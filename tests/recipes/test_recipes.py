@@ -202,3 +202,204 @@ def test_shipped_recipes_validate_and_match_bert(path):
     outputs = model(input_ids=torch.randint(5, 60, (2, 8)))
     if r.of(DistillationModifier):
         manager.check_outputs(list(outputs.keys()))
+
+
+LR_GROUPS = """
+modifiers:
+  - !LearningRateFunctionModifier
+    start_epoch: 0.0
+    end_epoch: 4.0
+    lr_func: linear
+    init_lr: 1.0
+    final_lr: 0.0
+    update_frequency: {freq}
+    param_groups: {groups}
+"""
+
+
+def _two_group_optimizer(model):
+    params = list(model.parameters())
+    return torch.optim.SGD([{"params": params[:2], "lr": 7.0}, {"params": params[2:], "lr": 7.0}])
+
+
+def test_a_learning_rate_function_sets_only_its_param_groups():
+    """param_groups: [1] changes group 1 and leaves group 0 at its own rate (the manager used to
+    set every group)."""
+    model = tiny_bert(num_labels=3)
+    m = RecipeManager(parse_recipe(LR_GROUPS.format(freq=-1, groups="[1]")), model)
+    opt = _two_group_optimizer(model)
+    m.apply_rates(opt, 1.0)
+    assert opt.param_groups[0]["lr"] == 7.0 and opt.param_groups[1]["lr"] == pytest.approx(0.75)
+    m = RecipeManager(parse_recipe(LR_GROUPS.format(freq=-1, groups="null")), model)
+    m.apply_rates(opt, 2.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
+
+
+def test_a_learning_rate_function_with_update_frequency_is_a_staircase():
+    """update_frequency: 1.0 holds each rate for one epoch (it used to be ignored)."""
+    m = RecipeManager(parse_recipe(LR_GROUPS.format(freq=1.0, groups="null")), tiny_bert(3))
+    rates = [m.lr_at(e) for e in (0.0, 0.5, 0.99, 1.0, 1.7, 2.0, 3.5)]
+    assert rates == pytest.approx([1.0, 1.0, 1.0, 0.75, 0.75, 0.5, 0.25])
+    smooth = RecipeManager(parse_recipe(LR_GROUPS.format(freq=-1, groups="null")), tiny_bert(3))
+    assert smooth.lr_at(0.5) == pytest.approx(0.875)
+
+
+@pytest.mark.parametrize(
+    "freq,groups,message",
+    [
+        (0.0, "null", r"update_frequency must be -1 \(every step\) or > 0 epochs \(got 0.0\)"),
+        (-1, "[0, 5]", r"param_groups \[5\] do not exist; the optimizer has 2 parameter group"),
+    ],
+)
+def test_a_learning_rate_function_refuses_what_it_cannot_do(freq, groups, message):
+    text = LR_GROUPS.format(freq=freq, groups=groups)
+    with pytest.raises((RecipeError, ValueError), match=message):
+        model = tiny_bert(num_labels=3)
+        RecipeManager(parse_recipe(text), model).apply_rates(_two_group_optimizer(model), 0.0)
+
+
+def test_logging_only_fields_are_accepted_and_said(caplog):
+    text = (
+        "modifiers:\n  - !SetLearningRateModifier {learning_rate: 0.1, constant_logging: true}\n"
+        "  - !ConstantPruningModifier {params: __ALL_PRUNABLE__, log_types: __ALL__}\n"
+    )
+    with caplog.at_level("INFO", logger="curvature.recipes.schema"):
+        parse_recipe(text)
+    said = caplog.text
+    assert "constant_logging=True accepted for compatibility; the Trainer logs" in said
+    assert "log_types='__ALL__' accepted for compatibility; logging goes through" in said
+
+
+def test_distillation_fields_set_the_trainers_loss(tmp_path):
+    """hardness mixes the task loss with the soft loss at temperature over distill_output_keys,
+    from start_epoch to end_epoch: the loss equals that formula computed by hand."""
+    from transformers import TrainingArguments
+
+    from curvature.integrations.hf import RecipeTrainer, distillation_loss
+
+    text = (
+        "modifiers:\n  - !DistillationModifier {start_epoch: 0.0, end_epoch: 1.0, hardness: 0.3,"
+        " temperature: 3.0, distill_output_keys: [logits]}\n"
+    )
+    student, teacher = tiny_bert(num_labels=3).eval(), tiny_bert(num_labels=3)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher.eval()
+    manager = RecipeManager(parse_recipe(text), student)
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    trainer = RecipeTrainer(model=student, args=args, manager=manager, teacher=teacher)
+    batch = {"input_ids": torch.randint(5, 60, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
+    with torch.no_grad():
+        out, t_out = student(**batch), teacher(**batch)
+        soft = distillation_loss(out.logits, t_out.logits, 3.0)
+        expected = 0.7 * out.loss + 0.3 * soft
+        trainer.state.epoch = 0.5
+        assert trainer.compute_loss(student, batch).item() == pytest.approx(expected.item())
+        trainer.state.epoch = 1.5  # past end_epoch: the task loss alone
+        assert trainer.compute_loss(student, batch).item() == pytest.approx(out.loss.item())
+
+
+def test_published_pruning_fields_reach_the_parts_settings():
+    """Each published OBS and layer-wise field, set away from its default, is the setting of the
+    part that reads it (the recipe layer's one mapping)."""
+    text = """
+modifiers:
+  - !OBSPruningModifier
+    params: ["re:.*dense.weight"]
+    init_sparsity: 0.1
+    final_sparsity: 0.5
+    start_epoch: 0.0
+    end_epoch: 1.0
+    update_frequency: 0.5
+    num_grads: 48
+    damp: 3.0e-6
+    fisher_block_size: 12
+    num_recomputations: 2
+    selection: independent
+    grad_sampler_kwargs: {batch_size: 3}
+  - !LayerwisePruningModifier
+    method: obc
+    params: ["re:.*query.weight"]
+    final_sparsity: 0.5
+    start_epoch: 0.0
+    end_epoch: 0.0
+    num_calibration_batches: 7
+    damp: 0.05
+    sequential: false
+"""
+    from curvature.cli.jobs import _grad_batch_size
+
+    recipe = parse_recipe(text)
+    obs, layerwise = recipe.modifiers
+    chooser = obs.pipeline().chooser
+    assert (chooser.gradients, chooser.fisher_damping, chooser.block_size) == (48, 3.0e-6, 12)
+    assert (chooser.recomputations, chooser.selection) == (2, "independent")
+    chooser = layerwise.pipeline().chooser
+    assert type(chooser).__name__ == "OBC"
+    assert (chooser.batches, chooser.rel_damp, chooser.sequential) == (7, 0.05, False)
+    assert _grad_batch_size(recipe, 16) == 3
+
+
+def test_gm_pruning_refuses_phased():
+    with pytest.raises(RecipeError, match="phased pruning .* is not supported"):
+        parse_recipe(
+            "modifiers:\n  - !GMPruningModifier {final_sparsity: 0.5, phased: true, "
+            "params: __ALL_PRUNABLE__}\n"
+        )
+
+
+#: every field of every modifier that acts, and a test that fails if it were ignored
+FIELD_TESTS = {
+    "start_epoch": "pruning/test_pruning_engine.py::test_schedule_values",
+    "end_epoch": "pruning/test_pruning_engine.py::test_schedule_values",
+    "init_sparsity": "pruning/test_pruning_engine.py::test_schedule_values",
+    "final_sparsity": "recipes/test_published_recipes.py::test_mfac_study_recipe_runs_unchanged",
+    "update_frequency": "pruning/test_pruning_engine.py::test_schedule_values",
+    "inter_func": "pruning/test_pruning_engine.py::test_schedule_values",
+    "params": "recipes/test_published_recipes.py::test_mfac_study_recipe_runs_unchanged",
+    "global_sparsity": "pruning/test_layerwise.py::test_layerwise_recipe_fields_are_checked",
+    "leave_enabled": "project/test_trust.py::test_masks_released_after_end_epoch_when_leave_enabled_is_false",
+    "mask_type": "cli/test_prune_and_train.py::test_mask_the_model_cannot_hold_is_refused_before_training",
+    "phased": "recipes/test_recipes.py::test_gm_pruning_refuses_phased",
+    "num_grads": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "damp": "pruning/test_layer_parts.py::test_a_recipes_damp_reaches_every_part_that_factors_the_layer_hessian",
+    "fisher_block_size": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "grad_sampler_kwargs": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "num_recomputations": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "selection": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "method_name": "pruning/test_layerwise.py::test_gradual_layerwise_recipe_keeps_earlier_zeros_and_reaches_each_target",
+    "num_calibration_batches": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "sequential": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
+    "learning_rate": "recipes/test_published_recipes.py::test_mfac_study_recipe_runs_unchanged",
+    "weight_decay": "recipes/test_published_recipes.py::test_mfac_study_recipe_runs_unchanged",
+    "param_groups": "recipes/test_recipes.py::test_a_learning_rate_function_sets_only_its_param_groups",
+    "lr_func": "recipes/test_recipes.py::test_schedule_and_lr_from_recipe",
+    "init_lr": "recipes/test_recipes.py::test_schedule_and_lr_from_recipe",
+    "final_lr": "recipes/test_recipes.py::test_schedule_and_lr_from_recipe",
+    "cycle_epochs": "recipes/test_recipes.py::test_schedule_and_lr_from_recipe",
+    "hardness": "recipes/test_recipes.py::test_distillation_fields_set_the_trainers_loss",
+    "temperature": "recipes/test_recipes.py::test_distillation_fields_set_the_trainers_loss",
+    "distill_output_keys": "recipes/test_recipes.py::test_distillation_fields_set_the_trainers_loss",
+    "teacher": "tasks/test_tasks.py::test_a_distilling_recipe_without_a_teacher_is_refused",
+    "name": "cli/test_prune_and_train.py::test_recipe_selects_second_order_optimizer_and_masks_hold",
+    "kwargs": "cli/test_prune_and_train.py::test_a_new_optimizer_is_one_registry_line",
+}
+
+
+def test_every_modifier_field_acts_or_is_runtime_only():
+    """Each field of each modifier has a behaviour with a test (FIELD_TESTS, checked to exist),
+    or is in the logged runtime-only list; anything else a recipe may write is refused
+    (``extra="forbid"``). A new field in neither list fails here."""
+    from curvature.recipes.schema import MODIFIERS, RUNTIME_ONLY_FIELDS
+
+    tests = Path(__file__).resolve().parents[1]
+    for name, cls in MODIFIERS.items():
+        assert cls.model_config.get("extra") == "forbid", name
+        for field in cls.model_fields:
+            if field == "line":  # where the modifier was written, set by the loader
+                continue
+            assert field in FIELD_TESTS or field in RUNTIME_ONLY_FIELDS, f"{name}.{field}"
+    for field, where in FIELD_TESTS.items():
+        path, test = where.split("::")
+        assert f"def {test}(" in (tests / path).read_text(), (field, where)
