@@ -83,6 +83,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 import weakref
 
 import torch
@@ -110,6 +111,63 @@ def _base(name: str, params, lr, momentum, betas, weight_decay, eps):
         return LAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     checks.one_of("base_optimizer", name, BASE_OPTIMIZERS)
     raise AssertionError("unreachable")
+
+
+#: bytes per factor entry: the float64 inverse and its copy in the gradient's dtype (float32)
+FACTOR_ENTRY_BYTES = 8 + 4
+
+
+def factor_bytes(module: torch.nn.Module) -> int:
+    """Memory of the two Kronecker factors MKOR keeps for ``module``."""
+    out_dim, in_dim = module.weight.shape[0], module.weight[0].numel()
+    in_dim += int(module.bias is not None)
+    return (in_dim * in_dim + out_dim * out_dim) * FACTOR_ENTRY_BYTES
+
+
+def _tied_to_embeddings(model: torch.nn.Module) -> set[str]:
+    """Names of the linear layers whose weight is an embedding's (a tied output head)."""
+    embedded = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() in embedded
+    }
+
+
+def plan_layers(model: torch.nn.Module, candidates: list[str], budget: int | None) -> list[str]:
+    """The layers MKOR preconditions: ``candidates`` without output heads tied to the embeddings
+    and, while their factors exceed ``budget`` bytes, without the largest; one warning line says
+    which were left to the base optimizer. ``MemoryError`` when no layer fits."""
+    modules = dict(model.named_modules())
+    tied = sorted(_tied_to_embeddings(model) & set(candidates))
+    keep = [n for n in candidates if n not in tied]
+    left = []
+    if budget is not None:
+        by_size = sorted(keep, key=lambda n: factor_bytes(modules[n]), reverse=True)
+        total = sum(factor_bytes(modules[n]) for n in keep)
+        while by_size and total > budget:
+            name = by_size.pop(0)
+            total -= factor_bytes(modules[name])
+            left.append(name)
+        keep = [n for n in keep if n not in left]
+    if left and not keep:
+        smallest = min(factor_bytes(modules[n]) for n in left) / 2**30
+        raise MemoryError(
+            f"MKOR: no layer's factors fit in max_memory ({(budget or 0) / 2**30:.2f} GiB; the "
+            f"smallest layer needs {smallest:.2f} GiB): raise max_memory or use the base optimizer"
+        )
+    if tied or left:
+        parts = []
+        if tied:
+            parts.append(f"{', '.join(tied)} (tied to the input embeddings)")
+        if left:
+            need = sum(factor_bytes(modules[n]) for n in left) / 2**30
+            parts.append(
+                f"{', '.join(left)} (their factors, {need:.1f} GiB, exceed the budget of "
+                f"{budget / 2**30:.1f} GiB: pass max_memory or exclude)"
+            )
+        warnings.warn(f"MKOR: left to the base optimizer: {'; '.join(parts)}", stacklevel=3)
+    return keep
 
 
 def _supported(module: torch.nn.Module) -> bool:
@@ -247,6 +305,10 @@ class MKOR(Optimizer):
         stability_threshold, stability_blend: the stabiliser.
         hybrid: enable MKOR-H's automatic switch to the base optimizer.
         switch_window, switch_ratio, switch_patience: the MKOR-H rule.
+        max_memory: bytes the factors may take (default: half the memory the parameters' device
+            has free). Output heads tied to the input embeddings are always left to the base
+            optimizer, and while the factors exceed ``max_memory`` the largest layers are too
+            (one warning line names them); no layer fitting is a ``MemoryError``.
     """
 
     def __init__(
@@ -270,6 +332,7 @@ class MKOR(Optimizer):
         switch_window: int = 20,
         switch_ratio: float = 0.5,
         switch_patience: int = 2,
+        max_memory: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -295,10 +358,20 @@ class MKOR(Optimizer):
             return any(p.match(name) if isinstance(p, re.Pattern) else p == name for p in patterns)
 
         self.factor_update = checks.one_of("factor_update", factor_update, ("inverse", "factor"))
-        self.layers = [
-            _LayerState(n, m, decay, damping, form=factor_update)
+        candidates = [
+            n
             for n, m in model.named_modules()
             if _supported(m) and not excluded(n) and m.weight.requires_grad
+        ]
+        if max_memory is None:  # half of what the parameters' device has free now
+            free = checks.available_bytes(params[0].device) if params else None
+            max_memory = None if free is None else free // 2
+        else:
+            checks.integer_at_least("max_memory", max_memory)
+        modules = dict(model.named_modules())
+        self.layers = [
+            _LayerState(n, modules[n], decay, damping, form=factor_update)
+            for n in plan_layers(model, candidates, max_memory)
         ]
         self.base_optimizer = base_optimizer
         self.inv_freq = inv_freq

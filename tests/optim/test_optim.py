@@ -549,3 +549,30 @@ def test_mkor_releases_its_hooks_on_close_exit_and_garbage_collection():
     del opt
     gc.collect()
     assert hooks(model) == 0
+
+
+def test_mkor_plans_its_factor_memory():
+    """A head tied to the input embeddings is left to the base optimizer (its factor is the
+    vocabulary squared: 9.7 GB for SmolLM2, which killed the process), so are the largest layers
+    while the factors exceed max_memory, each said in one warning; nothing fitting is one line."""
+    from models import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from curvature.optim.mkor import factor_bytes
+
+    model = LlamaForCausalLM(tiny_llama_config(50, tie_word_embeddings=True))
+    with pytest.warns(UserWarning, match=r"lm_head \(tied to the input embeddings\)"):
+        opt = MKOR(model, lr=0.01)
+    names = [layer.name for layer in opt.layers]
+    assert "lm_head" not in names and len(names) == 14  # 7 linear layers in each of 2 blocks
+    opt.close()
+    modules = dict(model.named_modules())
+    sizes = {n: factor_bytes(modules[n]) for n in names}
+    budget = sum(sizes.values()) - 1  # one byte short: the largest layer goes
+    with pytest.warns(UserWarning, match="exceed the budget"):
+        opt = MKOR(model, lr=0.01, max_memory=budget)
+    largest = max(sizes, key=sizes.get)
+    assert largest not in [layer.name for layer in opt.layers] and len(opt.layers) == 13
+    opt.close()
+    with pytest.raises(MemoryError, match="no layer's factors fit in max_memory"):
+        MKOR(model, lr=0.01, max_memory=min(sizes.values()) - 1)
