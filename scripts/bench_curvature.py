@@ -7,6 +7,7 @@ that rate divided by the bandwidth of a large tensor copy measured in the same r
 
     python scripts/bench_curvature.py            # the table of docs/bench-curvature.md (a few minutes on 2 cores)
     python scripts/bench_curvature.py --quick    # small sizes only
+    python scripts/bench_curvature.py --storage  # M-FAC product: float32 against float64 storage
 """
 
 from __future__ import annotations
@@ -59,13 +60,41 @@ def bench_fisher(d, m, block, k, algorithm, bw):
     return t_add, t_mul, add_bytes / t_add, mul_bytes / t_mul, stored, peak
 
 
+def bench_storage(d=500_000, m=128, repeat=15):
+    """``FisherInverse.mul`` in the M-FAC form with float32 and float64 storage of ``W``
+    (``m x d``), against the two-pass floor: ``c = W x`` and ``W^T c`` as two float32
+    matrix-vector products over the same ``W`` (what any product must at least read)."""
+    g = torch.randn(m, d)
+    x = torch.randn(d)
+    rows = {}
+    for dtype in (torch.float32, torch.float64):
+        f = FisherInverse(d, gradients=m, damping=1e-7, algorithm="mfac", dtype=dtype)
+        f.add_grad(g)
+        f.mul(x)  # warm
+        rows[str(dtype).replace("torch.", "")] = timed(lambda f=f: f.mul(x), repeat)
+        del f
+    w = g.contiguous()
+    floor = timed(lambda: w.T @ (w @ x), repeat)
+    print(f"M-FAC product, d {d:,}, m {m}, one vector, {torch.get_num_threads()} threads:")
+    print(f"{'storage':>10} {'mul ms':>8} {'x floor':>8}")
+    print(f"{'floor':>10} {floor * 1e3:>8.1f} {1.0:>8.2f}   (two float32 passes over W)")
+    for name, t in rows.items():
+        print(f"{name:>10} {t * 1e3:>8.1f} {t / floor:>8.2f}")
+    return rows, floor
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-gib", type=float, default=6.0, help="skip configurations storing more")
+    ap.add_argument("--storage", action="store_true", help="only the M-FAC storage comparison")
     args = ap.parse_args()
+    if args.storage:
+        torch.manual_seed(0)
+        bench_storage()
+        return
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"threads: {torch.get_num_threads()}, measured copy bandwidth: {bw / 1e9:.1f} GB/s\n")

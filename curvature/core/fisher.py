@@ -58,6 +58,10 @@ COMPUTE_DTYPE = torch.float64
 # Blocks processed per chunk in the Woodbury update: bounds the float64 temporaries.
 
 
+#: float64 elements of ``W`` widened at once by a product with narrower storage (2 MiB)
+WIDEN_CHUNK = 1 << 18
+
+
 def choose_algorithm(num_params: int, gradients: int, block_size: int | None) -> str:
     """The algorithm that stores less: Woodbury blocks take ``d*B``, M-FAC rows take ``d*m``."""
     block = num_params if block_size is None else min(block_size, num_params)
@@ -199,12 +203,41 @@ class FisherInverse:
         xs = self._split(rows.to(device=self.device, dtype=COMPUTE_DTYPE))  # [k, n, B]
         if self.algorithm == "woodbury":
             out = torch.einsum("nab,knb->kna", self._blocks.to(COMPUTE_DTYPE), xs)
-        else:
-            w = self._w.to(COMPUTE_DTYPE)  # [i, n, B]
+        elif self._w.dtype == COMPUTE_DTYPE:
+            w = self._w  # [i, n, B]
             coef = torch.einsum("inb,knb->kni", w, xs)
             out = (xs - torch.einsum("kni,inb->knb", coef, w)) / self.damping
+        else:
+            out = self._mfac_mul_widened(xs)
         out = out.reshape(rows.shape[0], -1)[:, : self.num_params].to(x.dtype)
         return out[0] if single else out
+
+    def _mfac_mul_widened(self, xs: torch.Tensor) -> torch.Tensor:
+        """``F^-1 x`` from ``W`` stored in a narrower dtype, computed in float64 a slice of ``W``
+        at a time: each slice is widened while it is in cache instead of the whole ``W`` being
+        copied to float64 on every call (which made float32 storage slower than float64)."""
+        w_all = self._w  # [i, n, B]
+        rows, n, b = w_all.shape
+        k = xs.shape[0]
+        out = torch.empty_like(xs)
+        cols = max(1, WIDEN_CHUNK // max(rows, 1))  # columns of W widened at once
+        if b <= cols:  # whole blocks per slice: one pass
+            per = max(1, cols // b)
+            for a in range(0, n, per):
+                w = w_all[:, a : a + per].to(COMPUTE_DTYPE)
+                x = xs[:, a : a + per]
+                coef = torch.einsum("inb,knb->kni", w, x)
+                out[:, a : a + per] = (x - torch.einsum("kni,inb->knb", coef, w)) / self.damping
+            return out
+        for blk in range(n):  # a block wider than a slice: its coefficients first, then out
+            coef = torch.zeros(k, rows, dtype=COMPUTE_DTYPE, device=self.device)
+            for a in range(0, b, cols):
+                w = w_all[:, blk, a : a + cols].to(COMPUTE_DTYPE)
+                coef += xs[:, blk, a : a + cols] @ w.T
+            for a in range(0, b, cols):
+                w = w_all[:, blk, a : a + cols].to(COMPUTE_DTYPE)
+                out[:, blk, a : a + cols] = (xs[:, blk, a : a + cols] - coef @ w) / self.damping
+        return out
 
     def diag(self) -> torch.Tensor:
         """``diag(F^-1)`` as a ``[d]`` tensor in the storage dtype."""

@@ -165,3 +165,24 @@ def test_bad_gradients_rejected_without_poisoning(algorithm):
     assert rel_err(f.diag(), ref.diagonal()) < 1e-11
     with pytest.raises(ValueError, match="x has length 3, expected 9"):
         f.mul(torch.ones(3))
+
+
+@pytest.mark.parametrize("block", [None, 5])
+@pytest.mark.parametrize("chunk", [8, 1 << 18])
+def test_mfac_product_with_float32_storage_widens_a_slice_at_a_time(monkeypatch, block, chunk):
+    """With float32 storage the product is computed in float64 a slice of W at a time (both the
+    one-pass and the two-pass branch): the same numbers as widening the whole W at once."""
+    import curvature.core.fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "WIDEN_CHUNK", chunk)
+    grads = make_grads(12, 37, scale=3.0, seed=4)
+    f = FisherInverse(37, gradients=12, damping=1e-3, block_size=block, algorithm="mfac",
+                      dtype=torch.float32)  # fmt: skip
+    f.add_grad(grads)
+    x = torch.randn(3, 37, dtype=torch.float64)
+    w = f._w.to(torch.float64)
+    xs = f._split(x)
+    coef = torch.einsum("inb,knb->kni", w, xs)
+    whole = ((xs - torch.einsum("kni,inb->knb", coef, w)) / f.damping).reshape(3, -1)[:, :37]
+    # the slices sum in another order: round-off of eps64 x |x| / damping, the product's scale
+    torch.testing.assert_close(f.mul(x), whole, rtol=0, atol=1e-12 / f.damping)
