@@ -34,6 +34,18 @@ class DataConfig:
     #: reads its outputs back (the sweep) writes them there; not a setting
     private_outputs: bool = dataclasses.field(default=False, repr=False, compare=False)
 
+    def check(self) -> None:
+        """Refuse sizes no run can use, naming the option (before anything is loaded)."""
+        from curvature.cli.outputs import JobError
+
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            _at_least(name, getattr(self, name), 1, JobError)
+        for name in ("max_train", "max_eval", "threads", "doc_stride", "eval_stride"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 0 if name == "doc_stride" else 1, JobError)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise JobError(f"--seed must be an integer, got {self.seed!r}")
+
     @classmethod
     def from_args(cls, args, **values):
         """The configuration from parsed command-line options (``--no-progress`` included): every
@@ -43,6 +55,26 @@ class DataConfig:
         if hasattr(args, "no_progress"):
             given["progress"] = not args.no_progress
         return cls(**{**given, **values})
+
+
+def _at_least(name: str, value, low: int, error) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise error(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+def at_least(name: str, value, low: float, *, error=None, what: str = "") -> None:
+    """Refuse a number below ``low`` (or not a number), naming the option ``--name`` (and
+    ``what`` it is)."""
+    import math
+
+    from curvature.cli.outputs import JobError
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low:
+        raise (error or JobError)(
+            f"--{name.replace('_', '-')}{f' ({what})' if what else ''} must be a number >= "
+            f"{low:g}, got {value!r}"
+        )
 
 
 def load_for_job(job: DataConfig):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from curvature.cli.config import DataConfig, load_for_job, training_args
+from curvature.cli.config import DataConfig, at_least, load_for_job, training_args
 from curvature.cli.outputs import (
     JobError,
     atomic_output,
@@ -45,6 +45,10 @@ class PruneJob(DataConfig):
     resume: bool = False  # continue from the latest checkpoint of an interrupted run
     dense_baseline: bool = False  # also train the dense model for the same steps (no pruning)
     compressed: bool = False  # also write the bitmask checkpoint to OUTPUT/compressed
+
+    def check(self) -> None:
+        super().check()
+        at_least("lr", self.lr, 0, what="learning rate")
 
     def checkpointing(self) -> int | None:
         """``checkpoint_every`` for :func:`training_args`: None when the run keeps no
@@ -155,6 +159,7 @@ def _checked(job: PruneJob) -> _Run:
     from curvature.tasks.kinds import check_task
 
     check_task(job.task)
+    job.check()
     recipe = (
         job.recipe if isinstance(job.recipe, Recipe) else load_recipe(job.recipe, job.overrides)
     )

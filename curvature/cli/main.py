@@ -13,7 +13,7 @@ def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: expected NAME=VALUE, got {pair!r}")
+            raise ValueError(f"expected NAME=VALUE, got {pair!r}")
         k, v = pair.split("=", 1)
         out[k.strip()] = _yaml_value(v)
     return out
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or one error line (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 0

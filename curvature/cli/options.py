@@ -30,6 +30,17 @@ DATA_HELP = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the option and what is wrong, where to read
+    more) with exit code 2, instead of the usage block before it."""
+
+    def error(self, message: str):
+        import sys
+
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def model_and_data(p) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -344,7 +355,7 @@ SUBCOMMANDS = (prune_parser, train_parser, sweep_parser, report_parser, check_pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="curvature",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curvature.cli.config import DataConfig, load_for_job, training_args
+from curvature.cli.config import DataConfig, at_least, load_for_job, training_args
 from curvature.cli.jobs import PruneJob, run_prune
 from curvature.cli.outputs import SweepError
 from curvature.cli.report import render
@@ -122,6 +122,9 @@ class SweepConfig(DataConfig):
         from curvature.tasks.kinds import check_task
 
         check_task(self.task)
+        self.check()
+        at_least("finetune_epochs", self.finetune_epochs, 0, error=SweepError)
+        at_least("lr", self.lr, 0, error=SweepError, what="learning rate")
         from curvature.pruning.registry import PARTS, split_spec
 
         for m in self.methods:

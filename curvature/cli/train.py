@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from curvature.cli.config import DataConfig, load_for_job, training_args
+from curvature.cli.config import DataConfig, at_least, load_for_job, training_args
 from curvature.cli.outputs import JobError, atomic_output, check_output
 
 
@@ -32,6 +32,22 @@ class TrainJob(DataConfig):
     max_steps: int | None = None
     eval_every: int | None = None
     overwrite: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.lr is not None:
+            at_least("lr", self.lr, 0, what="learning rate")
+        at_least("epochs", self.epochs, 0)
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, int) or self.max_steps < 1
+        ):
+            raise JobError(f"--max-steps must be an integer >= 1, got {self.max_steps!r}")
+        if self.eval_every is not None and (
+            not isinstance(self.eval_every, int) or self.eval_every < 1
+        ):
+            raise JobError(
+                f"--eval-every must be a positive number of steps, got {self.eval_every}"
+            )
 
     def resolved(self) -> tuple[float, dict]:
         """The learning rate and the checked keywords (defaults under the user's)."""
@@ -86,6 +102,7 @@ def run_train(job: TrainJob) -> dict:
     from curvature.tasks.kinds import check_task
 
     check_task(job.task)
+    job.check()
     import os
 
     if not job.row().data_parallel and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -98,8 +115,6 @@ def run_train(job: TrainJob) -> dict:
     out = Path(job.output) if job.output else None
     if out is not None:
         check_output(out, job.overwrite)
-    if job.eval_every is not None and job.eval_every < 1:
-        raise JobError(f"--eval-every must be a positive number of steps, got {job.eval_every}")
     p = load_for_job(job)
     model, tokenizer = p.model, p.tokenizer
 

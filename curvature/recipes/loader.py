@@ -231,8 +231,12 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = N
             try:
                 modifiers.append(cls(**fields, line=item.line))
             except ValidationError as exc:
-                messages = [_field_error(source, item.tag, item, e, cls) for e in exc.errors()]
-                raise RecipeError("\n".join(messages)) from None
+                # one line: an unknown field first (a misspelt required field is also "missing")
+                errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+                message = _field_error(source, item.tag, item, errors[0], cls)
+                if len(errors) > 1:
+                    message += f" (and {len(errors) - 1} more in this modifier)"
+                raise RecipeError(message) from None
             except RecipeError as exc:
                 raise RecipeError(f"{source} line {item.line}: {exc}") from None
     return Recipe(modifiers, variables, source)
