@@ -264,3 +264,32 @@ def make_corpus(path: Path, n_docs: int = 24, seed: int = 0, words=None) -> Path
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(12, 30))) for _ in range(n_docs)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ------------------------------------------------------------------ a recipe for the CLI tests
+
+#: a gradual OBS recipe for the tiny BERT classifier (MASK: the mask type to fill in)
+RECIPE = """
+num_epochs: 3.0
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !LearningRateFunctionModifier {lr_func: linear, init_lr: 1e-3, final_lr: 1e-4, start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.(intermediate|output).dense.weight"]
+    init_sparsity: 0.3
+    final_sparsity: 0.6
+    start_epoch: 1.0
+    end_epoch: 2.0
+    update_frequency: 0.5
+    mask_type: MASK
+    num_grads: 8
+    damp: 1.0e-6
+    fisher_block_size: 8
+    grad_sampler_kwargs: {batch_size: 4}
+"""
+
+
+def write_recipe(tmp_path, text):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return str(p)

@@ -94,24 +94,12 @@ def _main(argv: list[str] | None) -> int:
         ValueError,
         FileNotFoundError,
     )
-    with warnings.catch_warnings(), _distributed(args.command):
+    with warnings.catch_warnings(), _distributed(args.command) as finished:
         warnings.showwarning = _warning_line  # one line each, not a file:line + source dump
         try:
-            if args.command == "sweep":
-                return _sweep(args)
-            if args.command == "report":
-                from curvature.cli.report import render_folder
-
-                md = render_folder(args.folder, baseline=args.baseline)
-                print(md.read_text())
-                print(f"report: {md.with_suffix('.html')}")
-                return 0
-            if args.command == "check":
-                return _check(args)
-            if args.command == "prune":
-                return _prune(args)
-            if args.command == "train":
-                return _train(args)
+            rc = COMMANDS[args.command](args)
+            finished.append(rc)
+            return rc
         except user_errors as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -129,19 +117,31 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from curvature.cli.report import render_folder
+
+    md = render_folder(args.folder, baseline=args.baseline)
+    print(md.read_text())
+    print(f"report: {md.with_suffix('.html')}")
+    return 0
+
+
 @contextlib.contextmanager
 def _distributed(command: str):
     """Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1): one process group for the
     command (NCCL on CUDA, gloo on CPU), each rank pruning from its shard of the gradient batches
     and only rank 0 writing outputs. ``CURVATURE_DIST_TIMEOUT`` (seconds, default 1800) bounds
-    how long a rank waits for a failed peer."""
+    how long a rank waits for a failed peer. The body appends its exit code to the list it is
+    given: after a successful command the ranks meet at a barrier before the group is torn down
+    (no rank closes its connections while a peer is still in a collective)."""
     import os
 
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    finished: list[int] = []
     if command not in ("prune", "sweep") or world <= 1 or dist.is_initialized():
-        yield
+        yield finished
         return
     import datetime
 
@@ -153,7 +153,9 @@ def _distributed(command: str):
     timeout = datetime.timedelta(seconds=float(os.environ.get("CURVATURE_DIST_TIMEOUT", "1800")))
     dist.init_process_group(backend, timeout=timeout)
     try:
-        yield
+        yield finished
+        if finished == [0]:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -285,6 +287,9 @@ def _prune(args) -> int:
         f"{args.output} (report.html)"
     )
     return 0
+
+
+COMMANDS = {"sweep": _sweep, "report": _report, "check": _check, "prune": _prune, "train": _train}
 
 
 if __name__ == "__main__":

@@ -4,40 +4,15 @@ import json
 
 import pytest
 import torch
-from models import make_csv, make_model_dir
+from models import RECIPE, make_csv, make_model_dir, write_recipe
 
 from curvature.cli.main import main
-
-RECIPE = """
-num_epochs: 3.0
-modifiers:
-  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: eval(num_epochs)}
-  - !LearningRateFunctionModifier {lr_func: linear, init_lr: 1e-3, final_lr: 1e-4, start_epoch: 0.0, end_epoch: eval(num_epochs)}
-  - !OBSPruningModifier
-    params: ["re:bert.encoder.layer.*.(intermediate|output).dense.weight"]
-    init_sparsity: 0.3
-    final_sparsity: 0.6
-    start_epoch: 1.0
-    end_epoch: 2.0
-    update_frequency: 0.5
-    mask_type: MASK
-    num_grads: 8
-    damp: 1.0e-6
-    fisher_block_size: 8
-    grad_sampler_kwargs: {batch_size: 4}
-"""
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return make_model_dir(root / "model"), make_csv(root / "train.csv")
-
-
-def write_recipe(tmp_path, text):
-    p = tmp_path / "recipe.yaml"
-    p.write_text(text)
-    return str(p)
 
 
 def run_prune(assets, tmp_path, text, name, *extra):

@@ -41,6 +41,7 @@ def _entry(rank, world, port, fn, args):
     )
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears down while a peer is still inside a collective
     finally:
         dist.destroy_process_group()
 
@@ -488,8 +489,7 @@ def cli(tmp_path):
     """A tiny model folder, data file and gradual OBS recipe for the commands."""
     from types import SimpleNamespace
 
-    from models import make_csv, make_model_dir
-    from test_prune_and_train import RECIPE, write_recipe
+    from models import RECIPE, make_csv, make_model_dir, write_recipe
 
     return SimpleNamespace(
         model=str(make_model_dir(tmp_path / "model")),
@@ -674,3 +674,31 @@ def test_optimizer_edge_cases_across_processes(tmp_path):
     f = SlidingWindowFisherInverse(1, window=3, damping=0.1, dtype=torch.bfloat16)
     for i, got in enumerate(ranks[1]["window"]):  # rank 1 holds no column of the window
         torch.testing.assert_close(got, f.add_and_mul(torch.tensor([float(i + 1)])))
+
+
+def _teardown_worker(rank, world, reps):
+    from models import ce_loss
+
+    from curvature.pruning import prune
+
+    for _ in range(reps):
+        model, batches = _model_and_data()
+        prune(model, batches[rank::world], loss_fn=ce_loss, **prune_kw(True, **BASE, sparsity=0.6))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pruning_ranks_start_and_tear_down_many_times_under_cpu_load(world):
+    """A 2-rank prune once aborted in teardown ('terminate called without an active exception')
+    while the machine was busy. Under two busy processes, start, prune and tear down the ranks
+    repeatedly: every run must finish cleanly."""
+    import subprocess
+    import sys
+
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for _ in range(4):
+            assert run_ranks(_teardown_worker, world, 2) is None
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
