@@ -1,0 +1,225 @@
+"""The measured tables of README.md and docs/, regenerated from the raw files beside them.
+
+Every table in the documentation has a marker comment on the line before it:
+
+- ``<!-- table: KIND SOURCE -->``: generated here by ``KIND`` from ``SOURCE`` (a raw file,
+  relative to the Markdown file's folder); ``tests/project/test_tables.py`` regenerates it and
+  fails when the page differs;
+- ``<!-- table: measured at commit SHA; raw output not kept -->``: a run whose raw output is not
+  in the repository; the commit is the one that added the numbers;
+- ``<!-- table: reference -->``: not a measurement (names, settings, layout).
+
+    python scripts/tables.py --check     # every generated table equals its regeneration
+    python scripts/tables.py --write     # rewrite the generated tables from their sources
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"^<!-- table: (.*?) -->$")
+
+
+def _number(text: str):
+    if text == "":
+        return None
+    try:
+        return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+    except ValueError:
+        return text
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A sweep's aggregated rows from its ``results.csv`` (numbers parsed, empty cells absent)
+    or ``results.json``."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    with open(path, newline="") as fh:
+        return [{k: _number(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+
+def sweep(path: Path) -> str:
+    """The sweep's own results table (``results.md``), from its rows."""
+    sys.path.insert(0, str(ROOT))
+    from curvature.cli.results import markdown_table
+
+    return markdown_table(read_rows(path)).rstrip("\n")
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4f}".replace("-", "\u2212")
+
+
+def sweep_summary(path: Path) -> str:
+    """One-shot points of a sweep: accuracy with its interval (and the spread over seeds), the
+    paired difference against dense with its verdict, PIEs and ECE."""
+    rows = read_rows(path)
+    dense = next(r for r in rows if r["method"] == "dense")
+    order = {"magnitude": 0, "obs": 1}
+    label = {"obs": "OBS"}
+    points = sorted(
+        (r for r in rows if r["method"] != "dense"),
+        key=lambda r: (r["target_sparsity"], order.get(r["method"], 9), r["method"]),
+    )
+    out = [
+        f"| one-shot | accuracy [95% CI] (± std over {max(r['seeds'] for r in points)} seeds) "
+        "| pruned − dense, paired [95% CI] | PIEs | ECE |",
+        "|---|---|---|---|---|",
+        f"| dense | {dense['accuracy']:.4f} [{dense['accuracy_ci_low']:.4f}, "
+        f"{dense['accuracy_ci_high']:.4f}] | | | {dense['ece']:.3f} |",
+    ]
+    for r in points:
+        acc = f"{r['accuracy']:.4f} [{r['accuracy_ci_low']:.4f}, {r['accuracy_ci_high']:.4f}]"
+        if r.get("accuracy_std"):
+            acc += f" ± {r['accuracy_std']:.4f}"
+        lo, hi = r["accuracy_delta_ci_low"], r["accuracy_delta_ci_high"]
+        verdict = "within noise" if lo <= 0 <= hi else ("worse" if hi < 0 else "better")
+        delta = f"{_signed(r['accuracy_delta'])} [{_signed(lo)}, {_signed(hi)}] {verdict}"
+        name = f"{label.get(r['method'], r['method'])} {round(r['target_sparsity'] * 100)}%"
+        out.append(f"| {name} | {acc} | {delta} | {r['pies']} | {r['ece']:.3f} |")
+    return "\n".join(out)
+
+
+def main_job(path: Path) -> str:
+    """The main job's three models from its ``metrics.json``."""
+    m = json.loads(path.read_text())
+    rows = [("dense after 1 epoch (before pruning)", None, m["dense"])]
+    base = m.get("dense_equal_budget")
+    if base:
+        rows.append(
+            (f"dense, the same {base['steps']} steps without pruning (`--dense-baseline`)",
+             base["steps"], base)
+        )  # fmt: skip
+    rows.append(
+        (f"pruned, {m['sparsity']:.0%} of the encoder's linear weights", m["steps"], m["pruned"])
+    )
+    out = [
+        "| model | steps | validation accuracy [95% CI] | validation loss |",
+        "|---|---:|---:|---:|",
+    ]
+    first = m["pruning_steps"][0]["epoch"] if m.get("pruning_steps") else None
+    for name, steps, ev in rows:
+        if steps is None:  # the dense model is evaluated right before the first pruning step
+            steps = round(m["steps"] * first / m["epochs"]) if first is not None else 0
+        acc = f"{ev['accuracy']:.4f} [{ev['accuracy_ci_low']:.4f}, {ev['accuracy_ci_high']:.4f}]"
+        out.append(f"| {name} | {steps} | {acc} | {ev['loss']:.4f} |")
+    return "\n".join(out)
+
+
+def storage(path: Path) -> str:
+    """Before and after of ``bench_curvature.py --storage`` (SOURCE: the 'after' file; the
+    'before' file is beside it with ``-before``)."""
+
+    def parse(p: Path) -> dict:
+        out = {}
+        for line in p.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] in ("floor", "float32", "float64"):
+                out[parts[0]] = (float(parts[1]), float(parts[2]))
+        return out
+
+    now = parse(path)
+    before = parse(path.with_name(path.stem + "-before" + path.suffix))
+    out = ["| storage | before: ms (x floor) | now: ms (x floor) |", "|---|---:|---:|"]
+    for name in ("float32", "float64"):
+        (b, bx), (n, nx) = before[name], now[name]
+        out.append(f"| {name} | {b:.1f} ({bx:.1f}x) | {n:.1f} ({nx:.1f}x) |")
+    return "\n".join(out)
+
+
+KINDS = {"sweep": sweep, "sweep-summary": sweep_summary, "main-job": main_job, "storage": storage}
+
+
+def sweep_folders() -> list[Path]:
+    """Sweep folders kept in docs/ (the tool's own output: results.csv, results.md, report.md)."""
+    return sorted(p.parent for p in (ROOT / "docs").rglob("results.csv"))
+
+
+def pages() -> list[Path]:
+    """README.md and the pages of docs/, without the sweep folders' own reports."""
+    kept = sweep_folders()
+    return [ROOT / "README.md"] + sorted(
+        p for p in (ROOT / "docs").rglob("*.md") if p.parent not in kept
+    )
+
+
+def tables(page: Path) -> list[tuple[int, int, str | None]]:
+    """``(first line, end line, marker text or None)`` of every table of ``page``."""
+    lines = page.read_text().splitlines()
+    found = []
+    i = 0
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and re.match(r"^\|\s*:?-{3,}", lines[i + 1]):
+            end = i + 2
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            j = i - 1
+            while j >= 0 and not lines[j].strip():
+                j -= 1
+            m = MARKER.match(lines[j]) if j >= 0 else None
+            found.append((i, end, m.group(1) if m else None))
+            i = end
+        else:
+            i += 1
+    return found
+
+
+def generated(page: Path, marker: str) -> str | None:
+    """The regenerated table of a ``KIND SOURCE`` marker, or None for the other markers."""
+    kind, _, source = marker.partition(" ")
+    if kind not in KINDS:
+        return None
+    return KINDS[kind]((page.parent / source).resolve())
+
+
+def run(write: bool, only: list[Path] | None = None) -> list[str]:
+    """Problems (or, with ``write``, rewrite): tables without a marker, generated tables that
+    differ from their regeneration; ``only``: these pages instead of all of them."""
+    problems = []
+    for folder in (
+        [] if only is not None else sweep_folders()
+    ):  # the sweep's own table is its rows, as the sweep wrote it
+        if (folder / "results.md").read_text().rstrip("\n") != sweep(folder / "results.csv"):
+            problems.append(
+                f"{(folder / 'results.md').relative_to(ROOT)}: differs from results.csv"
+            )
+    for page in pages() if only is None else only:
+        lines = page.read_text().splitlines()
+        changed = False
+        for start, end, marker in reversed(tables(page)):
+            rel = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+            if marker is None:
+                problems.append(f"{rel}:{start + 1}: a table without a marker")
+                continue
+            table = generated(page, marker)
+            if table is None:
+                continue
+            if "\n".join(lines[start:end]) != table:
+                if write:
+                    lines[start:end] = table.split("\n")
+                    changed = True
+                else:
+                    problems.append(f"{rel}:{start + 1}: differs from `{marker}`")
+        if changed:
+            page.write_text("\n".join(lines) + "\n")
+    return problems
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true")
+    mode.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    problems = run(write=args.write)
+    for p in problems:
+        print(p)
+    sys.exit(1 if problems and args.check else 0)
