@@ -133,7 +133,24 @@ def storage(path: Path) -> str:
     return "\n".join(out)
 
 
-KINDS = {"sweep": sweep, "sweep-summary": sweep_summary, "main-job": main_job, "storage": storage}
+def optim_compare(path: Path) -> str:
+    """``bench_optim.py --part compare``'s table from its JSON (every probe and seed)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_optim
+
+    out = json.loads(path.read_text())
+    names = list(dict.fromkeys(k.split("|")[0] for k in out["runs"]))
+    seeds = sorted({int(k.split("|")[1]) for k in out["runs"]})
+    return "\n".join(bench_optim.compare_tables(out, names, seeds))
+
+
+KINDS = {
+    "sweep": sweep,
+    "sweep-summary": sweep_summary,
+    "main-job": main_job,
+    "storage": storage,
+    "optim-compare": optim_compare,
+}
 
 
 def sweep_folders() -> list[Path]:
