@@ -3,15 +3,15 @@ r"""Pruning across ``torch.distributed`` processes: the same answer as one proce
 Under an initialised process group with more than one process, the engine's gradient methods
 (``obs``, ``obs-independent``, ``mfac``) run one pruning step like this:
 
-1. **Gradients split by rank.** Rank ``r`` computes ``num_grads // W`` gradients (one more on the
-   first ``num_grads % W`` ranks) from the batches it was given (its shard, as a
-   ``DistributedSampler`` yields them); ``num_grads`` counts every rank's gradients together.
+1. **Gradients split by rank.** Rank ``r`` computes ``gradients // W`` gradients (one more on the
+   first ``gradients % W`` ranks) from the batches it was given (its shard, as a
+   ``DistributedSampler`` yields them); ``gradients`` counts every rank's gradients together.
 2. **Fisher blocks sharded.** The blocks of every selected parameter, in the engine's listing
    order, are cut into ``W`` contiguous ranges of nearly equal block counts (:func:`shard`); rank
    ``r`` keeps the Fisher inverses of its range only. After each batch of gradients an
    ``all_to_all`` sends every rank only the columns of its own blocks (no rank gathers every
    gradient; gloo wants equal chunks, so each is padded to the largest), and each rank streams
-   all ``num_grads`` gradients into its blocks. Memory for the Fisher is about ``1/W`` of one
+   all ``gradients`` gradients into its blocks. Memory for the Fisher is about ``1/W`` of one
    process's; a share over the budget is cut into memory groups (:func:`split_to_fit`), one
    gradient pass each, in lockstep across ranks.
 3. **Scores and selection locally**, on the owned blocks (the greedy or independent solver).
