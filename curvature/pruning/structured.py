@@ -1,0 +1,316 @@
+"""Structured pruning: whole attention heads and feed-forward neurons removed, the matrices resized.
+
+Structured choosers are parts (frozen values with validated settings), run by one driver:
+
+=========================  ================================================================
+part                       how a block's structures are chosen (and what is corrected)
+=========================  ================================================================
+:class:`StructuredOBS`     greedy structured OBS on the consumer's input Hessian; the remaining
+                           columns (and the bias, ``bias=True``) corrected by the OBS update
+:class:`StructureNorm`     the L2 norm of the structure's weights (producer rows, consumer
+                           columns); no correction
+:class:`ActivationNorm`    ``sum |W_ij| ||X_j||`` over the structure's consumer columns (the
+                           activation-weighted score of unstructured pruning, summed); no
+                           correction
+:class:`Fluctuation`       ``sum Var(X_j) ||W_:j||^2`` over its consumer columns, with the mean of
+                           the removed inputs folded into the consumer's bias where it has one
+=========================  ================================================================
+
+The driver (:func:`run`) is sequential like the layer-wise methods: the first block's inputs
+are captured once; in each block, for each coupled group (:mod:`.structures`) in order, the
+consumer's input statistics are taken by running the block on the current inputs, its
+structures are chosen and corrected, and the matrices shrink
+(:func:`~curvature.pruning.structures.shrink`); then the block runs again to give the next block's
+inputs. Targets are fractions of each kind removed in every block (the same count per block, so
+that the sizes fit a model configuration).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from curvature.core import checks
+from curvature.pruning import layerwise, stages, structured_obs, structures
+from curvature.pruning.structures import KINDS, Coupled
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class StructuredChooser:
+    """A structured chooser: scores a group's structures from the consumer's input statistics."""
+
+    label: ClassVar[str] = ""
+    #: the statistics it needs: ``"hessian"`` (``X^T X``), ``"moments"`` (mean and variance), none
+    statistics: ClassVar[str] = "moments"
+    batches: int = 128
+
+    def __post_init__(self):
+        checks.positive_int("batches", self.batches)
+
+    def choose(self, group: Coupled, stats: _Moments, remove: int) -> tuple[list[int], float]:
+        """Remove ``remove`` structures of ``group`` (writing any correction into its consumer);
+        returns the removed structures and the estimated error."""
+        scores = self.scores(group, stats)
+        order = torch.argsort(scores).tolist()[:remove]
+        self.correct(group, stats, order)
+        return order, float(scores[order].sum()) if order else 0.0
+
+    def scores(self, group: Coupled, stats: _Moments) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correct(self, group: Coupled, stats: _Moments, removed: list[int]) -> None:
+        """The baselines correct nothing."""
+
+
+@dataclass(frozen=True)
+class StructuredOBS(StructuredChooser):
+    """Greedy structured OBS (:mod:`.structured_obs`), one structure at a time, the inverse
+    downdated; ``rel_damp``: damping as a fraction of ``H``'s mean diagonal; ``bias``: a consumer
+    with a bias absorbs the mean of what it loses."""
+
+    label: ClassVar[str] = "obs"
+    statistics: ClassVar[str] = "hessian"
+    rel_damp: float = 0.01
+    bias: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.nonnegative("rel_damp", self.rel_damp)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be true or false, got {self.bias!r}")
+
+    def choose(self, group, stats, remove):
+        consumer = group.consumer[1]
+        w = consumer.weight.detach().to(F64)
+        use_bias = self.bias and consumer.bias is not None
+        res = structured_obs.remove_structures(
+            w,
+            stats.hessian(),
+            group.columns().to(w.device),
+            remove,
+            rel_damp=self.rel_damp,
+            bias=consumer.bias.detach() if use_bias else None,
+            mean=stats.mean() if use_bias else None,
+        )
+        with torch.no_grad():
+            consumer.weight.copy_(res.weight.to(consumer.weight.dtype))
+            if res.bias is not None:
+                consumer.bias.copy_(res.bias.to(consumer.bias.dtype))
+        return res.removed, (res.errors[-1] if res.errors else 0.0)
+
+
+@dataclass(frozen=True)
+class StructureNorm(StructuredChooser):
+    """The L2 norm of every weight of the structure (its producer rows and consumer columns)."""
+
+    label: ClassVar[str] = "magnitude"
+    statistics: ClassVar[str] = ""
+
+    def scores(self, group, stats):
+        all_ = list(range(group.count))
+        total = torch.zeros(group.count, dtype=F64)
+        for _, p in group.producers:
+            w = p.weight.detach().to(F64)[group.rows(p, all_)]
+            total += (w**2).reshape(group.count, -1).sum(1).cpu()
+        c = group.consumer[1].weight.detach().to(F64)[:, group.columns().reshape(-1)]
+        total += (c**2).reshape(c.shape[0], group.count, -1).sum((0, 2)).cpu()
+        return total.sqrt()
+
+
+@dataclass(frozen=True)
+class ActivationNorm(StructuredChooser):
+    """``sum_{j in S} sum_i |W_ij| ||X_j||`` on the consumer's columns."""
+
+    label: ClassVar[str] = "activation"
+
+    def scores(self, group, stats):
+        w = group.consumer[1].weight.detach().to(F64).abs()
+        col = w.sum(0) * stats.square().clamp_min(0).sqrt()
+        return col[group.columns()].sum(1).cpu()
+
+
+@dataclass(frozen=True)
+class Fluctuation(StructuredChooser):
+    """``sum_{j in S} Var(X_j) ||W_:j||^2`` on the consumer's columns; the removed inputs' mean
+    folded into the consumer's bias (when it has one)."""
+
+    label: ClassVar[str] = "fluctuation"
+
+    def scores(self, group, stats):
+        w = group.consumer[1].weight.detach().to(F64)
+        col = (w**2).sum(0) * stats.variance()
+        return col[group.columns()].sum(1).cpu()
+
+    def correct(self, group, stats, removed):
+        consumer = group.consumer[1]
+        if consumer.bias is None or not removed:
+            return
+        cols = group.columns(removed).reshape(-1).to(consumer.weight.device)
+        shift = consumer.weight.detach().to(F64)[:, cols] @ stats.mean()[cols]
+        with torch.no_grad():
+            consumer.bias.add_(shift.to(consumer.bias.dtype))
+
+
+#: the structured choosers by name
+CHOOSERS = {c.label: c for c in (StructuredOBS, StructureNorm, ActivationNorm, Fluctuation)}
+
+
+def chooser(method) -> StructuredChooser:
+    """A structured chooser from a part or a name of :data:`CHOOSERS`."""
+    if isinstance(method, StructuredChooser):
+        return method
+    if isinstance(method, str) and method in CHOOSERS:
+        return CHOOSERS[method]()
+    checks.one_of("structured method", method, sorted(CHOOSERS))
+    raise AssertionError  # one_of raised
+
+
+class _Moments:
+    """Forward hook on one consumer: ``sum x``, ``sum x^2`` and (when asked) ``sum x x^T``."""
+
+    def __init__(self, module, full: bool):
+        self.full, self.n = full, 0
+        self.s1 = self.s2 = self.xx = None
+        self.handle = module.register_forward_hook(lambda m, a, o: self._add(a[0]))
+
+    def _add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).to(F64)
+        s1, s2 = x.sum(0), (x * x).sum(0)
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        if self.full:
+            xx = x.T @ x
+            self.xx = xx if self.xx is None else self.xx + xx
+        self.n += x.shape[0]
+
+    def mean(self):
+        return self.s1 / self.n
+
+    def square(self):
+        return self.s2 / self.n
+
+    def variance(self):
+        return (self.square() - self.mean() ** 2).clamp_min(0)
+
+    def hessian(self):  # 2/N X^T X, as the layer-wise statistics
+        return self.xx * (2.0 / self.n)
+
+    def remove(self):
+        self.handle.remove()
+
+
+@dataclass
+class StructuredReport:
+    """What a structured pruning call did."""
+
+    method: str
+    #: fraction of each kind removed per block (the target) and the kept sizes per block
+    targets: dict
+    sizes: dict
+    params_before: int
+    params_after: int
+    estimated_error: float
+    seconds: float
+    batches: int
+    groups: list = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / self.params_before
+
+
+def _removals(groups: list[Coupled], targets: dict[str, float]) -> dict[int, int]:
+    out = {}
+    for i, g in enumerate(groups):
+        frac = targets.get(g.kind, 0.0)
+        n = int(round(frac * g.count))
+        if n >= g.count:
+            raise ValueError(
+                f"{g.kind}={frac} removes all {g.count} {g.kind} of block {g.block}; at least "
+                "one must remain in each block"
+            )
+        out[i] = n
+    return out
+
+
+def check_targets(targets: dict[str, float]) -> dict[str, float]:
+    """``{"heads": fraction, "neurons": fraction}``, each in ``[0, 1)``; one line otherwise."""
+    out = {}
+    for kind, frac in targets.items():
+        checks.one_of("structure", kind, KINDS)
+        out[kind] = checks.in_range(kind, frac, 0.0, 1.0, "[)")
+    if not any(out.values()):
+        raise ValueError("structured pruning: give a fraction of heads or neurons to remove (> 0)")
+    return out
+
+
+def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=True):
+    """Remove ``targets`` (``{"heads": 0.5, "neurons": 0.3}``: the fraction removed in every block)
+    from ``model`` in place with ``method`` (a :class:`StructuredChooser` or its name); returns a
+    :class:`StructuredReport`. ``loss_fn(model, batch)`` is called for its forward pass only."""
+    start = time.perf_counter()
+    part = chooser(method)
+    targets = check_targets(targets)
+    before = sum(p.numel() for p in model.parameters())
+    data = layerwise._Limited(stages.Replayed(data), part.batches)
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    was_training = model.training
+    model.eval()
+    try:
+        groups = structures.trace(model, lambda: loss_fn(model, first), kinds=tuple(targets))
+        removals = _removals(groups, targets)
+        with torch.no_grad():
+            error, batches = _sequential(model, data, loss_fn, groups, removals, part, progress)
+    finally:
+        model.train(was_training)
+    after = sum(p.numel() for p in model.parameters())
+    return StructuredReport(
+        method=part.label,
+        targets=targets,
+        sizes=structures.sizes(groups),
+        params_before=before,
+        params_after=after,
+        estimated_error=error,
+        seconds=time.perf_counter() - start,
+        batches=batches,
+        groups=groups,
+    )
+
+
+def _sequential(model, data, loss_fn, groups, removals, part, progress):
+    blocks, _ = structures._repeated_blocks(model)
+    per_block: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        per_block.setdefault(g.block, []).append(i)
+    first, last = min(per_block), max(per_block)
+    inputs = layerwise._capture(model, data, loss_fn, blocks[first], progress)
+    error = 0.0
+    for b in tqdm(range(first, last + 1), desc=f"structured {part.label}", disable=not progress):
+        block = blocks[b]
+        for i in per_block.get(b, []):
+            g, remove = groups[i], removals[i]
+            if remove == 0:
+                continue
+            stats = _Moments(g.consumer[1], full=part.statistics == "hessian")
+            try:
+                for a, kw in inputs:
+                    block(*a, **kw)
+            finally:
+                stats.remove()
+            removed, est = part.choose(g, stats, remove)
+            error += est
+            structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
+        if b < last:
+            inputs = [layerwise._run_block(block, a, kw) for a, kw in inputs]
+    if not math.isfinite(error):
+        raise FloatingPointError("structured pruning: the estimated error is not finite")
+    return error, len(inputs)

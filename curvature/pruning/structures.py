@@ -1,0 +1,260 @@
+"""Structures of a transformer as coupled groups across matrices, traced from one forward pass.
+
+A structure is removed from every matrix it lives in at once:
+
+- an **attention head** is rows of the query, key and value projections and the matching input
+  columns of the output projection; with grouped-query attention, one key/value head and the
+  query heads that share it (``heads / kv_heads`` of them) are one structure;
+- a **feed-forward neuron** is a row of the up (and gate) projection and an input column of the
+  down projection.
+
+The groups are found from the model's modules, not from names per architecture: one forward pass
+records, inside each repeated block (the ``nn.ModuleList`` holding most linear layers), the order
+in which its ``nn.Linear`` layers run and which of them read the same input tensor. A set of
+layers reading one input (the *producers*) followed by one layer whose inputs are as wide as the
+first producer's outputs (the *consumer*) is a coupled pair: three or more producers are an
+attention (query first, then key and value), one or two (up, or gate and up) a feed-forward. The
+number of heads comes from ``model.config`` (``num_attention_heads``, ``num_key_value_heads``).
+A block where no such pair is found (a fused query-key-value matrix, GPT-2's ``Conv1D``) is one
+clear error naming the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+HEADS = "heads"
+NEURONS = "neurons"
+KINDS = (HEADS, NEURONS)
+
+
+@dataclass
+class Coupled:
+    """One coupled group of structures in one block: ``count`` structures of the ``kind``, the
+    ``producers`` whose output rows and the ``consumer`` whose input columns they are."""
+
+    kind: str
+    block: int
+    producers: list[tuple[str, torch.nn.Linear]]
+    consumer: tuple[str, torch.nn.Linear]
+    count: int
+    #: consumer columns (and the first producer's rows) per structure
+    width: int
+    #: rows of the other producers per structure (key/value rows of a key/value head)
+    narrow: int = 0
+    kept: list[int] = field(default_factory=list)
+    #: the attention module holding the producers (its head counts follow the sizes)
+    owner: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if not self.kept:
+            self.kept = list(range(self.count))
+
+    def columns(self, structures=None) -> torch.Tensor:
+        """The consumer's input columns of ``structures`` (all of them by default), ``[n, width]``."""
+        s = torch.as_tensor(range(self.count) if structures is None else structures)
+        return s[:, None] * self.width + torch.arange(self.width)[None, :]
+
+    def rows(self, producer: torch.nn.Linear, structures) -> torch.Tensor:
+        per = self.width if producer.out_features == self.consumer[1].in_features else self.narrow
+        s = torch.as_tensor(structures)
+        return (s[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
+
+    def head_counts(self) -> tuple[int, int]:
+        """``(query heads, key/value heads)`` an attention group has now."""
+        return self.count * self.width // self.narrow, self.count
+
+    @property
+    def name(self) -> str:
+        return f"block {self.block} {self.kind}"
+
+
+def _linear_like(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _repeated_blocks(model):
+    names = {id(m): n for n, m in model.named_modules()}
+    best, best_count = None, 0
+    for lst in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+        count = sum(_linear_like(m) for m in lst.modules())
+        if count > best_count:
+            best, best_count = lst, count
+    if best is None:
+        raise ValueError(
+            f"structures: {type(model).__name__} has no repeated blocks of linear layers "
+            "(an nn.ModuleList of transformer blocks) to trace"
+        )
+    return best, names[id(best)]
+
+
+def _heads(model) -> tuple[int, int]:
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise ValueError(
+            f"structures: {type(model).__name__} has no config.num_attention_heads; attention "
+            "heads cannot be traced (prune neurons only)"
+        )
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return int(heads), int(kv)
+
+
+def trace(model, run, kinds=KINDS) -> list[Coupled]:
+    """The coupled groups of ``model`` (``kinds``: ``"heads"``, ``"neurons"``), in block order.
+    ``run()`` makes one forward pass of the model (under ``torch.no_grad``)."""
+    blocks, prefix = _repeated_blocks(model)
+    calls: dict[int, list] = {}
+    keep_alive = []
+
+    def hook(module, args, out, b, name):
+        x = args[0]
+        keep_alive.append(x)
+        calls.setdefault(b, []).append((name, module, id(x)))
+
+    handles = []
+    for b, block in enumerate(blocks):
+        for n, m in block.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                full = f"{prefix}.{b}.{n}"
+                handles.append(
+                    m.register_forward_hook(lambda mod, a, o, b=b, n=full: hook(mod, a, o, b, n))
+                )
+            elif type(m).__name__ == "Conv1D":
+                for h in handles:
+                    h.remove()
+                raise ValueError(
+                    f"structures: {prefix}.{b}.{n} is a fused Conv1D layer; heads and neurons of "
+                    f"{type(model).__name__} cannot be traced yet (separate nn.Linear query, key, "
+                    "value and feed-forward layers are needed)"
+                )
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for b in range(len(blocks)):
+        found = _pairs(model, b, calls.get(b, []), kinds)
+        out.extend(found)
+    if not out:
+        raise ValueError(
+            f"structures: no {' or '.join(kinds)} found in the blocks of {type(model).__name__} "
+            "(no layers reading one input followed by a layer consuming their outputs)"
+        )
+    return out
+
+
+def _pairs(model, b, calls, kinds) -> list[Coupled]:
+    # consecutive calls that read one tensor are one set of producers
+    sets, seen = [], set()
+    for name, module, key in calls:
+        if name in seen:  # a layer called twice in one pass: only its first call counts
+            continue
+        seen.add(name)
+        if sets and sets[-1][0] == key:
+            sets[-1][1].append((name, module))
+        else:
+            sets.append((key, [(name, module)]))
+    found, i = [], 0
+    while i + 1 < len(sets):
+        producers, nxt = sets[i][1], sets[i + 1][1]
+        consumer = nxt[0]
+        width = producers[0][1].out_features
+        if len(nxt) == 1 and consumer[1].in_features == width:
+            kind = HEADS if len(producers) >= 3 else NEURONS
+            if kind in kinds:
+                found.append(_coupled(model, kind, b, producers, consumer))
+            i += 2
+        else:
+            i += 1
+    return found
+
+
+def _coupled(model, kind, b, producers, consumer) -> Coupled:
+    width = consumer[1].in_features
+    if kind == NEURONS:
+        if any(p.out_features != width for _, p in producers):
+            raise ValueError(
+                f"structures: block {b}: the feed-forward layers {[n for n, _ in producers]} "
+                f"do not all give {width} outputs"
+            )
+        return Coupled(NEURONS, b, producers, consumer, count=width, width=1)
+    heads, kv = _heads(model)
+    head_dim = width // heads
+    if head_dim * heads != width or heads % kv:
+        raise ValueError(
+            f"structures: block {b}: {width} attention outputs are not {heads} heads "
+            f"({kv} key/value heads)"
+        )
+    for n, p in producers:
+        if p.out_features not in (width, kv * head_dim):
+            raise ValueError(
+                f"structures: block {b}: {n} gives {p.out_features} outputs, neither "
+                f"{heads} nor {kv} heads of {head_dim}"
+            )
+    owner = _parent(model, producers[0][0])
+    return Coupled(
+        HEADS, b, producers, consumer, count=kv, width=width // kv, narrow=head_dim, owner=owner
+    )
+
+
+def _parent(model, name: str):
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
+def set_head_counts(module, heads: int, kv_heads: int) -> None:
+    """Set the head counts an attention module keeps as attributes (and reads in its forward, as
+    OPT's ``num_heads``) to the sizes of its resized projections."""
+    for attr in _HEAD_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, heads)
+    for attr in _KV_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, kv_heads)
+    size = getattr(module, "attention_head_size", None) or getattr(module, "head_dim", None)
+    if isinstance(getattr(module, "all_head_size", None), int) and isinstance(size, int):
+        module.all_head_size = heads * size
+
+
+def _take(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
+    index = index.to(linear.weight.device)
+    with torch.no_grad():
+        linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index).contiguous())
+        if dim == 0 and linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias.index_select(0, index).contiguous())
+    if dim == 0:
+        linear.out_features = int(index.numel())
+    else:
+        linear.in_features = int(index.numel())
+
+
+def shrink(group: Coupled, keep: list[int]) -> None:
+    """Physically remove every structure of ``group`` not in ``keep`` (indices among its current
+    structures): the producers' rows and the consumer's columns go; the others keep their
+    values."""
+    keep = sorted(keep)
+    if not keep:
+        raise ValueError(f"structures: {group.name}: at least one structure must remain")
+    for _, p in group.producers:
+        _take(p, group.rows(p, keep), 0)
+    _take(group.consumer[1], group.columns(keep).reshape(-1), 1)
+    group.kept = [group.kept[k] for k in keep]
+    group.count = len(keep)
+    if group.kind == HEADS and group.owner is not None:
+        set_head_counts(group.owner, *group.head_counts())
+
+
+def sizes(groups: list[Coupled]) -> dict:
+    """``{"heads": [per block], "neurons": [per block]}``: the structures each block keeps."""
+    out: dict[str, list] = {}
+    for g in groups:
+        out.setdefault(g.kind, []).append(g.count)
+    return out

@@ -1,0 +1,246 @@
+"""Structured pruning: the structured OBS update against least squares, greedy against brute force,
+traced structures per architecture, resized models equal to masked ones, saving and loading."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from models import correlated_inputs, tiny_bert
+
+from curvature.pruning import structured, structured_obs, structures
+
+F64 = torch.float64
+
+
+def _layer(rows=6, groups=5, width=3, n=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = correlated_inputs(n=n, pairs=(groups * width + 1) // 2, seed=seed).to(F64)[
+        :, : groups * width
+    ]
+    x = x + 0.3 * torch.randn(n, 1, generator=gen, dtype=F64)  # a shared, non-zero mean
+    w = torch.randn(rows, groups * width, generator=gen, dtype=F64)
+    idx = torch.arange(groups * width).reshape(groups, width)
+    return w, x, idx
+
+
+def _h(x):
+    return 2.0 / x.shape[0] * x.T @ x
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_structured_obs_is_the_least_squares_refit_of_the_kept_columns(width):
+    w, x, idx = _layer(width=width)
+    res = structured_obs.remove_structures(w, _h(x), idx, 2, rel_damp=0.0)
+    keep = torch.tensor(sorted(set(range(idx.shape[0])) - set(res.removed)))
+    ref, err = structured_obs.refit_error(w, x, idx[keep].reshape(-1))
+    torch.testing.assert_close(res.weight, ref, rtol=1e-8, atol=1e-9)
+    # the cumulative OBS error is the squared output error, times 2/N
+    assert res.errors[-1] == pytest.approx(2.0 / x.shape[0] * err, rel=1e-8)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_each_greedy_step_is_the_brute_force_best_single_removal(width):
+    w, x, idx = _layer(groups=6, width=width, seed=3)
+    res = structured_obs.remove_structures(w, _h(x), idx, 4, rel_damp=0.0)
+    gone: list[int] = []
+    for step in range(4):
+        errs = {}
+        for g in set(range(6)) - set(gone):
+            keep = sorted(set(range(6)) - set(gone) - {g})
+            errs[g] = structured_obs.refit_error(w, x, idx[keep].reshape(-1))[1]
+        best = min(errs, key=errs.get)
+        assert res.removed[step] == best
+        assert res.errors[step] == pytest.approx(2.0 / x.shape[0] * errs[best], rel=1e-7)
+        gone.append(best)
+
+
+def test_greedy_equals_the_best_subset_on_a_tiny_case_and_beats_magnitude():
+    # near-duplicate inputs of very different scales: the structure with the largest weights is
+    # redundant, magnitude keeps it and loses another; brute force over all pairs agrees with greedy
+    w, x, idx = _layer(groups=5, width=1, seed=1)
+    res = structured_obs.remove_structures(w, _h(x), idx, 2, rel_damp=0.0)
+    best = min(
+        itertools.combinations(range(5), 2),
+        key=lambda s: structured_obs.refit_error(
+            w, x, torch.tensor(sorted(set(range(5)) - set(s)))
+        )[1],
+    )
+    assert sorted(res.removed) == sorted(best)
+    mag = torch.argsort(w.norm(dim=0))[:2].tolist()
+    keep = torch.tensor(sorted(set(range(5)) - set(mag)))
+    w0 = w.clone()
+    w0[:, mag] = 0
+    mag_err = float(((x @ w0.T - x @ w.T) ** 2).sum())
+    assert structured_obs.refit_error(w, x, keep)[1] <= mag_err
+    assert res.errors[-1] < 2.0 / x.shape[0] * mag_err
+
+
+def test_the_bias_absorbs_the_mean_of_the_removed_columns():
+    w, x, idx = _layer(width=2, seed=2)
+    b = torch.randn(w.shape[0], dtype=F64)
+    res = structured_obs.remove_structures(w, _h(x), idx, 2, rel_damp=0.0, bias=b, mean=x.mean(0))
+    keep = sorted(set(range(idx.shape[0])) - set(res.removed))
+    xa = torch.cat([x[:, idx[keep].reshape(-1)], torch.ones(x.shape[0], 1, dtype=F64)], 1)
+    target = x @ w.T + b
+    sol = torch.linalg.lstsq(xa, target).solution
+    out = x @ res.weight.T + res.bias
+    torch.testing.assert_close(out, xa @ sol, rtol=1e-7, atol=1e-8)
+    no_bias = structured_obs.remove_structures(w, _h(x), idx, 2, rel_damp=0.0)
+    assert ((out - target) ** 2).sum() < ((x @ no_bias.weight.T + b - target) ** 2).sum()
+
+
+def _llama(heads=4, kv=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32,
+    )  # fmt: skip
+    return OPTForCausalLM(cfg).eval()
+
+
+def _data(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 64, (3, 10), generator=gen) for _ in range(n)]
+
+
+def _loss(model, batch):
+    return model(input_ids=batch)
+
+
+ARCHS = {"bert": lambda: tiny_bert().eval(), "llama": _llama, "opt": _opt}
+
+
+def test_traced_structures_per_architecture():
+    got = {}
+    for name, make in ARCHS.items():
+        model = make()
+        groups = structures.trace(model, lambda m=model: _loss(m, _data()[0]))
+        got[name] = [
+            (g.kind, g.block, len(g.producers), g.count, g.width, g.narrow) for g in groups
+        ]
+    assert got["bert"] == [("heads", b, 3, 2, 8, 8) for b in (0,)] + [
+        ("neurons", 0, 1, 32, 1, 0), ("heads", 1, 3, 2, 8, 8), ("neurons", 1, 1, 32, 1, 0)
+    ]  # fmt: skip
+    # grouped-query: 2 key/value heads, each shared by 2 query heads of 8 (16 o_proj columns)
+    assert got["llama"][:2] == [("heads", 0, 3, 2, 16, 8), ("neurons", 0, 2, 48, 1, 0)]
+    assert got["opt"][:2] == [("heads", 0, 3, 4, 8, 8), ("neurons", 0, 1, 48, 1, 0)]
+
+
+def test_a_fused_attention_cannot_be_traced_and_says_so():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    )
+    with pytest.raises(ValueError, match=r"^structures: transformer\.h\.0\..* fused Conv1D"):
+        structures.trace(model, lambda: _loss(model, _data()[0]))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_a_resized_model_computes_what_the_masked_model_computes(arch):
+    model = ARCHS[arch]()
+    batch = _data()[0]
+    groups = structures.trace(model, lambda: _loss(model, batch))
+    masked = copy.deepcopy(model)
+    named = dict(masked.named_modules())
+    for g in groups:  # remove the first structure of each group: zero its consumer columns
+        cols = g.columns([0]).reshape(-1)
+        with torch.no_grad():
+            named[g.consumer[0]].weight[:, cols] = 0
+        structures.shrink(g, list(range(1, g.count)))
+    with torch.no_grad():
+        out, ref = _loss(model, batch).logits, _loss(masked, batch).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+@pytest.mark.parametrize("method", sorted(structured.CHOOSERS))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_method_prunes_every_architecture_to_its_sizes(arch, method):
+    model = ARCHS[arch]()
+    before = sum(p.numel() for p in model.parameters())
+    rep = structured.run(
+        model, _data(), _loss, {"heads": 0.5, "neurons": 0.25}, method, progress=False
+    )
+    half = {"bert": 1, "llama": 1, "opt": 2}[arch]
+    assert rep.sizes["heads"] == [half, half]
+    assert rep.sizes["neurons"] == [24 if arch == "bert" else 36] * 2
+    assert rep.params_after == sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        assert torch.isfinite(_loss(model, _data()[0]).logits).all()
+
+
+def test_structured_obs_keeps_the_outputs_closer_than_every_baseline():
+    model = _llama()
+    data, held = _data(12, seed=0), _data(4, seed=9)
+    with torch.no_grad():
+        ref = [_loss(model, b).logits for b in held]
+    errs = {}
+    for method in structured.CHOOSERS:
+        m = copy.deepcopy(model)
+        structured.run(m, data, _loss, {"heads": 0.5, "neurons": 0.5}, method, progress=False)
+        with torch.no_grad():
+            errs[method] = sum(
+                float(((_loss(m, b).logits - r) ** 2).mean()) for b, r in zip(held, ref)
+            )
+    assert errs["obs"] < min(v for k, v in errs.items() if k != "obs"), errs
+
+
+def test_bad_targets_and_methods_are_one_line():
+    model = _llama()
+    with pytest.raises(
+        ValueError,
+        match=r"^structure must be one of \('heads', 'neurons'\), got 'head' \(did you mean 'heads'",
+    ):
+        structured.run(model, _data(), _loss, {"head": 0.5}, progress=False)
+    with pytest.raises(ValueError, match=r"^heads must be in \[0, 1\)"):
+        structured.run(model, _data(), _loss, {"heads": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"removes all 2 heads of block 0"):
+        structured.run(model, _data(), _loss, {"heads": 0.9}, progress=False)
+    with pytest.raises(
+        ValueError, match=r"^structured method must be one of .*got 'obss' \(did you mean 'obs'"
+    ):
+        structured.run(model, _data(), _loss, {"heads": 0.5}, "obss", progress=False)
+    with pytest.raises(ValueError, match=r"^rel_damp must be >= 0"):
+        structured.StructuredOBS(rel_damp=-1.0)
+    # nothing was changed by the refused calls
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:3] == [
+        32,
+        16,
+        16,
+    ]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_saved_models_load_back_and_compute_the_same(arch, tmp_path):
+    from curvature.integrations.structured import load_structured, save_structured
+
+    model = ARCHS[arch]()
+    rep = structured.run(model, _data(), _loss, {"heads": 0.5, "neurons": 0.5}, progress=False)
+    info = save_structured(model, rep.groups, tmp_path / arch)
+    back = load_structured(tmp_path / arch)
+    batch = _data()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(back, batch).logits, _loss(model, batch).logits)
+    # plain transformers loads it where the configuration can say the sizes (Llama: head_dim)
+    assert info["plain_transformers"] == (arch == "llama")
+    if info["plain_transformers"]:
+        plain = type(model).from_pretrained(tmp_path / arch).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(_loss(plain, batch).logits, _loss(model, batch).logits)
