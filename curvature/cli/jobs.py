@@ -28,6 +28,7 @@ from curvature.cli.outputs import (
 from curvature.cli.report import write_prune_report
 from curvature.cli.results import render_report
 from curvature.recipes import Recipe
+from curvature.recipes.schema import StructureModifier
 
 
 @dataclass(kw_only=True)
@@ -92,12 +93,11 @@ def _dense_baseline(job, recipe: Recipe, epochs: float, work: Path) -> tuple[dic
     ``work`` (inside the job's partial output, so removed with it) holds the Trainer's files."""
     from curvature.integrations.hf import RecipeCallback
     from curvature.recipes import RecipeManager
-    from curvature.recipes.schema import DistillationModifier, _Pruning
+    from curvature.recipes.schema import DistillationModifier, StructureModifier, _Pruning
 
+    removed = (_Pruning, DistillationModifier, StructureModifier)
     dense_recipe = Recipe(
-        modifiers=[
-            m for m in recipe.modifiers if not isinstance(m, (_Pruning, DistillationModifier))
-        ],
+        modifiers=[m for m in recipe.modifiers if not isinstance(m, removed)],
         variables=recipe.variables,
         source=recipe.source,
     )
@@ -140,8 +140,12 @@ class _Run:
     metrics: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)  # evaluations' units (predictions/*.csv)
     trainer: object = None
+    groups: list | None = None  # the structures of a model whose heads or neurons were removed
+    dense_latency: dict = field(default_factory=dict)  # {batch size: ms} before they were
 
     def record_dense(self, model) -> None:
+        if "dense" in self.metrics:  # evaluated before the structures were removed
+            return
         self.metrics["dense"] = self.p.evaluate(
             model, progress=self.job.progress, desc="eval dense"
         )
@@ -195,12 +199,103 @@ def _oneshot(run: _Run) -> None:
     run.manager.step(math.inf, grad_data=loader, loss_fn=model_loss, progress=job.progress)
 
 
+def _latency_batch(run: _Run, size: int) -> dict:
+    # the timed batch: size x --max-length tokens (values do not change the time)
+    import warnings
+
+    from curvature.tasks.kinds import fit_length
+
+    with warnings.catch_warnings():  # said once already, when the task was loaded
+        warnings.simplefilter("ignore")
+        length = fit_length(run.p.model, run.job.max_length)
+    gen = torch.Generator().manual_seed(0)
+    vocab = run.p.model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (size, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _structured(run: _Run) -> None:
+    """Remove the heads and neurons the recipe's structure modifier asks for (sizes from its
+    fractions, or planned from a measured latency table for its speed-up), then rebuild the
+    manager on the smaller model for the rest of the recipe."""
+    import copy
+
+    from curvature.integrations.hf import grad_loader, model_loss
+    from curvature.integrations.latency import measure_model, measure_table
+    from curvature.pruning import structured
+    from curvature.recipes import RecipeManager
+
+    job, p = run.job, run.p
+    (mod,) = run.recipe.of(StructureModifier)
+    run.record_dense(p.model)
+    if run.teacher == "self" and run.distill:
+        run.teacher = copy.deepcopy(p.model).eval()  # the dense model, before the structures go
+    data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
+    info: dict = {"method": mod.method_name}
+    run.dense_latency = {
+        size: measure_model(p.model, _latency_batch(run, size))
+        for size in (mod.latency_batch_size, 1)
+    }
+    targets = mod.targets()
+    if mod.speedup is not None:
+        batch = _latency_batch(run, mod.latency_batch_size)
+        table = measure_table(p.model, batch)
+        fastest = table.dense_ms / table.predict(min(table.heads), min(table.neurons))
+        if fastest < mod.speedup:
+            raise JobError(
+                f"speedup {mod.speedup:g} cannot be met: one head and {min(table.neurons)} "
+                f"neurons per block are predicted at {fastest:.2f}x on this machine (batch "
+                f"{table.batch_size} x {table.sequence_length}, {table.threads} threads)"
+            )
+        t0 = time.perf_counter()
+        curves = structured.error_curves(
+            p.model, data, model_loss, rel_damp=mod.damp, batches=mod.num_calibration_batches,
+            progress=job.progress,
+        )  # fmt: skip
+        plan = structured.plan_sizes(
+            curves,
+            {"heads": list(table.heads), "neurons": list(table.neurons)},
+            lambda kept: table.predict(kept.get("heads"), kept.get("neurons")),
+            table.dense_ms / mod.speedup,
+        )
+        targets = plan.targets
+        info.update(
+            speedup_target=mod.speedup,
+            predicted_speedup=table.dense_ms / plan.cost,
+            latency_table=table.as_dict(),
+            seconds_error_curves=time.perf_counter() - t0,
+        )
+    report = structured.run(p.model, data, model_loss, targets, mod.chooser(), job.progress)
+    run.groups = report.groups
+    info.update(
+        targets=targets, sizes=report.sizes, params_before=report.params_before,
+        params_after=report.params_after, seconds=report.seconds,
+        estimated_error=report.estimated_error,
+    )  # fmt: skip
+    run.metrics["structured"] = info
+    run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
+
+
+def _latencies(run: _Run, model) -> dict:
+    """Dense and pruned forward times (ms, median of 7) at the latency batch and at batch 1."""
+    from curvature.integrations.latency import measure_model
+
+    length = _latency_batch(run, 1)["input_ids"].shape[1]
+    out = {"threads": torch.get_num_threads(), "sequence_length": length, "batches": []}
+    for size, dense_ms in run.dense_latency.items():
+        ms = measure_model(model, _latency_batch(run, size))
+        out["batches"].append(
+            {"batch_size": size, "dense_ms": dense_ms, "pruned_ms": ms, "speedup": dense_ms / ms}
+        )
+    return out
+
+
 def _train(run: _Run, tmp: Path) -> None:
     """Fine-tune with the recipe's pruning (and distillation) through the Trainer."""
     from curvature.integrations.hf import RecipeCallback
 
     job, p, teacher = run.job, run.p, run.teacher
-    if teacher not in (None, "self"):
+    if isinstance(teacher, str) and teacher != "self":
         from curvature.tasks.kinds import load_model
 
         teacher = load_model(p.task, teacher).eval()
@@ -268,8 +363,15 @@ def _save(run: _Run, tmp: Path, start: float) -> None:
     ]
     metrics["epochs"] = run.epochs
     metrics["seconds"] = time.perf_counter() - start
-    model.save_pretrained(tmp)
-    p.tokenizer.save_pretrained(tmp)
+    if run.groups is not None:
+        from curvature.integrations.structured import save_structured
+
+        metrics["structured"]["saved"] = save_structured(model, run.groups, tmp, p.tokenizer)
+        metrics["structured"]["latency"] = _latencies(run, model)
+    else:
+        model.save_pretrained(tmp)
+        p.tokenizer.save_pretrained(tmp)
+    metrics["model_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     protocol = {
         "model": str(job.model), "data": job.data, "task": p.task, "recipe": run.recipe.source,
         "max_length": job.max_length, "seed": job.seed, "epochs": run.epochs, **p.info,
@@ -292,6 +394,8 @@ def run_prune(job: PruneJob) -> dict:
         run.metrics.update(recipe=run.recipe.source, model=str(job.model), data=job.data)
         run.metrics.update(task=p.task, metric=p.metric, higher_is_better=p.higher_is_better)
         run.metrics.update(p.info)
+        if run.recipe.of(StructureModifier):
+            _structured(run)
         if run.epochs <= 0:
             _oneshot(run)
         else:

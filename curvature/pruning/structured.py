@@ -220,6 +220,8 @@ class StructuredReport:
     seconds: float
     batches: int
     groups: list = field(default_factory=list)
+    #: the estimated error of each group (same order as ``groups``)
+    errors: list = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:
@@ -268,8 +270,9 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
     try:
         groups = structures.trace(model, lambda: loss_fn(model, first), kinds=tuple(targets))
         removals = _removals(groups, targets)
+        errors = [0.0] * len(groups)
         with torch.no_grad():
-            error, batches = _sequential(model, data, loss_fn, groups, removals, part, progress)
+            batches = _sequential(model, data, loss_fn, groups, removals, part, progress, errors)
     finally:
         model.train(was_training)
     after = sum(p.numel() for p in model.parameters())
@@ -279,21 +282,21 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
         sizes=structures.sizes(groups),
         params_before=before,
         params_after=after,
-        estimated_error=error,
+        estimated_error=sum(errors),
         seconds=time.perf_counter() - start,
         batches=batches,
         groups=groups,
+        errors=errors,
     )
 
 
-def _sequential(model, data, loss_fn, groups, removals, part, progress):
+def _sequential(model, data, loss_fn, groups, removals, part, progress, errors):
     blocks, _ = structures._repeated_blocks(model)
     per_block: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         per_block.setdefault(g.block, []).append(i)
     first, last = min(per_block), max(per_block)
     inputs = layerwise._capture(model, data, loss_fn, blocks[first], progress)
-    error = 0.0
     for b in tqdm(range(first, last + 1), desc=f"structured {part.label}", disable=not progress):
         block = blocks[b]
         for i in per_block.get(b, []):
@@ -306,11 +309,92 @@ def _sequential(model, data, loss_fn, groups, removals, part, progress):
                     block(*a, **kw)
             finally:
                 stats.remove()
-            removed, est = part.choose(g, stats, remove)
-            error += est
+            removed, errors[i] = part.choose(g, stats, remove)
             structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
         if b < last:
             inputs = [layerwise._run_block(block, a, kw) for a, kw in inputs]
-    if not math.isfinite(error):
+    if not all(math.isfinite(e) for e in errors):
         raise FloatingPointError("structured pruning: the estimated error is not finite")
-    return error, len(inputs)
+    return len(inputs)
+
+
+def error_curves(model, data, loss_fn, kinds=KINDS, *, rel_damp=0.01, batches=128, progress=True):
+    """``{kind: [per block: cumulative error of removing 0, 1, ... structures]}``: the greedy
+    structured OBS curves of every coupled group, on the dense model's calibration statistics (one
+    pass, every consumer at once). They price each size for :func:`plan_sizes`."""
+    data = layerwise._Limited(stages.Replayed(data), batches)
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    was_training = model.training
+    model.eval()
+    try:
+        groups = structures.trace(model, lambda: loss_fn(model, first), kinds=tuple(kinds))
+        stats = [_Moments(g.consumer[1], full=True) for g in groups]
+        try:
+            with torch.no_grad():
+                for batch in tqdm(data, desc="error curves", disable=not progress, leave=False):
+                    loss_fn(model, batch)
+        finally:
+            for s in stats:
+                s.remove()
+    finally:
+        model.train(was_training)
+    curves: dict[str, list] = {}
+    for g, s in zip(groups, stats):
+        w = g.consumer[1].weight.detach().to(F64)
+        res = structured_obs.remove_structures(
+            w, s.hessian(), g.columns().to(w.device), g.count - 1, rel_damp=rel_damp
+        )
+        curves.setdefault(g.kind, []).append([0.0, *res.errors])
+    return curves
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """Structures kept per block, the removal fractions that give them, the plan's cost and the
+    summed error of its sizes."""
+
+    kept: dict
+    targets: dict
+    cost: float
+    error: float
+
+
+def plan_sizes(curves: dict, options: dict, cost, budget: float) -> SizePlan:
+    """The sizes (one per kind, the same in every block) of least summed curve error whose
+    ``cost(kept)`` is at most ``budget``. ``options``: ``{kind: [counts kept that may be chosen]}``
+    (the levels of a latency table); a kind absent from ``curves`` stays whole."""
+    kinds = [k for k in KINDS if k in curves]
+    full = {k: len(curves[k][0]) for k in kinds}  # a curve has count entries: 0 .. count-1 removed
+    best = None
+    grids = [sorted(options.get(k, range(1, full[k] + 1))) for k in kinds]
+    for combo in _product(grids):
+        kept = dict(zip(kinds, combo))
+        c = cost(kept)
+        if c > budget:
+            continue
+        err = sum(curve[full[k] - kept[k]] for k in kinds for curve in curves[k])
+        if best is None or (err, c) < (best.error, best.cost):
+            targets = {k: (full[k] - kept[k]) / full[k] for k in kinds}
+            best = SizePlan(kept, targets, c, err)
+    if best is None:
+        smallest = {k: min(g) for k, g in zip(kinds, grids)}
+        raise ValueError(
+            f"the target cannot be met: the smallest sizes ({_describe(smallest)} per block) "
+            f"cost {cost(smallest):.4g}, above the budget {budget:.4g}"
+        )
+    return best
+
+
+def _product(grids):
+    if not grids:
+        yield ()
+        return
+    for head in grids[0]:
+        for rest in _product(grids[1:]):
+            yield (head, *rest)
+
+
+def _describe(kept: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in kept.items())

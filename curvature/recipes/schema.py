@@ -409,6 +409,70 @@ class LayerwisePruningModifier(_Pruning):
     }
 
 
+class StructureModifier(Modifier):
+    """Removes whole attention heads and feed-forward neurons (this toolkit's modifier), once, at
+    ``start_epoch`` 0, before any training: the matrices shrink and the rest of the recipe
+    (unstructured pruning, distillation, fine-tuning) runs on the smaller model.
+
+    The sizes are either fractions removed in every block (``heads``, ``neurons``) or a measured
+    ``speedup``: a latency table of the model at each size is measured on this machine on a batch of
+    ``latency_batch_size`` x the job's ``--max-length`` tokens, and the sizes of least second-order
+    error predicted to run ``speedup`` times faster are chosen. ``method``: ``obs`` (greedy
+    structured OBS with the OBS correction), ``magnitude``, ``activation`` or ``fluctuation``;
+    ``damp`` (a fraction of ``H``'s mean diagonal) and ``bias`` are the OBS part's settings.
+    """
+
+    heads: float = Field(0.0, ge=0, lt=1)
+    neurons: float = Field(0.0, ge=0, lt=1)
+    speedup: float | None = Field(None, gt=1)
+    method_name: str = Field("obs", alias="method")
+    num_calibration_batches: int = Field(128, gt=0)
+    damp: float = Field(0.01, ge=0)
+    bias: bool = True
+    latency_batch_size: int = Field(16, gt=0)
+
+    @field_validator("method_name")
+    @classmethod
+    def _method(cls, v):
+        from curvature.pruning.structured import CHOOSERS
+
+        checks.one_of("method", v, sorted(CHOOSERS))
+        return v
+
+    @model_validator(mode="after")
+    def _target(self):
+        if self.start_epoch != 0 or self.end_epoch not in (-1, 0):
+            raise ValueError(
+                "structures are removed once, before training: start_epoch must be 0 and "
+                "end_epoch -1 (gradual structured pruning is not supported yet)"
+            )
+        sized = bool(self.heads or self.neurons)
+        if sized == (self.speedup is not None):
+            raise ValueError(
+                "give either heads/neurons (fractions removed per block) or speedup, not "
+                + ("both" if sized else "neither")
+            )
+        if self.method_name != "obs" and (self.damp != 0.01 or not self.bias):
+            raise ValueError(
+                f"method {self.method_name} has no damp or bias setting; the recipe's value "
+                "would be ignored: remove it or use method obs"
+            )
+        return self
+
+    def chooser(self):
+        """The structured chooser part this modifier runs."""
+        from curvature.pruning import structured
+
+        if self.method_name == "obs":
+            return structured.StructuredOBS(
+                batches=self.num_calibration_batches, rel_damp=self.damp, bias=self.bias
+            )
+        return structured.CHOOSERS[self.method_name](batches=self.num_calibration_batches)
+
+    def targets(self) -> dict[str, float]:
+        return {k: v for k, v in (("heads", self.heads), ("neurons", self.neurons)) if v}
+
+
 class SetLearningRateModifier(Modifier):
     """Set the learning rate from ``start_epoch`` on (a learning-rate function active at the same
     epoch takes precedence)."""
@@ -499,6 +563,7 @@ MODIFIERS: dict[str, type[Modifier]] = {
         GMPruningModifier,
         SetLearningRateModifier,
         SetWeightDecayModifier,
+        StructureModifier,
     )
 }
 
@@ -509,7 +574,7 @@ UNSUPPORTED: dict[str, str] = {
     "ACDCPruningModifier": "alternating compressed/decompressed training",
     "MovementPruningModifier": "movement pruning",
     "LayerPruningModifier": "removing whole layers",
-    "StructuredPruningModifier": "structured (channel/filter) pruning",
+    "StructuredPruningModifier": "channel/filter pruning (heads and neurons: !StructureModifier)",
     "LayerThinningModifier": "layer thinning",
     "TrainableParamsModifier": "freezing parameters",
     "SetParamModifier": "setting parameter values",

@@ -244,3 +244,49 @@ def test_saved_models_load_back_and_compute_the_same(arch, tmp_path):
         plain = type(model).from_pretrained(tmp_path / arch).eval()
         with torch.no_grad():
             torch.testing.assert_close(_loss(plain, batch).logits, _loss(model, batch).logits)
+
+
+def test_plan_sizes_picks_the_least_error_within_the_budget_and_refuses_the_impossible():
+    # 2 blocks; 4 heads, 8 neurons; removing heads is cheap in error, neurons dear
+    curves = {
+        "heads": [[0.0, 0.1, 0.3, 2.0]] * 2,
+        "neurons": [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]] * 2,
+    }
+    ms = {
+        "heads": {1: 70.0, 2: 80.0, 3: 90.0, 4: 100.0},
+        "neurons": {2: 60.0, 4: 75.0, 6: 90.0, 8: 100.0},
+    }
+
+    def cost(kept):
+        return ms["heads"][kept["heads"]] + ms["neurons"][kept["neurons"]] - 100.0
+
+    plan = structured.plan_sizes(curves, {k: list(v) for k, v in ms.items()}, cost, 100.0 / 1.25)
+    # every pair within 80 ms, by error: (2 heads, 8 neurons) costs 0.6 and 80 ms
+    assert plan.kept == {"heads": 2, "neurons": 8} and plan.error == pytest.approx(0.6)
+    assert plan.targets == {"heads": 0.5, "neurons": 0.0}
+    brute = min(
+        (sum(c[4 - h] for c in curves["heads"]) + sum(c[8 - n] for c in curves["neurons"]), h, n)
+        for h in ms["heads"] for n in ms["neurons"] if cost({"heads": h, "neurons": n}) <= 80.0
+    )  # fmt: skip
+    assert (brute[1], brute[2]) == (plan.kept["heads"], plan.kept["neurons"])
+    with pytest.raises(ValueError, match=r"^the target cannot be met: the smallest sizes"):
+        structured.plan_sizes(curves, {k: list(v) for k, v in ms.items()}, cost, 10.0)
+
+
+def test_error_curves_are_the_greedy_removal_errors_of_the_dense_model():
+    model = _llama()
+    data = _data(6)
+    curves = structured.error_curves(model, data, _loss, rel_damp=0.01, batches=6)
+    assert [len(c) for c in curves["heads"]] == [2, 2] and [len(c) for c in curves["neurons"]] == [
+        48,
+        48,
+    ]
+    assert all(c[0] == 0.0 and all(b >= a for a, b in zip(c, c[1:])) for c in curves["neurons"])
+    # the first block sees the dense model's inputs when it is pruned: its curve at 12 neurons is
+    # what sequential pruning of 12 estimates there; later blocks see pruned inputs and differ
+    m = copy.deepcopy(model)
+    part = structured.StructuredOBS(batches=6, bias=False)
+    rep = structured.run(m, data, _loss, {"neurons": 0.25}, part, progress=False)
+    assert rep.groups[0].count == 36
+    assert rep.errors[0] == pytest.approx(curves["neurons"][0][12], rel=1e-9)
+    assert rep.errors[1] != pytest.approx(curves["neurons"][1][12], rel=1e-9)

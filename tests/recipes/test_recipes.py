@@ -384,7 +384,39 @@ FIELD_TESTS = {
     "teacher": "tasks/test_tasks.py::test_a_distilling_recipe_without_a_teacher_is_refused",
     "name": "cli/test_prune_and_train.py::test_recipe_selects_second_order_optimizer_and_masks_hold",
     "kwargs": "cli/test_prune_and_train.py::test_a_new_optimizer_is_one_registry_line",
+    "heads": "cli/test_structured_cli.py::test_oneshot_structured_prune_writes_a_smaller_model_that_loads_back",
+    "neurons": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
+    "speedup": "cli/test_structured_cli.py::test_bad_structured_recipes_are_one_line_and_write_nothing",
+    "bias": "recipes/test_recipes.py::test_structure_modifier_fields_reach_the_structured_part",
+    "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
 }
+
+
+def test_structure_modifier_fields_reach_the_structured_part(tmp_path):
+    from models import write_recipe
+
+    from curvature.pruning import structured
+    from curvature.recipes import load_recipe
+    from curvature.recipes.schema import StructureModifier
+
+    text = """
+modifiers:
+  - !StructureModifier
+    heads: 0.25
+    neurons: 0.5
+    method: obs
+    num_calibration_batches: 7
+    damp: 0.05
+    bias: false
+"""
+    (mod,) = load_recipe(write_recipe(tmp_path, text)).of(StructureModifier)
+    assert mod.chooser() == structured.StructuredOBS(batches=7, rel_damp=0.05, bias=False)
+    assert mod.targets() == {"heads": 0.25, "neurons": 0.5}
+    text = text.replace("method: obs", "method: fluctuation").replace(
+        "    damp: 0.05\n    bias: false\n", ""
+    )
+    (mod,) = load_recipe(write_recipe(tmp_path, text)).of(StructureModifier)
+    assert mod.chooser() == structured.Fluctuation(batches=7)
 
 
 def test_every_modifier_field_acts_or_is_runtime_only():

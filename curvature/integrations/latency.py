@@ -1,0 +1,110 @@
+"""A latency table measured on this machine: the model's forward time at each size of its heads and
+feed-forward neurons (the same size in every block), for a target speed-up.
+
+For each number of heads kept (key/value heads, with their query heads) the model is copied, every
+block's attention shrinks to that size (the feed-forward kept whole) and one batch is timed; the
+same for each level of neurons kept (the attention whole). A size pair is predicted to take
+
+    L(heads, neurons) = L(heads, all) + L(all, neurons) - L(all, all)
+
+(the two modules' times add up across the blocks). The table and its own cost (seconds) are
+recorded; :func:`measure_model` times the pruned model itself, so the report gives the predicted
+and the measured speed-up side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from curvature.pruning import structures
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def measure_model(model, batch: dict, reps: int = 7) -> float:
+    """Median forward time (ms) of ``model`` on ``batch`` under ``torch.inference_mode``."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _median_ms(lambda: model(**batch), reps)
+    finally:
+        model.train(was)
+
+
+@dataclass
+class LatencyTable:
+    """Forward times (ms) of the whole model per size kept in every block."""
+
+    batch_size: int
+    sequence_length: int
+    threads: int
+    dense_ms: float
+    #: key/value heads kept per block -> ms (feed-forward whole)
+    heads: dict = field(default_factory=dict)
+    #: neurons kept per block -> ms (attention whole)
+    neurons: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def predict(self, heads: int | None, neurons: int | None) -> float:
+        h = self.heads.get(heads, self.dense_ms) if heads is not None else self.dense_ms
+        n = self.neurons.get(neurons, self.dense_ms) if neurons is not None else self.dense_ms
+        return h + n - self.dense_ms
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["heads"] = {str(k): v for k, v in self.heads.items()}
+        out["neurons"] = {str(k): v for k, v in self.neurons.items()}
+        return out
+
+
+def neuron_levels(count: int, steps: int = 16) -> list[int]:
+    """The neuron counts the table measures: ``count * i / steps`` (rounded), ``i = 1..steps``."""
+    return sorted({max(1, round(count * i / steps)) for i in range(1, steps + 1)})
+
+
+def _shrunk(model, batch, kind: str, kept: int):
+    net = copy.deepcopy(model).eval()
+    for g in structures.trace(net, lambda: net(**batch), kinds=(kind,)):
+        structures.shrink(g, list(range(min(kept, g.count))))
+    return net
+
+
+def measure_table(model, batch: dict, kinds=structures.KINDS, reps: int = 7, steps: int = 16):
+    """The :class:`LatencyTable` of ``model`` on ``batch`` (a dict of tensors, no labels)."""
+    start = time.perf_counter()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    ids = batch["input_ids"]
+    groups = structures.trace(model, lambda: model(**batch), kinds=tuple(kinds))
+    counts = {g.kind: g.count for g in groups}
+    table = LatencyTable(
+        batch_size=int(ids.shape[0]),
+        sequence_length=int(ids.shape[1]),
+        threads=torch.get_num_threads(),
+        dense_ms=measure_model(model, batch, reps),
+    )
+    if structures.HEADS in counts:
+        for k in range(1, counts[structures.HEADS]):
+            table.heads[k] = measure_model(_shrunk(model, batch, structures.HEADS, k), batch, reps)
+        table.heads[counts[structures.HEADS]] = table.dense_ms
+    if structures.NEURONS in counts:
+        levels = neuron_levels(counts[structures.NEURONS], steps)
+        for n in levels[:-1]:
+            table.neurons[n] = measure_model(
+                _shrunk(model, batch, structures.NEURONS, n), batch, reps
+            )
+        table.neurons[levels[-1]] = table.dense_ms
+    table.seconds = time.perf_counter() - start
+    return table

@@ -1,0 +1,132 @@
+"""Structured pruning from recipes and the command line, end to end on the tiny model and task."""
+
+import json
+
+import pytest
+from models import make_csv, make_model_dir, write_recipe
+
+from curvature.cli.main import main
+from curvature.integrations.structured import load_structured
+
+STRUCTURE = """
+num_epochs: EPOCHS
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !LearningRateFunctionModifier {lr_func: linear, init_lr: 1e-3, final_lr: 1e-4, start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !StructureModifier
+    TARGET
+    method: METHOD
+    num_calibration_batches: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_model_dir(root / "model"), make_csv(root / "train.csv")
+
+
+def _prune(assets, tmp_path, text, *extra, name="out"):
+    model_dir, data = assets
+    out = tmp_path / name
+    argv = ["prune", write_recipe(tmp_path, text), "--model", str(model_dir), "--data", str(data)]
+    rc = main(
+        [
+            *argv,
+            "--output",
+            str(out),
+            "--batch-size",
+            "8",
+            "--max-length",
+            "32",
+            "--no-progress",
+            *extra,
+        ]
+    )
+    return rc, out
+
+
+def _recipe(target="heads: 0.5\n    neurons: 0.5", method="obs", epochs="0.0", extra=""):
+    text = STRUCTURE.replace("TARGET", target).replace("METHOD", method)
+    return text.replace("EPOCHS", epochs) + extra
+
+
+@pytest.mark.parametrize("method", ["obs", "magnitude", "activation", "fluctuation"])
+def test_oneshot_structured_prune_writes_a_smaller_model_that_loads_back(assets, tmp_path, method):
+    rc, out = _prune(assets, tmp_path, _recipe(method=method), "--oneshot")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["structured"]
+    assert s["method"] == method and s["sizes"] == {"heads": [1, 1], "neurons": [16, 16]}
+    assert s["params_after"] < s["params_before"]
+    assert m["dense"]["examples"] == m["pruned"]["examples"]
+    assert {b["batch_size"] for b in s["latency"]["batches"]} == {16, 1}
+    info = json.loads((out / "structured.json").read_text())
+    assert info["sizes"] == s["sizes"] and info["plain_transformers"] is False  # BERT heads
+    model = load_structured(out)
+    assert sum(p.numel() for p in model.parameters()) == s["params_after"]
+    assert m["model_bytes"] == (out / "model.safetensors").stat().st_size
+
+
+def test_neurons_only_load_in_plain_transformers(assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    text = _recipe(target="neurons: 0.25\n    latency_batch_size: 4")
+    rc, out = _prune(assets, tmp_path, text, "--oneshot")
+    assert rc == 0
+    latency = json.loads((out / "metrics.json").read_text())["structured"]["latency"]
+    assert [b["batch_size"] for b in latency["batches"]] == [4, 1]
+    assert json.loads((out / "structured.json").read_text())["plain_transformers"] is True
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.intermediate_size == 24
+
+
+def test_structured_then_unstructured_and_distilled_training(assets, tmp_path):
+    extra = """  - !DistillationModifier {hardness: 0.5, temperature: 2.0, start_epoch: 0.0, end_epoch: eval(num_epochs), teacher: self}
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.(intermediate|output).dense.weight"]
+    init_sparsity: 0.3
+    final_sparsity: 0.5
+    start_epoch: 1.0
+    end_epoch: 1.0
+    update_frequency: 0.5
+    num_grads: 8
+    damp: 1.0e-6
+    fisher_block_size: 8
+    grad_sampler_kwargs: {batch_size: 4}
+"""
+    rc, out = _prune(assets, tmp_path, _recipe(epochs="2.0", extra=extra))
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["structured"]["sizes"]["neurons"] == [16, 16]
+    assert m["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    model = load_structured(out)
+    ws = [p for n, p in model.named_parameters() if n in m["param_sparsity"]]
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 16)
+    zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+    assert len(ws) == 6 and zeros == pytest.approx(0.5, abs=1e-3)  # the masks survived training
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("speedup: 500", "speedup 500 cannot be met: one head and 2 neurons per block"),
+        ("heads: 0.5\n    speedup: 2", "not both"),
+        ("head: 0.5", "head"),
+        ("heads: 1.0", "heads"),
+    ],
+)
+def test_bad_structured_recipes_are_one_line_and_write_nothing(
+    assets, tmp_path, capsys, target, message
+):
+    rc, out = _prune(assets, tmp_path, _recipe(target=target), "--oneshot")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_method_without_damp_refuses_it(assets, tmp_path, capsys):
+    rc, _ = _prune(
+        assets, tmp_path, _recipe(method="magnitude", extra="    damp: 0.1\n"), "--oneshot"
+    )
+    assert rc == 2 and "has no damp" in capsys.readouterr().err
