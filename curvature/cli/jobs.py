@@ -28,7 +28,7 @@ from curvature.cli.outputs import (
 from curvature.cli.report import write_prune_report
 from curvature.cli.results import render_report
 from curvature.recipes import Recipe
-from curvature.recipes.schema import StructureModifier
+from curvature.recipes.schema import GPTQModifier, StructureModifier
 
 
 @dataclass(kw_only=True)
@@ -276,6 +276,31 @@ def _structured(run: _Run) -> None:
     run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
 
 
+def _quantize(run: _Run) -> None:
+    """Quantize the (pruned, trained) model as the recipe's quantization modifier says; the
+    masks are applied first so pruned weights stay zero."""
+    from curvature.integrations.hf import grad_loader, model_loss
+    from curvature.pruning import select_params
+    from curvature.pruning.quantization import bits_per_parameter, quantize_model
+
+    job, p = run.job, run.p
+    (mod,) = run.recipe.of(GPTQModifier)
+    run.record_dense(p.model)  # a recipe that only quantizes: the dense model is the reference
+    run.manager.masks.apply(p.model)
+    params = None
+    if mod.params != ["__ALL_LINEAR__"]:
+        params = [n for n, _ in select_params(p.model, mod.params)]
+    data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
+    rep = quantize_model(
+        p.model, data, model_loss, mod.part(), params=params, progress=job.progress
+    )
+    run.metrics["quantized"] = {
+        "method": rep.part.name, "bits": rep.part.bits, "group": rep.part.group,
+        "layers": len(rep.layers), "seconds": rep.seconds, "batches": rep.batches,
+        "estimated_error": rep.estimate, **bits_per_parameter(rep),
+    }  # fmt: skip
+
+
 def _latencies(run: _Run, model) -> dict:
     """Dense and pruned forward times (ms, median of 7) at the latency batch and at batch 1."""
     from curvature.integrations.latency import measure_model
@@ -400,6 +425,8 @@ def run_prune(job: PruneJob) -> dict:
             _oneshot(run)
         else:
             _train(run, tmp)
+        if run.recipe.of(GPTQModifier):
+            _quantize(run)
         _save(run, tmp, start)
     return run.metrics
 

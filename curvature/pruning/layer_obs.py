@@ -117,6 +117,7 @@ def sparsegpt(
     block: int = BLOCK,
     name: str = "layer",
     row_weights: torch.Tensor | None = None,
+    rounder=None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The SparseGPT column sweep. Returns ``(new weights, mask, estimated error)``.
 
@@ -144,6 +145,7 @@ def sparsegpt(
     for bi, i1 in enumerate(range(0, cols, block)):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2].clone()
+        start = w1.clone() if rounder is not None and rounder.stale else None
         u1 = u[i1:i2, i1:i2]
         d1 = torch.diagonal(u1)
         err1 = torch.zeros_like(w1)
@@ -165,6 +167,9 @@ def sparsegpt(
                 m1[:, i : i + nm[1]].scatter_(1, idx, True)
             col = w1[:, i]
             q = torch.where(m1[:, i], torch.zeros_like(col), col)
+            if rounder is not None:  # quantized as the sweep reaches it (a zero stays zero)
+                rounder.fit_at(i1 + i, w1, start, i1)
+                q = rounder.round(i1 + i, q)
             e = (col - q) / d1[i]
             est += 0.5 * float((e * e).sum() if rw is None else (e * e * rw[:, 0]).sum())
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]

@@ -473,6 +473,53 @@ class StructureModifier(Modifier):
         return {k: v for k, v in (("heads", self.heads), ("neurons", self.neurons)) if v}
 
 
+class GPTQModifier(Modifier):
+    """Post-training quantization of the linear layers (this toolkit's modifier), once, after
+    everything else in the recipe (training, pruning): ``method`` ``gptq`` (second-order, on each
+    layer's calibration inputs) or ``rtn`` (round to nearest), ``bits`` (2, 3, 4, 8), ``group_size``
+    input columns per scale (``null``: per output channel), ``symmetric``; GPTQ's ``actorder``,
+    ``static_groups``, ``damp`` (a fraction of ``H``'s mean diagonal), ``block_size`` and
+    ``num_calibration_batches``. Zeros of earlier pruning stay zero. ``params``: the weights to
+    quantize (default every linear layer's; patterns with ``re:``).
+    """
+
+    params: list[str] | str = "__ALL_LINEAR__"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = Field(128, gt=0)
+    symmetric: bool = False
+    actorder: bool = False
+    static_groups: bool = False
+    damp: float = Field(0.01, gt=0)
+    block_size: int = Field(128, gt=0)
+    num_calibration_batches: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _part(self):
+        if self.start_epoch not in (0, -1) or self.end_epoch != -1:
+            raise ValueError(
+                "quantization runs once, after the rest of the recipe: leave start_epoch and "
+                "end_epoch out (gradual quantization-aware training is not supported)"
+            )
+        self.part()  # the part checks its own settings (one line)
+        return self
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    def part(self):
+        """The :class:`~curvature.pruning.quantization.Quantize` part this modifier runs."""
+        from curvature.pruning.quantization import Quantize
+
+        return Quantize(
+            bits=self.bits, group=self.group_size, symmetric=self.symmetric, method=self.method,
+            act_order=self.actorder, static_groups=self.static_groups, rel_damp=self.damp,
+            block=self.block_size, batches=self.num_calibration_batches,
+        )  # fmt: skip
+
+
 class SetLearningRateModifier(Modifier):
     """Set the learning rate from ``start_epoch`` on (a learning-rate function active at the same
     epoch takes precedence)."""
@@ -564,6 +611,7 @@ MODIFIERS: dict[str, type[Modifier]] = {
         SetLearningRateModifier,
         SetWeightDecayModifier,
         StructureModifier,
+        GPTQModifier,
     )
 }
 

@@ -1,0 +1,186 @@
+"""Quantizing a model's linear layers: the :class:`Quantize` part and its layer-wise pass.
+
+:func:`quantize_model` rounds every selected linear layer (``nn.Linear``, all of them by default)
+to the part's grid. ``method="gptq"`` runs the layer-wise calibration of the pruning methods
+(:mod:`curvature.pruning.layerwise`: block by block, each block calibrated on the outputs of the
+blocks already quantized) and sweeps each layer with :func:`curvature.pruning.quantize.gptq`;
+``"rtn"`` rounds to nearest without data. Weights that are zero stay zero, so it composes after
+any pruning (unstructured, N:M, structured); with ``sparsity`` or an ``N:M`` ``mask`` the GPTQ sweep
+also prunes (SparseGPT's joint mode: one sweep chooses the mask and rounds the kept weights).
+
+The result keeps every layer's integer codes, scales, zero points and the group of each column
+(:class:`~curvature.pruning.quantize.Quantized`) for a packed checkpoint; the model itself holds
+the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from curvature.core import checks
+from curvature.pruning import layerwise, quantize
+from curvature.pruning.masks import MaskSet, parse_mask
+from curvature.pruning.quantize import Grid
+from curvature.pruning.solvers import LayerSolver
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """A quantizer with its own settings: ``bits`` (2, 3, 4, 8), ``group`` input columns per scale
+    (``None``: one per output channel), ``symmetric``, ``method`` (``gptq`` or ``rtn``); GPTQ's
+    ``act_order``, ``static_groups``, ``rel_damp`` (a fraction of ``H``'s mean diagonal), ``block``
+    (columns per lazy batch), ``batches`` (calibration batches) and ``sequential``."""
+
+    bits: int = 4
+    group: int | None = 128
+    symmetric: bool = False
+    method: str = "gptq"
+    act_order: bool = False
+    static_groups: bool = False
+    rel_damp: float = 0.01
+    block: int = 128
+    batches: int = 128
+    sequential: bool = True
+    label: ClassVar[str] = "quantize"
+
+    def __post_init__(self):
+        self.grid()  # bits, group, symmetric
+        checks.one_of("method", self.method, METHODS)
+        for name in ("act_order", "static_groups", "sequential", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        checks.positive("rel_damp", self.rel_damp)
+        checks.positive_int("block", self.block)
+        checks.positive_int("batches", self.batches)
+        if self.method == "rtn" and (self.act_order or self.static_groups):
+            raise ValueError(
+                "act_order and static_groups are GPTQ settings; method rtn has neither"
+            )
+        if self.static_groups and self.group is None:
+            raise ValueError("static_groups needs a group size (group is None: per channel)")
+
+    def grid(self) -> Grid:
+        return Grid(bits=self.bits, group=self.group, symmetric=self.symmetric)
+
+    @property
+    def name(self) -> str:
+        g = f"g{self.group}" if self.group else "per-channel"
+        extra = "+act-order" if self.act_order else ""
+        return f"{self.method} {self.bits}-bit {g}{extra}"
+
+
+class _Solver(LayerSolver):
+    """GPTQ (joint with pruning when asked) as a layer solver; results kept by layer name."""
+
+    name = "gptq"
+    needs_inverse = True
+
+    def __init__(self, part: Quantize, results: dict):
+        self.part, self.results = part, results
+
+    def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
+        p = self.part
+        q = quantize.gptq(
+            w, stats, p.grid(), rel_damp=ratio, block=p.block, act_order=p.act_order,
+            static_groups=p.static_groups, sparsity=sparsity, nm=structure.nm, fixed=fixed,
+            name=name,
+        )  # fmt: skip
+        self.results[name] = q
+        mask = q.mask if q.mask is not None else (w == 0) if fixed is None else fixed
+        return q.weight, mask, q.estimate
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_model` did: the part, every layer's :class:`Quantized`, the error
+    estimate, seconds and calibration batches."""
+
+    part: Quantize
+    layers: dict = field(default_factory=dict)
+    estimate: float = 0.0
+    seconds: float = 0.0
+    batches: int = 0
+    phases: dict = field(default_factory=dict)
+
+
+def _linear_weights(model, params):
+    named = dict(model.named_parameters())
+    if params is None:
+        mods = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        return [(f"{n}.weight", m.weight) for n, m in mods]
+    missing = [p for p in params if p not in named]
+    if missing:
+        import difflib
+
+        near = difflib.get_close_matches(missing[0], list(named), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"params: {missing[0]!r} is not a parameter of the model{hint}")
+    return [(p, named[p]) for p in params]
+
+
+def quantize_model(
+    model, data, loss_fn, part: Quantize, *, params=None, sparsity=0.0, mask="unstructured",
+    progress=True,
+) -> QuantizeReport:  # fmt: skip
+    """Quantize ``params`` (linear weights; default every ``nn.Linear``) of ``model`` in place as
+    ``part`` says; ``sparsity``/``mask``: prune in the same sweep (GPTQ only)."""
+    start = time.perf_counter()
+    if not isinstance(part, Quantize):
+        raise TypeError(f"part must be a Quantize, got {type(part).__name__}")
+    structure = parse_mask(mask)
+    checks.in_range("sparsity", sparsity, 0.0, 1.0, "[)")
+    joint = bool(sparsity) or structure.nm is not None
+    if joint and part.method != "gptq":
+        raise ValueError("pruning in the quantization sweep needs method gptq")
+    if structure.name == "block4":
+        raise ValueError("mask block4 cannot be chosen in the quantization sweep; use N:M")
+    targets = layerwise.layer_targets(model, _linear_weights(model, params))
+    for t in targets:
+        part.grid().check_layer(t.cols, t.name)
+        if structure.nm and t.cols % structure.nm[1]:
+            raise ValueError(f"{t.name} has {t.cols} inputs, not a multiple of {structure.name}")
+    report = QuantizeReport(part)
+    if part.method == "rtn":
+        for t in targets:
+            q = quantize.rtn(t.matrix(), part.grid(), name=t.name)
+            t.write(q.weight)
+            report.layers[t.name] = q
+        report.seconds = time.perf_counter() - start
+        return report
+    masks = MaskSet()
+    for t in targets:  # zeros already there (an earlier pruning) stay zero
+        zero = t.param.detach() == 0
+        if bool(zero.any()):
+            masks.update(t.name, zero)
+    lp = layerwise.LayerPass(
+        solver=_Solver(part, report.layers),
+        diagonal=False,
+        batches=part.batches,
+        sequential=part.sequential,
+        rel_damp=part.rel_damp,
+        label="gptq",
+        structure=structure,
+        progress=progress,
+    )
+    res = layerwise.run(
+        model, data, loss_fn, targets, dict.fromkeys((t.name for t in targets), sparsity), lp, masks
+    )
+    report.estimate, report.batches = res.estimate, res.batches
+    report.phases = res.phases()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def bits_per_parameter(report: QuantizeReport, scale_bits: int = 16) -> dict:
+    """Bits of the quantized layers per weight: codes plus one scale and one zero point per group
+    (``scale_bits`` each, as a float16 checkpoint stores them)."""
+    weights = sum(q.codes.numel() for q in report.layers.values())
+    groups = sum(q.scales.numel() for q in report.layers.values())
+    bits = report.part.bits * weights + 2 * scale_bits * groups
+    return {"weights": weights, "groups": groups, "bits_per_weight": bits / max(weights, 1)}
