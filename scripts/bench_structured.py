@@ -52,6 +52,44 @@ def prune(args, recipe: str, sets: dict, out: Path, extra=()) -> dict:
     return {"argv": argv, "wall_s": wall, **usage, "metrics": metrics}
 
 
+def measure(args) -> None:
+    """Time every saved model of ``--raw`` and the dense model, alone, in this one process: the
+    median of ``--reps`` forwards at batch 16 x 128 and 1 x 128, the models interleaved per round
+    so that drift in the machine's speed hits all of them alike."""
+    import torch
+
+    from curvature.integrations.latency import measure_model
+    from curvature.integrations.structured import load_structured
+
+    points = [json.loads(line) for line in open(args.raw)]
+    # every model loaded the same way (weights copied into fresh memory), the dense one included
+    models = {"dense": load_structured(args.dense).eval()}
+    folders = {"dense": Path(args.dense)}
+    for p in points:
+        out = p["argv"][p["argv"].index("--output") + 1]
+        models[out] = load_structured(out).eval()
+        folders[out] = Path(out)
+    gen = torch.Generator().manual_seed(0)
+    vocab = models["dense"].get_input_embeddings().num_embeddings
+    rows = []
+    for batch_size in (16, 1):
+        ids = torch.randint(0, vocab, (batch_size, 128), generator=gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        times: dict[str, list] = {k: [] for k in models}
+        for _ in range(args.rounds):
+            for key, model in models.items():
+                times[key].append(measure_model(model, batch, reps=args.reps))
+        for key, ts in times.items():
+            ts = sorted(ts)
+            size = sum(f.stat().st_size for f in folders[key].glob("*.safetensors"))
+            rows.append({"model": key, "batch_size": batch_size, "sequence_length": 128,
+                         "threads": torch.get_num_threads(), "ms": ts[len(ts) // 2], "rounds": ts,
+                         "bytes": size})  # fmt: skip
+            print(key, batch_size, f"{ts[len(ts) // 2]:.1f} ms")
+    with open(args.measure, "w") as fh:
+        fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dense", required=True, help="the fine-tuned dense model folder")
@@ -67,7 +105,18 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/bench-structured")
     ap.add_argument("--raw", required=True, help="JSON lines to append to")
+    ap.add_argument(
+        "--measure",
+        default=None,
+        help="instead of pruning: time the dense model and every model of --raw here, alone, "
+        "and write the latencies to this JSON lines file (scripts/tables.py reads RAW-STEM-latency.jsonl)",
+    )
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    if args.measure:
+        measure(args)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")

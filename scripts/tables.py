@@ -144,12 +144,63 @@ def optim_compare(path: Path) -> str:
     return "\n".join(bench_optim.compare_tables(out, names, seeds))
 
 
+def _ci(ev: dict, key: str, signed=False) -> str:
+    fmt = _signed if signed else (lambda x: f"{x:.4f}")
+    return f"{fmt(ev[key])} [{fmt(ev[key + '_ci_low'])}, {fmt(ev[key + '_ci_high'])}]"
+
+
+def structured(path: Path) -> str:
+    """Structured pruning points (``bench_structured.py``): SOURCE is its raw JSON lines; the
+    latencies measured afterwards, all models alone in one process, are ``STEM-latency.jsonl`` beside
+    it."""
+    points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lat = {}
+    for line in path.with_name(path.stem + "-latency.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lat[(Path(r["model"]).name, r["batch_size"])] = r
+    dense_mb = lat[("dense", 16)]["bytes"] / 1e6
+    out = [
+        "| point | method | heads / neurons per block | MB | accuracy [95% CI] | "
+        "− dense [paired 95% CI] | speed-up predicted | measured 16×128 | measured 1×128 | "
+        "structured s | job s | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    d16, d1 = lat[("dense", 16)]["ms"], lat[("dense", 1)]["ms"]
+    out.append(
+        f"| dense | | 12 / 1536 | {dense_mb:.1f} | "
+        f"{points[0]['metrics']['dense']['accuracy']:.4f} | | | {d16:.0f} ms | {d1:.1f} ms | | | |"
+    )
+    for p in points:
+        m = p["metrics"]
+        s = m.get("structured", {})
+        name = Path(p["argv"][p["argv"].index("--output") + 1]).name
+        sizes = s.get("sizes", {})
+        shape = f"{sizes['heads'][0]} / {sizes['neurons'][0]}" if sizes else "12 / 1536"
+        if m.get("sparsity"):
+            shape += f", {m['sparsity']:.0%} zeros"
+        predicted = f"{s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""
+        ev = m["pruned"]
+        acc = _ci(ev, "accuracy")
+        delta = _ci(ev, "accuracy_delta", signed=True)
+        m16 = d16 / lat[(name, 16)]["ms"]
+        m1 = d1 / lat[(name, 1)]["ms"]
+        mb = lat[(name, 16)]["bytes"] / 1e6
+        secs = s.get("seconds", 0.0) + s.get("seconds_error_curves", 0.0)
+        secs += s.get("latency_table", {}).get("seconds", 0.0)
+        out.append(
+            f"| {p['label']} | {p['method']} | {shape} | {mb:.1f} | {acc} | {delta} | {predicted} | "
+            f"{m16:.2f}x | {m1:.2f}x | {secs:.0f} | {p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
 KINDS = {
     "sweep": sweep,
     "sweep-summary": sweep_summary,
     "main-job": main_job,
     "storage": storage,
     "optim-compare": optim_compare,
+    "structured": structured,
 }
 
 

@@ -144,7 +144,7 @@ class _Run:
     dense_latency: dict = field(default_factory=dict)  # {batch size: ms} before they were
 
     def record_dense(self, model) -> None:
-        if "dense" in self.metrics:  # evaluated before the structures were removed
+        if self.metrics.get("dense") is not None:  # evaluated before the structures went
             return
         self.metrics["dense"] = self.p.evaluate(
             model, progress=self.job.progress, desc="eval dense"
@@ -177,6 +177,12 @@ def _checked(job: PruneJob) -> _Run:
         raise JobError(
             "--dense-baseline trains the dense model for the run's steps, and this run has none "
             "(--oneshot, or a recipe without epochs): drop --dense-baseline"
+        )
+    if job.compressed and recipe.of(StructureModifier):
+        raise JobError(
+            "--compressed writes the bitmask checkpoint with the model's original configuration; "
+            "a model whose heads or neurons were removed is saved (smaller) without it: drop "
+            "--compressed"
         )
     distill = recipe.of(DistillationModifier)
     teacher = job.teacher or (distill[0].teacher if distill else None)
@@ -280,16 +286,13 @@ def _quantize(run: _Run) -> None:
     """Quantize the (pruned, trained) model as the recipe's quantization modifier says; the
     masks are applied first so pruned weights stay zero."""
     from curvature.integrations.hf import grad_loader, model_loss
-    from curvature.pruning import select_params
     from curvature.pruning.quantization import bits_per_parameter, quantize_model
 
     job, p = run.job, run.p
     (mod,) = run.recipe.of(GPTQModifier)
     run.record_dense(p.model)  # a recipe that only quantizes: the dense model is the reference
     run.manager.masks.apply(p.model)
-    params = None
-    if mod.params != ["__ALL_LINEAR__"]:
-        params = [n for n, _ in select_params(p.model, mod.params)]
+    params = [n for n, _ in mod.weights(p.model)]
     data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
     rep = quantize_model(
         p.model, data, model_loss, mod.part(), params=params, progress=job.progress
@@ -306,7 +309,12 @@ def _latencies(run: _Run, model) -> dict:
     from curvature.integrations.latency import measure_model
 
     length = _latency_batch(run, 1)["input_ids"].shape[1]
-    out = {"threads": torch.get_num_threads(), "sequence_length": length, "batches": []}
+    if next(model.parameters()).device.type != "cpu":  # timed where the dense model was
+        import copy
+
+        model = copy.deepcopy(model).to("cpu")
+    out = {"threads": torch.get_num_threads(), "sequence_length": length, "device": "cpu"}
+    out["batches"] = []
     for size, dense_ms in run.dense_latency.items():
         ms = measure_model(model, _latency_batch(run, size))
         out["batches"].append(
@@ -493,7 +501,7 @@ def _check_teacher(recipe, distill, teacher, epochs, given) -> None:
             "--teacher FOLDER (a dense model trained on this task) or --teacher self (the model "
             "right before its first pruning step)"
         )
-    if teacher == "self" and not recipe.of(_Pruning):
+    if teacher == "self" and not recipe.of(_Pruning, StructureModifier):
         raise JobError(
             f"{where}--teacher self is the model right before its first pruning step, and this "
             "recipe never prunes (sparse transfer keeps the zeros it is given): pass --teacher "

@@ -91,7 +91,7 @@ def save_structured(model, groups, folder, tokenizer=None, extra: dict | None = 
         "plain_transformers": plain,
         "sizes": sizes,
         "attention": attention,
-        "config_updates": {k: getattr(trial, k) for k in updates if hasattr(trial, k)},
+        "config_updates": {k: v for k, v in updates.items() if getattr(trial, k, None) == v},
         **(extra or {}),
     }
     original = model.config

@@ -64,6 +64,12 @@ class Quantize:
             )
         if self.static_groups and self.group is None:
             raise ValueError("static_groups needs a group size (group is None: per channel)")
+        gptq_only = {"rel_damp": 0.01, "block": 128, "batches": 128, "sequential": True}
+        changed = [k for k, v in gptq_only.items() if getattr(self, k) != v]
+        if self.method == "rtn" and changed:
+            raise ValueError(
+                f"{changed[0]} is a GPTQ setting; method rtn reads no data and would ignore it"
+            )
 
     def grid(self) -> Grid:
         return Grid(bits=self.bits, group=self.group, symmetric=self.symmetric)
@@ -109,11 +115,26 @@ class QuantizeReport:
     phases: dict = field(default_factory=dict)
 
 
+def linear_weights(model) -> list:
+    """``[(name, weight)]`` of every linear layer (``nn.Linear``, GPT-2's ``Conv1D``), except a
+    weight shared with another module (an output head tied to the input embeddings), which is
+    left in full precision."""
+    owner = {}
+    for n, p in model.named_parameters():  # a shared weight is listed once, under its first owner
+        owner[id(p)] = n
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) or layerwise._is_conv1d(m):
+            name = f"{n}.weight" if n else "weight"
+            if owner.get(id(m.weight)) == name:
+                out.append((name, m.weight))
+    return out
+
+
 def _linear_weights(model, params):
     named = dict(model.named_parameters())
     if params is None:
-        mods = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        return [(f"{n}.weight", m.weight) for n, m in mods]
+        return linear_weights(model)
     missing = [p for p in params if p not in named]
     if missing:
         import difflib

@@ -31,6 +31,7 @@ choice). With ``group`` equal to the block (128) both are the same.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,7 @@ def gptq(
         )
     raw = w.to(F64)
     w, h = layer_obs.prepare(w, h)  # dead inputs: weight 0 (as the reference), diagonal 1
-    if fixed is None and (sparsity or nm is not None):
+    if fixed is None and bool((w == 0).any()):  # zeros already there stay zero
         fixed = w == 0
     order = torch.arange(cols, device=w.device)
     if act_order:
@@ -203,8 +204,9 @@ def gptq(
     )
     if act_order:
         w, h, fixed = _permuted(w, h, fixed, order)
-    if grid.group is not None:  # a group never straddles two blocks: its grid is fitted in one
-        block = max(grid.group, block // grid.group * grid.group)
+    # a group (and an N:M run) never straddles two blocks: a group's grid is fitted in one
+    unit = math.lcm(grid.group or 1, nm[1] if nm is not None else 1)
+    block = max(unit, block // unit * unit)
     new, mask, est = layer_obs.sparsegpt(
         w, h, sparsity, nm=nm, fixed=fixed, ratio=rel_damp, block=block, name=name, rounder=rounder
     )

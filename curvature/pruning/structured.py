@@ -82,7 +82,7 @@ class StructuredOBS(StructuredChooser):
 
     def __post_init__(self):
         super().__post_init__()
-        checks.nonnegative("rel_damp", self.rel_damp)
+        checks.positive("rel_damp", self.rel_damp)
         if not isinstance(self.bias, bool):
             raise ValueError(f"bias must be true or false, got {self.bias!r}")
 
@@ -314,7 +314,10 @@ def _sequential(model, data, loss_fn, groups, removals, part, progress, errors):
         if b < last:
             inputs = [layerwise._run_block(block, a, kw) for a, kw in inputs]
     if not all(math.isfinite(e) for e in errors):
-        raise FloatingPointError("structured pruning: the estimated error is not finite")
+        raise ValueError(
+            "structured pruning: the estimated error is not finite (NaN or infinite activations "
+            "in the calibration data?)"
+        )
     return len(inputs)
 
 

@@ -20,6 +20,7 @@ from curvature.recipes.loader import Recipe
 from curvature.recipes.schema import (
     ConstantPruningModifier,
     DistillationModifier,
+    GPTQModifier,
     LearningRateFunctionModifier,
     OptimizerModifier,
     SetLearningRateModifier,
@@ -49,6 +50,14 @@ class RecipeManager:
         names and patterns match, and every pruned parameter fits its modifier's mask."""
         for m in self.recipe.of(ConstantPruningModifier):
             select_params(self.model, m.params)
+        for m in self.recipe.of(GPTQModifier):  # the quantized weights exist and fit the grid
+            try:
+                from curvature.pruning.layerwise import layer_targets
+
+                for t in layer_targets(self.model, m.weights(self.model)):
+                    m.part().grid().check_layer(t.cols, t.name)
+            except ValueError as exc:
+                raise ValueError(f"line {m.line}: GPTQModifier: {exc}") from None
         for m in self.recipe.of(_Pruning):
             structure = parse_mask(m.mask_type)
             for patterns in m.finals().values():

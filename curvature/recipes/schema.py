@@ -427,7 +427,7 @@ class StructureModifier(Modifier):
     speedup: float | None = Field(None, gt=1)
     method_name: str = Field("obs", alias="method")
     num_calibration_batches: int = Field(128, gt=0)
-    damp: float = Field(0.01, ge=0)
+    damp: float = Field(0.01, gt=0)
     bias: bool = True
     latency_batch_size: int = Field(16, gt=0)
 
@@ -452,7 +452,9 @@ class StructureModifier(Modifier):
                 "give either heads/neurons (fractions removed per block) or speedup, not "
                 + ("both" if sized else "neither")
             )
-        if self.method_name != "obs" and (self.damp != 0.01 or not self.bias):
+        # damp also prices the sizes of a speed-up plan (its error curves are structured OBS's)
+        unused = not self.bias or (self.damp != 0.01 and self.speedup is None)
+        if self.method_name != "obs" and unused:
             raise ValueError(
                 f"method {self.method_name} has no damp or bias setting; the recipe's value "
                 "would be ignored: remove it or use method obs"
@@ -508,6 +510,16 @@ class GPTQModifier(Modifier):
     @classmethod
     def _params(cls, v):
         return [v] if isinstance(v, str) else v
+
+    def weights(self, model) -> list:
+        """``[(name, parameter)]`` of the weights it quantizes: by default every linear layer's
+        (an output head tied to the input embeddings stays in full precision)."""
+        from curvature.pruning import select_params
+        from curvature.pruning.quantization import linear_weights
+
+        if self.params in ("__ALL_LINEAR__", ["__ALL_LINEAR__"]):
+            return linear_weights(model)
+        return list(select_params(model, self.params))
 
     def part(self):
         """The :class:`~curvature.pruning.quantization.Quantize` part this modifier runs."""

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from models import make_csv, make_model_dir, write_recipe
 
 from curvature.cli.main import main
@@ -130,3 +131,80 @@ def test_a_method_without_damp_refuses_it(assets, tmp_path, capsys):
         assets, tmp_path, _recipe(method="magnitude", extra="    damp: 0.1\n"), "--oneshot"
     )
     assert rc == 2 and "has no damp" in capsys.readouterr().err
+
+
+def test_structured_then_quantized_oneshot(assets, tmp_path):
+    extra = "  - !GPTQModifier {bits: 4, group_size: 8, num_calibration_batches: 4}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    q = m["quantized"]
+    assert (
+        q["layers"] == 14 and q["bits"] == 4 and q["bits_per_weight"] == pytest.approx(4 + 32 / 8)
+    )
+    model = load_structured(out)
+    w = model.bert.encoder.layer[0].intermediate.dense.weight.detach().double()
+    assert w.shape == (16, 16)
+    for group in w.reshape(-1, 8):  # each group of 8 columns lies on one evenly spaced grid
+        levels = torch.unique(group)
+        if len(levels) < 2:
+            continue
+        span = (levels - levels[0]) / torch.diff(levels).min()  # the step divides every distance
+        assert any(torch.allclose(span * k, (span * k).round(), atol=1e-3) for k in range(1, 5)), (
+            group
+        )
+
+
+def test_a_group_wider_than_a_layer_is_refused_before_any_work(assets, tmp_path, capsys):
+    extra = "  - !GPTQModifier {bits: 4, group_size: 64}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not out.exists()
+    assert (
+        "GPTQModifier: group 64 is larger than the 16 input columns of bert.encoder.layer.0"
+        in err[0]
+    )
+
+
+def test_a_speedup_is_planned_from_the_table_and_the_error_curves(assets, tmp_path, monkeypatch):
+    """With a deterministic stand-in for the clock (time = the model's parameter count, which adds
+    up over modules exactly), the plan's predicted speed-up is met and equals the measured one."""
+    from curvature.integrations import latency
+
+    monkeypatch.setattr(
+        latency,
+        "measure_model",
+        lambda model, batch, reps=7: float(sum(p.numel() for p in model.parameters())),
+    )
+    rc, out = _prune(assets, tmp_path, _recipe(target="speedup: 1.05"), "--oneshot")
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["predicted_speedup"] >= 1.05
+    table = s["latency_table"]
+    assert set(table["heads"]) == {"1", "2"} and "32" in table["neurons"]
+    measured = s["latency"]["batches"][0]["speedup"]
+    assert measured == pytest.approx(s["predicted_speedup"], rel=1e-9)
+    assert s["params_after"] <= s["params_before"] / 1.05
+
+
+def test_structures_then_distilled_training_from_the_dense_teacher(assets, tmp_path):
+    # the recipe prunes nothing else: --teacher self is the dense model before the structures go
+    extra = "  - !DistillationModifier {hardness: 1.0, temperature: 2.0, start_epoch: 0.0, end_epoch: eval(num_epochs), teacher: self}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(epochs="1.0", extra=extra))
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["structured"]["sizes"]["heads"] == [1, 1] and m["steps"] > 0
+
+
+def test_training_then_quantizing_keeps_the_dense_reference(assets, tmp_path):
+    text = """
+num_epochs: 1.0
+modifiers:
+  - !EpochRangeModifier {start_epoch: 0.0, end_epoch: eval(num_epochs)}
+  - !GPTQModifier {bits: 8, group_size: 8, num_calibration_batches: 2}
+"""
+    rc, out = _prune(assets, tmp_path, text)
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dense"] is not None and m["quantized"]["bits"] == 8
+    assert "accuracy_delta" in m["pruned"]

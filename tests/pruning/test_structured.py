@@ -217,7 +217,7 @@ def test_bad_targets_and_methods_are_one_line():
         ValueError, match=r"^structured method must be one of .*got 'obss' \(did you mean 'obs'"
     ):
         structured.run(model, _data(), _loss, {"heads": 0.5}, "obss", progress=False)
-    with pytest.raises(ValueError, match=r"^rel_damp must be >= 0"):
+    with pytest.raises(ValueError, match=r"^rel_damp must be > 0"):
         structured.StructuredOBS(rel_damp=-1.0)
     # nothing was changed by the refused calls
     assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:3] == [

@@ -195,6 +195,10 @@ def test_shipped_recipes_validate_and_match_bert(path):
     if "sparse-transfer" in path.name:
         assert r.of(ConstantPruningModifier) and not r.of(OBSPruningModifier)
         manager.step(0.0)  # the zeros of the given model become the masks
+    elif path.name.startswith("structured-"):  # heads and neurons, removed before training
+        from curvature.recipes.schema import StructureModifier
+
+        assert r.of(StructureModifier)
     else:
         assert r.of(OBSPruningModifier) or "magnitude" in path.name
         assert manager.pruned_param_names
@@ -389,7 +393,43 @@ FIELD_TESTS = {
     "speedup": "cli/test_structured_cli.py::test_bad_structured_recipes_are_one_line_and_write_nothing",
     "bias": "recipes/test_recipes.py::test_structure_modifier_fields_reach_the_structured_part",
     "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
+    "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "group_size": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "symmetric": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "actorder": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "static_groups": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "block_size": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
 }
+
+
+def test_gptq_modifier_fields_reach_the_quantize_part(tmp_path):
+    from models import write_recipe
+
+    from curvature.pruning.quantization import Quantize
+    from curvature.recipes import load_recipe
+    from curvature.recipes.schema import GPTQModifier
+
+    text = """
+modifiers:
+  - !GPTQModifier
+    bits: 3
+    group_size: 64
+    symmetric: true
+    actorder: true
+    static_groups: true
+    damp: 0.05
+    block_size: 256
+    num_calibration_batches: 9
+"""
+    (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
+    assert mod.part() == Quantize(
+        bits=3, group=64, symmetric=True, act_order=True, static_groups=True, rel_damp=0.05,
+        block=256, batches=9,
+    )  # fmt: skip
+    text = "modifiers:\n  - !GPTQModifier {method: rtn, bits: 8, group_size: null}\n"
+    (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
+    assert mod.part() == Quantize(method="rtn", bits=8, group=None)
 
 
 def test_structure_modifier_fields_reach_the_structured_part(tmp_path):
