@@ -128,13 +128,15 @@ def tiny_bert(vocab_size: int = 64, num_labels: int = 2):
 
 
 def tiny_llama_config(vocab_size: int, **extra):
-    """The tiny Llama of the tests (SmolLM2's parameter names), grouped-query attention."""
+    """The tiny Llama of the tests (SmolLM2's parameter names), grouped-query attention; ``extra``
+    overrides any size."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, **extra,
+    sizes = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
     )  # fmt: skip
+    return LlamaConfig(vocab_size=vocab_size, **{**sizes, **extra})
 
 
 def make_model_dir(root: Path, num_labels: int = 2) -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from curvature.pruning import structures
+
 STRUCTURED = "structured.json"
 _NEURON_FIELDS = ("intermediate_size", "ffn_dim")
 
@@ -78,9 +80,7 @@ def save_structured(model, groups, folder, tokenizer=None, extra: dict | None = 
         for k, v in updates.items():
             if k not in heads_fields:
                 setattr(trial, k, v)
-    sizes: dict[str, list] = {}
-    for g in groups:
-        sizes.setdefault(g.kind, []).append(g.count)
+    sizes = structures.sizes(groups)
     names = {id(m): n for n, m in model.named_modules()}
     attention = {
         names[id(g.owner)]: list(g.head_counts())

@@ -253,6 +253,15 @@ def check_targets(targets: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _calibration(data, batches: int):
+    """The first ``batches`` of ``data`` replayed at every pass, and its first batch (to trace)."""
+    data = layerwise._Limited(stages.Replayed(data), batches)
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    return data, first
+
+
 def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=True):
     """Remove ``targets`` (``{"heads": 0.5, "neurons": 0.3}``: the fraction removed in every block)
     from ``model`` in place with ``method`` (a :class:`StructuredChooser` or its name); returns a
@@ -261,10 +270,7 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
     part = chooser(method)
     targets = check_targets(targets)
     before = sum(p.numel() for p in model.parameters())
-    data = layerwise._Limited(stages.Replayed(data), part.batches)
-    first = next(iter(data), None)
-    if first is None:
-        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    data, first = _calibration(data, part.batches)
     was_training = model.training
     model.eval()
     try:
@@ -325,10 +331,7 @@ def error_curves(model, data, loss_fn, kinds=KINDS, *, rel_damp=0.01, batches=12
     """``{kind: [per block: cumulative error of removing 0, 1, ... structures]}``: the greedy
     structured OBS curves of every coupled group, on the dense model's calibration statistics (one
     pass, every consumer at once). They price each size for :func:`plan_sizes`."""
-    data = layerwise._Limited(stages.Replayed(data), batches)
-    first = next(iter(data), None)
-    if first is None:
-        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    data, first = _calibration(data, batches)
     was_training = model.training
     model.eval()
     try:

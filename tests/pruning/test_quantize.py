@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import correlated_inputs
+from models import correlated_inputs, tiny_llama_config
 
 from curvature.pruning import layer_obs, quantize
 from curvature.pruning.quantize import Grid
@@ -136,14 +136,13 @@ def test_bad_settings_are_one_line():
         quantize.gptq(w, h, Grid(group=None), act_order=True, sparsity=0.5)
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama(**extra):
+    """A tiny grouped-query Llama (4 heads sharing 2 key/value heads), seeded."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(64, **{**sizes, "max_position_embeddings": 64, **extra})
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -214,16 +213,9 @@ def test_quantize_part_settings_are_checked():
 
 
 def test_a_head_tied_to_the_embeddings_stays_in_full_precision():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from curvature.pruning.quantization import Quantize, linear_weights, quantize_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    model = _llama(num_hidden_layers=1, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     names = [n for n, _ in linear_weights(model)]
     assert "lm_head.weight" not in names and len(names) == 7

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from models import correlated_inputs, tiny_bert
+from models import correlated_inputs, tiny_bert, tiny_llama_config
 
 from curvature.pruning import structured, structured_obs, structures
 
@@ -93,12 +93,12 @@ def test_the_bias_absorbs_the_mean_of_the_removed_columns():
 
 
 def _llama(heads=4, kv=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
+    cfg = tiny_llama_config(
+        64, hidden_size=32, intermediate_size=48, num_attention_heads=heads,
+        num_key_value_heads=kv, max_position_embeddings=64,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
 
