@@ -20,17 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from curvature.integrations.speed import _median
 from curvature.pruning import structures
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def measure_model(model, batch: dict, reps: int = 7) -> float:
@@ -39,7 +30,7 @@ def measure_model(model, batch: dict, reps: int = 7) -> float:
     model.eval()
     try:
         with torch.inference_mode():
-            return _median_ms(lambda: model(**batch), reps)
+            return 1e3 * _median(lambda: model(**batch), reps)
     finally:
         model.train(was)
 
