@@ -142,6 +142,7 @@ class _Run:
     trainer: object = None
     groups: list | None = None  # the structures of a model whose heads or neurons were removed
     dense_latency: dict = field(default_factory=dict)  # {batch size: ms} before they were
+    quantized: object = None  # the quantization report: the model is saved packed
 
     def record_dense(self, model) -> None:
         if self.metrics.get("dense") is not None:  # evaluated before the structures went
@@ -189,9 +190,25 @@ def _checked(job: PruneJob) -> _Run:
     _check_teacher(recipe, distill, teacher, epochs, job.teacher)
     p = load_for_job(job)
     manager = RecipeManager(recipe, p.model)
+    _check_packable(recipe, p.model)
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(p.model, p.collator([p.train[0]])))
     return _Run(job, recipe, out, epochs, teacher, distill, resume_from, p, manager)
+
+
+def _check_packable(recipe: Recipe, model) -> None:
+    """A quantizing recipe's model is saved packed: a grid the format cannot store is one line
+    before anything runs (and again before quantizing, on the sizes structures left)."""
+    from curvature.pruning.layerwise import layer_targets
+
+    for m in recipe.of(GPTQModifier):
+        from curvature.integrations.packed import check_packable
+
+        cols = {t.name: t.cols for t in layer_targets(model, m.weights(model))}
+        try:
+            check_packable(m.part(), cols)
+        except ValueError as exc:
+            raise JobError(f"line {m.line}: GPTQModifier: {exc}") from None
 
 
 def _oneshot(run: _Run) -> None:
@@ -292,9 +309,10 @@ def _quantize(run: _Run) -> None:
     (mod,) = run.recipe.of(GPTQModifier)
     run.record_dense(p.model)  # a recipe that only quantizes: the dense model is the reference
     run.manager.masks.apply(p.model)
+    _check_packable(run.recipe, p.model)
     params = [n for n, _ in mod.weights(p.model)]
     data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
-    rep = quantize_model(
+    rep = run.quantized = quantize_model(
         p.model, data, model_loss, mod.part(), params=params, progress=job.progress
     )
     run.metrics["quantized"] = {
@@ -396,14 +414,7 @@ def _save(run: _Run, tmp: Path, start: float) -> None:
     ]
     metrics["epochs"] = run.epochs
     metrics["seconds"] = time.perf_counter() - start
-    if run.groups is not None:
-        from curvature.integrations.structured import save_structured
-
-        metrics["structured"]["saved"] = save_structured(model, run.groups, tmp, p.tokenizer)
-        metrics["structured"]["latency"] = _latencies(run, model)
-    else:
-        model.save_pretrained(tmp)
-        p.tokenizer.save_pretrained(tmp)
+    _write_model(run, model, tmp)
     metrics["model_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     protocol = {
         "model": str(job.model), "data": job.data, "task": p.task, "recipe": run.recipe.source,
@@ -445,6 +456,30 @@ REFERENCES = {
     "dense_equal_budget": "dense, the same steps without pruning",
     "dense": "dense, before pruning",
 }
+
+
+def _write_model(run: _Run, model, tmp: Path) -> None:
+    """Save the model: smaller matrices when structures were removed, packed integer weights
+    when it was quantized, both when both."""
+    tok = run.p.tokenizer
+    save = None
+    if run.groups is not None:
+        from curvature.integrations.structured import save_structured
+
+        def save(state=None):
+            info = save_structured(model, run.groups, tmp, tok, state_dict=state)
+            run.metrics["structured"]["saved"] = info
+
+        run.metrics["structured"]["latency"] = _latencies(run, model)
+    if run.quantized is not None:
+        from curvature.integrations.packed import save_packed
+
+        run.metrics["quantized"]["saved"] = save_packed(model, run.quantized, tmp, tok, save=save)
+    elif save is not None:
+        save()
+    else:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:

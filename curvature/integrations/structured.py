@@ -62,9 +62,12 @@ def _shapes_match(model, config) -> bool:
     return all(got.get(k) == s for k, s in want.items())
 
 
-def save_structured(model, groups, folder, tokenizer=None, extra: dict | None = None) -> dict:
+def save_structured(
+    model, groups, folder, tokenizer=None, extra: dict | None = None, state_dict=None
+) -> dict:
     """Save ``model`` (pruned by :func:`curvature.pruning.structured.run`, whose report's ``groups``
-    are ``groups``) to ``folder``; returns what ``structured.json`` says."""
+    are ``groups``) to ``folder``; returns what ``structured.json`` says. ``state_dict``: the
+    tensors to write instead of the model's (its quantized layers packed)."""
     import copy
 
     folder = Path(folder)
@@ -97,7 +100,7 @@ def save_structured(model, groups, folder, tokenizer=None, extra: dict | None = 
     original = model.config
     model.config = trial
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
     finally:
         model.config = original
     if tokenizer is not None:
@@ -127,6 +130,11 @@ def load_structured(folder, model_cls=None):
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:  # saved packed: read the integer weights back to float first
+        from curvature.integrations.packed import unpacked
+
+        state = unpacked(state, quantized if isinstance(quantized, dict) else quantized.to_dict())
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue

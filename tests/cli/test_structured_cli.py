@@ -142,6 +142,12 @@ def test_structured_then_quantized_oneshot(assets, tmp_path):
     assert (
         q["layers"] == 14 and q["bits"] == 4 and q["bits_per_weight"] == pytest.approx(4 + 32 / 8)
     )
+    saved = q["saved"]  # asymmetric: one byte per code, in the library's format
+    assert saved["format"] == "int-quantized" and saved["layers"] == 14
+    assert saved["bytes"] == m["model_bytes"] == (out / "model.safetensors").stat().st_size
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized"
+    assert config["intermediate_size"] == 16
     model = load_structured(out)
     w = model.bert.encoder.layer[0].intermediate.dense.weight.detach().double()
     assert w.shape == (16, 16)
@@ -153,6 +159,31 @@ def test_structured_then_quantized_oneshot(assets, tmp_path):
         assert any(torch.allclose(span * k, (span * k).round(), atol=1e-3) for k in range(1, 5)), (
             group
         )
+
+
+def test_symmetric_grids_are_saved_packed_and_load_in_plain_transformers(assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    extra = "  - !GPTQModifier {bits: 4, group_size: 8, symmetric: true}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["quantized"]["saved"]["format"] == "pack-quantized"
+    model = AutoModelForSequenceClassification.from_pretrained(out)  # neurons only: plain
+    again = load_structured(out)
+    batch = torch.randint(5, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch).logits, again(input_ids=batch).logits)
+
+
+def test_a_group_the_packed_format_cannot_store_is_refused_before_any_work(
+    assets, tmp_path, capsys
+):
+    extra = "  - !GPTQModifier {bits: 4, group_size: 12}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not out.exists()
+    assert "GPTQModifier: group 12 does not divide the 16 input columns of bert." in err[0]
 
 
 def test_a_group_wider_than_a_layer_is_refused_before_any_work(assets, tmp_path, capsys):

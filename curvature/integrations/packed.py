@@ -1,0 +1,193 @@
+"""Quantized weights saved small, in a maintained format that plain ``transformers`` loads.
+
+:func:`save_packed` writes a ``save_pretrained`` folder in a format of the ``compressed-tensors``
+library (optional extra ``[quant]``): every quantized linear layer's integer codes, its scales
+(``weight_scale``, ``[rows, groups]``, the model's float type), its zero points for an asymmetric
+grid and its shape; the other tensors as they are; the grid in ``config.json``'s
+``quantization_config``. ``AutoModel...from_pretrained(folder)`` loads it in plain ``transformers``
+with ``compressed-tensors`` installed (the weights are unpacked to float on the first forward).
+
+- Symmetric grids: ``pack-quantized``, the codes packed into int32 words (32 codes in ``bits``
+  words): a 4-bit layer takes half a byte per weight.
+- Asymmetric grids: ``int-quantized``, one int8 byte per code (the same size at 8 bits, twice the
+  packed size at 4). The library packs asymmetric zero points when it saves but its loader expects
+  them unpacked (``compressed-tensors`` 0.20.1: such files do not load), so they are not packed.
+
+The packing is the library's own: the quantized weights are handed to it with their scales and
+zero points, it rounds them back to codes, and :func:`packed_tensors` checks that those are this
+toolkit's codes bit for bit. The library stores signed codes: a code ``q`` of this toolkit's grids
+(``0 .. 2^bits - 1``, zero point ``z``) is ``q - 2^(bits-1)`` there, and so is its zero point (a
+symmetric grid's ``2^(bits-1)`` becomes 0 and is not stored). What the format cannot say is
+refused in one line before anything is written: a group that does not divide a layer's columns
+(the format has no shorter last group), act-order with groups fitted during the sweep (their
+columns are not contiguous: use ``static_groups`` or per-channel grids), a weight that is not an
+``nn.Linear``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PACKED, BYTES = "pack-quantized", "int-quantized"
+EXTRA = "install the optional extra: pip install -e '.[quant]' (compressed-tensors)"
+
+
+def _library():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ValueError(f"saving packed weights needs compressed-tensors; {EXTRA}") from None
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    return PackedQuantizationCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+
+def check_packable(part, layers: dict) -> None:
+    """One clear ``ValueError`` if the part's grid on these layers (``{name: cols}``) cannot be
+    written in the packed format. Called before quantizing, so nothing is computed in vain."""
+    _library()
+    if part.group is not None:
+        for name, cols in layers.items():
+            if cols % part.group:
+                raise ValueError(
+                    f"group {part.group} does not divide the {cols} input columns of {name}: the "
+                    "packed format has no shorter last group; choose a group that divides every "
+                    "layer's columns (or group none), or save without --packed"
+                )
+        if part.act_order and not part.static_groups:
+            raise ValueError(
+                "act_order with groups fitted during the sweep gives groups of scattered columns, "
+                "which the packed format cannot store; set static_groups (or group none), or save "
+                "without --packed"
+            )
+
+
+def _module_name(param_name: str) -> str:
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+def _scheme(part, names):
+    _, args_cls, _, scheme_cls = _library()
+    args = args_cls(
+        num_bits=part.bits,
+        type="int",
+        symmetric=part.symmetric,
+        strategy="group" if part.group is not None else "channel",
+        group_size=part.group,
+        actorder="weight" if part.act_order else None,
+    )
+    return scheme_cls(targets=sorted(names), weights=args, format=file_format(part))
+
+
+def file_format(part) -> str:
+    """``pack-quantized`` for symmetric grids; ``int-quantized`` (one byte per code) for
+    asymmetric ones, whose packed zero points the library's loader does not read back."""
+    return PACKED if part.symmetric else BYTES
+
+
+def packed_tensors(model, report) -> tuple[dict, object]:
+    """``(state dict with every quantized layer's weight packed, the scheme)``."""
+    _library()
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    modules = dict(model.named_modules())
+    names = [_module_name(n) for n in report.layers]
+    for n in names:
+        if type(modules.get(n)) is not torch.nn.Linear:
+            raise ValueError(f"{n} is not an nn.Linear; the packed format stores linear layers")
+    check_packable(report.part, {n: modules[n].in_features for n in names})
+    scheme = _scheme(report.part, names)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    state = dict(model.state_dict())
+    half = 2 ** (report.part.bits - 1)
+    for param_name, q in report.layers.items():
+        name = _module_name(param_name)
+        weight = state.pop(f"{name}.weight")
+        dtype = weight.dtype
+        scales = q.scales.to(dtype)
+        zeros = (q.zeros - half).to(torch.int8)
+        if report.part.group is None:
+            scales, zeros = scales.reshape(-1, 1), zeros.reshape(-1, 1)
+        local = {"weight": weight.detach(), "weight_scale": scales, "weight_zero_point": zeros}
+        packed = compressor.compress(local, scheme)
+        codes = (
+            unpack_from_int32(packed["weight_packed"], report.part.bits, weight.shape)
+            if "weight_packed" in packed
+            else packed["weight"]
+        )
+        back = compressor.decompress(packed, scheme)["weight"]
+        if not torch.equal(
+            codes.to(torch.int8), (q.codes - half).to(torch.int8)
+        ) or not torch.allclose(back, weight.detach(), rtol=1e-6, atol=1e-12):
+            raise ValueError(
+                f"{name}: the weights are not on their quantization grid (changed after "
+                "quantizing?); quantize again before saving packed"
+            )
+        for k, v in packed.items():
+            state[f"{name}.{k}"] = v
+    return state, scheme
+
+
+def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
+    """Write ``model`` with ``report``'s layers packed into ``folder`` (see the module docstring).
+
+    ``save(state_dict)``: how the folder is written (default ``model.save_pretrained``; the
+    structured save passes its own so a smaller model is saved with its sizes). Returns the file
+    size and the bits per parameter of the file."""
+    _, _, config_cls, _ = _library()
+    folder = Path(folder)
+    state, scheme = packed_tensors(model, report)
+    if save is None:
+        model.save_pretrained(folder, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    else:
+        save(state)
+    config = config_cls(
+        config_groups={"group_0": scheme}, format=scheme.format, quantization_status="compressed"
+    )
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        **config.model_dump(exclude={"quant_method"}),
+    }
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "format": scheme.format,
+        "bytes": size,
+        "parameters": params,
+        "bits_per_parameter": 8 * size / params,
+        "layers": len(report.layers),
+    }
+
+
+def unpacked(state: dict, quantization_config: dict) -> dict:
+    """``state`` (tensors read from a folder :func:`save_packed` wrote) with every quantized
+    layer's weight read back to float, as the library reads it."""
+    _, _, config_cls, _ = _library()
+    from compressed_tensors.compressors import BaseCompressor
+
+    config = config_cls.model_validate(
+        {k: v for k, v in quantization_config.items() if k != "quant_method"}
+    )
+    state = dict(state)
+    for scheme in config.config_groups.values():
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+        for name in scheme.targets:
+            prefix = f"{name}."
+            own = [k for k in state if k.startswith(prefix + "weight")]
+            local = {k[len(prefix) :]: state.pop(k) for k in own}
+            state[f"{name}.weight"] = compressor.decompress(local, scheme)["weight"]
+    return state
