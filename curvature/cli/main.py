@@ -289,7 +289,48 @@ def _prune(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": _sweep, "report": _report, "check": _check, "prune": _prune, "train": _train}
+def _export(args) -> int:
+    from pathlib import Path
+
+    from curvature.cli.outputs import JobError, atomic_output, check_output
+    from curvature.integrations.runtime import export
+
+    out = Path(args.output)
+    check_output(out, args.overwrite)
+    if args.threads is not None and args.threads < 1:
+        raise JobError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_length < 1:
+        raise JobError(f"--max-length must be >= 1, got {args.max_length}")
+    if not Path(args.folder).is_dir():
+        raise JobError(f"{args.folder}: no such folder; give a folder written by curvature prune")
+    try:
+        with atomic_output(out) as tmp:
+            info = export(
+                args.folder, tmp, int8=args.int8, threads=args.threads, length=args.max_length,
+                measure=args.measure,
+            )  # fmt: skip
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    c = info["check"]
+    print(
+        f"onnxruntime model {info['bytes'] / 1e6:.1f} MB; largest logit difference from PyTorch "
+        f"{c['max_abs_difference']:.3g} (largest logit {c['max_abs_logit']:.3g}), same "
+        f"prediction {c['same_prediction']:.0%}"
+    )
+    for row in info.get("latency", []):
+        print(
+            f"batch {row['batch_size']} x {row['sequence_length']}, {info['threads']} threads: "
+            f"PyTorch {row['pytorch_ms']:.1f} ms, onnxruntime {row['onnxruntime_ms']:.1f} ms "
+            f"({row['speedup']:.2f}x)"
+        )
+    print(f"saved to {out} (model.onnx, export.json)")
+    return 0
+
+
+COMMANDS = {
+    "sweep": _sweep, "report": _report, "check": _check, "prune": _prune, "train": _train,
+    "export": _export,
+}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""``curvature export``: a saved model in ONNX Runtime, its int8 weights the saved 8-bit codes,
+checked against PyTorch; bad input is one line and writes nothing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from models import make_csv, make_model_dir, write_recipe
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("compressed_tensors")
+
+from curvature.cli.main import main  # noqa: E402
+
+RECIPE = """
+modifiers:
+  - !StructureModifier {neurons: 0.5, method: obs, num_calibration_batches: 4}
+  - !GPTQModifier {bits: 8, group_size: null, symmetric: SYM, num_calibration_batches: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model_dir, data = make_model_dir(root / "model"), make_csv(root / "train.csv")
+    outs = {}
+    for sym in ("true", "false"):
+        out = root / f"pruned-{sym}"
+        argv = [
+            "prune", write_recipe(root, RECIPE.replace("SYM", sym)), "--model", str(model_dir),
+            "--data", str(data), "--output", str(out), "--batch-size", "8", "--max-length", "32",
+            "--no-progress", "--oneshot",
+        ]  # fmt: skip
+        assert main(argv) == 0
+        outs[sym] = out
+    return root, outs
+
+
+@pytest.mark.parametrize("sym", ["true", "false"])
+def test_int8_export_holds_the_saved_codes_and_predicts_like_pytorch(pruned, sym, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    from curvature.integrations.runtime import load_saved, saved_codes
+
+    root, outs = pruned
+    out = root / f"onnx-{sym}"
+    rc = main(["export", str(outs[sym]), "--output", str(out), "--int8", "--threads", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime model" in printed and "batch 16 x 32, 1 threads" in printed
+    info = json.loads((out / "export.json").read_text())
+    codes = saved_codes(outs[sym])
+    assert len(codes) == 14  # every linear layer; the runtime keeps the one-token ones in float
+    assert info["float_in_runtime"] == ["bert.pooler.dense", "classifier"]
+    assert sorted(info["saved_codes"] + info["float_in_runtime"]) == sorted(codes)
+    assert info["rounded_by_runtime"] == []
+    assert info["check"]["same_prediction"] == 1.0
+    assert info["check"]["max_abs_difference"] < 0.05 * (1 + info["check"]["max_abs_logit"])
+    # the runtime's int8 weights are the saved codes, bit for bit
+    model = load_saved(outs[sym])
+    inits = {
+        i.name: numpy_helper.to_array(i) for i in onnx.load(out / "model.onnx").graph.initializer
+    }
+    quantized = [v for k, v in inits.items() if k.endswith("_quantized") and v.ndim == 2]
+    layer = "bert.encoder.layer.1.intermediate.dense"
+    c, scale, zero = codes[layer]
+    assert any(np.array_equal(v, c.T.numpy()) for v in quantized)
+    w = model.get_submodule(layer).weight.detach()
+    torch.testing.assert_close(w, (c.float() - zero.float()[:, None]) * scale[:, None])
+    assert all(b["onnxruntime_ms"] > 0 for b in info["latency"])
+
+
+def test_float_export_is_within_tolerance(pruned):
+    from curvature.integrations.runtime import export
+
+    root, outs = pruned
+    info = export(outs["true"], root / "float", threads=1, measure=False)
+    assert info["check"]["max_abs_difference"] < 1e-4 * (1 + info["check"]["max_abs_logit"])
+    assert "saved_codes" not in info and "latency" not in info
+
+
+def test_export_bad_input_is_one_line(pruned, tmp_path, capsys, monkeypatch):
+    root, outs = pruned
+    cases = [
+        (["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "a")], "no such folder"),
+        (["export", str(tmp_path), "--output", str(tmp_path / "b")], "no config.json"),
+        (["export", str(outs["true"]), "--output", str(tmp_path / "c"), "--threads", "0"],
+         "--threads must be >= 1"),
+        (["export", str(outs["true"])], "--output"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert "Traceback" not in err[0]
+    import builtins
+
+    real = builtins.__import__
+
+    def no_runtime(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError("no onnxruntime", name="onnxruntime")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_runtime)
+    rc = main(["export", str(outs["true"]), "--output", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs onnxruntime" in err[0] and "[quant]" in err[0]
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.partial-*"))
