@@ -18,7 +18,9 @@ zero points, it rounds them back to codes, and :func:`packed_tensors` checks tha
 toolkit's codes bit for bit. The library stores signed codes: a code ``q`` of this toolkit's grids
 (``0 .. 2^bits - 1``, zero point ``z``) is ``q - 2^(bits-1)`` there, and so is its zero point (a
 symmetric grid's ``2^(bits-1)`` becomes 0 and is not stored). What the format cannot say is
-refused in one line before anything is written: a group that does not divide a layer's columns
+refused in one line before anything is written: embedding tables below 8 bits (they are saved one
+byte per code, since ``transformers``' initializer of a packed embedding reads a float weight that
+is not there: ``transformers`` 5.24), a group that does not divide a layer's columns
 (the format has no shorter last group), act-order with groups fitted during the sweep (their
 columns are not contiguous: use ``static_groups`` or per-channel grids), a weight that is not an
 ``nn.Linear``'s.
@@ -54,6 +56,12 @@ def check_packable(part, layers: dict) -> None:
     """One clear ``ValueError`` if the part's grid on these layers (``{name: cols}``) cannot be
     written in the packed format. Called before quantizing, so nothing is computed in vain."""
     _library()
+    if part.embedding_bits is not None and part.embedding_bits != 8:
+        raise ValueError(
+            f"embedding_bits {part.embedding_bits}: an embedding table is saved one byte per code "
+            "(plain transformers cannot load a packed one: its initializer reads the table's float "
+            "weight), so only 8 bits make it smaller; use embedding_bits 8"
+        )
     if part.group is not None:
         for name, cols in layers.items():
             if cols % part.group:
@@ -74,67 +82,81 @@ def _module_name(param_name: str) -> str:
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
-def _scheme(part, names):
+def _scheme(bits, group, symmetric, act_order, names):
     _, args_cls, _, scheme_cls = _library()
     args = args_cls(
-        num_bits=part.bits,
+        num_bits=bits,
         type="int",
-        symmetric=part.symmetric,
-        strategy="group" if part.group is not None else "channel",
-        group_size=part.group,
-        actorder="weight" if part.act_order else None,
+        symmetric=symmetric,
+        strategy="group" if group is not None else "channel",
+        group_size=group,
+        actorder="weight" if act_order else None,
     )
-    return scheme_cls(targets=sorted(names), weights=args, format=file_format(part))
+    return scheme_cls(targets=sorted(names), weights=args, format=file_format(symmetric))
 
 
-def file_format(part) -> str:
+def file_format(symmetric: bool) -> str:
     """``pack-quantized`` for symmetric grids; ``int-quantized`` (one byte per code) for
     asymmetric ones, whose packed zero points the library's loader does not read back."""
-    return PACKED if part.symmetric else BYTES
+    return PACKED if symmetric else BYTES
 
 
-def packed_tensors(model, report) -> tuple[dict, object]:
-    """``(state dict with every quantized layer's weight packed, the scheme)``."""
-    _library()
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
+def packed_tensors(model, report) -> tuple[dict, list]:
+    """``(state dict with every quantized layer's weight packed, the schemes)``: one scheme for
+    the linear layers, one for the input embedding table when it was quantized too."""
     modules = dict(model.named_modules())
+    part = report.part
     names = [_module_name(n) for n in report.layers]
     for n in names:
         if type(modules.get(n)) is not torch.nn.Linear:
             raise ValueError(f"{n} is not an nn.Linear; the packed format stores linear layers")
-    check_packable(report.part, {n: modules[n].in_features for n in names})
-    scheme = _scheme(report.part, names)
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    check_packable(part, {n: modules[n].in_features for n in names})
     state = dict(model.state_dict())
-    half = 2 ** (report.part.bits - 1)
-    for param_name, q in report.layers.items():
+    schemes = []
+    if names:
+        scheme = _scheme(part.bits, part.group, part.symmetric, part.act_order, names)
+        schemes.append(scheme)
+        for param_name, q in report.layers.items():
+            _pack(state, _module_name(param_name), q, scheme, part.bits, part.group)
+    if report.embedding is not None:
+        param_name, q = report.embedding
         name = _module_name(param_name)
-        weight = state.pop(f"{name}.weight")
-        dtype = weight.dtype
-        scales = q.scales.to(dtype)
-        zeros = (q.zeros - half).to(torch.int8)
-        if report.part.group is None:
-            scales, zeros = scales.reshape(-1, 1), zeros.reshape(-1, 1)
-        local = {"weight": weight.detach(), "weight_scale": scales, "weight_zero_point": zeros}
-        packed = compressor.compress(local, scheme)
-        codes = (
-            unpack_from_int32(packed["weight_packed"], report.part.bits, weight.shape)
-            if "weight_packed" in packed
-            else packed["weight"]
+        scheme = _scheme(part.embedding_bits, None, part.symmetric, False, [name])
+        scheme.format = BYTES  # see check_packable
+        schemes.append(scheme)
+        _pack(state, name, q, scheme, part.embedding_bits, None)
+    return state, schemes
+
+
+def _pack(state: dict, name: str, q, scheme, bits: int, group) -> None:
+    """Replace ``name``'s weight in ``state`` by the library's compressed tensors, checked."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    half = 2 ** (bits - 1)
+    weight = state.pop(f"{name}.weight").detach()
+    scales = q.scales.to(weight.dtype)
+    zeros = (q.zeros - half).to(torch.int8)
+    if group is None:
+        scales, zeros = scales.reshape(-1, 1), zeros.reshape(-1, 1)
+    local = {"weight": weight, "weight_scale": scales, "weight_zero_point": zeros}
+    packed = compressor.compress(local, scheme)
+    codes = (
+        unpack_from_int32(packed["weight_packed"], bits, weight.shape)
+        if "weight_packed" in packed
+        else packed["weight"]
+    )
+    back = compressor.decompress(packed, scheme)["weight"]
+    if not torch.equal(codes.to(torch.int8), (q.codes - half).to(torch.int8)) or not (
+        torch.allclose(back, weight, rtol=1e-6, atol=1e-12)
+    ):
+        raise ValueError(
+            f"{name}: the weights are not on their quantization grid (changed after "
+            "quantizing?); quantize again before saving packed"
         )
-        back = compressor.decompress(packed, scheme)["weight"]
-        if not torch.equal(
-            codes.to(torch.int8), (q.codes - half).to(torch.int8)
-        ) or not torch.allclose(back, weight.detach(), rtol=1e-6, atol=1e-12):
-            raise ValueError(
-                f"{name}: the weights are not on their quantization grid (changed after "
-                "quantizing?); quantize again before saving packed"
-            )
-        for k, v in packed.items():
-            state[f"{name}.{k}"] = v
-    return state, scheme
+    for k, v in packed.items():
+        state[f"{name}.{k}"] = v
 
 
 def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
@@ -145,15 +167,18 @@ def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
     size and the bits per parameter of the file."""
     _, _, config_cls, _ = _library()
     folder = Path(folder)
-    state, scheme = packed_tensors(model, report)
+    state, schemes = packed_tensors(model, report)
     if save is None:
         model.save_pretrained(folder, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     else:
         save(state)
+    formats = sorted({s.format for s in schemes})
     config = config_cls(
-        config_groups={"group_0": scheme}, format=scheme.format, quantization_status="compressed"
+        config_groups={f"group_{i}": s for i, s in enumerate(schemes)},
+        format=formats[0] if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
     )
     path = folder / "config.json"
     data = json.loads(path.read_text())
@@ -165,11 +190,12 @@ def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     params = sum(p.numel() for p in model.parameters())
     return {
-        "format": scheme.format,
+        "format": config.format,
         "bytes": size,
         "parameters": params,
         "bits_per_parameter": 8 * size / params,
         "layers": len(report.layers),
+        "embedding": report.embedding[0] if report.embedding is not None else None,
     }
 
 

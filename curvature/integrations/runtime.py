@@ -1,12 +1,12 @@
 """Saved models in ONNX Runtime on the CPU: export, integer weights, checks and latency.
 
 :func:`export` reads a folder that ``curvature prune`` wrote (dense, with structures removed,
-quantized and packed, or both), exports the model's forward (``input_ids``, ``attention_mask`` ->
-``logits``) to ONNX with PyTorch's exporter, and optionally makes every linear layer an int8
+quantized and packed, or both), exports the model's forward (``input_ids``, ``attention_mask``
+and, where the model has segments, ``token_type_ids`` -> ``logits``) to ONNX with PyTorch's exporter, and optionally makes every linear layer an int8
 matrix product (``int8=True``): ONNX Runtime's dynamic quantization (weights int8 per output
 channel, activations uint8 per tensor, quantized on the fly), the product on the CPU's integer
-dot-product units. Where the folder holds 8-bit per-channel codes (a ``GPTQModifier`` with
-``bits: 8, group_size: null``), those codes, scales and zero points are written into the runtime's
+dot-product units. Where the folder holds per-channel codes (a ``GPTQModifier`` with
+``group_size: null``, any bits), those codes, scales and zero points are written into the runtime's
 weights exactly; any other layer is rounded to nearest by the runtime
 (``export.json`` lists the layers of each kind: ``saved_codes``, ``rounded_by_runtime``, and
 ``float_in_runtime`` for products the runtime leaves in float, such as a classifier on one token). The activations' rounding is
@@ -65,7 +65,9 @@ def load_saved(folder):
 
 def saved_codes(folder) -> dict:
     """``{module name: (codes [rows, cols] int8, scale [rows], zero point [rows] int8)}`` of the
-    8-bit per-channel layers the folder stores (signed codes, as the format stores them)."""
+    per-channel layers the folder stores (signed codes, as the format stores them). A code of
+    fewer bits is also an int8 code of the same scale and zero point, so 2- to 8-bit per-channel
+    layers all run as int8 products exactly."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -78,7 +80,7 @@ def saved_codes(folder) -> dict:
     out = {}
     for scheme in config.get("config_groups", {}).values():
         w = scheme["weights"]
-        if w["num_bits"] != 8 or w["strategy"] != "channel":
+        if w["strategy"] != "channel":  # groups: one scale per column block, not int8 products
             continue
         for name in scheme["targets"]:
             if f"{name}.weight_packed" in state:
@@ -87,7 +89,7 @@ def saved_codes(folder) -> dict:
                 )
 
                 shape = state[f"{name}.weight_shape"]
-                codes = unpack_from_int32(state[f"{name}.weight_packed"], 8, shape)
+                codes = unpack_from_int32(state[f"{name}.weight_packed"], w["num_bits"], shape)
             else:
                 codes = state[f"{name}.weight"]
             rows = codes.shape[0]
@@ -107,7 +109,7 @@ def _digest(a: np.ndarray) -> str:
 def _export_float(model, batch: dict, path: Path) -> None:
     import warnings
 
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    axes = {k: {0: "batch", 1: "sequence"} for k in batch}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -179,7 +181,29 @@ def _batch(model, size: int, length: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (size, length), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "type_vocab_size", 0) > 1:  # sentence pairs: segments are inputs
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported model as a module: ``model(**batch).logits`` runs the ONNX Runtime session
+    (the inputs it declares are taken from the batch, the rest ignored), so the task evaluators
+    score the runtime's model exactly as they score PyTorch's."""
+
+    def __init__(self, path, threads: int | None = None):
+        super().__init__()
+        _require()
+        self.session = _session(Path(path), threads or torch.get_num_threads())
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self._device = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, **batch):
+        from types import SimpleNamespace
+
+        feed = {k: batch[k].cpu().numpy() for k in self.inputs}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
 
 
 def _logits(out):
@@ -217,6 +241,7 @@ def export(
     with torch.inference_mode():
         want = _logits(model(**check)).numpy()
     got = session.run(["logits"], {k: v.numpy() for k, v in check.items()})[0]
+    info["inputs"] = sorted(check)
     info["check"] = {
         "max_abs_difference": float(np.abs(got - want).max()),
         "max_abs_logit": float(np.abs(want).max()),

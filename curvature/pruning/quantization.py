@@ -35,7 +35,12 @@ class Quantize:
     """A quantizer with its own settings: ``bits`` (2, 3, 4, 8), ``group`` input columns per scale
     (``None``: one per output channel), ``symmetric``, ``method`` (``gptq`` or ``rtn``); GPTQ's
     ``act_order``, ``static_groups``, ``rel_damp`` (a fraction of ``H``'s mean diagonal), ``block``
-    (columns per lazy batch), ``batches`` (calibration batches) and ``sequential``."""
+    (columns per lazy batch), ``batches`` (calibration batches) and ``sequential``.
+
+    ``embedding_bits``: also round the input embedding table to that many bits, one scale per token
+    (its row), symmetric or not as the linear layers. Round-to-nearest is the second-order choice
+    there: an embedding's inputs are one-hot, so its layer Hessian ``X^T X`` is diagonal and OBQ
+    (or GPTQ) on a diagonal Hessian corrects nothing; each row is rounded alone."""
 
     bits: int = 4
     group: int | None = 128
@@ -47,10 +52,13 @@ class Quantize:
     block: int = 128
     batches: int = 128
     sequential: bool = True
+    embedding_bits: int | None = None
     label: ClassVar[str] = "quantize"
 
     def __post_init__(self):
         self.grid()  # bits, group, symmetric
+        if self.embedding_bits is not None:
+            self.embedding_grid()
         checks.one_of("method", self.method, METHODS)
         for name in ("act_order", "static_groups", "sequential", "symmetric"):
             if not isinstance(getattr(self, name), bool):
@@ -73,6 +81,12 @@ class Quantize:
 
     def grid(self) -> Grid:
         return Grid(bits=self.bits, group=self.group, symmetric=self.symmetric)
+
+    def embedding_grid(self) -> Grid:
+        try:
+            return Grid(bits=self.embedding_bits, group=None, symmetric=self.symmetric)
+        except ValueError as exc:
+            raise ValueError(f"embedding_{exc}") from None
 
     @property
     def name(self) -> str:
@@ -113,6 +127,31 @@ class QuantizeReport:
     seconds: float = 0.0
     batches: int = 0
     phases: dict = field(default_factory=dict)
+    #: the input embedding table's name and :class:`Quantized`, when ``embedding_bits`` is set
+    embedding: tuple | None = None
+
+
+def embedding_weight(model) -> tuple[str, torch.Tensor]:
+    """``(name, weight)`` of the input embedding table; one clear line if an output head shares
+    it (the head would be rounded with it, which nothing here calibrates)."""
+    emb = model.get_input_embeddings()
+    name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and out.weight is emb.weight:
+        raise ValueError(
+            f"embedding_bits: {name} is tied to the output head, which would be rounded with it; "
+            "leave embedding_bits unset for a model with tied embeddings"
+        )
+    return name, emb.weight
+
+
+def quantize_embedding(model, part: Quantize) -> tuple[str, quantize.Quantized]:
+    """Round the input embedding table to ``part.embedding_bits``, one scale per row."""
+    name, weight = embedding_weight(model)
+    q = quantize.rtn(weight.detach(), part.embedding_grid(), name=name)
+    with torch.no_grad():
+        weight.copy_(q.weight.to(weight.dtype))
+    return name, q
 
 
 def linear_weights(model) -> list:
@@ -162,11 +201,15 @@ def quantize_model(
     if structure.name == "block4":
         raise ValueError("mask block4 cannot be chosen in the quantization sweep; use N:M")
     targets = layerwise.layer_targets(model, _linear_weights(model, params))
+    if part.embedding_bits is not None:
+        embedding_weight(model)  # refused before any work when tied
     for t in targets:
         part.grid().check_layer(t.cols, t.name)
         if structure.nm and t.cols % structure.nm[1]:
             raise ValueError(f"{t.name} has {t.cols} inputs, not a multiple of {structure.name}")
     report = QuantizeReport(part)
+    if part.embedding_bits is not None:
+        report.embedding = quantize_embedding(model, part)
     if part.method == "rtn":
         for t in targets:
             q = quantize.rtn(t.matrix(), part.grid(), name=t.name)
@@ -204,4 +247,9 @@ def bits_per_parameter(report: QuantizeReport, scale_bits: int = 16) -> dict:
     weights = sum(q.codes.numel() for q in report.layers.values())
     groups = sum(q.scales.numel() for q in report.layers.values())
     bits = report.part.bits * weights + 2 * scale_bits * groups
-    return {"weights": weights, "groups": groups, "bits_per_weight": bits / max(weights, 1)}
+    out = {"weights": weights, "groups": groups, "bits_per_weight": bits / max(weights, 1)}
+    if report.embedding is not None:
+        q = report.embedding[1]
+        e_bits = report.part.embedding_bits * q.codes.numel() + 2 * scale_bits * q.scales.numel()
+        out["embedding_bits_per_weight"] = e_bits / q.codes.numel()
+    return out

@@ -482,7 +482,8 @@ class GPTQModifier(Modifier):
     input columns per scale (``null``: per output channel), ``symmetric``; GPTQ's ``actorder``,
     ``static_groups``, ``damp`` (a fraction of ``H``'s mean diagonal), ``block_size`` and
     ``num_calibration_batches``. Zeros of earlier pruning stay zero. ``params``: the weights to
-    quantize (default every linear layer's; patterns with ``re:``).
+    quantize (default every linear layer's; patterns with ``re:``). ``embedding_bits``: also round
+    the input embedding table, one scale per token (its Hessian is diagonal: nearest is optimal).
     """
 
     params: list[str] | str = "__ALL_LINEAR__"
@@ -495,6 +496,7 @@ class GPTQModifier(Modifier):
     damp: float = Field(0.01, gt=0)
     block_size: int = Field(128, gt=0)
     num_calibration_batches: int = Field(128, gt=0)
+    embedding_bits: int | None = None
 
     @model_validator(mode="after")
     def _part(self):
@@ -529,6 +531,7 @@ class GPTQModifier(Modifier):
             bits=self.bits, group=self.group_size, symmetric=self.symmetric, method=self.method,
             act_order=self.actorder, static_groups=self.static_groups, rel_damp=self.damp,
             block=self.block_size, batches=self.num_calibration_batches,
+            embedding_bits=self.embedding_bits,
         )  # fmt: skip
 
 

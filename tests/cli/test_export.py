@@ -17,7 +17,7 @@ from curvature.cli.main import main  # noqa: E402
 RECIPE = """
 modifiers:
   - !StructureModifier {neurons: 0.5, method: obs, num_calibration_batches: 4}
-  - !GPTQModifier {bits: 8, group_size: null, symmetric: SYM, num_calibration_batches: 4}
+  - !GPTQModifier {bits: BITS, group_size: null, symmetric: SYM, num_calibration_batches: 4}
 """
 
 
@@ -26,10 +26,10 @@ def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model_dir, data = make_model_dir(root / "model"), make_csv(root / "train.csv")
     outs = {}
-    for sym in ("true", "false"):
+    for sym, bits in (("true", "8"), ("false", "4")):  # 4-bit codes are int8 codes too
         out = root / f"pruned-{sym}"
         argv = [
-            "prune", write_recipe(root, RECIPE.replace("SYM", sym)), "--model", str(model_dir),
+            "prune", write_recipe(root, RECIPE.replace("SYM", sym).replace("BITS", bits)), "--model", str(model_dir),
             "--data", str(data), "--output", str(out), "--batch-size", "8", "--max-length", "32",
             "--no-progress", "--oneshot",
         ]  # fmt: skip

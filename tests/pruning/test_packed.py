@@ -153,3 +153,49 @@ def test_a_structured_and_quantized_bert_loads_back_and_computes_the_same(tmp_pa
         torch.testing.assert_close(
             back(input_ids=data[0]).logits, model(input_ids=data[0]).logits, rtol=0, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_embedding_table_rounded_per_token_is_saved_and_loaded(tmp_path, symmetric):
+    from transformers import AutoModelForCausalLM
+
+    dense = _llama().eval().model.embed_tokens.weight.detach().clone()
+    model, rep = _quantized(bits=4, group=16, symmetric=symmetric, embedding_bits=8)
+    name, q = rep.embedding
+    assert name == "model.embed_tokens.weight" and q.scales.shape == (64, 1)
+    emb = model.model.embed_tokens.weight.detach()
+    from curvature.pruning.quantize import Grid, rtn
+
+    want = rtn(dense, Grid(bits=8, group=None, symmetric=symmetric)).weight
+    torch.testing.assert_close(emb.double(), want, rtol=1e-6, atol=1e-7)
+    info = save_packed(model, rep, tmp_path)
+    assert info["embedding"] == name
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) == 2
+    assert config["config_groups"]["group_1"]["format"] == "int-quantized"  # one byte per code
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = _data(2, seed=5)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6
+        )
+
+
+def test_a_tied_embedding_is_refused_before_any_work():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(64, tie_word_embeddings=True))
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^embedding_bits: model.embed_tokens.weight is tied"):
+        quantize_model(
+            model, _data(), lambda m, b: m(input_ids=b, labels=b).loss,
+            Quantize(embedding_bits=8), progress=False,
+        )  # fmt: skip
+    assert torch.equal(model.model.embed_tokens.weight, before)
+    with pytest.raises(ValueError, match=r"^embedding_bits must be one of \(2, 3, 4, 8\), got 5"):
+        Quantize(embedding_bits=5)
+    from curvature.integrations.packed import check_packable
+
+    with pytest.raises(ValueError, match=r"^embedding_bits 4: an embedding table is saved one"):
+        check_packable(Quantize(embedding_bits=4), {"q": 128})

@@ -395,6 +395,7 @@ FIELD_TESTS = {
     "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
     "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "embedding_bits": "pruning/test_packed.py::test_the_embedding_table_rounded_per_token_is_saved_and_loaded",
     "group_size": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "symmetric": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "actorder": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
@@ -421,11 +422,12 @@ modifiers:
     damp: 0.05
     block_size: 256
     num_calibration_batches: 9
+    embedding_bits: 8
 """
     (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
     assert mod.part() == Quantize(
         bits=3, group=64, symmetric=True, act_order=True, static_groups=True, rel_damp=0.05,
-        block=256, batches=9,
+        block=256, batches=9, embedding_bits=8,
     )  # fmt: skip
     text = "modifiers:\n  - !GPTQModifier {method: rtn, bits: 8, group_size: null}\n"
     (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
