@@ -194,6 +194,45 @@ def structured(path: Path) -> str:
     return "\n".join(out)
 
 
+def runtime(path: Path) -> str:
+    """Compressed models in ONNX Runtime (``bench_runtime.py``): SOURCE is its raw JSON lines, the
+    latencies (every model alone in one process) ``STEM-latency.jsonl`` beside it."""
+    points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lat = {}
+    for line in path.with_name(path.stem + "-latency.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lat[(r["model"], r["batch_size"])] = r
+    base = "dense, PyTorch float32"
+    d16, d1 = lat[(base, 16)]["ms"], lat[(base, 1)]["ms"]
+    dense_mb = points[0]["bytes"] / 1e6
+    out = [
+        "| model | heads / neurons per block | saved MB | smaller | bits / dense parameter | "
+        "PyTorch accuracy − dense [paired 95% CI] | ONNX Runtime accuracy − dense "
+        "[paired 95% CI] | ms 16×128 | faster | ms 1×128 | faster |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense, PyTorch float32 | 12 / 1536 | {dense_mb:.1f} | 1.0x | 32.0 | | | {d16:.0f} | "
+        f"1.00x | {d1:.1f} | 1.00x |",
+    ]
+    for p in points:
+        m = p.get("metrics") or {}
+        sizes = (m.get("structured") or {}).get("sizes")
+        shape = f"{sizes['heads'][0]} / {sizes['neurons'][0]}" if sizes else "12 / 1536"
+        bpp = f"{32 * p['bytes'] / points[0]['bytes']:.1f}"  # file bits per dense parameter
+        torch_acc = _ci(m["pruned"], "accuracy_delta", signed=True) if m.get("pruned") else ""
+        o = p["onnxruntime"]
+        lo, hi = o["accuracy_delta_ci"]
+        ort = f"{o['accuracy']:.4f}: {_signed(o['accuracy_delta'])} [{_signed(lo)}, {_signed(hi)}]"
+        if m.get("pruned"):
+            torch_acc = f"{m['pruned']['accuracy']:.4f}: {torch_acc}"
+        m16, m1 = lat[(p["label"], 16)]["ms"], lat[(p["label"], 1)]["ms"]
+        out.append(
+            f"| {p['label']} | {shape} | {p['bytes'] / 1e6:.1f} | {dense_mb * 1e6 / p['bytes']:.1f}x "
+            f"| {bpp} | {torch_acc} | {ort} | {m16:.0f} | {d16 / m16:.2f}x | {m1:.1f} | "
+            f"{d1 / m1:.2f}x |"
+        )
+    return "\n".join(out)
+
+
 KINDS = {
     "sweep": sweep,
     "sweep-summary": sweep_summary,
@@ -201,6 +240,7 @@ KINDS = {
     "storage": storage,
     "optim-compare": optim_compare,
     "structured": structured,
+    "runtime": runtime,
 }
 
 

@@ -43,7 +43,8 @@ def _require():
 
 
 def load_saved(folder):
-    """The model a prune run saved in ``folder``: structured (smaller matrices), packed or plain."""
+    """The model a prune run saved in ``folder``: structured (smaller matrices), packed or plain,
+    as a plain float module (packed weights read back to float, no quantization hooks)."""
     from transformers import AutoConfig
 
     from curvature.integrations.structured import STRUCTURED, load_structured
@@ -51,7 +52,8 @@ def load_saved(folder):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json; give a folder written by curvature prune")
-    if (folder / STRUCTURED).is_file():
+    quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    if (folder / STRUCTURED).is_file() or quantized:  # a plain float module, weights unpacked
         return load_structured(folder)
     import transformers
 
@@ -197,6 +199,11 @@ class OnnxModel(torch.nn.Module):
         _require()
         self.session = _session(Path(path), threads or torch.get_num_threads())
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.config = None  # the exported model's configuration, written beside it by export
+        if (Path(path).parent / "config.json").is_file():
+            from transformers import AutoConfig
+
+            self.config = AutoConfig.from_pretrained(Path(path).parent)
         self._device = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
 
     def forward(self, **batch):
@@ -220,7 +227,9 @@ def export(
 
     _require()
     output = Path(output)
-    model = load_saved(folder).float().eval()
+    model = load_saved(folder).eval()
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError(f"{folder}: the model is not float32; export runs float32 models")
     threads = threads or torch.get_num_threads()
     positions = getattr(model.config, "max_position_embeddings", length)
     length = min(length, positions)
@@ -236,6 +245,9 @@ def export(
     else:
         path = float_path.rename(output / "model.onnx")
     info["bytes"] = path.stat().st_size
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights in model.onnx are the runtime's
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     session = _session(path, threads)
     check = _batch(model, 4, length)
     with torch.inference_mode():

@@ -20,16 +20,23 @@ modifiers:
   - !GPTQModifier {bits: BITS, group_size: null, symmetric: SYM, num_calibration_batches: 4}
 """
 
+QUANTIZE_ONLY = """
+modifiers:
+  - !GPTQModifier {bits: 8, group_size: null, symmetric: true, num_calibration_batches: 4}
+"""
+
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model_dir, data = make_model_dir(root / "model"), make_csv(root / "train.csv")
     outs = {}
-    for sym, bits in (("true", "8"), ("false", "4")):  # 4-bit codes are int8 codes too
+    runs = (("true", "8", RECIPE), ("false", "4", RECIPE), ("plain", "8", QUANTIZE_ONLY))
+    for sym, bits, text in runs:  # 4-bit codes are int8 codes too
         out = root / f"pruned-{sym}"
+        text = text.replace("SYM", "true" if sym == "plain" else sym).replace("BITS", bits)
         argv = [
-            "prune", write_recipe(root, RECIPE.replace("SYM", sym).replace("BITS", bits)), "--model", str(model_dir),
+            "prune", write_recipe(root, text), "--model", str(model_dir),
             "--data", str(data), "--output", str(out), "--batch-size", "8", "--max-length", "32",
             "--no-progress", "--oneshot",
         ]  # fmt: skip
@@ -38,7 +45,7 @@ def pruned(tmp_path_factory):
     return root, outs
 
 
-@pytest.mark.parametrize("sym", ["true", "false"])
+@pytest.mark.parametrize("sym", ["true", "false", "plain"])
 def test_int8_export_holds_the_saved_codes_and_predicts_like_pytorch(pruned, sym, capsys):
     import onnx
     from onnx import numpy_helper

@@ -1,0 +1,162 @@
+"""Compressed MiniLM in ONNX Runtime on the CPU: size, accuracy and latency against the dense model.
+
+Each point is one ``curvature prune --oneshot`` of a committed recipe (structured OBS sizes, GPTQ or
+round-to-nearest bits) in its own process, then ``curvature export --int8`` of the saved folder.
+For every point this records the saved folder's size (the packed safetensors file), the accuracy
+of the saved model in PyTorch (from the prune run) and of the exported model in ONNX Runtime (the
+task's own evaluator on an :class:`~curvature.integrations.runtime.OnnxModel`), each with a 95%
+paired interval against the dense model's predictions. Then, alone and in one process, the dense
+PyTorch float32 model and every exported model are timed at 16 x 128 and 1 x 128 tokens with the
+same threads, interleaved round by round (median of ``--reps`` forwards per round, median over
+rounds). Raw JSON lines go to ``--raw``; ``scripts/tables.py runtime`` makes the tables.
+
+    python scripts/bench_runtime.py --dense runs/dense-minilm --raw docs/compressed-minilm/points.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (label, recipe, --set values, export options)
+POINTS = [
+    ("dense, onnxruntime float32", None, {}, []),
+    ("dense, onnxruntime int8 (runtime rounding)", None, {}, ["--int8"]),
+    ("GPTQ 8-bit", "quantized-minilm.yaml", {}, ["--int8"]),
+    ("3x sizes + GPTQ 8-bit", "compressed-minilm.yaml",
+     {"heads": 7 / 12, "neurons": 1 - 480 / 1536}, ["--int8"]),
+    ("4x sizes + GPTQ 8-bit", "compressed-minilm.yaml", {}, ["--int8"]),
+    ("4x sizes + GPTQ 4-bit", "compressed-minilm.yaml", {"bits": 4}, ["--int8"]),
+    ("4x sizes + RTN 4-bit", "compressed-minilm.yaml", {"bits": 4, "quantizer": "rtn"}, ["--int8"]),
+]  # fmt: skip
+
+CHILD = (
+    "import json, resource, sys\n"
+    "from curvature.cli.main import main\n"
+    "rc = main(sys.argv[2:])\n"
+    "json.dump({'rc': rc, 'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
+    "/ 1024}, open(sys.argv[1], 'w'))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _run(argv: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, fh.name, *argv], check=False)
+        wall = time.perf_counter() - t0
+        usage = json.loads(Path(fh.name).read_text() or "{}")
+    if proc.returncode:
+        raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {proc.returncode}")
+    return {"wall_s": wall, **usage}
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def build(args) -> None:
+    from curvature.integrations.runtime import OnnxModel
+    from curvature.tasks import stats
+    from curvature.tasks.kinds import prepare
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    p = prepare(None, args.dense, args.data, max_length=128)
+    dense_units = p.evaluate(p.model)["units"]
+    done = set()
+    if Path(args.raw).exists():
+        done = {json.loads(line)["label"] for line in open(args.raw)}
+    for i, (label, recipe, sets, export_opts) in enumerate(POINTS):
+        if label in done:
+            continue
+        point: dict = {"label": label, "recipe": recipe, "sets": sets, "export": export_opts}
+        folder = Path(args.dense)
+        if recipe is not None:
+            folder = work / f"point-{i}"
+            argv = ["prune", str(ROOT / "recipes" / recipe), "--model", args.dense, "--data",
+                    args.data, "--oneshot", "--output", str(folder), "--no-progress", "--overwrite"]  # fmt: skip
+            for k, v in sets.items():
+                argv += ["--set", f"{k}={v}"]
+            point["prune"] = {"argv": argv, **_run(argv)}
+            metrics = json.loads((folder / "metrics.json").read_text())
+            point["metrics"] = {k: metrics.get(k) for k in ("pruned", "structured", "quantized")}
+        onnx = work / f"onnx-{i}"
+        argv = ["export", str(folder), "--output", str(onnx), "--overwrite", "--no-measure",
+                *export_opts]  # fmt: skip
+        point["export_run"] = {"argv": argv, **_run(argv)}
+        point["export_info"] = json.loads((onnx / "export.json").read_text())
+        point["folder"], point["onnx"] = str(folder), str(onnx / "model.onnx")
+        point["bytes"] = _size(folder)
+        point["onnx_bytes"] = (onnx / "model.onnx").stat().st_size
+        ev = p.evaluate(OnnxModel(onnx / "model.onnx"))
+        units = ev.pop("units")
+        d, lo, hi = stats.paired_interval(units, dense_units, "accuracy")
+        point["onnxruntime"] = {**ev, "accuracy_delta": d, "accuracy_delta_ci": [lo, hi]}
+        with open(args.raw, "a") as fh:
+            fh.write(json.dumps(point) + "\n")
+        print(label, f"{point['bytes'] / 1e6:.1f} MB", f"ort accuracy {ev['accuracy']:.4f}",
+              f"({d:+.4f} [{lo:+.4f}, {hi:+.4f}])", flush=True)  # fmt: skip
+
+
+def measure(args) -> None:
+    """Dense PyTorch float32 and every exported model, timed alone and interleaved."""
+    import torch
+
+    from curvature.integrations.latency import measure_model
+    from curvature.integrations.runtime import OnnxModel, load_saved
+
+    points = [json.loads(line) for line in open(args.raw)]
+    threads = torch.get_num_threads()
+    models = {"dense, PyTorch float32": load_saved(args.dense)}
+    for pt in points:
+        models[pt["label"]] = OnnxModel(pt["onnx"], threads)
+    vocab = models["dense, PyTorch float32"].get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch_size in (16, 1):
+        ids = torch.randint(0, vocab, (batch_size, 128), generator=gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+        times: dict[str, list] = {k: [] for k in models}
+        for _ in range(args.rounds):
+            for key, model in models.items():
+                times[key].append(measure_model(model, batch, reps=args.reps))
+        for key, ts in times.items():
+            ts = sorted(ts)
+            rows.append({"model": key, "batch_size": batch_size, "sequence_length": 128,
+                         "threads": threads, "ms": ts[len(ts) // 2], "rounds": ts})  # fmt: skip
+            print(key, batch_size, f"{ts[len(ts) // 2]:.1f} ms", flush=True)
+    with open(args.measure, "w") as fh:
+        fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dense", required=True, help="the fine-tuned dense model folder")
+    ap.add_argument("--data", default="bbc-news")
+    ap.add_argument("--work", default="runs/bench-runtime")
+    ap.add_argument("--raw", required=True, help="JSON lines to append to (finished labels skip)")
+    ap.add_argument(
+        "--measure", default=None,
+        help="instead of building: time the dense model and every exported model of --raw, "
+        "alone, and write the latencies here (scripts/tables.py reads RAW-STEM-latency.jsonl)",
+    )  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    if args.measure:
+        measure(args)
+    else:
+        build(args)
+
+
+if __name__ == "__main__":
+    main()
