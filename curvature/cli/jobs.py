@@ -46,6 +46,7 @@ class PruneJob(DataConfig):
     resume: bool = False  # continue from the latest checkpoint of an interrupted run
     dense_baseline: bool = False  # also train the dense model for the same steps (no pruning)
     compressed: bool = False  # also write the bitmask checkpoint to OUTPUT/compressed
+    float_weights: bool = False  # a quantized model saved dequantized in float, not packed
 
     def check(self) -> None:
         super().check()
@@ -190,7 +191,8 @@ def _checked(job: PruneJob) -> _Run:
     _check_teacher(recipe, distill, teacher, epochs, job.teacher)
     p = load_for_job(job)
     manager = RecipeManager(recipe, p.model)
-    _check_packable(recipe, p.model)
+    if not job.float_weights:  # saved packed: a grid the format cannot store fails here
+        _check_packable(recipe, p.model)
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(p.model, p.collator([p.train[0]])))
     return _Run(job, recipe, out, epochs, teacher, distill, resume_from, p, manager)
@@ -309,7 +311,8 @@ def _quantize(run: _Run) -> None:
     (mod,) = run.recipe.of(GPTQModifier)
     run.record_dense(p.model)  # a recipe that only quantizes: the dense model is the reference
     run.manager.masks.apply(p.model)
-    _check_packable(run.recipe, p.model)
+    if not job.float_weights:
+        _check_packable(run.recipe, p.model)
     params = [n for n, _ in mod.weights(p.model)]
     data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
     rep = run.quantized = quantize_model(
@@ -471,7 +474,7 @@ def _write_model(run: _Run, model, tmp: Path) -> None:
             run.metrics["structured"]["saved"] = info
 
         run.metrics["structured"]["latency"] = _latencies(run, model)
-    if run.quantized is not None:
+    if run.quantized is not None and not run.job.float_weights:
         from curvature.integrations.packed import save_packed
 
         run.metrics["quantized"]["saved"] = save_packed(model, run.quantized, tmp, tok, save=save)

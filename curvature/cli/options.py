@@ -130,6 +130,12 @@ def prune_parser(sub) -> None:
         "load it with curvature.integrations.compress.load_compressed)",
     )
     g.add_argument(
+        "--float-weights",
+        action="store_true",
+        help="save a quantized model's weights dequantized in float32 instead of packed integer "
+        "codes (for grids the packed format cannot store, such as a shorter last group)",
+    )
+    g.add_argument(
         "--dense-baseline",
         action="store_true",
         help="also train the dense model for the same steps without pruning (an equal-budget "

@@ -186,6 +186,19 @@ def test_a_group_the_packed_format_cannot_store_is_refused_before_any_work(
     assert "GPTQModifier: group 12 does not divide the 16 input columns of bert." in err[0]
 
 
+def test_float_weights_saves_what_the_packed_format_cannot_store(assets, tmp_path):
+    extra = "  - !GPTQModifier {bits: 4, group_size: 12}\n"
+    recipe = _recipe(target="neurons: 0.5", extra=extra)
+    rc, out = _prune(assets, tmp_path, recipe, "--oneshot", "--float-weights")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "saved" not in m["quantized"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    w = load_structured(out).bert.encoder.layer[0].output.dense.weight.detach()
+    assert w.dtype == torch.float32 and w.shape == (16, 16)
+    assert len(torch.unique(w[0, :12])) <= 16  # a 12-column group on one 4-bit grid
+
+
 def test_a_group_wider_than_a_layer_is_refused_before_any_work(assets, tmp_path, capsys):
     extra = "  - !GPTQModifier {bits: 4, group_size: 64}\n"
     rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
