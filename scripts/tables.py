@@ -233,6 +233,27 @@ def runtime(path: Path) -> str:
     return "\n".join(out)
 
 
+def quant_llm(path: Path) -> str:
+    """GPTQ against round-to-nearest on a decoder (``bench_quant_llm.py``): SOURCE is its raw JSON
+    lines."""
+    points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    d = points[0]["dense"]
+    out = [
+        "| setting | bits / weight | perplexity [95% CI] | − dense [paired 95% CI] | "
+        "quantization s | job s | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| dense (float32) | 32 | {_ci(d, 'perplexity')} | | | | |",
+    ]
+    for p in points:
+        q, ev = p["quantized"], p["pruned"]
+        out.append(
+            f"| {p['label']} | {q['bits_per_weight']:.2f} | {_ci(ev, 'perplexity')} | "
+            f"{_ci(ev, 'perplexity_delta', signed=True)} | {q['seconds']:.0f} | {p['wall_s']:.0f} | "
+            f"{p['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
 KINDS = {
     "sweep": sweep,
     "sweep-summary": sweep_summary,
@@ -241,6 +262,7 @@ KINDS = {
     "optim-compare": optim_compare,
     "structured": structured,
     "runtime": runtime,
+    "quant-llm": quant_llm,
 }
 
 

@@ -316,13 +316,23 @@ def _quantize(run: _Run) -> None:
     params = [n for n, _ in mod.weights(p.model)]
     data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
     rep = run.quantized = quantize_model(
-        p.model, data, model_loss, mod.part(), params=params, progress=job.progress
-    )
+        p.model, data, model_loss, mod.part(), params=params, progress=job.progress,
+        sparsity=mod.sparsity, mask=mod.mask_type,
+    )  # fmt: skip
     run.metrics["quantized"] = {
         "method": rep.part.name, "bits": rep.part.bits, "group": rep.part.group,
         "layers": len(rep.layers), "seconds": rep.seconds, "batches": rep.batches,
         "estimated_error": rep.estimate, **bits_per_parameter(rep),
+        "sparsity": mod.sparsity, "mask_type": mod.mask_type,
+        "zeros": _zeros(p.model, list(rep.layers)),
     }  # fmt: skip
+
+
+def _zeros(model, names: list[str]) -> float:
+    """The fraction of zeros in the named weights."""
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    return sum(int((params[n] == 0).sum()) for n in names) / max(total, 1)
 
 
 def _latencies(run: _Run, model) -> dict:

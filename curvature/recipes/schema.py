@@ -484,6 +484,8 @@ class GPTQModifier(Modifier):
     ``num_calibration_batches``. Zeros of earlier pruning stay zero. ``params``: the weights to
     quantize (default every linear layer's; patterns with ``re:``). ``embedding_bits``: also round
     the input embedding table, one scale per token (its Hessian is diagonal: nearest is optimal).
+    ``sparsity`` / ``mask_type`` (``unstructured`` or ``N:M``): prune in the same GPTQ sweep (one
+    sweep chooses the mask and rounds the kept weights).
     """
 
     params: list[str] | str = "__ALL_LINEAR__"
@@ -497,6 +499,8 @@ class GPTQModifier(Modifier):
     block_size: int = Field(128, gt=0)
     num_calibration_batches: int = Field(128, gt=0)
     embedding_bits: int | None = None
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    mask_type: str = "unstructured"
 
     @model_validator(mode="after")
     def _part(self):
@@ -506,6 +510,16 @@ class GPTQModifier(Modifier):
                 "end_epoch out (gradual quantization-aware training is not supported)"
             )
         self.part()  # the part checks its own settings (one line)
+        from curvature.pruning.masks import parse_mask
+
+        structure = parse_mask(self.mask_type)
+        joint = self.sparsity > 0 or structure.nm is not None
+        if joint and self.method != "gptq":
+            raise ValueError("pruning in the quantization sweep (sparsity, N:M) needs method gptq")
+        if structure.name == "block4":
+            raise ValueError("mask_type block4 cannot be chosen in the quantization sweep; use N:M")
+        if joint and self.actorder:
+            raise ValueError("actorder reorders columns; it cannot prune in the same sweep")
         return self
 
     @field_validator("params")

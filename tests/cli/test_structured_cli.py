@@ -199,6 +199,22 @@ def test_float_weights_saves_what_the_packed_format_cannot_store(assets, tmp_pat
     assert len(torch.unique(w[0, :12])) <= 16  # a 12-column group on one 4-bit grid
 
 
+def test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid(assets, tmp_path, capsys):
+    extra = "  - !GPTQModifier {bits: 4, group_size: 8, symmetric: true, mask_type: '2:4'}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")
+    assert rc == 0
+    q = json.loads((out / "metrics.json").read_text())["quantized"]
+    assert q["mask_type"] == "2:4" and 0.5 <= q["zeros"] < 0.55  # kept weights may round to 0
+    model = load_structured(out)
+    w = model.bert.encoder.layer[1].output.dense.weight.detach()
+    assert ((w.reshape(-1, 4) != 0).sum(1) <= 2).all()
+    for group in w.reshape(-1, 8):
+        assert len(torch.unique(group)) <= 16
+    bad = "  - !GPTQModifier {method: rtn, bits: 4, sparsity: 0.5}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(extra=bad), "--oneshot", name="bad")
+    assert rc == 2 and "needs method gptq" in capsys.readouterr().err
+
+
 def test_a_group_wider_than_a_layer_is_refused_before_any_work(assets, tmp_path, capsys):
     extra = "  - !GPTQModifier {bits: 4, group_size: 64}\n"
     rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")

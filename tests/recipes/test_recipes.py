@@ -179,7 +179,15 @@ def test_shipped_recipes_validate_and_match_bert(path):
     r = load_recipe(path)
     if "smollm2" in path.name:  # a decoder recipe: a tiny model with SmolLM2's parameter names
         model = tf.LlamaForCausalLM(tiny_llama_config(64))
+        if path.name.startswith("quantized-"):  # groups of 128 need wider layers than the tiny
+            r = load_recipe(path, {"group": 8})
         manager = RecipeManager(r, model)
+        from curvature.recipes.schema import GPTQModifier
+
+        if path.name.startswith("quantized-"):  # quantizes every linear layer, prunes none
+            (q,) = r.of(GPTQModifier)
+            assert len(q.weights(model)) == 15 and not manager.pruned_param_names
+            return
         assert len(manager.pruned_param_names) == 14
         return
     head = (
@@ -199,6 +207,11 @@ def test_shipped_recipes_validate_and_match_bert(path):
         from curvature.recipes.schema import StructureModifier
 
         assert r.of(StructureModifier)
+    elif path.name.startswith(("compressed-", "quantized-")):  # quantized after the rest
+        from curvature.recipes.schema import GPTQModifier
+
+        (q,) = r.of(GPTQModifier)
+        assert q.embedding_bits == 8 and q.group_size is None and q.symmetric
     else:
         assert r.of(OBSPruningModifier) or "magnitude" in path.name
         assert manager.pruned_param_names
@@ -395,6 +408,7 @@ FIELD_TESTS = {
     "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
     "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
+    "sparsity": "cli/test_structured_cli.py::test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid",
     "embedding_bits": "pruning/test_packed.py::test_the_embedding_table_rounded_per_token_is_saved_and_loaded",
     "group_size": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "symmetric": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
