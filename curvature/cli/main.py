@@ -184,6 +184,13 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag} expects a comma list of numbers, got {text!r}") from None
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects a comma list of integers, got {text!r}") from None
+
+
 def _sweep(args) -> int:
     from pathlib import Path
 
@@ -194,6 +201,7 @@ def _sweep(args) -> int:
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         sparsities=_floats(args.sparsities, "--sparsities") if args.sparsities else None,
         params=[p.strip() for p in args.params.split(",") if p.strip()] if args.params else None,
+        bits=_ints(args.bits, "--bits") if args.bits else None,
     )
     cfg.validate()  # before any folder is created
     from curvature.core.parallel import world

@@ -245,6 +245,18 @@ def sweep_parser(sub) -> None:
         help="comma list in [0, 1) (default 0.5,0.7,0.8,0.9; an N:M mask has its own, 1 - N/M)",
     )
     g.add_argument("--mask", default="unstructured", help="unstructured, block4 or N:M such as 2:4")
+    g.add_argument(
+        "--bits",
+        default=None,
+        help="bit widths of the quantizers among --methods (gptq: second-order, on the layer "
+        "Hessian; rtn: round to nearest), comma list of 2, 3, 4, 8: one row each, gptq-4bit; "
+        "with --sparsities above 0 or an N:M --mask, gptq prunes in the same sweep",
+    )
+    g.add_argument(
+        "--group",
+        default=None,
+        help="quantizers: input columns per scale (default 128), or none for one per output channel",
+    )
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--oneshot", action="store_true", help="one-shot pruning (the default)")
     mode.add_argument(

@@ -32,6 +32,12 @@ from curvature.pruning import METHODS as PRUNING_METHODS
 from curvature.pruning.masks import parse_mask
 
 METHODS = PRUNING_METHODS.names()
+#: quantizers a sweep can run (``--bits``): each with each bit width is one row, ``gptq-4bit``
+QUANTIZERS = ("gptq", "rtn")
+
+
+def quant_name(method: str, bits: int) -> str:
+    return f"{method}-{bits}bit"
 
 
 @dataclass(kw_only=True)
@@ -64,6 +70,10 @@ class SweepConfig(DataConfig):
     #: a method every other is compared with at the same mask and target (paired difference and
     #: the share of its damage avoided); not a result key: it only changes the tables
     baseline: str | None = None
+    #: the quantizers' bit widths (``--methods gptq,rtn``) and input columns per scale ("none":
+    #: one scale per output channel; None: the default, 128)
+    bits: list[int] | None = None
+    group: str | None = None
 
     ONESHOT_DEFAULTS = {
         "params": ["__ALL_PRUNABLE__"],
@@ -83,7 +93,7 @@ class SweepConfig(DataConfig):
         "model", "data", "seed", "max_train", "max_eval", "max_length", "finetune_epochs",
         "batch_size", "lr", "params", "gradients", "batches", "grad_batch_size", "block_size",
         "fisher_damping", "rel_damp", "recomputations", "recipe", "recipe_sha256", "task",
-        "per_layer", "eval_data", "eval_split", "doc_stride", "eval_stride",
+        "per_layer", "eval_data", "eval_split", "doc_stride", "eval_stride", "bits", "group",
     )  # fmt: skip
 
     def setting(self, name: str):
@@ -98,7 +108,7 @@ class SweepConfig(DataConfig):
         from curvature.pruning.registry import pipeline
 
         out, used = {}, set()
-        for m in self.methods:
+        for m in self.pruning_methods():
             pipe = pipeline(m)
             have = pipe.settings()
             values = {k: self.setting(k) for k in self.PART_SETTINGS if k in have}
@@ -110,6 +120,8 @@ class SweepConfig(DataConfig):
                 flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
             out[m] = pipe.with_settings(**values)
+        if self.quantizers():  # GPTQ reads the layer-wise settings too
+            used |= {k for k in ("batches", "rel_damp") if getattr(self, k) is not None}
         unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
         if unused and self.recipe is None:
             flag = "--" + unused[0].replace("_", "-")
@@ -117,6 +129,58 @@ class SweepConfig(DataConfig):
                 f"{flag}: none of --methods ({', '.join(self.methods)}) has this setting"
             )
         return out
+
+    def pruning_methods(self) -> list[str]:
+        return [m for m in self.methods if m not in QUANTIZERS]
+
+    def quantizers(self) -> list[str]:
+        return [m for m in self.methods if m in QUANTIZERS]
+
+    def quant_group(self) -> int | None:
+        if self.group is None:
+            return 128
+        return None if self.group == "none" else int(self.group)
+
+    def rows(self) -> list[tuple[str, int | None]]:
+        """``[(row name, bits)]``: every pruning method, and every quantizer at every bit width."""
+        out = []
+        for m in self.methods:
+            if m in QUANTIZERS:
+                out += [(quant_name(m, b), b) for b in self.bits or []]
+            else:
+                out.append((m, None))
+        return out
+
+    def _validate_quantizers(self) -> None:
+        from curvature.pruning.quantize import BITS
+
+        q = self.quantizers()
+        if not q:
+            for flag, value in (("--bits", self.bits), ("--group", self.group)):
+                if value is not None:
+                    raise SweepError(
+                        f"{flag}: none of --methods ({', '.join(self.methods)}) quantizes; add "
+                        "gptq or rtn"
+                    )
+            return
+        if not self.bits:
+            raise SweepError(f"--bits: give the bit widths for {', '.join(q)}, e.g. --bits 4,3")
+        bad = [b for b in self.bits if b not in BITS]
+        if bad:
+            raise SweepError(f"--bits: {bad[0]} is not one of {', '.join(map(str, BITS))}")
+        if self.group is not None and self.group != "none":
+            if not self.group.isdigit() or int(self.group) < 1:
+                raise SweepError(f"--group must be a positive integer or none, got {self.group!r}")
+        if self.recipe is not None:
+            raise SweepError("--recipe: quantizers run one-shot; drop --recipe or gptq/rtn")
+        structure = parse_mask(self.mask)
+        if structure.name == "block4":
+            raise SweepError("--mask block4 cannot be chosen in the quantization sweep; use N:M")
+        if "rtn" in q and (structure.nm or any(s > 0 for s in self.sparsities or [])):
+            raise SweepError(
+                "rtn reads no data and quantizes the dense model: its points need --sparsities 0 "
+                "and an unstructured mask (gptq prunes and quantizes in one sweep)"
+            )
 
     def validate(self) -> None:
         from curvature.tasks.kinds import check_task
@@ -127,17 +191,22 @@ class SweepConfig(DataConfig):
         at_least("lr", self.lr, 0, error=SweepError, what="learning rate")
         from curvature.pruning.registry import PARTS, split_spec
 
-        for m in self.methods:
+        if self.sparsities is None and self.methods and not self.pruning_methods():
+            if parse_mask(self.mask).fixed_sparsity is None:
+                self.sparsities = [0.0]  # quantizers alone: the dense model, quantized
+        for m in self.pruning_methods():
             try:
                 split_spec(m)  # names an unknown part and the nearest valid one
             except ValueError as e:
                 raise SweepError(f"--methods: {e}") from None
-        bad = [m for m in self.methods if m not in PRUNING_METHODS]
+        bad = [m for m in self.pruning_methods() if m not in PRUNING_METHODS]
         if bad or not self.methods:
             raise SweepError(
                 f"--methods: unknown {bad}; choose from {', '.join(METHODS)}, each with optional "
-                f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct"
+                f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct; or the "
+                f"quantizers {', '.join(QUANTIZERS)} with --bits"
             )
+        self._validate_quantizers()
         structure = parse_mask(self.mask)
         if structure.fixed_sparsity is not None:
             given = self.sparsities
@@ -161,9 +230,10 @@ class SweepConfig(DataConfig):
             )
         if self.seeds < 1:
             raise SweepError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.baseline is not None and self.baseline not in self.methods:
+        rows = [name for name, _ in self.rows()]
+        if self.baseline is not None and self.baseline not in rows:
             raise SweepError(
-                f"--baseline {self.baseline!r} is not one of --methods ({', '.join(self.methods)})"
+                f"--baseline {self.baseline!r} is not one of the rows ({', '.join(rows)})"
             )
         if self.speed_reps < 0:
             raise SweepError(f"--speed-reps must be >= 0, got {self.speed_reps}")
@@ -265,15 +335,19 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     _save_texts(out, task)
 
     mode = "gradual" if cfg.recipe else "oneshot"
-    for method in cfg.methods:
+    for method, bits in cfg.rows():
         # one-shot pruning that reads no data (magnitude) gives the same model for every seed
-        repeats = cfg.seeds if mode == "gradual" or PRUNING_METHODS[method].needs_data else 1
+        data = method.startswith("gptq-") if bits else PRUNING_METHODS[method].needs_data
+        repeats = cfg.seeds if mode == "gradual" or data else 1
         for s in cfg.sparsities:
             for k in range(repeats):
                 key = (method, parse_mask(cfg.mask).name, mode, round(s, 6), k)
                 if key in done:
                     continue
-                point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k)
+                if bits:
+                    point = _quant_point(cfg, method, bits, s, task, dense_dir, model_loss, k)
+                else:
+                    point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k)
                 _append(out, point, points)
     render(out, points)
     return points
@@ -459,6 +533,72 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
         "prune_seconds": seconds,
         "peak_memory_mb": peak / 2**20 if peak else None,
         **extra,
+    }
+
+
+def _quant_point(cfg, name, bits, s, task, dense_dir, model_loss, k: int = 0) -> dict:
+    """The dense model quantized by one quantizer at ``bits`` (GPTQ pruning ``s`` or the mask's
+    N:M in the same sweep): its evaluation, its packed file's size and bits per parameter."""
+    import shutil
+
+    from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
+    from curvature.integrations.hf import grad_loader
+    from curvature.pruning.quantization import Quantize, bits_per_parameter, quantize_model
+    from curvature.tasks.kinds import load_model
+
+    reset_peak_memory()
+    start = time.perf_counter()
+    model = load_model(task.task, str(dense_dir))
+    method = name.split("-")[0]
+    settings = {}
+    if method == "gptq":
+        settings = {"batches": cfg.setting("batches"), "rel_damp": cfg.setting("rel_damp")}
+    part = Quantize(bits=bits, group=cfg.quant_group(), method=method, **settings)
+    data = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed + k)
+    params = cfg.params if cfg.params and cfg.params != ["__ALL_PRUNABLE__"] else None
+    if params is not None:
+        from curvature.pruning import select_params
+
+        params = [n for n, _ in select_params(model, params)]
+    try:
+        rep = quantize_model(
+            model, data, model_loss, part, params=params, sparsity=s, mask=cfg.mask,
+            progress=cfg.progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise SweepError(f"{name}: {exc}") from None
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes()
+    ev = task.evaluate(model, progress=cfg.progress, desc=f"eval {name} {s}")
+    point = {"method": name, "mask": parse_mask(cfg.mask).name, "mode": "oneshot",
+             "target_sparsity": s, "seed_index": k, "seed": cfg.seed + k}  # fmt: skip
+    sizes = _sizes(model, Path(cfg.output))  # the float file, and its bitmask form
+    tmp = Path(cfg.output) / ".packed.tmp"
+    try:
+        from curvature.integrations.packed import save_packed
+
+        saved = save_packed(model, rep, tmp)
+        sizes["compressed_bytes"], sizes["compressed_format"] = saved["bytes"], saved["format"]
+    except ValueError as exc:  # a grid the packed format cannot store: the bits counted instead
+        bpp = bits_per_parameter(rep)
+        sizes["compressed_bytes"] = round(
+            sizes["dense_bytes"] - 4 * bpp["weights"] + bpp["bits_per_weight"] * bpp["weights"] / 8
+        )
+        sizes["compressed_format"] = f"counted, not written ({str(exc).split(';')[0]})"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zeros = sum(int((q.weight == 0).sum()) for q in rep.layers.values())
+    weights = sum(q.weight.numel() for q in rep.layers.values())
+    return {
+        **point,
+        "sparsity": zeros / max(weights, 1),
+        "bits": bits,
+        "group": cfg.quant_group(),
+        **bits_per_parameter(rep),
+        **_ev(ev, task, Path(cfg.output), point),
+        **sizes,
+        "prune_seconds": seconds,
+        "peak_memory_mb": peak / 2**20 if peak else None,
     }
 
 

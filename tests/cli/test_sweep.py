@@ -274,3 +274,56 @@ def test_n_m_sweep_refuses_other_sparsities(assets, tmp_path):
     cfg = config(assets, tmp_path / "x", mask="2:4", sparsities=None)
     cfg.validate()
     assert cfg.sparsities == [0.5]
+
+
+def test_a_quantization_sweep_gives_gptq_and_rtn_rows_with_bits_per_parameter(assets, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "quant"
+    cfg = config(
+        assets, out, methods=["gptq", "rtn"], bits=[8, 3], group="8", sparsities=None,
+        finetune_epochs=0.0, params=None, batches=4, speed_reps=0,
+    )  # fmt: skip
+    for k in ("gradients", "fisher_damping", "block_size"):
+        setattr(cfg, k, None)
+    points = run_sweep(cfg)
+    names = [p["method"] for p in points]
+    assert names == ["dense", "gptq-8bit", "gptq-3bit", "rtn-8bit", "rtn-3bit"]
+    by = {p["method"]: p for p in points}
+    dense = by["dense"]
+    for name in names[1:]:
+        p = by[name]
+        assert p["target_sparsity"] == 0.0 and p["bits"] == int(name[-4])
+        assert p["bits_per_weight"] == pytest.approx(p["bits"] + 32 / 8)
+        # the packed file (asymmetric: a byte per code) is smaller than the float file
+        assert p["compressed_format"] == "int-quantized"
+        assert p["compressed_bytes"] < dense["dense_bytes"]
+    assert by["gptq-3bit"]["loss"] <= by["rtn-3bit"]["loss"] * 1.05
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["method"] for r in rows) == sorted(names)
+
+
+def test_gptq_prunes_in_the_sweep_and_bad_quantizer_settings_are_one_line(assets, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    cfg = config(
+        assets, tmp_path / "joint", methods=["gptq", "magnitude"], bits=[4], group="none",
+        sparsities=None, mask="2:4", finetune_epochs=0.0, batches=4, speed_reps=0,
+    )  # fmt: skip
+    cfg.gradients = cfg.fisher_damping = None
+    points = run_sweep(cfg)
+    joint = next(p for p in points if p["method"] == "gptq-4bit")
+    assert joint["mask"] == "2:4" and joint["sparsity"] >= 0.5
+    assert joint["compressed_format"] == "int-quantized"
+    bad = [
+        (dict(methods=["gptq"], bits=None), "--bits: give the bit widths for gptq"),
+        (dict(methods=["obs"], bits=[4]), "--bits: none of --methods (obs) quantizes"),
+        (dict(methods=["gptq"], bits=[5]), "--bits: 5 is not one of 2, 3, 4, 8"),
+        (dict(methods=["rtn"], bits=[4], sparsities=[0.5]), "rtn reads no data"),
+        (dict(methods=["gptq"], bits=[4], group="-3"), "--group must be a positive integer"),
+        (dict(methods=["gptqq"], bits=[4]), "--methods: unknown ['gptqq']"),
+    ]
+    for kw, message in bad:
+        cfg = config(assets, tmp_path / "bad", **kw)
+        with pytest.raises(SweepError, match=None) as err:
+            cfg.validate()
+        assert message in str(err.value), (kw, str(err.value))
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,100 @@
+"""Accuracy against file bits per dense parameter: every kind of compressed MiniLM on one axis.
+
+Read from committed raw files only: unstructured OBS and magnitude (the one-shot sweep's
+``results.csv``, this toolkit's bitmask checkpoint size), structured pruning
+(``docs/structured-minilm``: float32 files of the smaller model), and quantized or structured and
+quantized models (``docs/compressed-minilm``: packed files). The x axis is the saved file's bits
+over the dense model's parameter count (32 for the float32 dense file); error bars are the 95%
+bootstrap intervals of accuracy.
+
+    python scripts/plot_bits.py --out docs/bits-minilm.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series() -> dict[str, list[tuple[float, float, float, float, str]]]:
+    """``{kind: [(bits per dense parameter, accuracy, ci low, ci high, label)]}``."""
+    rows = list(csv.DictReader(open(ROOT / "docs/sweep-minilm-report/results.csv")))
+    dense = next(r for r in rows if r["method"] == "dense")
+    params = float(dense["params_kept"])
+    out: dict[str, list] = {"dense": [], "unstructured OBS": [], "unstructured magnitude": []}
+    out["dense"].append(
+        (32.0, float(dense["accuracy"]), float(dense["accuracy_ci_low"]),
+         float(dense["accuracy_ci_high"]), "dense")
+    )  # fmt: skip
+    for r in rows:
+        if r["method"] in ("obs", "magnitude"):
+            out[f"unstructured {'OBS' if r['method'] == 'obs' else 'magnitude'}"].append(
+                (8 * float(r["compressed_bytes"]) / params, float(r["accuracy"]),
+                 float(r["accuracy_ci_low"]), float(r["accuracy_ci_high"]),
+                 f"{float(r['target_sparsity']):.0%}")
+            )  # fmt: skip
+    sizes = {}
+    for r in _jsonl(ROOT / "docs/structured-minilm/points-latency.jsonl"):
+        sizes[Path(r["model"]).name] = r["bytes"]
+    out["structured OBS"] = []
+    for p in _jsonl(ROOT / "docs/structured-minilm/points.jsonl"):
+        if p.get("method") != "obs" or p["metrics"].get("sparsity"):
+            continue
+        name = Path(p["argv"][p["argv"].index("--output") + 1]).name
+        ev = p["metrics"]["pruned"]
+        out["structured OBS"].append(
+            (8 * sizes[name] / params, ev["accuracy"], ev["accuracy_ci_low"],
+             ev["accuracy_ci_high"], p["label"])
+        )  # fmt: skip
+    out["quantized (GPTQ / RTN), structured + quantized"] = []
+    for p in _jsonl(ROOT / "docs/compressed-minilm/points.jsonl"):
+        ev = (p.get("metrics") or {}).get("pruned")
+        if not ev:
+            continue
+        out["quantized (GPTQ / RTN), structured + quantized"].append(
+            (8 * p["bytes"] / params, ev["accuracy"], ev["accuracy_ci_low"],
+             ev["accuracy_ci_high"], p["label"].replace(" sizes", ""))
+        )  # fmt: skip
+    return out
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "docs/bits-minilm.png"))
+    args = ap.parse_args()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, pts in series().items():
+        pts = sorted(pts)
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=kind,
+                    linestyle="-" if len(pts) > 1 and "quantized" not in kind else "none")  # fmt: skip
+        for p in pts:
+            ax.annotate(p[4], (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("saved file bits per dense parameter (log scale; float32 dense = 32)")
+    ax.set_ylabel("accuracy (bbc-news, 95% CI)")
+    ax.set_title("MiniLM: accuracy at each size, every kind of compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
