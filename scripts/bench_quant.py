@@ -3,7 +3,7 @@
 Real calibration inputs: 16 BBC News sequences of 256 tokens through the embedded SmolLM2-135M;
 the inputs of block 3's ``q_proj`` (576 columns), ``up_proj`` (576) and ``down_proj`` (1536) are
 kept, and each layer is quantized from the same ``H = 2/N X^T X`` by this toolkit's
-``quantize.gptq`` (float64) and by the reference ``GPTQ.fasterquant`` (float32; its module is loaded
+``quantize.gptq`` (float64, and float32 as the reference computes) and by the reference ``GPTQ.fasterquant`` (float32; its module is loaded
 from ``--reference``, a checkout of the authors' repository, never copied here). Printed per
 layer and setting: the output error ``||(Q - W) X^T||^2 / ||W X^T||^2`` of both and of
 round-to-nearest, and the seconds of both (same process, same threads). The reference calls
@@ -110,13 +110,18 @@ def main() -> None:
             t = time.perf_counter()
             ours = quantize.gptq(w, h, grid, act_order=act)
             t_ours = time.perf_counter() - t
+            t = time.perf_counter()
+            ours32 = quantize.gptq(w, h, grid, act_order=act, dtype=torch.float32)
+            t_ours32 = time.perf_counter() - t
             theirs, t_ref = reference_gptq(ref, w, x, bits, group, act)
             row = {
                 "layer": name, "shape": list(w.shape), "tokens": x.shape[0], "bits": bits,
                 "group": group, "act_order": act, "threads": args.threads,
                 "error_ours": rel(ours.weight), "error_reference": rel(theirs),
+                "error_ours_float32": rel(ours32.weight.double()),
                 "error_rtn": rel(quantize.rtn(w, grid).weight),
-                "seconds_ours": t_ours, "seconds_reference": t_ref,
+                "seconds_ours": t_ours, "seconds_ours_float32": t_ours32,
+                "seconds_reference": t_ref,
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row))

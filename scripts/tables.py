@@ -254,6 +254,27 @@ def quant_llm(path: Path) -> str:
     return "\n".join(out)
 
 
+def quant_fidelity(path: Path) -> str:
+    """GPTQ against the reference implementation layer by layer (``bench_quant.py``): SOURCE is its
+    raw JSON lines."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = [
+        "| layer | bits | group | act-order | error: reference | ours float64 | ours float32 | "
+        "round-to-nearest | s: reference | ours float64 | ours float32 |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = r["group"] or "channel"
+        out.append(
+            f"| {r['layer']} {r['shape'][0]}×{r['shape'][1]} | {r['bits']} | {g} | "
+            f"{'yes' if r['act_order'] else 'no'} | {r['error_reference']:.5f} | "
+            f"{r['error_ours']:.5f} | {r['error_ours_float32']:.5f} | {r['error_rtn']:.5f} | "
+            f"{r['seconds_reference']:.3f} | {r['seconds_ours']:.3f} | "
+            f"{r['seconds_ours_float32']:.3f} |"
+        )
+    return "\n".join(out)
+
+
 KINDS = {
     "sweep": sweep,
     "sweep-summary": sweep_summary,
@@ -263,6 +284,7 @@ KINDS = {
     "structured": structured,
     "runtime": runtime,
     "quant-llm": quant_llm,
+    "quant-fidelity": quant_fidelity,
 }
 
 

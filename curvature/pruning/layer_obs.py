@@ -57,9 +57,11 @@ class CholeskyError(ValueError):
     """The damped layer Hessian was not positive definite even at the largest damping."""
 
 
-def prepare(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead inputs (``H_jj = 0``): weights to zero, diagonal to 1. Returns copies."""
-    w, h = w.to(F64).clone(), h.to(F64).clone()
+def prepare(
+    w: torch.Tensor, h: torch.Tensor, dtype: torch.dtype = F64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead inputs (``H_jj = 0``): weights to zero, diagonal to 1. Returns copies in ``dtype``."""
+    w, h = w.to(dtype).clone(), h.to(dtype).clone()
     dead = torch.diagonal(h) == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
@@ -118,6 +120,7 @@ def sparsegpt(
     name: str = "layer",
     row_weights: torch.Tensor | None = None,
     rounder=None,
+    dtype: torch.dtype = F64,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The SparseGPT column sweep. Returns ``(new weights, mask, estimated error)``.
 
@@ -133,10 +136,10 @@ def sparsegpt(
     block) and the estimate change. ``None`` is all ones.
     """
     rows, cols = w.shape
-    rw = None if row_weights is None else row_weights.to(F64).to(w.device)[:, None]
+    rw = None if row_weights is None else row_weights.to(dtype).to(w.device)[:, None]
     if nm is not None:  # a run of M never straddles two column blocks
         block = max(nm[1], block // nm[1] * nm[1])
-    w, h = prepare(w, h)
+    w, h = prepare(w, h, dtype)
     u, _ = damped_inverse(h, ratio, name=name, upper=True)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     fixed = fixed if fixed is not None else torch.zeros_like(mask)
@@ -171,13 +174,14 @@ def sparsegpt(
                 rounder.fit_at(i1 + i, w1, start, i1)
                 q = rounder.round(i1 + i, q)
             e = (col - q) / d1[i]
-            est += 0.5 * float((e * e).sum() if rw is None else (e * e * rw[:, 0]).sum())
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             w1[:, i] = q
             err1[:, i] = e
         w[:, i1:i2] = w1
         mask[:, i1:i2] = m1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        e2 = err1.double() ** 2  # the block's OBS losses, summed once
+        est += 0.5 * float(e2.sum() if rw is None else (e2 * rw.double()).sum())
     return torch.where(mask, torch.zeros_like(w), w), mask, est
 
 

@@ -40,7 +40,11 @@ class Quantize:
     ``embedding_bits``: also round the input embedding table to that many bits, one scale per token
     (its row), symmetric or not as the linear layers. Round-to-nearest is the second-order choice
     there: an embedding's inputs are one-hot, so its layer Hessian ``X^T X`` is diagonal and OBQ
-    (or GPTQ) on a diagonal Hessian corrects nothing; each row is rounded alone."""
+    (or GPTQ) on a diagonal Hessian corrects nothing; each row is rounded alone.
+
+    ``precision``: the GPTQ sweep's float type, ``float64`` (the default, what the tests compare
+    with exact OBQ) or ``float32`` (the reference implementation's; faster, measured in
+    ``scripts/bench_quant.py``)."""
 
     bits: int = 4
     group: int | None = 128
@@ -53,6 +57,7 @@ class Quantize:
     batches: int = 128
     sequential: bool = True
     embedding_bits: int | None = None
+    precision: str = "float64"
     label: ClassVar[str] = "quantize"
 
     def __post_init__(self):
@@ -60,6 +65,7 @@ class Quantize:
         if self.embedding_bits is not None:
             self.embedding_grid()
         checks.one_of("method", self.method, METHODS)
+        checks.one_of("precision", self.precision, ("float64", "float32"))
         for name in ("act_order", "static_groups", "sequential", "symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -72,7 +78,10 @@ class Quantize:
             )
         if self.static_groups and self.group is None:
             raise ValueError("static_groups needs a group size (group is None: per channel)")
-        gptq_only = {"rel_damp": 0.01, "block": 128, "batches": 128, "sequential": True}
+        gptq_only = {
+            "rel_damp": 0.01, "block": 128, "batches": 128, "sequential": True,
+            "precision": "float64",
+        }  # fmt: skip
         changed = [k for k, v in gptq_only.items() if getattr(self, k) != v]
         if self.method == "rtn" and changed:
             raise ValueError(
@@ -109,7 +118,7 @@ class _Solver(LayerSolver):
         q = quantize.gptq(
             w, stats, p.grid(), rel_damp=ratio, block=p.block, act_order=p.act_order,
             static_groups=p.static_groups, sparsity=sparsity, nm=structure.nm, fixed=fixed,
-            name=name,
+            name=name, dtype=getattr(torch, p.precision),
         )  # fmt: skip
         self.results[name] = q
         mask = q.mask if q.mask is not None else (w == 0) if fixed is None else fixed

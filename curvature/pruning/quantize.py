@@ -124,7 +124,7 @@ class Rounder:
         self.grid, self.static, self.stale = grid, static, stale
         rows, cols = w.shape
         self.order = order
-        self.scale = torch.empty(rows, cols, dtype=F64, device=w.device)  # per swept column
+        self.scale = torch.empty(rows, cols, dtype=w.dtype, device=w.device)  # per swept column
         self.zero = torch.empty_like(self.scale)
         self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.g_of = torch.empty(cols, dtype=torch.long)
@@ -178,6 +178,7 @@ def gptq(
     fixed: torch.Tensor | None = None,
     block_start_groups: bool = False,
     name: str = "layer",
+    dtype: torch.dtype = F64,
 ) -> Quantized:
     """GPTQ (and, with ``sparsity``/``nm``, the joint prune-and-quantize sweep) of ``w``
     (``[rows, cols]``) on ``h`` (``2/N X^T X``). Returns a :class:`Quantized` in the original column
@@ -190,8 +191,8 @@ def gptq(
         raise ValueError(
             "act_order reorders columns; it cannot be combined with pruning in one sweep"
         )
-    raw = w.to(F64)
-    w, h = layer_obs.prepare(w, h)  # dead inputs: weight 0 (as the reference), diagonal 1
+    raw = w.to(dtype)
+    w, h = layer_obs.prepare(w, h, dtype)  # dead inputs: weight 0 (as the reference), diagonal 1
     if fixed is None and bool((w == 0).any()):  # zeros already there stay zero
         fixed = w == 0
     order = torch.arange(cols, device=w.device)
@@ -208,8 +209,9 @@ def gptq(
     unit = math.lcm(grid.group or 1, nm[1] if nm is not None else 1)
     block = max(unit, block // unit * unit)
     new, mask, est = layer_obs.sparsegpt(
-        w, h, sparsity, nm=nm, fixed=fixed, ratio=rel_damp, block=block, name=name, rounder=rounder
-    )
+        w, h, sparsity, nm=nm, fixed=fixed, ratio=rel_damp, block=block, name=name, rounder=rounder,
+        dtype=dtype,
+    )  # fmt: skip
     inv = torch.argsort(order)
     codes = grid.codes(new, rounder.scale, rounder.zero)
     scales, zeros, g_idx = _group_tables(rounder, inv)

@@ -222,3 +222,21 @@ def test_a_head_tied_to_the_embeddings_stays_in_full_precision():
     before = model.lm_head.weight.detach().clone()
     rep = quantize_model(model, _data(), _lm_loss, Quantize(bits=4, group=16), progress=False)
     assert len(rep.layers) == 7 and torch.equal(model.lm_head.weight, before)
+
+
+def test_the_float32_sweep_is_the_float64_sweep_to_rounding():
+    w, h, x = _layer(rows=16, cols=64, seed=3)
+    grid = Grid(bits=4, group=16)
+    hi = quantize.gptq(w, h, grid, block=32)
+    lo = quantize.gptq(w, h, grid, block=32, dtype=torch.float32)
+    assert lo.weight.dtype == torch.float32
+    # the same codes almost everywhere (a few may round the other way), the same output error
+    assert float((lo.codes != hi.codes).float().mean()) < 0.02
+    err = {
+        k: float(((x @ (q.weight.double() - w).T) ** 2).sum()) for k, q in (("hi", hi), ("lo", lo))
+    }
+    assert err["lo"] == pytest.approx(err["hi"], rel=0.02)
+    from curvature.pruning.quantization import Quantize
+
+    with pytest.raises(ValueError, match=r"^precision must be one of \('float64', 'float32'\)"):
+        Quantize(precision="float16")
