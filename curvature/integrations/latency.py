@@ -73,29 +73,62 @@ def _shrunk(model, batch, kind: str, kept: int):
     return net
 
 
-def measure_table(model, batch: dict, kinds=structures.KINDS, reps: int = 7, steps: int = 16):
-    """The :class:`LatencyTable` of ``model`` on ``batch`` (a dict of tensors, no labels)."""
+def _paired(dense, model, batch, reps: int, rounds: int) -> float:
+    """``ms(model) / ms(dense)``: the two timed alternately ``rounds`` times, the median ratio
+    (drift in the machine's speed cancels within each pair)."""
+    ratios = []
+    for _ in range(rounds):
+        d = measure_model(dense, batch, reps)
+        ratios.append(measure_model(model, batch, reps) / d)
+    return sorted(ratios)[len(ratios) // 2]
+
+
+def _envelope(times: dict, dense_ms: float) -> dict:
+    """Never faster with more kept: each time at least the time of every smaller size, and at
+    most the dense model's."""
+    out, worst = {}, 0.0
+    for k in sorted(times):
+        worst = max(worst, times[k])
+        out[k] = min(worst, dense_ms)
+    return out
+
+
+def measure_table(
+    model, batch: dict, kinds=structures.KINDS, reps: int = 7, steps: int = 16, rounds: int = 3
+):
+    """The :class:`LatencyTable` of ``model`` on ``batch`` (a dict of tensors, no labels).
+
+    The dense model is timed as a copy, like every smaller size (the same memory treatment); each
+    size is timed alternately with the dense copy ``rounds`` times and kept as the dense time times
+    the median ratio; a size is never recorded faster than a smaller one (the measured noise
+    otherwise makes the planner pick sizes that are not faster)."""
     start = time.perf_counter()
     batch = {k: v for k, v in batch.items() if k != "labels"}
     ids = batch["input_ids"]
     groups = structures.trace(model, lambda: model(**batch), kinds=tuple(kinds))
     counts = {g.kind: g.count for g in groups}
+    dense = copy.deepcopy(model).eval()
+    dense_ms = sorted(measure_model(dense, batch, reps) for _ in range(rounds))[rounds // 2]
     table = LatencyTable(
         batch_size=int(ids.shape[0]),
         sequence_length=int(ids.shape[1]),
         threads=torch.get_num_threads(),
-        dense_ms=measure_model(model, batch, reps),
+        dense_ms=dense_ms,
     )
+
+    def timed(kind, kept):
+        return dense_ms * _paired(dense, _shrunk(model, batch, kind, kept), batch, reps, rounds)
+
     if structures.HEADS in counts:
         for k in range(1, counts[structures.HEADS]):
-            table.heads[k] = measure_model(_shrunk(model, batch, structures.HEADS, k), batch, reps)
-        table.heads[counts[structures.HEADS]] = table.dense_ms
+            table.heads[k] = timed(structures.HEADS, k)
+        table.heads[counts[structures.HEADS]] = dense_ms
+        table.heads = _envelope(table.heads, dense_ms)
     if structures.NEURONS in counts:
         levels = neuron_levels(counts[structures.NEURONS], steps)
         for n in levels[:-1]:
-            table.neurons[n] = measure_model(
-                _shrunk(model, batch, structures.NEURONS, n), batch, reps
-            )
-        table.neurons[levels[-1]] = table.dense_ms
+            table.neurons[n] = timed(structures.NEURONS, n)
+        table.neurons[levels[-1]] = dense_ms
+        table.neurons = _envelope(table.neurons, dense_ms)
     table.seconds = time.perf_counter() - start
     return table

@@ -290,3 +290,36 @@ def test_error_curves_are_the_greedy_removal_errors_of_the_dense_model():
     assert rep.groups[0].count == 36
     assert rep.errors[0] == pytest.approx(curves["neurons"][0][12], rel=1e-9)
     assert rep.errors[1] != pytest.approx(curves["neurons"][1][12], rel=1e-9)
+
+
+def test_the_latency_table_is_paired_with_a_dense_copy_and_monotone(monkeypatch):
+    """A clock that drifts (every call slower) and is noisy at one size: the table's ratios are
+    taken against the dense copy timed beside each size, and a size is never faster than a
+    smaller one."""
+    from curvature.integrations import latency
+
+    model = tiny_bert().eval()
+    calls = []
+
+    def clock(m, batch, reps=7):
+        calls.append(m)
+        params = float(sum(p.numel() for p in m.parameters()))
+        drift = 1.0 + 0.1 * len(calls)  # the machine slows down as the table is measured
+        return params * drift
+
+    monkeypatch.setattr(latency, "measure_model", clock)
+    batch = {"input_ids": torch.randint(5, 64, (2, 8))}
+    table = latency.measure_table(model, batch, rounds=3, steps=4)
+    assert model not in calls  # the dense model is timed as a copy, never the caller's own
+    dense = float(sum(p.numel() for p in model.parameters()))
+    # each size against the dense copy timed just before it: the drift cancels to ~1%
+    for kept, ms in table.neurons.items():
+        want = table.dense_ms * (dense - (32 - kept) * (16 + 16 + 1) * 2) / dense
+        assert ms == pytest.approx(want, rel=0.15)
+    assert list(table.neurons.values()) == sorted(table.neurons.values())
+    assert latency._envelope({1: 5.0, 2: 4.0, 3: 6.0, 4: 9.0}, 8.0) == {
+        1: 5.0,
+        2: 5.0,
+        3: 6.0,
+        4: 8.0,
+    }
