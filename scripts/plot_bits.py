@@ -66,6 +66,25 @@ def series() -> dict[str, list[tuple[float, float, float, float, str]]]:
     return out
 
 
+def smollm2_series() -> dict[str, list]:
+    """SmolLM2 quantized points (``docs/quant-smollm2``): bits per weight of the linear layers
+    against perplexity."""
+    pts = _jsonl(ROOT / "docs/quant-smollm2/points.jsonl")
+    d = pts[0]["dense"]
+    out: dict[str, list] = {"dense": [(32.0, d["perplexity"], d["perplexity_ci_low"],
+                                      d["perplexity_ci_high"], "dense")]}  # fmt: skip
+    for p in pts:
+        kind = "GPTQ, pruned in the same sweep" if "joint" in p["label"] else p["label"].split()[0]
+        kind = {"gptq": "GPTQ", "rtn": "round-to-nearest"}.get(kind, kind)
+        ev = p["pruned"]
+        out.setdefault(kind, []).append(
+            (p["quantized"]["bits_per_weight"],  # zeros are codes too in the packed formats
+             ev["perplexity"], ev["perplexity_ci_low"], ev["perplexity_ci_high"],
+             " ".join(p["label"].split()[1:]))
+        )  # fmt: skip
+    return out
+
+
 def main() -> None:
     import matplotlib
 
@@ -73,8 +92,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "docs/bits-minilm.png"))
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / f"docs/bits-{args.model}.png")
+    if args.model == "smollm2":
+        return _plot_smollm2(args.out, plt)
     fig, ax = plt.subplots(figsize=(8, 5))
     for kind, pts in series().items():
         pts = sorted(pts)
@@ -94,6 +117,27 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(args.out)
+
+
+def _plot_smollm2(out: str, plt) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, pts in smollm2_series().items():
+        pts = sorted(pts)
+        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=3,
+                    linestyle="none", label=kind)  # fmt: skip
+        for p in pts:
+            ax.annotate(p[4], (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight of the linear layers (codes, scales, zero points; dense = 32)")
+    ax.set_ylabel("perplexity (BBC News, 95% CI)")
+    ax.set_title("SmolLM2-135M: perplexity at each bit width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def option_cases(model, data, recipe):
         "prune": ["prune", str(recipe), "--model", str(model), "--data", str(data)],
         "train": ["train", "--model", str(model), "--data", str(data)],
         "sweep": ["sweep", "--model", str(model), "--data", str(data)],
+        "export": ["export", str(model)],
     }
     bad = {
         "prune": [
@@ -146,6 +147,14 @@ def option_cases(model, data, recipe):
             (["--baseline", "wanda"], "--baseline"), (["--recipe", "/no/recipe.yaml"], "recipe"),
             (["--task", "nope"], "task"), (["--finetune-epochs", "-1"], "--finetune-epochs"),
             (["--methods", "magnitude", "--gradients", "8"], "--gradients"),
+            (["--methods", "gptq"], "--bits"), (["--methods", "gptq", "--bits", "5"], "--bits"),
+            (["--methods", "gptq", "--bits", "four"], "--bits"), (["--bits", "4"], "--bits"),
+            (["--methods", "gptq", "--bits", "4", "--group", "x"], "--group"),
+            (["--methods", "rtn", "--bits", "4", "--sparsities", "0.5"], "rtn"),
+        ],
+        "export": [
+            (["--threads", "0"], "--threads"), (["--max-length", "0"], "--max-length"),
+            (["--bogus"], "--bogus"),
         ],
     }  # fmt: skip
     out = []
@@ -156,6 +165,7 @@ def option_cases(model, data, recipe):
         ("report missing", ["report", "/no/folder"], "/no/folder"),
         ("check missing", ["check", "/no/recipe.yaml"], "/no/recipe.yaml"),
         ("unknown command", ["bogus"], "bogus"),
+        ("export missing", ["export", "/no/folder", "--output", "/tmp/x-export"], "/no/folder"),
     ]
     return out
 
@@ -172,6 +182,8 @@ def test_a_bad_option_is_one_line_and_writes_nothing(assets, tmp_path, capsys, i
     if argv[0] in ("prune", "train", "sweep"):
         defaults = ["--output", str(out), "--no-progress", "--max-train", "16", "--max-eval", "8"]
         argv = [argv[0], *defaults, *argv[1:]]  # the case's own values come last and win
+    if argv[0] == "export":
+        argv = [*argv[:2], "--output", str(out), *argv[2:]]
     line = _one_clean_line(capsys, main(argv))
     assert names.lower() in line.lower(), line
     assert not out.exists() and not list(tmp_path.glob(".out*")), "something was written"
