@@ -9,7 +9,10 @@ dot-product units. Where the folder holds per-channel codes (a ``GPTQModifier`` 
 ``group_size: null``, any bits), those codes, scales and zero points are written into the runtime's
 weights exactly; any other layer is rounded to nearest by the runtime
 (``export.json`` lists the layers of each kind: ``saved_codes``, ``rounded_by_runtime``, and
-``float_in_runtime`` for products the runtime leaves in float, such as a classifier on one token). The activations' rounding is
+``float_in_runtime`` for products the runtime leaves in float, such as a classifier on one token).
+A word-embedding table saved with per-token codes (``embedding_bits: 8``) is looked up as int8
+codes times each token's scale, so the runtime's file holds it at a byte per weight too
+(``embedding_codes``). The activations' rounding is
 the runtime's either way: the exported model is checked against the PyTorch model on a batch
 (largest logit difference, agreement of the predicted class) and its latency measured beside the
 PyTorch model's with the same threads.
@@ -162,12 +165,68 @@ def _int8(model, float_path: Path, path: Path, codes: dict) -> dict:
             new = numpy_helper.from_array(value.reshape(tuple(old.dims)), old.name)
             old.CopyFrom(new)
         written.append(module)
+    embedding = _coded_embedding(model, q, codes)
     onnx.save(q, str(path))
     return {
         "saved_codes": sorted(written),
         "rounded_by_runtime": sorted(rounded),
         "float_in_runtime": sorted(floats),
+        "embedding_codes": embedding,
     }
+
+
+def _coded_embedding(model, graph_model, codes: dict) -> str | None:
+    """The input embedding table, where the folder holds its per-token codes: the float table's
+    lookup becomes a lookup of the int8 codes and of each token's scale (and zero point), and a
+    product, so the runtime's file holds a byte per weight and computes the saved values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if name not in codes:
+        return None
+    want = _digest(emb.weight.detach().numpy())
+    graph = graph_model.graph
+    table = next(
+        (
+            i
+            for i in graph.initializer
+            if len(i.dims) == 2 and _digest(numpy_helper.to_array(i)) == want
+        ),
+        None,
+    )
+    gather = next(
+        (
+            n
+            for n in graph.node
+            if n.op_type == "Gather" and table is not None and n.input[0] == table.name
+        ),
+        None,
+    )
+    if gather is None:
+        return None
+    c, scale, zero = codes[name]
+    base = table.name
+    graph.initializer.remove(table)
+    graph.initializer.extend([
+        numpy_helper.from_array(c.numpy(), f"{base}_codes"),
+        numpy_helper.from_array(scale.numpy().astype(np.float32)[:, None], f"{base}_token_scale"),
+        numpy_helper.from_array(zero.numpy().astype(np.float32)[:, None], f"{base}_token_zero"),
+    ])  # fmt: skip
+    ids, out = gather.input[1], gather.output[0]
+    nodes = [
+        helper.make_node("Gather", [f"{base}_codes", ids], [f"{base}_q"]),
+        helper.make_node("Cast", [f"{base}_q"], [f"{base}_qf"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", [f"{base}_token_zero", ids], [f"{base}_z"]),
+        helper.make_node("Sub", [f"{base}_qf", f"{base}_z"], [f"{base}_centered"]),
+        helper.make_node("Gather", [f"{base}_token_scale", ids], [f"{base}_s"]),
+        helper.make_node("Mul", [f"{base}_centered", f"{base}_s"], [out]),
+    ]
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for k, node in enumerate(nodes):
+        graph.node.insert(at + k, node)
+    return name
 
 
 def _session(path: Path, threads: int):

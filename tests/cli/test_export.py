@@ -17,7 +17,7 @@ from curvature.cli.main import main  # noqa: E402
 RECIPE = """
 modifiers:
   - !StructureModifier {neurons: 0.5, method: obs, num_calibration_batches: 4}
-  - !GPTQModifier {bits: BITS, group_size: null, symmetric: SYM, num_calibration_batches: 4}
+  - !GPTQModifier {bits: BITS, group_size: null, symmetric: SYM, num_calibration_batches: 4, embedding_bits: 8}
 """
 
 QUANTIZE_ONLY = """
@@ -60,6 +60,8 @@ def test_int8_export_holds_the_saved_codes_and_predicts_like_pytorch(pruned, sym
     assert "onnxruntime model" in printed and "batch 16 x 32, 1 threads" in printed
     info = json.loads((out / "export.json").read_text())
     codes = saved_codes(outs[sym])
+    codes = dict(codes)
+    codes.pop("bert.embeddings.word_embeddings", None)
     assert len(codes) == 14  # every linear layer; the runtime keeps the one-token ones in float
     assert info["float_in_runtime"] == ["bert.pooler.dense", "classifier"]
     assert sorted(info["saved_codes"] + info["float_in_runtime"]) == sorted(codes)
@@ -78,6 +80,19 @@ def test_int8_export_holds_the_saved_codes_and_predicts_like_pytorch(pruned, sym
     w = model.get_submodule(layer).weight.detach()
     torch.testing.assert_close(w, (c.float() - zero.float()[:, None]) * scale[:, None])
     assert all(b["onnxruntime_ms"] > 0 for b in info["latency"])
+    if sym != "plain":  # the word embeddings as int8 codes and per-token scales, no float table
+        assert info["embedding_codes"] == "bert.embeddings.word_embeddings"
+        emb = model.bert.embeddings.word_embeddings.weight.detach().numpy()
+        assert not any(v.shape == emb.shape and v.dtype == np.float32 for v in inits.values())
+        table = next(v for k, v in inits.items() if k.endswith("_codes"))
+        e_codes, e_scale, e_zero = saved_codes(outs[sym])["bert.embeddings.word_embeddings"]
+        assert np.array_equal(table, e_codes.numpy())
+        np.testing.assert_allclose(
+            emb,
+            (e_codes.float() - e_zero.float()[:, None]).numpy() * e_scale.numpy()[:, None],
+            rtol=1e-6,
+            atol=1e-9,
+        )
 
 
 def test_float_export_is_within_tolerance(pruned):
