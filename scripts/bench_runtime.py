@@ -71,15 +71,22 @@ def build(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     p = prepare(None, args.dense, args.data, max_length=128)
     dense_units = p.evaluate(p.model)["units"]
-    done = set()
+    done = {}
     if Path(args.raw).exists():
-        done = {json.loads(line)["label"] for line in open(args.raw)}
+        done = {json.loads(line)["label"]: json.loads(line) for line in open(args.raw)}
+    if args.reexport:  # the same saved folders, exported and scored again by the current code
+        Path(args.raw).write_text("")
     for i, (label, recipe, sets, export_opts) in enumerate(POINTS):
-        if label in done:
+        if label in done and not args.reexport:
+            continue
+        if args.reexport and label not in done:
             continue
         point: dict = {"label": label, "recipe": recipe, "sets": sets, "export": export_opts}
         folder = Path(args.dense)
-        if recipe is not None:
+        if args.reexport:
+            point.update({k: v for k, v in done[label].items() if k in ("prune", "metrics")})
+            folder = Path(done[label]["folder"])
+        elif recipe is not None:
             folder = work / f"point-{i}"
             argv = ["prune", str(ROOT / "recipes" / recipe), "--model", args.dense, "--data",
                     args.data, "--oneshot", "--output", str(folder), "--no-progress", "--overwrite"]  # fmt: skip
@@ -148,6 +155,10 @@ def main() -> None:
         "--measure", default=None,
         help="instead of building: time the dense model and every exported model of --raw, "
         "alone, and write the latencies here (scripts/tables.py reads RAW-STEM-latency.jsonl)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--reexport", action="store_true",
+        help="export and score every saved folder of --raw again (the pruning is not redone)",
     )  # fmt: skip
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)

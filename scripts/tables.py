@@ -207,10 +207,10 @@ def runtime(path: Path) -> str:
     dense_mb = points[0]["bytes"] / 1e6
     out = [
         "| model | heads / neurons per block | saved MB | smaller | bits / dense parameter | "
-        "PyTorch accuracy − dense [paired 95% CI] | ONNX Runtime accuracy − dense "
+        "ONNX MB | PyTorch accuracy: − dense [paired 95% CI] | ONNX Runtime accuracy: − dense "
         "[paired 95% CI] | ms 16×128 | faster | ms 1×128 | faster |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| dense, PyTorch float32 | 12 / 1536 | {dense_mb:.1f} | 1.0x | 32.0 | | | {d16:.0f} | "
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense, PyTorch float32 | 12 / 1536 | {dense_mb:.1f} | 1.0x | 32.0 | | | | {d16:.0f} | "
         f"1.00x | {d1:.1f} | 1.00x |",
     ]
     for p in points:
@@ -227,7 +227,8 @@ def runtime(path: Path) -> str:
         m16, m1 = lat[(p["label"], 16)]["ms"], lat[(p["label"], 1)]["ms"]
         out.append(
             f"| {p['label']} | {shape} | {p['bytes'] / 1e6:.1f} | {dense_mb * 1e6 / p['bytes']:.1f}x "
-            f"| {bpp} | {torch_acc} | {ort} | {m16:.0f} | {d16 / m16:.2f}x | {m1:.1f} | "
+            f"| {bpp} | {p['onnx_bytes'] / 1e6:.1f} | {torch_acc} | {ort} | {m16:.0f} | "
+            f"{d16 / m16:.2f}x | {m1:.1f} | "
             f"{d1 / m1:.2f}x |"
         )
     return "\n".join(out)
