@@ -35,7 +35,10 @@ POINTS = [
     ("4x sizes + GPTQ 8-bit", "compressed-minilm.yaml", {}, ["--int8"]),
     ("4x sizes + GPTQ 4-bit", "compressed-minilm.yaml", {"bits": 4}, ["--int8"]),
     ("4x sizes + RTN 4-bit", "compressed-minilm.yaml", {"bits": 4, "quantizer": "rtn"}, ["--int8"]),
+    ("4x sizes, 1 epoch distilled + GPTQ 8-bit", "compressed-minilm-recover.yaml", {}, ["--int8"]),
 ]  # fmt: skip
+#: recipes that fine-tune: run with the dense model trained for the same steps beside them
+TRAINING = ("compressed-minilm-recover.yaml",)
 
 CHILD = (
     "import json, resource, sys\n"
@@ -88,13 +91,15 @@ def build(args) -> None:
             folder = Path(done[label]["folder"])
         elif recipe is not None:
             folder = work / f"point-{i}"
+            mode = ["--dense-baseline"] if recipe in TRAINING else ["--oneshot"]
             argv = ["prune", str(ROOT / "recipes" / recipe), "--model", args.dense, "--data",
-                    args.data, "--oneshot", "--output", str(folder), "--no-progress", "--overwrite"]  # fmt: skip
+                    args.data, *mode, "--output", str(folder), "--no-progress", "--overwrite"]  # fmt: skip
             for k, v in sets.items():
                 argv += ["--set", f"{k}={v}"]
             point["prune"] = {"argv": argv, **_run(argv)}
             metrics = json.loads((folder / "metrics.json").read_text())
-            point["metrics"] = {k: metrics.get(k) for k in ("pruned", "structured", "quantized")}
+            keep = ("pruned", "structured", "quantized", "dense_equal_budget", "compared_with")
+            point["metrics"] = {k: metrics.get(k) for k in keep}
         onnx = work / f"onnx-{i}"
         argv = ["export", str(folder), "--output", str(onnx), "--overwrite", "--no-measure",
                 *export_opts]  # fmt: skip
@@ -107,6 +112,11 @@ def build(args) -> None:
         units = ev.pop("units")
         d, lo, hi = stats.paired_interval(units, dense_units, "accuracy")
         point["onnxruntime"] = {**ev, "accuracy_delta": d, "accuracy_delta_ci": [lo, hi]}
+        budget = folder / "predictions" / "dense_equal_budget.csv"
+        if budget.is_file():  # a fine-tuned point: also against the dense model of its steps
+            d, lo, hi = stats.paired_interval(units, stats.read_units(budget), "accuracy")
+            point["onnxruntime"]["accuracy_delta_equal_budget"] = d
+            point["onnxruntime"]["accuracy_delta_equal_budget_ci"] = [lo, hi]
         with open(args.raw, "a") as fh:
             fh.write(json.dumps(point) + "\n")
         print(label, f"{point['bytes'] / 1e6:.1f} MB", f"ort accuracy {ev['accuracy']:.4f}",

@@ -222,8 +222,14 @@ def runtime(path: Path) -> str:
         o = p["onnxruntime"]
         lo, hi = o["accuracy_delta_ci"]
         ort = f"{o['accuracy']:.4f}: {_signed(o['accuracy_delta'])} [{_signed(lo)}, {_signed(hi)}]"
+        if "accuracy_delta_equal_budget" in o:  # fine-tuned: against the dense model of its steps
+            lo, hi = o["accuracy_delta_equal_budget_ci"]
+            d = _signed(o["accuracy_delta_equal_budget"])
+            ort += f"; {d} [{_signed(lo)}, {_signed(hi)}] against the dense model of its steps"
         if m.get("pruned"):
             torch_acc = f"{m['pruned']['accuracy']:.4f}: {torch_acc}"
+            if m.get("compared_with") == "dense_equal_budget":
+                torch_acc += " against the dense model of its steps"
         m16, m1 = lat[(p["label"], 16)]["ms"], lat[(p["label"], 1)]["ms"]
         out.append(
             f"| {p['label']} | {shape} | {p['bytes'] / 1e6:.1f} | {dense_mb * 1e6 / p['bytes']:.1f}x "
