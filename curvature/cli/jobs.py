@@ -191,24 +191,37 @@ def _checked(job: PruneJob) -> _Run:
     _check_teacher(recipe, distill, teacher, epochs, job.teacher)
     p = load_for_job(job)
     manager = RecipeManager(recipe, p.model)
-    if not job.float_weights:  # saved packed: a grid the format cannot store fails here
-        _check_packable(recipe, p.model)
+    _check_quantizer(recipe, p.model, packed=not job.float_weights)
+    if job.float_weights and not recipe.of(GPTQModifier):
+        raise JobError("--float-weights: the recipe quantizes nothing (no GPTQModifier); drop it")
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(p.model, p.collator([p.train[0]])))
     return _Run(job, recipe, out, epochs, teacher, distill, resume_from, p, manager)
 
 
-def _check_packable(recipe: Recipe, model) -> None:
-    """A quantizing recipe's model is saved packed: a grid the format cannot store is one line
-    before anything runs (and again before quantizing, on the sizes structures left)."""
+def _check_quantizer(recipe: Recipe, model, packed: bool) -> None:
+    """What a quantizing recipe cannot do is one line before anything runs (and again before
+    quantizing, on the sizes structures left): a tied embedding table to round, and, saved packed,
+    a grid or a layer the format cannot store."""
     from curvature.pruning.layerwise import layer_targets
+    from curvature.pruning.quantization import embedding_weight
 
     for m in recipe.of(GPTQModifier):
         from curvature.integrations.packed import check_packable
 
-        cols = {t.name: t.cols for t in layer_targets(model, m.weights(model))}
         try:
-            check_packable(m.part(), cols)
+            if m.embedding_bits is not None:
+                embedding_weight(model)  # refuses a table tied to the output head
+            if not packed:
+                continue
+            targets = layer_targets(model, m.weights(model))
+            for t in targets:
+                if type(t.module) is not torch.nn.Linear:
+                    raise ValueError(
+                        f"{t.name} is a {type(t.module).__name__}, which the packed format does "
+                        "not store; exclude it from params or save with --float-weights"
+                    )
+            check_packable(m.part(), {t.name: t.cols for t in targets})
         except ValueError as exc:
             raise JobError(f"line {m.line}: GPTQModifier: {exc}") from None
 
@@ -311,8 +324,7 @@ def _quantize(run: _Run) -> None:
     (mod,) = run.recipe.of(GPTQModifier)
     run.record_dense(p.model)  # a recipe that only quantizes: the dense model is the reference
     run.manager.masks.apply(p.model)
-    if not job.float_weights:
-        _check_packable(run.recipe, p.model)
+    _check_quantizer(run.recipe, p.model, packed=not job.float_weights)
     params = [n for n, _ in mod.weights(p.model)]
     data = grad_loader(p.train, job.batch_size, p.collator, job.seed)
     rep = run.quantized = quantize_model(
@@ -326,6 +338,11 @@ def _quantize(run: _Run) -> None:
         "sparsity": mod.sparsity, "mask_type": mod.mask_type,
         "zeros": _zeros(p.model, list(rep.layers)),
     }  # fmt: skip
+    masks = [q.mask for q in rep.layers.values() if q.mask is not None]
+    if masks:  # pruned in the same sweep: the share of the quantized weights it pruned
+        run.metrics["quantized"]["pruned"] = sum(int(m.sum()) for m in masks) / sum(
+            m.numel() for m in masks
+        )
 
 
 def _zeros(model, names: list[str]) -> float:
@@ -418,6 +435,8 @@ def _save(run: _Run, tmp: Path, start: float) -> None:
         )
     _add_intervals(metrics, run.units, tmp)
     metrics["sparsity"] = manager.sparsity()
+    if not manager.pruned_param_names and "pruned" in metrics.get("quantized", {}):
+        metrics["sparsity"] = metrics["quantized"]["pruned"]  # GPTQ pruned in its sweep
     params = dict(model.named_parameters())
     metrics["param_sparsity"] = {
         n: float((params[n] == 0).float().mean()) for n in manager.pruned_param_names

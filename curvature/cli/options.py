@@ -132,8 +132,9 @@ def prune_parser(sub) -> None:
     g.add_argument(
         "--float-weights",
         action="store_true",
-        help="save a quantized model's weights dequantized in float32 instead of packed integer "
-        "codes (for grids the packed format cannot store, such as a shorter last group)",
+        help="save a quantized model's weights dequantized, in the model's float type, instead of "
+        "packed integer codes (for grids the packed format cannot store, such as a shorter last "
+        "group)",
     )
     g.add_argument(
         "--dense-baseline",

@@ -120,7 +120,7 @@ class SweepConfig(DataConfig):
                 flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
             out[m] = pipe.with_settings(**values)
-        if self.quantizers():  # GPTQ reads the layer-wise settings too
+        if "gptq" in self.quantizers():  # GPTQ reads the layer-wise settings too
             used |= {k for k in ("batches", "rel_damp") if getattr(self, k) is not None}
         unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
         if unused and self.recipe is None:
@@ -206,7 +206,6 @@ class SweepConfig(DataConfig):
                 f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct; or the "
                 f"quantizers {', '.join(QUANTIZERS)} with --bits"
             )
-        self._validate_quantizers()
         structure = parse_mask(self.mask)
         if structure.fixed_sparsity is not None:
             given = self.sparsities
@@ -223,6 +222,7 @@ class SweepConfig(DataConfig):
         for s in self.sparsities:
             if not 0.0 <= s < 1.0:
                 raise SweepError(f"--sparsities: {s} is outside [0, 1)")
+        self._validate_quantizers()  # after the default sparsities are known
         block = self.setting("block_size")
         if block % structure.run:
             raise SweepError(
@@ -581,17 +581,19 @@ def _quant_point(cfg, name, bits, s, task, dense_dir, model_loss, k: int = 0) ->
         sizes["compressed_bytes"], sizes["compressed_format"] = saved["bytes"], saved["format"]
     except ValueError as exc:  # a grid the packed format cannot store: the bits counted instead
         bpp = bits_per_parameter(rep)
+        per = next(model.parameters()).element_size()
         sizes["compressed_bytes"] = round(
-            sizes["dense_bytes"] - 4 * bpp["weights"] + bpp["bits_per_weight"] * bpp["weights"] / 8
-        )
+            sizes["dense_bytes"] - per * bpp["weights"]
+            + bpp["bits_per_weight"] * bpp["weights"] / 8
+        )  # fmt: skip
         sizes["compressed_format"] = f"counted, not written ({str(exc).split(';')[0]})"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    zeros = sum(int((q.weight == 0).sum()) for q in rep.layers.values())
-    weights = sum(q.weight.numel() for q in rep.layers.values())
+    masks = [q.mask for q in rep.layers.values() if q.mask is not None]
+    pruned = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks) if masks else 0.0
     return {
         **point,
-        "sparsity": zeros / max(weights, 1),
+        "sparsity": pruned,  # what the sweep pruned (weights rounded to zero are not counted)
         "bits": bits,
         "group": cfg.quant_group(),
         **bits_per_parameter(rep),

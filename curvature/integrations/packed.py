@@ -42,14 +42,13 @@ def _library():
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise ValueError(f"saving packed weights needs compressed-tensors; {EXTRA}") from None
-    from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
     )
 
-    return PackedQuantizationCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme
+    return QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 
 def check_packable(part, layers: dict) -> None:
@@ -83,7 +82,7 @@ def _module_name(param_name: str) -> str:
 
 
 def _scheme(bits, group, symmetric, act_order, names):
-    _, args_cls, _, scheme_cls = _library()
+    args_cls, _, scheme_cls = _library()
     args = args_cls(
         num_bits=bits,
         type="int",
@@ -129,7 +128,13 @@ def packed_tensors(model, report) -> tuple[dict, list]:
 
 
 def _pack(state: dict, name: str, q, scheme, bits: int, group) -> None:
-    """Replace ``name``'s weight in ``state`` by the library's compressed tensors, checked."""
+    """Replace ``name``'s weight in ``state`` by the library's compressed tensors, checked.
+
+    The library rounds float weights back to codes with the stored scales, so it is handed the
+    codes' own values at those scales (in float32), whatever the model's float type: the codes
+    it stores are then this toolkit's codes exactly, which is checked, and the model's weights are
+    checked to be those values to the rounding of its float type (weights changed after
+    quantizing are refused)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -137,19 +142,22 @@ def _pack(state: dict, name: str, q, scheme, bits: int, group) -> None:
     half = 2 ** (bits - 1)
     weight = state.pop(f"{name}.weight").detach()
     scales = q.scales.to(weight.dtype)
-    zeros = (q.zeros - half).to(torch.int8)
+    zeros = (q.zeros.to(torch.int16) - half).to(torch.int8)
+    ours = (q.codes.to(torch.int16) - half).to(torch.int8)
+    cols = q.g_idx.to(weight.device)
+    values = (ours.float() - zeros.float()[:, cols]) * scales.float()[:, cols]
     if group is None:
         scales, zeros = scales.reshape(-1, 1), zeros.reshape(-1, 1)
-    local = {"weight": weight, "weight_scale": scales, "weight_zero_point": zeros}
+    local = {"weight": values, "weight_scale": scales, "weight_zero_point": zeros}
     packed = compressor.compress(local, scheme)
     codes = (
         unpack_from_int32(packed["weight_packed"], bits, weight.shape)
         if "weight_packed" in packed
         else packed["weight"]
     )
-    back = compressor.decompress(packed, scheme)["weight"]
-    if not torch.equal(codes.to(torch.int8), (q.codes - half).to(torch.int8)) or not (
-        torch.allclose(back, weight, rtol=1e-6, atol=1e-12)
+    rtol = 8 * torch.finfo(weight.dtype).eps  # scale x code, rounded once in the model's type
+    if not torch.equal(codes.to(torch.int8), ours) or not torch.allclose(
+        weight.float(), values, rtol=rtol, atol=1e-12
     ):
         raise ValueError(
             f"{name}: the weights are not on their quantization grid (changed after "
@@ -165,7 +173,7 @@ def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
     ``save(state_dict)``: how the folder is written (default ``model.save_pretrained``; the
     structured save passes its own so a smaller model is saved with its sizes). Returns the file
     size and the bits per parameter of the file."""
-    _, _, config_cls, _ = _library()
+    _, config_cls, _ = _library()
     folder = Path(folder)
     state, schemes = packed_tensors(model, report)
     if save is None:
@@ -174,35 +182,39 @@ def save_packed(model, report, folder, tokenizer=None, save=None) -> dict:
             tokenizer.save_pretrained(folder)
     else:
         save(state)
-    formats = sorted({s.format for s in schemes})
-    config = config_cls(
-        config_groups={f"group_{i}": s for i, s in enumerate(schemes)},
-        format=formats[0] if len(formats) == 1 else "mixed-precision",
-        quantization_status="compressed",
-    )
     path = folder / "config.json"
-    data = json.loads(path.read_text())
-    data["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        **config.model_dump(exclude={"quant_method"}),
-    }
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     params = sum(p.numel() for p in model.parameters())
-    return {
-        "format": config.format,
+    info = {
+        "format": None,
         "bytes": size,
         "parameters": params,
         "bits_per_parameter": 8 * size / params,
         "layers": len(report.layers),
         "embedding": report.embedding[0] if report.embedding is not None else None,
     }
+    if not path.is_file():  # under torch.distributed only rank 0 writes the folder
+        return info
+    formats = sorted({s.format for s in schemes})
+    config = config_cls(
+        config_groups={f"group_{i}": s for i, s in enumerate(schemes)},
+        format=formats[0] if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+    )
+    data = json.loads(path.read_text())
+    data["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        **config.model_dump(exclude={"quant_method"}),
+    }
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    info["format"] = config.format
+    return info
 
 
 def unpacked(state: dict, quantization_config: dict) -> dict:
     """``state`` (tensors read from a folder :func:`save_packed` wrote) with every quantized
     layer's weight read back to float, as the library reads it."""
-    _, _, config_cls, _ = _library()
+    _, config_cls, _ = _library()
     from compressed_tensors.compressors import BaseCompressor
 
     config = config_cls.model_validate(

@@ -134,17 +134,23 @@ def _int8(model, float_path: Path, path: Path, codes: dict) -> dict:
         str(float_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
         op_types_to_quantize=["MatMul"],
     )  # fmt: skip
-    linears = {}
+    linears, ambiguous = {}, set()
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):  # MatMul holds W^T, Gemm may hold W
-            linears[_digest(m.weight.detach().numpy())] = n
-            linears[_digest(m.weight.detach().T.numpy())] = n
-    by_init = {}
+            for d in {_digest(m.weight.detach().numpy()), _digest(m.weight.detach().T.numpy())}:
+                if linears.get(d, n) != n:  # equal weights in two layers: which is which?
+                    ambiguous.add(d)
+                linears[d] = n
+    for d in ambiguous:  # left to the runtime's rounding, never given another layer's codes
+        linears[d] = None
+    by_init, equal = {}, 0
     for init in onnx.load(str(float_path)).graph.initializer:
         if len(init.dims) == 2:
-            name = linears.get(_digest(numpy_helper.to_array(init)))
-            if name is not None:
-                by_init[init.name] = name
+            d = _digest(numpy_helper.to_array(init))
+            if d in ambiguous:
+                equal += 1
+            elif linears.get(d) is not None:
+                by_init[init.name] = linears[d]
     q = onnx.load(str(path))
     inits = {i.name: i for i in q.graph.initializer}
     written, rounded, floats = [], [], []
@@ -171,6 +177,7 @@ def _int8(model, float_path: Path, path: Path, codes: dict) -> dict:
         "saved_codes": sorted(written),
         "rounded_by_runtime": sorted(rounded),
         "float_in_runtime": sorted(floats),
+        "equal_weights_left_to_runtime": equal,
         "embedding_codes": embedding,
     }
 
@@ -250,8 +257,8 @@ def _batch(model, size: int, length: int) -> dict:
 
 class OnnxModel(torch.nn.Module):
     """An exported model as a module: ``model(**batch).logits`` runs the ONNX Runtime session
-    (the inputs it declares are taken from the batch, the rest ignored), so the task evaluators
-    score the runtime's model exactly as they score PyTorch's."""
+    on the inputs it declares (read from the batch; other entries, such as labels, are not
+    used), so the task evaluators score the runtime's model exactly as they score PyTorch's."""
 
     def __init__(self, path, threads: int | None = None):
         super().__init__()
@@ -267,6 +274,10 @@ class OnnxModel(torch.nn.Module):
 
     def forward(self, **batch):
         from types import SimpleNamespace
+
+        missing = [k for k in self.inputs if k not in batch]
+        if missing:
+            raise ValueError(f"the exported model needs {missing[0]}, which the batch lacks")
 
         feed = {k: batch[k].cpu().numpy() for k in self.inputs}
         return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
@@ -292,6 +303,16 @@ def export(
     threads = threads or torch.get_num_threads()
     positions = getattr(model.config, "max_position_embeddings", length)
     length = min(length, positions)
+    with torch.inference_mode():
+        probe = model(**_batch(model, 1, 8))
+    if not hasattr(probe, "logits"):
+        names = (
+            ", ".join(k for k in probe.keys()) if hasattr(probe, "keys") else type(probe).__name__
+        )
+        raise ValueError(
+            f"{folder}: the model's output has no logits ({names}); export runs models with one "
+            "logits output (classification, language models)"
+        )
     output.mkdir(parents=True, exist_ok=True)
     float_path = output / "model-float32.onnx"
     _export_float(model, _batch(model, 2, 16), float_path)
@@ -309,6 +330,7 @@ def export(
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     session = _session(path, threads)
     check = _batch(model, 4, length)
+    check["attention_mask"][1, length // 2 :] = 0  # padding exercised too
     with torch.inference_mode():
         want = _logits(model(**check)).numpy()
     got = session.run(["logits"], {k: v.numpy() for k, v in check.items()})[0]
@@ -326,6 +348,7 @@ def export(
             "largest logit)); the export is wrong and was not kept"
         )
     if measure:
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
         info["latency"] = []
         for size in batches:
@@ -338,5 +361,6 @@ def export(
                 {"batch_size": size, "sequence_length": length, "pytorch_ms": torch_ms,
                  "onnxruntime_ms": ort_ms, "speedup": torch_ms / ort_ms}
             )  # fmt: skip
+        torch.set_num_threads(before)
     (output / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

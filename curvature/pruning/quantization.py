@@ -251,14 +251,16 @@ def quantize_model(
 
 
 def bits_per_parameter(report: QuantizeReport, scale_bits: int = 16) -> dict:
-    """Bits of the quantized layers per weight: codes plus one scale and one zero point per group
-    (``scale_bits`` each, as a float16 checkpoint stores them)."""
+    """Bits of the quantized layers per weight: codes plus one scale (``scale_bits``, as a float16
+    checkpoint stores it) and, for an asymmetric grid, one zero point of as many bits per group
+    (a symmetric grid's zero point is implied)."""
     weights = sum(q.codes.numel() for q in report.layers.values())
     groups = sum(q.scales.numel() for q in report.layers.values())
-    bits = report.part.bits * weights + 2 * scale_bits * groups
+    per_group = scale_bits * (1 if report.part.symmetric else 2)
+    bits = report.part.bits * weights + per_group * groups
     out = {"weights": weights, "groups": groups, "bits_per_weight": bits / max(weights, 1)}
     if report.embedding is not None:
         q = report.embedding[1]
-        e_bits = report.part.embedding_bits * q.codes.numel() + 2 * scale_bits * q.scales.numel()
+        e_bits = report.part.embedding_bits * q.codes.numel() + per_group * q.scales.numel()
         out["embedding_bits_per_weight"] = e_bits / q.codes.numel()
     return out

@@ -101,7 +101,8 @@ class Grid:
 
 @dataclass
 class Quantized:
-    """A quantized layer: the dequantized weights (float64), the integer codes, per-group scales and
+    """A quantized layer: the dequantized weights (in the sweep's precision, float64 by default),
+    the integer codes, per-group scales and
     zero points (``[rows, groups]``), the group of each input column (``g_idx``, ``[cols]``) and the
     estimated error."""
 

@@ -186,6 +186,13 @@ def test_a_group_the_packed_format_cannot_store_is_refused_before_any_work(
     assert "GPTQModifier: group 12 does not divide the 16 input columns of bert." in err[0]
 
 
+def test_float_weights_without_a_quantizer_is_refused(assets, tmp_path, capsys):
+    rc, out = _prune(assets, tmp_path, _recipe(), "--oneshot", "--float-weights")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--float-weights: the recipe quantizes nothing" in err[0]
+    assert not out.exists()
+
+
 def test_float_weights_saves_what_the_packed_format_cannot_store(assets, tmp_path):
     extra = "  - !GPTQModifier {bits: 4, group_size: 12}\n"
     recipe = _recipe(target="neurons: 0.5", extra=extra)
@@ -205,6 +212,8 @@ def test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid(assets, tmp_
     assert rc == 0
     q = json.loads((out / "metrics.json").read_text())["quantized"]
     assert q["mask_type"] == "2:4" and 0.5 <= q["zeros"] < 0.55  # kept weights may round to 0
+    assert q["pruned"] == pytest.approx(0.5)
+    assert json.loads((out / "metrics.json").read_text())["sparsity"] == pytest.approx(0.5)
     model = load_structured(out)
     w = model.bert.encoder.layer[1].output.dense.weight.detach()
     assert ((w.reshape(-1, 4) != 0).sum(1) <= 2).all()

@@ -318,6 +318,7 @@ def test_gptq_prunes_in_the_sweep_and_bad_quantizer_settings_are_one_line(assets
         (dict(methods=["obs"], bits=[4]), "--bits: none of --methods (obs) quantizes"),
         (dict(methods=["gptq"], bits=[5]), "--bits: 5 is not one of 2, 3, 4, 8"),
         (dict(methods=["rtn"], bits=[4], sparsities=[0.5]), "rtn reads no data"),
+        (dict(methods=["magnitude", "rtn"], bits=[4], sparsities=None), "rtn reads no data"),
         (dict(methods=["gptq"], bits=[4], group="-3"), "--group must be a positive integer"),
         (dict(methods=["gptqq"], bits=[4]), "--methods: unknown ['gptqq']"),
     ]

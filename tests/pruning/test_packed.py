@@ -199,3 +199,23 @@ def test_a_tied_embedding_is_refused_before_any_work():
 
     with pytest.raises(ValueError, match=r"^embedding_bits 4: an embedding table is saved one"):
         check_packable(Quantize(embedding_bits=4), {"q": 128})
+
+
+def test_a_bfloat16_model_is_saved_with_its_exact_codes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _llama().to(torch.bfloat16).eval()
+    rep = quantize_model(
+        model, _data(), lambda m, b: m(input_ids=b, labels=b).loss,
+        Quantize(bits=8, group=16, symmetric=True), progress=False,
+    )  # fmt: skip
+    state, _ = packed_tensors(model, rep)  # 8-bit codes are not all exact in bfloat16 weights
+    save_packed(model, rep, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        loaded(input_ids=_data(1)[0])  # the library unpacks the weights on the first forward
+    for name in rep.layers:
+        torch.testing.assert_close(
+            loaded.get_parameter(name).float(), model.get_parameter(name).float(),
+            rtol=2 ** -7, atol=1e-6,
+        )  # fmt: skip

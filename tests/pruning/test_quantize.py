@@ -178,7 +178,11 @@ def test_quantize_model_gptq_beats_rtn_and_keeps_earlier_zeros():
                 float(((m(input_ids=b).logits - r) ** 2).mean()) for b, r in zip(held, ref)
             )
         bpp = bits_per_parameter(rep)
-        assert bpp["bits_per_weight"] == pytest.approx(3 + 32 / 16)
+        assert bpp["bits_per_weight"] == pytest.approx(3 + 32 / 16)  # a scale and a zero point
+        from dataclasses import replace
+
+        rep.part = replace(rep.part, symmetric=True)  # a symmetric grid's zero point is implied
+        assert bits_per_parameter(rep)["bits_per_weight"] == pytest.approx(3 + 16 / 16)
     assert errs["gptq"] < errs["rtn"], errs
 
 
