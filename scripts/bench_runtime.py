@@ -5,10 +5,11 @@ round-to-nearest bits) in its own process, then ``curvature export --int8`` of t
 For every point this records the saved folder's size (the packed safetensors file), the accuracy
 of the saved model in PyTorch (from the prune run) and of the exported model in ONNX Runtime (the
 task's own evaluator on an :class:`~curvature.integrations.runtime.OnnxModel`), each with a 95%
-paired interval against the dense model's predictions. Then, alone and in one process, the dense
+paired interval against the dense model's predictions. Then, alone on the machine, the dense
 PyTorch float32 model and every exported model are timed at 16 x 128 and 1 x 128 tokens with the
-same threads, interleaved round by round (median of ``--reps`` forwards per round, median over
-rounds). Raw JSON lines go to ``--raw``; ``scripts/tables.py runtime`` makes the tables.
+same threads, taken in turn round by round (median of ``--reps`` forwards per round, median over
+rounds; each model in a fresh process of its own). Raw JSON lines go to ``--raw``;
+``scripts/tables.py runtime`` makes the tables.
 
     python scripts/bench_runtime.py --dense runs/dense-minilm --raw docs/compressed-minilm/points.jsonl
 """
@@ -30,7 +31,7 @@ POINTS = [
     ("dense, onnxruntime float32", None, {}, []),
     ("dense, onnxruntime int8 (runtime rounding)", None, {}, ["--int8"]),
     ("GPTQ 8-bit", "quantized-minilm.yaml", {}, ["--int8"]),
-    ("3x sizes + GPTQ 8-bit", "compressed-minilm.yaml",
+    ("5 heads, 480 neurons + GPTQ 8-bit", "compressed-minilm.yaml",
      {"heads": 7 / 12, "neurons": 1 - 480 / 1536}, ["--int8"]),
     ("4x sizes + GPTQ 8-bit", "compressed-minilm.yaml", {}, ["--int8"]),
     ("4x sizes + GPTQ 4-bit", "compressed-minilm.yaml", {"bits": 4}, ["--int8"]),
@@ -123,34 +124,51 @@ def build(args) -> None:
               f"({d:+.4f} [{lo:+.4f}, {hi:+.4f}])", flush=True)  # fmt: skip
 
 
+TIMER = """
+import json, sys, torch
+from curvature.integrations.latency import measure_model
+from curvature.integrations.runtime import OnnxModel, load_saved
+kind, path, reps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+model = load_saved(path) if kind == "pytorch" else OnnxModel(path, threads)
+gen = torch.Generator().manual_seed(0)
+out = {}
+for size in (16, 1):
+    ids = torch.randint(0, 30522, (size, 128), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
+    out[size] = measure_model(model, batch, reps=reps)
+print(json.dumps(out))
+"""
+
+
 def measure(args) -> None:
-    """Dense PyTorch float32 and every exported model, timed alone and interleaved."""
+    """Dense PyTorch float32 and every exported model, each timed in a fresh process of its own
+    (two runtimes' idle threads in one process slow each other down), the models taken in turn
+    round after round so that drift in the machine's speed hits all of them alike."""
     import torch
 
-    from curvature.integrations.latency import measure_model
-    from curvature.integrations.runtime import OnnxModel, load_saved
-
-    points = [json.loads(line) for line in open(args.raw)]
     threads = torch.get_num_threads()
-    models = {"dense, PyTorch float32": load_saved(args.dense)}
+    points = [json.loads(line) for line in open(args.raw)]
+    models = {"dense, PyTorch float32": ("pytorch", args.dense)}
     for pt in points:
-        models[pt["label"]] = OnnxModel(pt["onnx"], threads)
-    vocab = models["dense, PyTorch float32"].get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(0)
+        models[pt["label"]] = ("onnx", pt["onnx"])
+    times: dict = {(k, b): [] for k in models for b in (16, 1)}
+    for _ in range(args.rounds):
+        for key, (kind, path) in models.items():
+            proc = subprocess.run(
+                [sys.executable, "-c", TIMER, kind, path, str(args.reps), str(threads)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            for size, ms in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                times[(key, int(size))].append(ms)
     rows = []
-    for batch_size in (16, 1):
-        ids = torch.randint(0, vocab, (batch_size, 128), generator=gen)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                 "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
-        times: dict[str, list] = {k: [] for k in models}
-        for _ in range(args.rounds):
-            for key, model in models.items():
-                times[key].append(measure_model(model, batch, reps=args.reps))
-        for key, ts in times.items():
-            ts = sorted(ts)
-            rows.append({"model": key, "batch_size": batch_size, "sequence_length": 128,
-                         "threads": threads, "ms": ts[len(ts) // 2], "rounds": ts})  # fmt: skip
-            print(key, batch_size, f"{ts[len(ts) // 2]:.1f} ms", flush=True)
+    for (key, size), ts in times.items():
+        ts = sorted(ts)
+        rows.append({"model": key, "batch_size": size, "sequence_length": 128,
+                     "threads": threads, "ms": ts[len(ts) // 2], "rounds": ts,
+                     "process": "one fresh process per model and round"})  # fmt: skip
+        print(key, size, f"{ts[len(ts) // 2]:.1f} ms", flush=True)
     with open(args.measure, "w") as fh:
         fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
 
