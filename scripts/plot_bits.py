@@ -24,6 +24,13 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _short(label: str) -> str:
+    """A compact point label: "4x, 1 epoch distilled + GPTQ 8-bit" -> "4x+d G8"."""
+    out = label.replace(" sizes", "").replace(", 1 epoch distilled", "+d")
+    out = out.replace("5 heads, 480 neurons", "5h/480n").replace(" + ", " ")
+    return out.replace("GPTQ ", "G").replace("RTN ", "R").replace("-bit", "")
+
+
 def series() -> dict[str, list[tuple[float, float, float, float, str]]]:
     """``{kind: [(bits per dense parameter, accuracy, ci low, ci high, label)]}``."""
     rows = list(csv.DictReader(open(ROOT / "docs/sweep-minilm-report/results.csv")))
@@ -61,7 +68,7 @@ def series() -> dict[str, list[tuple[float, float, float, float, str]]]:
             continue
         out["quantized (GPTQ / RTN), structured + quantized"].append(
             (8 * p["bytes"] / params, ev["accuracy"], ev["accuracy_ci_low"],
-             ev["accuracy_ci_high"], p["label"].replace(" sizes", ""))
+             ev["accuracy_ci_high"], _short(p["label"]))
         )  # fmt: skip
     return out
 
@@ -106,8 +113,9 @@ def main() -> None:
         err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=kind,
                     linestyle="-" if len(pts) > 1 and "quantized" not in kind else "none")  # fmt: skip
-        for p in pts:
-            ax.annotate(p[4], (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, p in enumerate(pts):
+            offset = (3, 3 + 7 * (i % 3)) if "quantized" in kind else (3, 3)
+            ax.annotate(p[4], (p[0], p[1]), fontsize=6, xytext=offset, textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("saved file bits per dense parameter (log scale; float32 dense = 32)")
     ax.set_ylabel("accuracy (bbc-news, 95% CI)")
