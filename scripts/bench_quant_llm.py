@@ -29,17 +29,26 @@ PROTOCOL = ["--model", "smollm2", "--data", "bbc-news", "--task", "causal-lm", "
 
 
 def _points() -> list[tuple[str, dict]]:
+    """In the order they run: grouped grids first, then act-order and joint pruning, then
+    per-channel grids."""
     out = []
-    for bits, group in ((8, "null"), (4, 128), (4, "null"), (3, 128), (3, "null")):
+
+    def both(bits, group):
         g = "per-channel" if group == "null" else f"g{group}"
         for q in ("rtn", "gptq"):
             sets = {"quantizer": q, "bits": bits, "group": group}
             if q == "rtn":
                 sets["batches"] = 128  # the default: round-to-nearest reads no data
             out.append((f"{q} {bits}-bit {g}", sets))
+
+    both(8, "null")
+    both(4, 128)
+    both(3, 128)
     out.append(("gptq 4-bit g128 act-order", {"bits": 4, "group": 128, "actorder": "true"}))
     out.append(("gptq 4-bit g128 + 50% joint", {"bits": 4, "group": 128, "sparsity": 0.5}))
     out.append(("gptq 4-bit g128 + 2:4 joint", {"bits": 4, "group": 128, "mask": "'2:4'"}))
+    both(3, "null")
+    both(4, "null")
     return out
 
 
