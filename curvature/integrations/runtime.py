@@ -17,10 +17,11 @@ the runtime's either way: the exported model is checked against the PyTorch mode
 (largest logit difference, agreement of the predicted class) and its latency measured beside the
 PyTorch model's with the same threads.
 
-Measured on MiniLM (``scripts/bench_runtime.py``, 2 threads): ONNX Runtime float32 is 1.5x
-PyTorch's forward at 16 x 128 tokens and 2.1x at 1 x 128; int8 products 2.5x and 5.0x. Its 4-bit
-``MatMulNBits`` was no faster than float32 at 16 x 128 (the products are compute-bound there), so
-4-bit weights are not a runtime choice here.
+Measured on MiniLM (``docs/compression.md``, 2 threads, each model in its own process): ONNX
+Runtime float32 runs 1.8x PyTorch's forward at 16 x 128 tokens and 2.3x at 1 x 128; its int8
+products 2.9x and 3.8x. Its 4-bit ``MatMulNBits`` kernel, probed once before choosing (raw output
+not kept), was no faster than float32 at 16 x 128 (the products are compute-bound there), so 4-bit
+weights are not a runtime choice here: per-channel 4-bit codes run as int8 products.
 """
 
 from __future__ import annotations
