@@ -18,3 +18,31 @@ def copy_bandwidth(nbytes: int = 1 << 29) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+#: a ``curvature`` command in a child process that writes its exit code and peak memory (MiB)
+CHILD = (
+    "import json, resource, sys\n"
+    "from curvature.cli.main import main\n"
+    "rc = main(sys.argv[2:])\n"
+    "json.dump({'rc': rc, 'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
+    "/ 1024}, open(sys.argv[1], 'w'))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def run_child(argv: list[str]) -> tuple[int, dict]:
+    """``curvature ARGV`` in its own process: ``(exit code, {wall_s, rc, max_rss_mib})``."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, fh.name, *argv], check=False)
+        wall = time.perf_counter() - t0
+        usage = json.loads(Path(fh.name).read_text() or "{}")
+    return proc.returncode, {"wall_s": wall, **usage}

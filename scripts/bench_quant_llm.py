@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from _bench import run_child  # noqa: E402
+
 PROTOCOL = ["--model", "smollm2", "--data", "bbc-news", "--task", "causal-lm", "--max-train", "200",
             "--max-eval", "40", "--max-length", "512", "--batch-size", "8"]  # fmt: skip
 
@@ -52,16 +52,6 @@ def _points() -> list[tuple[str, dict]]:
     return out
 
 
-CHILD = (
-    "import json, resource, sys\n"
-    "from curvature.cli.main import main\n"
-    "rc = main(sys.argv[2:])\n"
-    "json.dump({'rc': rc, 'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
-    "/ 1024}, open(sys.argv[1], 'w'))\n"
-    "sys.exit(rc)\n"
-)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--raw", required=True)
@@ -81,13 +71,10 @@ def main() -> None:
                 "--float-weights", "--output", str(out), "--overwrite", "--no-progress"]  # fmt: skip
         for k, v in sets.items():
             argv += ["--set", f"{k}={v}"]
-        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", CHILD, fh.name, *argv], check=False)
-            wall = time.perf_counter() - t0
-            usage = json.loads(Path(fh.name).read_text() or "{}")
-        if proc.returncode:
-            raise SystemExit(f"curvature {' '.join(argv)} failed ({proc.returncode})")
+        rc, usage = run_child(argv)
+        if rc:
+            raise SystemExit(f"curvature {' '.join(argv)} failed ({rc})")
+        wall = usage.pop("wall_s")
         m = json.loads((out / "metrics.json").read_text())
         point = {"label": label, "sets": sets, "argv": argv, "wall_s": wall, **usage,
                  "dense": m["dense"], "pruned": m["pruned"], "quantized": m["quantized"]}  # fmt: skip

@@ -20,11 +20,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from _bench import run_child  # noqa: E402
 
 #: (label, recipe, --set values, export options)
 POINTS = [
@@ -41,25 +41,12 @@ POINTS = [
 #: recipes that fine-tune: run with the dense model trained for the same steps beside them
 TRAINING = ("compressed-minilm-recover.yaml",)
 
-CHILD = (
-    "import json, resource, sys\n"
-    "from curvature.cli.main import main\n"
-    "rc = main(sys.argv[2:])\n"
-    "json.dump({'rc': rc, 'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
-    "/ 1024}, open(sys.argv[1], 'w'))\n"
-    "sys.exit(rc)\n"
-)
-
 
 def _run(argv: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, fh.name, *argv], check=False)
-        wall = time.perf_counter() - t0
-        usage = json.loads(Path(fh.name).read_text() or "{}")
-    if proc.returncode:
-        raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {proc.returncode}")
-    return {"wall_s": wall, **usage}
+    rc, usage = run_child(argv)
+    if rc:
+        raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {rc}")
+    return usage
 
 
 def _size(folder: Path) -> int:
