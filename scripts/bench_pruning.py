@@ -27,12 +27,23 @@ Parts (each prints a Markdown table; run them alone for clean numbers):
     python scripts/bench_pruning.py --part dtype
     python scripts/bench_pruning.py --part layerwise
     python scripts/bench_pruning.py --part reconstruct
+    python scripts/bench_pruning.py --part reference --checkouts SPARSEGPT,WANDA,GPTQ \
+        --raw docs/bench-reference-smollm2.jsonl
+
+- ``reference``: SparseGPT, Wanda and GPTQ through this toolkit's API against the authors'
+  scripts (checkouts of their three repositories, in that order) on SmolLM2-135M at one thread:
+  64 calibration sequences of 256 tokens from BBC News, each point in its own process, time split
+  into forward passes, ``X^T X`` accumulation and solves, and perplexity on the first 40
+  validation articles (``scripts/_reference.py`` says what the harness changes to run the
+  scripts). Raw JSON lines go to ``--raw`` (finished points are skipped on a rerun);
+  ``scripts/tables.py`` makes the table (kind ``layerwise-reference``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -417,17 +428,67 @@ def part_reconstruct(args):
                 first = False
 
 
+def part_reference(args):
+    """Each point of ``_reference.POINTS`` in a fresh process (``--child``), one after another."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import _reference as ref
+
+    if not args.checkouts or not args.raw:
+        raise SystemExit("--part reference needs --checkouts SPARSEGPT,WANDA,GPTQ and --raw FILE")
+    dirs = args.checkouts.split(",")
+    if len(dirs) != 3 or not all(Path(d, "README.md").is_file() for d in dirs):
+        raise SystemExit(f"--checkouts: three checkouts (SparseGPT, Wanda, GPTQ), got {dirs}")
+    checkouts = dict(zip(("sparsegpt", "wanda", "gptq"), (str(Path(d).resolve()) for d in dirs)))
+    raw = Path(args.raw)
+    done = set()
+    if raw.exists():
+        done = {ref.key(r["label"], r["implementation"]) for r in map(json.loads, raw.open())}
+    only = {o.strip() for o in args.only.split(";") if o.strip()}
+    opts = {"threads": args.threads, "eval_threads": args.eval_threads, "checkouts": checkouts}
+    here = Path(__file__).resolve().parent
+    for label, impl, method, settings in ref.POINTS:
+        k = ref.key(label, impl)
+        if k in done or (only and k not in only):
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+            spec = {"point": [label, impl, method, settings], "opts": opts, "out": fh.name}
+            code = "import sys, _reference; sys.exit(_reference.child_main(sys.argv[1:]))"
+            proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=here,
+                                  check=False, env={**os.environ, "PYTHONPATH": str(here)})  # fmt: skip
+            if proc.returncode != 0:
+                print(f"{k}: failed (exit {proc.returncode})")
+                continue
+            rec = json.loads(Path(fh.name).read_text())
+        with raw.open("a") as out:
+            out.write(json.dumps(rec) + "\n")
+        print(f"{k}: {rec['seconds']:.1f} s, perplexity {rec['perplexity']:.2f}, "
+              f"sparsity {rec['sparsity']:.3f}, timers {rec['timers']}", flush=True)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "--part",
-        choices=["stages", "bert-base", "allocation", "dtype", "layerwise", "reconstruct"],
+        choices=["stages", "bert-base", "allocation", "dtype", "layerwise", "reconstruct",
+                 "reference"],
         required=True,
-    )
+    )  # fmt: skip
     ap.add_argument("--gradients", type=int, default=64)
     ap.add_argument("--block", type=int, default=50)
+    ap.add_argument("--checkouts", help="reference: the SparseGPT, Wanda and GPTQ checkouts")
+    ap.add_argument("--raw", help="reference: JSON lines file (appended; done points skipped)")
+    ap.add_argument("--threads", type=int, default=1, help="reference: threads while pruning")
+    ap.add_argument("--eval-threads", type=int, default=2, help="reference: threads to evaluate")
+    ap.add_argument(
+        "--only", default="", help="reference: 'label | implementation' to run, ;-separated"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -438,6 +499,7 @@ def main():
         "dtype": part_dtype,
         "layerwise": part_layerwise,
         "reconstruct": part_reconstruct,
+        "reference": part_reference,
     }[args.part](args)
 
 

@@ -282,7 +282,50 @@ def quant_fidelity(path: Path) -> str:
     return "\n".join(out)
 
 
+def layerwise_reference(path: Path) -> str:
+    """The layer-wise methods against their authors' scripts (``bench_pruning.py --part
+    reference``): SOURCE is its raw JSON lines. Forward passes are the time outside the timed
+    ``X^T X`` accumulation and solves; the paired interval is over validation documents."""
+    import numpy as np
+
+    from curvature.tasks import stats
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        r["units"] = {k: np.asarray(v) if k != "id" else v for k, v in r["units"].items()}
+    published = {r["label"]: r for r in rows if r["implementation"] == "published"}
+    out = [
+        "| method | implementation | seconds | × published | forward passes | X^T X | solve | "
+        "sparsity | perplexity | − published [paired 95% CI] | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        t = r["timers"]
+        prod = t.get("products", 0.0)
+        solve = t.get("solve", r.get("phases", {}).get("solve", 0.0))
+        ref = published.get(r["label"])
+        dense = r["implementation"] == "dense"
+        ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else ""
+        diff = ""
+        if ref and ref is not r:
+            d, lo, hi = stats.paired_interval(r["units"], ref["units"], "perplexity")
+            diff = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        timing = (
+            "| | | |"
+            if dense
+            else f"{r['seconds'] - prod - solve:.1f} | {prod:.1f} | {solve:.1f} |"
+        )
+        secs = "" if dense else f"{r['seconds']:.1f}"
+        out.append(
+            f"| {r['label']} | {r['implementation']} | {secs} | {ratio} | {timing} "
+            f"{r['sparsity']:.3f} | {r['perplexity']:.2f} | {diff} | "
+            f"{r['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
 KINDS = {
+    "layerwise-reference": layerwise_reference,
     "sweep": sweep,
     "sweep-summary": sweep_summary,
     "main-job": main_job,

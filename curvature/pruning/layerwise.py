@@ -104,8 +104,9 @@ class _Stats:
     ``token_weights`` (``{name: [per-batch [tokens] weights]}``): that layer accumulates
     ``sum s_t x_t x_t^T`` (the Fisher-weighted objective), its own product (not shared)."""
 
-    def __init__(self, targets: list[LayerTarget], diagonal: bool, token_weights=None):
+    def __init__(self, targets: list[LayerTarget], diagonal: bool, token_weights=None, dtype=F64):
         self.diagonal = diagonal
+        self.dtype = dtype  # of each batch's product; the sums over batches are float64
         self.sums = {t.name: None for t in targets}
         self.rows = dict.fromkeys(self.sums, 0)
         self.token_weights = token_weights or {}
@@ -119,22 +120,22 @@ class _Stats:
     def _add(self, name, x):
         weights = self.token_weights.get(name)
         if weights is not None:
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(F64)
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
             s = weights[self.batch].to(x2.device) if self.batch < len(weights) else None
             if s is None or s.numel() != x2.shape[0]:
                 raise ValueError(
                     f"{name}: the calibration batch {self.batch} does not line up with the "
                     "output-Fisher pass (different batches or token counts)"
                 )
-            xs = x2 * torch.sqrt(s)[:, None]
-            prod = (xs * xs).sum(0) if self.diagonal else xs.T @ xs
+            xs = x2 * torch.sqrt(s.to(self.dtype))[:, None]
+            prod = ((xs * xs).sum(0) if self.diagonal else xs.T @ xs).to(F64)
             self.sums[name] = prod if self.sums[name] is None else self.sums[name] + prod
             self.rows[name] += x2.shape[0]
             return
         key = id(x)
         if key not in self._shared:  # keep x alive so that its id is not reused in this batch
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(F64)
-            prod = (x2 * x2).sum(0) if self.diagonal else x2.T @ x2
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+            prod = ((x2 * x2).sum(0) if self.diagonal else x2.T @ x2).to(F64)
             self._shared[key] = (x, prod, x2.shape[0])
         _, prod, n = self._shared[key]
         self.sums[name] = prod.clone() if self.sums[name] is None else self.sums[name] + prod
@@ -314,6 +315,7 @@ class LayerPass:
     progress: bool = True
     objective: object = None  # a :class:`~curvature.pruning.parts.FisherObjective`
     reconstruct: object = None  # a :class:`~curvature.pruning.parts.Reconstruct`
+    products: torch.dtype = F64  # float type of each batch's X^T X (summed in float64)
 
 
 def run(model, data, loss_fn, targets, sparsities, lp: LayerPass, masks, dense=None):
@@ -504,7 +506,7 @@ def _sequential(model, data, loss_fn, targets, how, prune, result, weights=None)
             block = blocks[i]
             group = wanted.get(i, [])
             if group:
-                stats = _Stats(group, diagonal, weights)
+                stats = _Stats(group, diagonal, weights, lp.products)
 
                 def calibrate(block=block, stats=stats, inputs=inputs):
                     for a, kw in inputs:
@@ -525,7 +527,7 @@ def _sequential(model, data, loss_fn, targets, how, prune, result, weights=None)
                 )
         del inputs
     if rest:
-        stats = _Stats(rest, diagonal, weights)
+        stats = _Stats(rest, diagonal, weights, lp.products)
         try:
             n = _timed_stats(
                 result,
@@ -541,9 +543,8 @@ def _sequential(model, data, loss_fn, targets, how, prune, result, weights=None)
 
 def _parallel(model, data, loss_fn, targets, how, prune, result, weights=None):
     diagonal, lp = how
-    stats = _Stats(
-        targets, diagonal, weights
-    )  # every layer's statistics at once, from the dense model
+    # every layer's statistics at once, from the dense model
+    stats = _Stats(targets, diagonal, weights, lp.products)
     try:
         result.batches = _timed_stats(
             result,
@@ -582,6 +583,7 @@ def drive(model, data, loss_fn, call, pipeline, masks) -> PruneReport:
         progress=call.progress,
         objective=pipeline.objective,
         reconstruct=pipeline.reconstruct,
+        products=chooser.dtype,
     )
     res = run(model, data, loss_fn, targets, sparsities, lp, masks)
     reached = {t.name: float(masks.get(t.name).float().mean()) for t in targets}

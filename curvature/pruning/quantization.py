@@ -42,9 +42,10 @@ class Quantize:
     there: an embedding's inputs are one-hot, so its layer Hessian ``X^T X`` is diagonal and OBQ
     (or GPTQ) on a diagonal Hessian corrects nothing; each row is rounded alone.
 
-    ``precision``: the GPTQ sweep's float type, ``float64`` (the default, what the tests compare
-    with exact OBQ) or ``float32`` (the reference implementation's; faster, measured in
-    ``scripts/bench_quant.py``)."""
+    ``precision``: the float type of the GPTQ sweep and of each calibration batch's ``X^T X``
+    product (summed over batches in float64 either way): ``float64`` (the default, what the
+    tests compare with exact OBQ) or ``float32`` (the reference implementation's; faster,
+    measured in ``scripts/bench_quant.py`` and ``scripts/bench_pruning.py --part reference``)."""
 
     bits: int = 4
     group: int | None = 128
@@ -240,6 +241,7 @@ def quantize_model(
         label="gptq",
         structure=structure,
         progress=progress,
+        products=getattr(torch, part.precision),
     )
     res = layerwise.run(
         model, data, loss_fn, targets, dict.fromkeys((t.name for t in targets), sparsity), lp, masks

@@ -156,8 +156,9 @@ class SparseGPT(LayerSolver):
     name = "sparsegpt"
     needs_inverse = True
 
-    def __init__(self, block: int = 128):
+    def __init__(self, block: int = 128, dtype: torch.dtype = torch.float64):
         self.block = block
+        self.dtype = dtype
 
     def prune_layer(self, w, stats, sparsity, structure, fixed, *, ratio, name, row_weights=None):
         from curvature.pruning import layer_obs
@@ -172,6 +173,7 @@ class SparseGPT(LayerSolver):
             block=self.block,
             name=name,
             row_weights=row_weights,
+            dtype=self.dtype,
         )
 
 

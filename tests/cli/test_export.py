@@ -132,3 +132,34 @@ def test_export_bad_input_is_one_line(pruned, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "needs onnxruntime" in err[0] and "[quant]" in err[0]
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.partial-*"))
+
+
+def test_an_export_that_ignores_padding_is_refused(tmp_path, monkeypatch):
+    """The check batch has padded rows: an exported graph that reads the attention mask but
+    treats every position as a token (planted here) differs from PyTorch there and is not kept."""
+    from curvature.integrations import runtime
+
+    real = runtime._export_float
+
+    class IgnoresPadding(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            # still an input of the graph, but always 1
+            mask = attention_mask.clamp(min=1)
+            return self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+
+    from transformers import AutoModelForSequenceClassification
+
+    # logits of order 10 (the tiny model's are 0.01, where any error is within tolerance)
+    model = AutoModelForSequenceClassification.from_pretrained(make_model_dir(tmp_path / "m"))
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e3)
+    model.save_pretrained(tmp_path / "loud")
+    good = runtime.export(tmp_path / "loud", tmp_path / "good", threads=1, measure=False)
+    assert good["check"]["max_abs_logit"] > 1.0  # the check can see a padding error
+    monkeypatch.setattr(runtime, "_export_float", lambda m, b, p: real(IgnoresPadding(m), b, p))
+    with pytest.raises(ValueError, match="the export is wrong and was not kept"):
+        runtime.export(tmp_path / "loud", tmp_path / "bad", threads=1, measure=False)

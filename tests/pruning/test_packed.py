@@ -219,3 +219,12 @@ def test_a_bfloat16_model_is_saved_with_its_exact_codes(tmp_path):
             loaded.get_parameter(name).float(), model.get_parameter(name).float(),
             rtol=2 ** -7, atol=1e-6,
         )  # fmt: skip
+
+
+def test_a_rank_that_writes_no_folder_adds_no_config_and_does_not_fail(tmp_path):
+    """Under torch.distributed only rank 0 writes the folder; the others' ``save`` writes
+    nothing, and ``save_packed`` must neither fail on the missing config nor write one."""
+    model, rep = _quantized(bits=4, group=16, symmetric=True)
+    info = save_packed(model, rep, tmp_path, save=lambda state: None)
+    assert info["format"] is None and info["bytes"] == 0 and info["layers"] == 15
+    assert list(tmp_path.iterdir()) == []
