@@ -149,7 +149,9 @@ def test_an_export_that_ignores_padding_is_refused(tmp_path, monkeypatch):
         def forward(self, input_ids, attention_mask, token_type_ids):
             # still an input of the graph, but always 1
             mask = attention_mask.clamp(min=1)
-            return self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+            return self.model(
+                input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids
+            )
 
     from transformers import AutoModelForSequenceClassification
 
