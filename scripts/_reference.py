@@ -49,6 +49,10 @@ POINTS = [
     ("gptq 4-bit g128", "this toolkit", "gptq", {"precision": "float64"}),
     ("gptq 4-bit g128", "this toolkit, float32", "gptq", {"precision": "float32"}),
     ("gptq 4-bit g128", "published", "gptq", {}),
+    # GPTQ's rounding decisions cascade: a second calibration draw (other sequences from the same
+    # articles) shows how far two equally valid runs land apart
+    ("gptq 4-bit g128, draw 2", "this toolkit", "gptq", {"precision": "float64", "draw": 1}),
+    ("gptq 4-bit g128, draw 2", "published", "gptq", {"draw": 1}),
 ]
 
 
@@ -76,7 +80,7 @@ class Timers:
         setattr(owner, attr, timed)
 
 
-def _setup(threads: int, seed: int = 0):
+def _setup(threads: int, seed: int = 0, draw: int = 0):
     from curvature.tasks.kinds import prepare
 
     torch.set_num_threads(threads)
@@ -86,7 +90,7 @@ def _setup(threads: int, seed: int = 0):
     )  # fmt: skip
     ids = torch.tensor(prep.train["input_ids"], dtype=torch.long)
     order = list(range(len(ids)))
-    random.Random(seed).shuffle(order)
+    random.Random(draw).shuffle(order)  # the calibration draw (the split stays seed's)
     calib = ids[order[:SEQUENCES]]
     model = prep.model.float().eval()
     names = [
@@ -177,7 +181,8 @@ def _published(model, calib, method, checkout: Path, timers):
 
 def run_point(label: str, impl: str, method: str, settings: dict, opts: dict) -> dict:
     """One point, in this process; returns its raw record."""
-    prep, model, calib, names = _setup(opts["threads"])
+    settings = dict(settings)
+    prep, model, calib, names = _setup(opts["threads"], draw=settings.pop("draw", 0))
     timers = Timers()
     out = {}
     seconds = 0.0

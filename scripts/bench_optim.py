@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,8 +49,18 @@ SETUPS = {
         "max_eval": 6,
     },
 }
-# cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step
-COST_ROWS = OPTIMIZERS + ["adahessian:update_each=2", "adahessian:update_each=4"]
+# cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step, and estimating
+# it on a quarter / half of each batch
+COST_ROWS = OPTIMIZERS + [
+    "adahessian:update_each=2",
+    "adahessian:update_each=4",
+    "adahessian:hessian_batch=0.5",
+    "adahessian:hessian_batch=0.25",
+]
+
+
+def _number(text: str):
+    return float(text) if "." in text else int(text)
 
 
 def _cost_one(row: str, model_kind: str, steps: int) -> dict:
@@ -73,14 +84,14 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
         )
         x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
 
-        def loss_fn():
-            return torch.nn.functional.cross_entropy(model(x), y)
+        def loss_fn(n=None):
+            return torch.nn.functional.cross_entropy(model(x[:n]), y[:n])
 
         lr, kwargs = optimizer_row(name).lr, dict(optimizer_row(name).defaults)
         kwargs = {k: v for k, v in kwargs.items() if k != "exclude"}
         if name == "mfac":
             kwargs["gradients"] = 64
-        kwargs = kwargs | {k: int(v) for k, v in extra.items()}
+        kwargs = kwargs | {k: _number(v) for k, v in extra.items()}
     else:
         from curvature.tasks.models import load_classifier
 
@@ -89,17 +100,21 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         labels = torch.randint(0, 5, (16,))
 
-        def loss_fn():
-            return model(**batch, labels=labels).loss
+        def loss_fn(n=None):
+            return model(**{k: v[:n] for k, v in batch.items()}, labels=labels[:n]).loss
 
         lr, kwargs = optimizer_row(name).lr, dict(optimizer_row(name).defaults)
-        kwargs = kwargs | {k: int(v) for k, v in extra.items()}
+        kwargs = kwargs | {k: _number(v) for k, v in extra.items()}
     opt = build_optimizer(name, model, lr=lr, **kwargs)
     reset_peak_memory()
     base = peak_memory_bytes()
 
     def one_step():
         opt.zero_grad()
+        if getattr(opt, "needs_hessian_closure", False):  # the estimate on the first share
+            size = 128 if model_kind == "mlp" else 16
+            share = max(1, math.ceil(opt.hessian_batch * size))
+            opt.set_hessian_closure(lambda: loss_fn(share))
         loss = loss_fn()
         loss.backward(create_graph=needs_create_graph(opt))
         if hasattr(opt, "observe_loss"):
@@ -333,30 +348,50 @@ def _sub(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _gb(b) -> str:
     return f"{b / 2**30:.2f}" if b else "n/a"
 
 
-def part_cost(quick: bool) -> list[str]:
+def cost_table(rows: list[dict]) -> list[str]:
+    """The cost table from ``part_cost``'s raw rows (``scripts/tables.py optim-cost``)."""
     lines = [
         "| model | optimizer | s/step | x AdamW | peak RSS GiB | peak growth over start GiB |",
         "|---|---|---|---|---|---|",
     ]
-    # whole multiples of update_each = 4, so that the means are the long-run cost
-    for model_kind, steps in (("mlp", 8 if quick else 40), ("minilm", 4 if quick else 8)):
-        rows = [_sub(["cost", name, model_kind, str(steps)]) for name in COST_ROWS]
-        ref = rows[0].get("seconds_per_step")
-        for name, r in zip(COST_ROWS, rows):
-            if "error" in r:
-                lines.append(f"| {model_kind} | {name} | error: {r['error']} | | | |")
-                continue
-            ratio = r["seconds_per_step"] / ref if ref else float("nan")
-            lines.append(
-                f"| {model_kind} | {name} | {r['seconds_per_step']:.3f} | {ratio:.2f} | "
-                f"{_gb(r['peak_bytes'])} | {_gb(r['peak_over_start_bytes'])} |"
-            )
-        print("\n".join(lines[-len(COST_ROWS) :]), flush=True)
+    ref = {r["model"]: r["seconds_per_step"] for r in rows if r.get("optimizer") == "adamw"}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['optimizer']} | error: {r['error']} | | | |")
+            continue
+        ratio = r["seconds_per_step"] / ref[r["model"]] if r["model"] in ref else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {r['seconds_per_step']:.3f} | {ratio:.2f} | "
+            f"{_gb(r['peak_bytes'])} | {_gb(r['peak_over_start_bytes'])} |"
+        )
     return lines
+
+
+def part_cost(quick: bool) -> tuple[list[str], list[dict]]:
+    # whole multiples of update_each = 4, so that the means are the long-run cost
+    rows = []
+    for model_kind, steps in (("mlp", 8 if quick else 40), ("minilm", 4 if quick else 8)):
+        for name in COST_ROWS:
+            r = _sub(["cost", name, model_kind, str(steps)])
+            rows.append({"optimizer": name, "model": model_kind, "steps": steps, **r})
+            print("\n".join(cost_table(rows)[-1:]), flush=True)
+    return cost_table(rows), rows
 
 
 def part_quality(
@@ -652,9 +687,9 @@ def main() -> None:
         print("\n".join(part_mfac_warmup()))
         return
     if args.part in ("cost", "all"):
-        lines = part_cost(args.quick)
+        lines, rows = part_cost(args.quick)
         print("\n" + "\n".join(lines) + "\n", flush=True)
-        out["cost"] = lines
+        out["cost"] = {"rows": rows, "torch": _torch_version(), "threads": _threads()}
     if args.part in ("quality", "all"):
         seeds = [int(s) for s in args.seeds.split(",")]
         lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr)}

@@ -144,6 +144,14 @@ def optim_compare(path: Path) -> str:
     return "\n".join(bench_optim.compare_tables(out, names, seeds))
 
 
+def optim_cost(path: Path) -> str:
+    """``bench_optim.py --part cost --json``'s cost table from its raw rows."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_optim
+
+    return "\n".join(bench_optim.cost_table(json.loads(path.read_text())["cost"]["rows"]))
+
+
 def _ci(ev: dict, key: str, signed=False) -> str:
     fmt = _signed if signed else (lambda x: f"{x:.4f}")
     return f"{fmt(ev[key])} [{fmt(ev[key + '_ci_low'])}, {fmt(ev[key + '_ci_high'])}]"
@@ -296,7 +304,7 @@ def layerwise_reference(path: Path) -> str:
     published = {r["label"]: r for r in rows if r["implementation"] == "published"}
     out = [
         "| method | implementation | seconds | × published | forward passes | X^T X | solve | "
-        "sparsity | perplexity | − published [paired 95% CI] | peak GiB |",
+        "zeros | perplexity | − published [paired 95% CI] | peak GiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -311,9 +319,7 @@ def layerwise_reference(path: Path) -> str:
             d, lo, hi = stats.paired_interval(r["units"], ref["units"], "perplexity")
             diff = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
         timing = (
-            "| | | |"
-            if dense
-            else f"{r['seconds'] - prod - solve:.1f} | {prod:.1f} | {solve:.1f} |"
+            " | | |" if dense else f"{r['seconds'] - prod - solve:.1f} | {prod:.1f} | {solve:.1f} |"
         )
         secs = "" if dense else f"{r['seconds']:.1f}"
         out.append(
@@ -331,6 +337,7 @@ KINDS = {
     "main-job": main_job,
     "storage": storage,
     "optim-compare": optim_compare,
+    "optim-cost": optim_cost,
     "structured": structured,
     "runtime": runtime,
     "quant-llm": quant_llm,

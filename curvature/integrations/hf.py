@@ -150,6 +150,17 @@ class RecipeCallback(TrainerCallback):
             self.manager.masks.attach(model, optimizer)
 
 
+def _first_share(inputs: dict, share: float) -> dict:
+    """The first ``ceil(share * batch)`` examples of a batch of tensors (at least one)."""
+    import math
+
+    sizes = {v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"hessian_batch: the batch's tensors have different lengths {sizes}")
+    n = max(1, math.ceil(share * sizes.pop()))
+    return {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
+
+
 class RecipeTrainer(Trainer):
     """A ``Trainer`` with the recipe's distillation loss and, optionally, a curvature optimizer.
 
@@ -235,6 +246,9 @@ class RecipeTrainer(Trainer):
         from curvature.optim import MKOR, needs_create_graph
 
         inner = self._inner_optimizer()
+        if getattr(inner, "needs_hessian_closure", False):  # AdaHessian on a sub-batch
+            sub = _first_share(self._prepare_inputs(inputs), inner.hessian_batch)
+            inner.set_hessian_closure(lambda: self.compute_loss(model, sub))
         if not needs_create_graph(inner):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if isinstance(inner, MKOR):

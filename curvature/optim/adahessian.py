@@ -37,6 +37,16 @@ Two calling forms:
 - ``optimizer.step(closure)`` where ``closure`` returns the loss (it may call
   ``loss.backward(create_graph=True)`` itself; if it does not, the optimizer differentiates).
 
+A third form makes a refresh cheaper: ``hessian_batch=f < 1`` estimates the Hessian diagonal on
+the first ``f`` of each batch, not the whole of it. The gradient then comes from a plain
+``loss.backward()`` on the whole batch (no ``create_graph``), and before each refreshing step the
+caller hands the optimizer the loss of the sub-batch with ``set_hessian_closure(fn)``; the step
+differentiates it twice (gradient with ``create_graph``, then the Hessian-vector products). A
+refresh then costs a plain step plus ``f`` of the double-backward one: on MiniLM
+``docs/bench-optim.md`` measures the step cost and the effect on accuracy. ``RecipeTrainer``
+and ``curvature train`` (``--opt hessian_batch=0.25``) hand over the sub-batch themselves. With
+``f = 1`` (the default) nothing changes: the reference's estimate on the whole batch.
+
 Attention kernels without a double backward (SDPA, flash) fail in the Hessian-vector product;
 load Hugging Face models with ``attn_implementation="eager"``.
 
@@ -108,6 +118,9 @@ class AdaHessian(Optimizer):
         probes: across ``torch.distributed`` ranks: ``"per-rank"`` (rank ``r`` draws from
             ``seed + r``: ``world`` times the probes per refresh) or ``"shared"`` (every rank
             draws the same probes: the step equals one process on the concatenated batch).
+        hessian_batch: the share of each batch the Hessian estimate is computed on, in
+            ``(0, 1]``; below 1 the loss of that sub-batch is handed over with
+            :meth:`set_hessian_closure` before each refreshing step (see the module).
 
     Data parallelism: do not wrap the model in ``DistributedDataParallel`` (its reducer does not
     support the double backward of the Hessian-vector product). Under an initialised process
@@ -132,6 +145,7 @@ class AdaHessian(Optimizer):
         block_length: int = 1,
         seed: int | None = None,
         probes: str = "per-rank",
+        hessian_batch: float = 1.0,
     ) -> None:
         checks.learning_rate(lr)
         checks.betas(betas)
@@ -143,6 +157,7 @@ class AdaHessian(Optimizer):
         checks.integer_at_least("block_length", block_length)
         checks.one_of("distribution", distribution, DISTRIBUTIONS)
         checks.one_of("probes", probes, PROBES)
+        checks.in_range("hessian_batch", hessian_batch, 0, 1, "(]")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -157,6 +172,8 @@ class AdaHessian(Optimizer):
         self.distribution = distribution
         self.seed = seed
         self.probes = probes
+        self.hessian_batch = float(hessian_batch)
+        self._hessian_closure = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self.state["hessian_counter"] = 0  # steps taken (decides the refreshes)
 
@@ -185,16 +202,48 @@ class AdaHessian(Optimizer):
     @property
     def refreshes_next_step(self) -> bool:
         """Whether the next :meth:`step` computes a new Hessian estimate, so that its backward
-        needs ``create_graph=True``; with ``update_each > 1`` the other steps take a plain
-        backward (the cost of ``update_each = 2, 4`` in ``docs/bench-optim.md``)."""
-        return self.state["hessian_counter"] % self.update_each == 0
+        needs ``create_graph=True`` (with ``hessian_batch < 1``: that it needs the sub-batch's
+        loss instead, see :attr:`needs_hessian_closure`); with ``update_each > 1`` the other
+        steps take a plain backward (the cost of ``update_each = 2, 4`` in
+        ``docs/bench-optim.md``)."""
+        refresh = self.state["hessian_counter"] % self.update_each == 0
+        return refresh and self.hessian_batch == 1.0
+
+    @property
+    def needs_hessian_closure(self) -> bool:
+        """Whether the next :meth:`step` estimates the Hessian on a sub-batch whose loss must be
+        handed over first (:meth:`set_hessian_closure`)."""
+        refresh = self.state["hessian_counter"] % self.update_each == 0
+        return refresh and self.hessian_batch < 1.0
+
+    def set_hessian_closure(self, closure) -> None:
+        """``closure()`` returns the loss of the sub-batch (the first ``hessian_batch`` of the
+        batch) the next refresh estimates the Hessian diagonal on; used by one step."""
+        self._hessian_closure = closure
+
+    def _sub_batch_gradients(self, params):
+        closure, self._hessian_closure = self._hessian_closure, None
+        if closure is None:
+            raise RuntimeError(
+                f"AdaHessian(hessian_batch={self.hessian_batch:g}) refreshes its Hessian estimate "
+                "at this step: call optimizer.set_hessian_closure(fn) first, fn() returning the "
+                "loss of the first part of the batch (RecipeTrainer and curvature train do)"
+            )
+        with torch.enable_grad():
+            loss = closure()
+            return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
     @torch.no_grad()
     def _hessian_diag(
         self, params: list[torch.Tensor], absolute: bool = True
     ) -> list[torch.Tensor]:
-        have = [p for p in params if p.grad is not None]  # across ranks: unused ones estimate 0
-        grads = [p.grad for p in have]
+        if self.hessian_batch < 1.0:  # the sub-batch's gradient, with its graph
+            sub = self._sub_batch_gradients(params)
+            pairs = [(p, g) for p, g in zip(params, sub) if g is not None]
+        else:
+            pairs = [(p, p.grad) for p in params if p.grad is not None]
+        have = [p for p, _ in pairs]  # across ranks: unused ones estimate 0
+        grads = [g for _, g in pairs]
         if any(g.grad_fn is None for g in grads):
             raise RuntimeError(
                 "AdaHessian refreshes its Hessian estimate at this step and needs the graph of the "

@@ -576,3 +576,62 @@ def test_mkor_plans_its_factor_memory():
     opt.close()
     with pytest.raises(MemoryError, match="no layer's factors fit in max_memory"):
         MKOR(model, lr=0.01, max_memory=min(sizes.values()) - 1)
+
+
+def test_adahessian_sub_batch_estimate_is_the_sub_batch_hessian_and_the_step_the_full_gradient():
+    """``hessian_batch=0.25``: with the same probe, the estimate is ``|z * H_sub z|`` of the
+    dense float64 Hessian of the first quarter's loss, and the step uses the whole batch's
+    gradient (an optimizer fed both by hand: same parameters after the step)."""
+    model, twin = mlp(dtype=F64), mlp(dtype=F64)
+    twin.load_state_dict(model.state_dict())
+    x, y = mlp_data(dtype=F64)
+    n = x.shape[0] // 4
+    params = list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss_of(*ps, rows=slice(None)):
+        out = torch.func.functional_call(model, dict(zip(names, ps)), (x[rows],))
+        return torch.nn.functional.cross_entropy(out, y[rows])
+
+    opt = AdaHessian(params, lr=0.1, seed=0, hessian_batch=0.25)
+    assert opt.needs_hessian_closure and not opt.refreshes_next_step  # a plain backward
+    loss_of(*params).backward()
+    opt.set_hessian_closure(lambda: loss_of(*params, rows=slice(0, n)))
+    probes = []
+    real_probe = opt._probe
+    opt._probe = lambda p: probes.append(real_probe(p)) or probes[-1]
+    hand = [p.detach().clone() for p in params]
+    grads = [p.grad.detach().clone() for p in params]
+    opt.step()
+    sizes = [p.numel() for p in params]
+
+    def flat_loss(v):  # H z couples every parameter: the Hessian of all of them at once
+        ps = [c.reshape(p.shape) for c, p in zip(v.split(sizes), params)]
+        return loss_of(*ps, rows=slice(0, n))
+
+    h = hessian(flat_loss)(torch.cat([t.flatten() for t in hand]))
+    z = torch.cat([t.flatten() for t in probes])
+    want = (z * (h @ z)).abs().split(sizes)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(
+            opt.state[p]["hessian_diag"], w.reshape(p.shape), rtol=1e-10, atol=1e-12
+        )
+    # the same update from the full-batch gradient and that estimate, through the normal path
+    ref = AdaHessian(list(twin.parameters()), lr=0.1, seed=0)
+    for q, g in zip(twin.parameters(), grads):
+        q.grad = g
+    ref._hessian_diag = lambda ps, absolute=True: [opt.state[p]["hessian_diag"] for p in params]
+    ref.step()
+    for p, q in zip(params, twin.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_adahessian_sub_batch_without_its_loss_is_one_clear_error():
+    model = mlp()
+    x, y = mlp_data()
+    opt = AdaHessian(model.parameters(), hessian_batch=0.5)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"hessian_batch=0.5.*set_hessian_closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="hessian_batch"):
+        AdaHessian(model.parameters(), hessian_batch=0.0)
