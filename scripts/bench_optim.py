@@ -153,9 +153,12 @@ def _quality_one(
 ) -> dict:
     from curvature.cli.train import TrainJob, run_train
 
+    base, _, extra = name.partition(":")  # "adahessian:hessian_batch=0.25"
+    kwargs = {k: _number(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
     m = run_train(
         TrainJob(
-            optimizer=name,
+            optimizer=base,
+            optimizer_kwargs=kwargs or None,
             output=None,
             lr=lr if lr > 0 else None,
             max_steps=steps,
@@ -167,7 +170,8 @@ def _quality_one(
             **SETUPS[setup]["job"],
         )
     )
-    return {k: m[k] for k in ("optimizer", "lr", "seed", "steps", "seconds_per_step", "curve")} | {
+    return {k: m[k] for k in ("lr", "seed", "steps", "seconds_per_step", "curve")} | {
+        "optimizer": name,
         **{k: m["validation"][k] for k in ("accuracy", "perplexity") if k in m["validation"]},
         "loss": m["validation"]["loss"],
         "peak_bytes": m["peak_memory_bytes"],
@@ -692,14 +696,14 @@ def main() -> None:
         out["cost"] = {"rows": rows, "torch": _torch_version(), "threads": _threads()}
     if args.part in ("quality", "all"):
         seeds = [int(s) for s in args.seeds.split(",")]
-        lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr)}
+        lrs = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.lr)}
         names = [n for n in args.optimizers.split(",") if n]
         lines, runs = part_quality(
             names, seeds, args.steps, args.eval_every, args.target, args.max_eval, lrs,
             args.threads, args.plot,
         )  # fmt: skip
         print("\n" + "\n".join(lines) + "\n", flush=True)
-        out["quality"] = {"table": lines, "runs": runs}
+        out["quality"] = {"table": lines, "runs": runs, "steps": args.steps, "target": args.target}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -152,6 +152,15 @@ def optim_cost(path: Path) -> str:
     return "\n".join(bench_optim.cost_table(json.loads(path.read_text())["cost"]["rows"]))
 
 
+def optim_quality(path: Path) -> str:
+    """``bench_optim.py --part quality --json``'s fine-tuning table from its raw runs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_optim
+
+    q = json.loads(path.read_text())["quality"]
+    return "\n".join(bench_optim.quality_table(q["runs"], q["steps"], q["target"]))
+
+
 def _ci(ev: dict, key: str, signed=False) -> str:
     fmt = _signed if signed else (lambda x: f"{x:.4f}")
     return f"{fmt(ev[key])} [{fmt(ev[key + '_ci_low'])}, {fmt(ev[key + '_ci_high'])}]"
@@ -338,6 +347,7 @@ KINDS = {
     "storage": storage,
     "optim-compare": optim_compare,
     "optim-cost": optim_cost,
+    "optim-quality": optim_quality,
     "structured": structured,
     "runtime": runtime,
     "quant-llm": quant_llm,
