@@ -165,3 +165,37 @@ def test_an_export_that_ignores_padding_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "_export_float", lambda m, b, p: real(IgnoresPadding(m), b, p))
     with pytest.raises(ValueError, match="the export is wrong and was not kept"):
         runtime.export(tmp_path / "loud", tmp_path / "bad", threads=1, measure=False)
+
+
+def test_equal_weights_in_two_layers_are_never_given_the_other_layers_codes(tmp_path):
+    """Two layers with equal float weights but different saved codes (another scale): the
+    runtime's weight cannot be told apart, so neither gets saved codes (the runtime rounds it)
+    rather than one of them getting the other's."""
+    from curvature.integrations import runtime
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8, bias=False)
+            self.b = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+        def get_input_embeddings(self):  # none: only the linear layers' codes are in play
+            return None
+
+    torch.manual_seed(0)
+    model = Two().eval()
+    with torch.no_grad():
+        model.b.weight.copy_(model.a.weight)
+    w = model.a.weight.detach()
+    scale = w.abs().amax(1) / 127
+    zero = torch.zeros(8, dtype=torch.int8)
+    codes = {
+        "a": (torch.round(w / scale[:, None]).to(torch.int8), scale, zero),
+        "b": (torch.round(w / (2 * scale[:, None])).to(torch.int8), 2 * scale, zero),
+    }
+    runtime._export_float(model, {"x": torch.randn(2, 3, 8)}, tmp_path / "float.onnx")
+    info = runtime._int8(model, tmp_path / "float.onnx", tmp_path / "int8.onnx", codes)
+    assert info["saved_codes"] == [] and info["equal_weights_left_to_runtime"] >= 1
