@@ -379,7 +379,8 @@ class LayerwisePruningModifier(_Pruning):
 
     ``num_calibration_batches`` batches of the pruning data are read (fewer if it has fewer);
     ``damp`` is the damping of ``H`` as a fraction of its mean diagonal; ``sequential`` calibrates
-    each block on the outputs of the pruned blocks before it.
+    each block on the outputs of the pruned blocks before it; ``precision`` (``float64`` or
+    ``float32``) is the float type of the calibration products and of SparseGPT's sweep.
     """
 
     method_name: str = Field("sparsegpt", alias="method")
@@ -387,6 +388,7 @@ class LayerwisePruningModifier(_Pruning):
     damp: float = Field(0.01, gt=0)
     sequential: bool = True
     global_sparsity: bool = False
+    precision: Literal["float64", "float32"] = "float64"
 
     @field_validator("method_name")
     @classmethod
@@ -406,6 +408,7 @@ class LayerwisePruningModifier(_Pruning):
         "batches": "num_calibration_batches",
         "rel_damp": "damp",
         "sequential": "sequential",
+        "precision": "precision",
     }
 
 
@@ -501,6 +504,7 @@ class GPTQModifier(Modifier):
     embedding_bits: int | None = None
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     mask_type: str = "unstructured"
+    precision: Literal["float64", "float32"] = "float64"
 
     @model_validator(mode="after")
     def _part(self):
@@ -545,7 +549,7 @@ class GPTQModifier(Modifier):
             bits=self.bits, group=self.group_size, symmetric=self.symmetric, method=self.method,
             act_order=self.actorder, static_groups=self.static_groups, rel_damp=self.damp,
             block=self.block_size, batches=self.num_calibration_batches,
-            embedding_bits=self.embedding_bits,
+            embedding_bits=self.embedding_bits, precision=self.precision,
         )  # fmt: skip
 
 

@@ -344,6 +344,7 @@ modifiers:
     num_calibration_batches: 7
     damp: 0.05
     sequential: false
+    precision: float32
 """
     from curvature.cli.jobs import _grad_batch_size
 
@@ -355,6 +356,7 @@ modifiers:
     chooser = layerwise.pipeline().chooser
     assert type(chooser).__name__ == "OBC"
     assert (chooser.batches, chooser.rel_damp, chooser.sequential) == (7, 0.05, False)
+    assert chooser.precision == "float32"
     assert _grad_batch_size(recipe, 16) == 3
 
 
@@ -368,6 +370,8 @@ def test_gm_pruning_refuses_phased():
 
 #: every field of every modifier that acts, and a test that fails if it were ignored
 FIELD_TESTS = {
+    # LayerwisePruningModifier's (the pipeline's part) and GPTQModifier's (the Quantize part)
+    "precision": "recipes/test_recipes.py::test_published_pruning_fields_reach_the_parts_settings",
     "start_epoch": "pruning/test_pruning_engine.py::test_schedule_values",
     "end_epoch": "pruning/test_pruning_engine.py::test_schedule_values",
     "init_sparsity": "pruning/test_pruning_engine.py::test_schedule_values",
@@ -437,11 +441,12 @@ modifiers:
     block_size: 256
     num_calibration_batches: 9
     embedding_bits: 8
+    precision: float32
 """
     (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
     assert mod.part() == Quantize(
         bits=3, group=64, symmetric=True, act_order=True, static_groups=True, rel_damp=0.05,
-        block=256, batches=9, embedding_bits=8,
+        block=256, batches=9, embedding_bits=8, precision="float32",
     )  # fmt: skip
     text = "modifiers:\n  - !GPTQModifier {method: rtn, bits: 8, group_size: null}\n"
     (mod,) = load_recipe(write_recipe(tmp_path, text)).of(GPTQModifier)
