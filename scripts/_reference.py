@@ -114,10 +114,10 @@ def _ours(model, calib, names, method, settings, timers):
     if method == "gptq":
         part = Quantize(bits=4, group=128, batches=len(data), **settings)
         rep = quantize_model(model, data, _lm_loss, part, params=names, progress=False)
-        return {"phases": {k: float(v) for k, v in rep.phases.items()}}
-    chooser = {"sparsegpt": parts.SparseGPT, "wanda": parts.Wanda}[method]
-    rep = prune(model, data, loss_fn=_lm_loss, sparsity=0.5, params=names, progress=False,
-                method=chooser(batches=len(data), **settings))  # fmt: skip
+    else:
+        chooser = {"sparsegpt": parts.SparseGPT, "wanda": parts.Wanda}[method]
+        rep = prune(model, data, loss_fn=_lm_loss, sparsity=0.5, params=names, progress=False,
+                    method=chooser(batches=len(data), **settings))  # fmt: skip
     return {"phases": {k: float(v) for k, v in rep.phases.items()}}
 
 
@@ -148,8 +148,8 @@ def _published(model, calib, method, checkout: Path, timers):
     loader = [(calib[i : i + 1], None) for i in range(len(calib))]
     dev = torch.device("cpu")
     common = dict(nsamples=len(calib), seed=0, percdamp=0.01, true_sequential=False)
+    sys.path.insert(0, str(checkout))
     if method == "wanda":
-        sys.path.insert(0, str(checkout))
         import lib.layerwrapper as wrapper
         import lib.prune as wanda
 
@@ -158,7 +158,6 @@ def _published(model, calib, method, checkout: Path, timers):
         args = Namespace(**common, sparsity_ratio=0.5, use_variant=False)
         wanda.prune_wanda(args, model, None, dev, prune_n=0, prune_m=0)
         return {}
-    sys.path.insert(0, str(checkout))
     import llama  # the checkout's script; its module globals are its command line's namespace
 
     if method == "sparsegpt":

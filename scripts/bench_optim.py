@@ -83,6 +83,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
             torch.nn.Linear(512, 10),
         )
         x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+        rows = len(y)
 
         def loss_fn(n=None):
             return torch.nn.functional.cross_entropy(model(x[:n]), y[:n])
@@ -99,6 +100,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
         ids = torch.randint(1000, 20000, (16, 128))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         labels = torch.randint(0, 5, (16,))
+        rows = len(labels)
 
         def loss_fn(n=None):
             return model(**{k: v[:n] for k, v in batch.items()}, labels=labels[:n]).loss
@@ -112,8 +114,7 @@ def _cost_one(row: str, model_kind: str, steps: int) -> dict:
     def one_step():
         opt.zero_grad()
         if getattr(opt, "needs_hessian_closure", False):  # the estimate on the first share
-            size = 128 if model_kind == "mlp" else 16
-            share = max(1, math.ceil(opt.hessian_batch * size))
+            share = max(1, math.ceil(opt.hessian_batch * rows))
             opt.set_hessian_closure(lambda: loss_fn(share))
         loss = loss_fn()
         loss.backward(create_graph=needs_create_graph(opt))
@@ -352,16 +353,10 @@ def _sub(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _torch_version() -> str:
+def _environment() -> dict:
     import torch
 
-    return torch.__version__
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _gb(b) -> str:
@@ -693,7 +688,7 @@ def main() -> None:
     if args.part in ("cost", "all"):
         lines, rows = part_cost(args.quick)
         print("\n" + "\n".join(lines) + "\n", flush=True)
-        out["cost"] = {"rows": rows, "torch": _torch_version(), "threads": _threads()}
+        out["cost"] = {"rows": rows, **_environment()}
     if args.part in ("quality", "all"):
         seeds = [int(s) for s in args.seeds.split(",")]
         lrs = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.lr)}

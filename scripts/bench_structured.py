@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("magnitude", "activation", "fluctuation")
-CHILD = (
-    "import json, resource, sys\n"
-    "from curvature.cli.main import main\n"
-    "rc = main(sys.argv[2:])\n"
-    "json.dump({'rc': rc, 'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
-    "/ 1024}, open(sys.argv[1], 'w'))\n"
-    "sys.exit(rc)\n"
-)
+sys.path.insert(0, str(ROOT / "scripts"))
+from _bench import run_child  # noqa: E402
 
 
 def prune(args, recipe: str, sets: dict, out: Path, extra=()) -> dict:
@@ -41,15 +32,11 @@ def prune(args, recipe: str, sets: dict, out: Path, extra=()) -> dict:
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     argv += ["--output", str(out), "--no-progress", "--overwrite", *extra]
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, fh.name, *argv], check=False)
-        wall = time.perf_counter() - t0
-        usage = json.loads(Path(fh.name).read_text() or "{}")
-    if proc.returncode:
-        raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {proc.returncode}")
+    rc, usage = run_child(argv)
+    if rc:
+        raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {rc}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"argv": argv, "wall_s": wall, **usage, "metrics": metrics}
+    return {"argv": argv, **usage, "metrics": metrics}
 
 
 def measure(args) -> None:

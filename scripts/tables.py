@@ -133,11 +133,16 @@ def storage(path: Path) -> str:
     return "\n".join(out)
 
 
-def optim_compare(path: Path) -> str:
-    """``bench_optim.py --part compare``'s table from its JSON (every probe and seed)."""
+def _bench_optim():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_optim
 
+    return bench_optim
+
+
+def optim_compare(path: Path) -> str:
+    """``bench_optim.py --part compare``'s table from its JSON (every probe and seed)."""
+    bench_optim = _bench_optim()
     out = json.loads(path.read_text())
     names = list(dict.fromkeys(k.split("|")[0] for k in out["runs"]))
     seeds = sorted({int(k.split("|")[1]) for k in out["runs"]})
@@ -146,19 +151,13 @@ def optim_compare(path: Path) -> str:
 
 def optim_cost(path: Path) -> str:
     """``bench_optim.py --part cost --json``'s cost table from its raw rows."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_optim
-
-    return "\n".join(bench_optim.cost_table(json.loads(path.read_text())["cost"]["rows"]))
+    return "\n".join(_bench_optim().cost_table(json.loads(path.read_text())["cost"]["rows"]))
 
 
 def optim_quality(path: Path) -> str:
     """``bench_optim.py --part quality --json``'s fine-tuning table from its raw runs."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_optim
-
     q = json.loads(path.read_text())["quality"]
-    return "\n".join(bench_optim.quality_table(q["runs"], q["steps"], q["target"]))
+    return "\n".join(_bench_optim().quality_table(q["runs"], q["steps"], q["target"]))
 
 
 def _ci(ev: dict, key: str, signed=False) -> str:

@@ -206,15 +206,18 @@ class AdaHessian(Optimizer):
         loss instead, see :attr:`needs_hessian_closure`); with ``update_each > 1`` the other
         steps take a plain backward (the cost of ``update_each = 2, 4`` in
         ``docs/bench-optim.md``)."""
-        refresh = self.state["hessian_counter"] % self.update_each == 0
-        return refresh and self.hessian_batch == 1.0
+        return self._refresh_due and self.hessian_batch == 1.0
 
     @property
     def needs_hessian_closure(self) -> bool:
         """Whether the next :meth:`step` estimates the Hessian on a sub-batch whose loss must be
         handed over first (:meth:`set_hessian_closure`)."""
-        refresh = self.state["hessian_counter"] % self.update_each == 0
-        return refresh and self.hessian_batch < 1.0
+        return self._refresh_due and self.hessian_batch < 1.0
+
+    @property
+    def _refresh_due(self) -> bool:
+        """Whether the next :meth:`step` computes a new Hessian estimate."""
+        return self.state["hessian_counter"] % self.update_each == 0
 
     def set_hessian_closure(self, closure) -> None:
         """``closure()`` returns the loss of the sub-batch (the first ``hessian_batch`` of the
@@ -284,7 +287,7 @@ class AdaHessian(Optimizer):
         if not params:
             return loss
         counter = self.state["hessian_counter"]
-        refresh = counter % self.update_each == 0
+        refresh = self._refresh_due
         index = {p: i for i, p in enumerate(params)}
         diag = self._hessian_diag(params, absolute=_world() == 1) if refresh else None
         if _world() > 1:  # gradients and local estimates averaged in one all-reduce per dtype

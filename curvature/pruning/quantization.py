@@ -89,6 +89,11 @@ class Quantize:
                 f"{changed[0]} is a GPTQ setting; method rtn reads no data and would ignore it"
             )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float type of the calibration products and of the sweep (``precision``)."""
+        return getattr(torch, self.precision)
+
     def grid(self) -> Grid:
         return Grid(bits=self.bits, group=self.group, symmetric=self.symmetric)
 
@@ -119,7 +124,7 @@ class _Solver(LayerSolver):
         q = quantize.gptq(
             w, stats, p.grid(), rel_damp=ratio, block=p.block, act_order=p.act_order,
             static_groups=p.static_groups, sparsity=sparsity, nm=structure.nm, fixed=fixed,
-            name=name, dtype=getattr(torch, p.precision),
+            name=name, dtype=p.dtype,
         )  # fmt: skip
         self.results[name] = q
         mask = q.mask if q.mask is not None else (w == 0) if fixed is None else fixed
@@ -241,7 +246,7 @@ def quantize_model(
         label="gptq",
         structure=structure,
         progress=progress,
-        products=getattr(torch, part.precision),
+        products=part.dtype,
     )
     res = layerwise.run(
         model, data, loss_fn, targets, dict.fromkeys((t.name for t in targets), sparsity), lp, masks
