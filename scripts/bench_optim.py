@@ -40,13 +40,14 @@ SETUPS = {
         "max_eval": 200,
     },
     # the embedded decoder (SmolLM2-135M) fine-tuned as a language model on BBC text: batch 4 of
-    # 64 tokens, judged by validation loss (mean next-token cross-entropy)
+    # 64 tokens, judged by validation loss (mean next-token cross-entropy) on 16 held-out
+    # sequences; a step costs 3.5 (AdamW) to 28 s (SOAP) on 2 cores, which sets the budget
     "smollm2": {
         "job": {"model": "smollm2", "task": "causal-lm", "max_length": 64, "batch_size": 4},
         "metric": "loss",
         "steps": 10,
-        "eval_every": 10,
-        "max_eval": 6,
+        "eval_every": 2,
+        "max_eval": 16,
     },
 }
 # cost rows only: AdaHessian refreshing its Hessian estimate every 2nd / 4th step, and estimating
@@ -60,7 +61,13 @@ COST_ROWS = OPTIMIZERS + [
 
 
 def _number(text: str):
-    return float(text) if "." in text else int(text)
+    """A setting from the command line: ``16``, ``1e-4``, ``0.5``, or a pair ``0.9/0.99``."""
+    if "/" in text:
+        return tuple(_number(t) for t in text.split("/"))
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _cost_one(row: str, model_kind: str, steps: int) -> dict:
@@ -200,22 +207,10 @@ def part_compare(
         chosen = {n: _best_lr(prev, n, seeds[0]) for n in names}
 
     spec = SETUPS[setup]
-    lower = spec["metric"] == "loss"
     out = {"setup": setup, "spec": spec, "runs": {}}
     if os.path.exists(json_path):
         out = json.load(open(json_path))  # resume
-
-    def run(name, seed, lr):
-        key = f"{name}|{seed}|{lr:g}"
-        if key not in out["runs"]:
-            out["runs"][key] = _sub(
-                ["quality", name, str(seed), str(spec["steps"]), str(spec["eval_every"]),
-                 str(spec["max_eval"]), str(lr), str(threads), setup]
-            )  # fmt: skip
-            json.dump(out, open(json_path, "w"), indent=1)
-            r = out["runs"][key]
-            print(f"{setup} {key}: {r.get(spec['metric'], r.get('error'))}", flush=True)
-        return out["runs"][key]
+    run = _runner(out, json_path, threads)
 
     if chosen:  # no tuning here: every optimizer's first seed first, then the next seeds
         for s in seeds:
@@ -224,21 +219,7 @@ def part_compare(
                     run(name, s, chosen[name])
         return out
     for name in names:
-        d = optimizer_row(name).lr
-        grid = [d / 3, d, d * 3]
-        probes = {lr: run(name, seeds[0], lr) for lr in grid}
-        for _ in range(EXTEND):
-            ok = {lr: r for lr, r in probes.items() if "error" not in r}
-            if not ok:
-                break
-            best = (min if lower else max)(ok, key=lambda lr: ok[lr][spec["metric"]])
-            if best == max(probes):
-                nxt = best * 3
-            elif best == min(probes):
-                nxt = best / 3
-            else:
-                break
-            probes[nxt] = run(name, seeds[0], nxt)
+        _tune_lr(run, name, seeds[0], optimizer_row(name).lr, spec["metric"])
         best = _best_lr(out, name, seeds[0])
         if best is None:
             continue
@@ -248,6 +229,157 @@ def part_compare(
 
 
 EXTEND = 2
+
+
+def _runner(out: dict, json_path: str, threads: int):
+    """``run(name, seed, lr, fresh=False)``: the fine-tuning run of ``out``'s setup, from
+    ``out["runs"]`` when it is there (a resumed file), else (unless ``fresh``) from
+    ``out["reused"]``, else in a fresh process, saved to ``json_path`` at once."""
+    setup = out["setup"]
+    spec = out["spec"]
+
+    def run(name, seed, lr, fresh=False):
+        key = f"{name}|{seed}|{lr:g}"
+        if not fresh and key not in out["runs"] and key in out.get("reused", {}):
+            return out["reused"][key]
+        if key not in out["runs"]:
+            out["runs"][key] = _sub(
+                ["quality", name, str(seed), str(spec["steps"]), str(spec["eval_every"]),
+                 str(spec["max_eval"]), str(lr), str(threads), setup]
+            )  # fmt: skip
+            out["runs"][key]["commit"] = _commit()
+            with open(json_path, "w") as fh:
+                json.dump(out, fh, indent=1)
+            r = out["runs"][key]
+            print(f"{setup} {key}: {r.get(spec['metric'], r.get('error'))}", flush=True)
+        return out["runs"][key]
+
+    return run
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# --part target: time to a target set by tuned AdamW
+TARGETED = ["adamw", "muon", "soap", "adahessian", "mfac", "mkor", "mkor-h"]
+# each optimizer's one most important setting besides the learning rate, with the two values
+# probed beside its default (at the best learning rate, on the first seed)
+KNOBS = {
+    "adamw": ("betas", ["0.9/0.99", "0.9/0.95"]),  # default 0.9/0.999
+    "muon": ("momentum", ["0.9", "0.98"]),  # 0.95
+    "soap": ("precondition_frequency", ["3", "30"]),  # 10
+    "adahessian": ("update_each", ["2", "4"]),  # 1
+    "mfac": ("gradients", ["8", "32"]),  # the window, 16
+    "mkor": ("inv_freq", ["3", "30"]),  # 10
+    "mkor-h": ("switch_window", ["5", "10"]),  # 20: four windows do not fit a short budget
+}
+
+
+def _seed_runs(out: dict, base: str, seed: int) -> dict:
+    """``{(name, lr): run}`` of ``base``'s runs (any setting) on ``seed`` that did not fail,
+    reused ones included."""
+    found = {}
+    for key, r in (out.get("reused", {}) | out["runs"]).items():
+        name, s, lr = key.split("|")
+        if name.split(":")[0] == base and s == str(seed) and "error" not in r:
+            found[(name, float(lr))] = r
+    return found
+
+
+def _pick(runs: dict, metric: str):
+    """The ``(name, lr)`` of the best run (the first listed among equals)."""
+    if not runs:
+        return None
+    sign = 1 if metric == "loss" else -1
+    return min(runs, key=lambda k: sign * runs[k][metric])
+
+
+def part_target(
+    setup: str,
+    names: list[str],
+    seeds: list[int],
+    threads: int,
+    json_path: str,
+    reuse: str | None = None,
+    settings_from: str | None = None,
+) -> dict:
+    """Tune every optimizer with the same budget on the first seed: the learning-rate rule of
+    :func:`_tune_lr` (3 to 5 runs) at its default settings, then its :data:`KNOBS` setting at two
+    other values at the best rate; the best of these runs is its choice, run on the other seeds.
+    The target (:func:`target_rows`) is tuned AdamW's final metric.
+
+    ``reuse``: a ``--part compare`` file of the same setup and protocol whose runs stand in for
+    tuning runs (kept apart under ``"reused"``): the metric is deterministic given the seed, the
+    time is not, so the chosen settings' runs on every seed, the first included, run here.
+    ``settings_from``: no tuning; every optimizer's choice in that file, on every seed."""
+    from curvature.optim.registry import get as optimizer_row
+
+    spec = SETUPS[setup]
+    metric = spec["metric"]
+    out = {"setup": setup, "spec": spec, "runs": {}, "chosen": {}, "knobs": KNOBS}
+    if os.path.exists(json_path):
+        out = json.load(open(json_path))  # resume
+    if reuse:
+        prev = json.load(open(reuse))
+        if prev["spec"] != spec:
+            raise SystemExit(f"--reuse {reuse}: its protocol {prev['spec']} is not {spec}")
+        out["reused"] = prev["runs"]
+        out["reused_from"] = os.path.basename(reuse)
+    run = _runner(out, json_path, threads)
+    if settings_from:
+        out["chosen"] = {
+            n: c for n, c in json.load(open(settings_from))["chosen"].items() if n in names
+        }
+        out["settings_from"] = os.path.basename(settings_from)
+    for base in names:
+        if not settings_from:
+            probes = _tune_lr(run, base, seeds[0], optimizer_row(base).lr, metric)
+            ok = {lr: r for lr, r in probes.items() if "error" not in r}
+            if not ok:  # its row in the table shows the error
+                out["chosen"][base] = {"name": base, "lr": optimizer_row(base).lr}
+                continue
+            best_lr = _pick({(base, lr): r for lr, r in ok.items()}, metric)[1]
+            key, values = KNOBS[base]
+            for v in values:
+                run(f"{base}:{key}={v}", seeds[0], best_lr)
+            name, lr = _pick(_seed_runs(out, base, seeds[0]), metric)
+            out["chosen"][base] = {"name": name, "lr": lr}
+        if base not in out["chosen"]:
+            continue
+        c = out["chosen"][base]
+        for s in seeds:
+            run(c["name"], s, c["lr"], fresh=True)
+    with open(json_path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    return out
+
+
+def _tune_lr(run, name: str, seed: int, default: float, metric: str) -> dict:
+    """The learning-rate rule: three runs at ``default`` / 3, ``default``, ``default`` x 3; while
+    the best is at an end of the grid, one more x 3 step beyond it, at most :data:`EXTEND` times.
+    Returns ``{lr: run}``."""
+    lower = metric == "loss"
+    probes = {lr: run(name, seed, lr) for lr in (default / 3, default, default * 3)}
+    for _ in range(EXTEND):
+        ok = {lr: r for lr, r in probes.items() if "error" not in r}
+        if not ok:
+            break
+        best = (min if lower else max)(ok, key=lambda lr: ok[lr][metric])
+        if best == max(probes):
+            nxt = best * 3
+        elif best == min(probes):
+            nxt = best / 3
+        else:
+            break
+        probes[nxt] = run(name, seed, nxt)
+    return probes
 
 
 def _best_lr(out: dict, name: str, seed: int):
@@ -261,6 +393,172 @@ def _best_lr(out: dict, name: str, seed: int):
     if not ok:
         return None
     return (min if metric == "loss" else max)(ok, key=lambda lr: ok[lr][metric])
+
+
+_T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student t, 95% two-sided, by n
+
+
+def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """``mean [min, max]`` of the seeds' values."""
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    return f"{fmt.format(m)} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def _reach(curve: list[dict], target: float, metric: str):
+    """The first evaluation at or beyond ``target`` (below it for a loss), or None."""
+    sign = -1 if metric == "loss" else 1
+    return next((h for h in curve if sign * (h[metric] - target) >= 0), None)
+
+
+def target_rows(out: dict) -> tuple[float, list[dict]]:
+    """The target and one row per optimizer of a ``--part target`` file: its chosen setting's
+    runs on every seed, the evaluation at which each first reaches the target, the final metric.
+
+    The target is the worst final metric among tuned AdamW's seeds: the level every AdamW seed
+    reaches within the budget."""
+    metric = out["spec"]["metric"]
+    finals = {}
+    for base, c in out["chosen"].items():
+        rs = [
+            r for k, r in out["runs"].items()
+            if k.split("|")[0] == c["name"] and float(k.split("|")[2]) == c["lr"]
+        ]  # fmt: skip
+        finals[base] = (
+            sorted([r for r in rs if "error" not in r], key=lambda r: r["seed"])
+            or [r for r in rs][:1]
+        )
+    ok_adamw = [r for r in finals.get("adamw", []) if "error" not in r]
+    if not ok_adamw:
+        raise ValueError("no AdamW runs: the target is tuned AdamW's")
+    worst = max if metric == "loss" else min
+    target = worst(r[metric] for r in ok_adamw)
+    rows = []
+    for base, rs in finals.items():
+        c = out["chosen"][base]
+        ok = [r for r in rs if "error" not in r]
+        hits = [_reach(r["curve"], target, metric) for r in ok]
+        vals = [r[metric] for r in ok]
+        half = (
+            _T975.get(len(vals), 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+            if len(vals) > 1 else float("nan")
+        )  # fmt: skip
+        rows.append({
+            "optimizer": base, "setting": c["name"], "lr": c["lr"], "seeds": len(ok),
+            "error": None if ok else rs[0].get("error", "not run"),
+            "reached": sum(h is not None for h in hits),
+            "steps": [h["step"] for h in hits if h], "seconds": [h["seconds"] for h in hits if h],
+            "final": vals, "final_mean": statistics.mean(vals) if vals else None,
+            "final_half": half,
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in ok) if ok else None,
+            "peak_bytes": max((r["peak_bytes"] or 0) for r in ok) if ok else None,
+            "switched": [r.get("switched_to_base_at_step") for r in ok],
+        })  # fmt: skip
+    base_row = next(r for r in rows if r["optimizer"] == "adamw")
+    for r in rows:
+        if r["error"] or r["optimizer"] == "adamw":
+            r["against_adamw"] = "" if r["optimizer"] == "adamw" else "did not run"
+        elif r["reached"] < r["seeds"]:
+            r["against_adamw"] = f"later (target missed on {r['seeds'] - r['reached']} seeds)"
+        elif max(r["seconds"]) < min(base_row["seconds"]):
+            r["against_adamw"] = "sooner, beyond the spread"
+        elif min(r["seconds"]) > max(base_row["seconds"]):
+            r["against_adamw"] = "later, beyond the spread"
+        else:
+            r["against_adamw"] = "within the spread"
+    return target, rows
+
+
+def target_tables(out: dict) -> list[str]:
+    """The tuning probes and the time-to-target table of a ``--part target`` file."""
+    spec, metric = out["spec"], out["spec"]["metric"]
+    target, rows = target_rows(out)
+    seed0 = min(int(k.split("|")[1]) for k in out["runs"])
+    lines = []
+    if not out.get("settings_from"):
+        lines += [
+            f"| optimizer | learning-rate probes (seed {seed0}: final {metric}) | setting probes "
+            f"at the best rate | chosen |",
+            "|---|---|---|---|",
+        ]
+        for base in out["chosen"]:
+            probes = _seed_runs(out, base, seed0)
+            lr_s = ", ".join(
+                f"{lr:g}: {r[metric]:.3f}" for (n, lr), r in sorted(probes.items()) if n == base
+            )
+            knob_s = ", ".join(
+                f"{n.split(':', 1)[1]}: {r[metric]:.3f}"
+                for (n, lr), r in sorted(probes.items()) if n != base
+            )  # fmt: skip
+            c = out["chosen"][base]
+            lines.append(f"| {base} | {lr_s} | {knob_s} | {c['name']}, lr {c['lr']:g} |")
+        lines.append("")
+    fmt = "{:.3f}" if metric == "loss" else "{:.4f}"
+    adamw_s = statistics.mean(next(r for r in rows if r["optimizer"] == "adamw")["seconds"])
+    lines += [
+        f"Target: validation {metric} {target:.4f} (tuned AdamW's worst seed at step "
+        f"{spec['steps']}).",
+        "",
+        f"| optimizer | setting, lr | seeds at target | steps to target, mean [min, max] | "
+        f"seconds to target, mean [min, max] | AdamW seconds / these | final {metric}, mean "
+        f"[95% interval] | s/step | peak GiB | against AdamW (seconds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['optimizer']} | error: {r['error']} | | | | | | | | |")
+            continue
+        speed = (
+            f"{adamw_s / statistics.mean(r['seconds']):.2f}"
+            if r["reached"] == r["seeds"] and r["seconds"] else "-"
+        )  # fmt: skip
+        final = f"{fmt.format(r['final_mean'])} [{fmt.format(r['final_mean'] - r['final_half'])}, "
+        final += f"{fmt.format(r['final_mean'] + r['final_half'])}]"
+        setting = r["setting"].split(":", 1)[1] + ", " if ":" in r["setting"] else ""
+        lines.append(
+            f"| {r['optimizer']} | {setting}{r['lr']:g} | {r['reached']} of {r['seeds']} | "
+            f"{_spread(r['steps'])} | {_spread(r['seconds'])} | {speed} | {final} | "
+            f"{r['seconds_per_step']:.2f} | {r['peak_bytes'] / 2**30:.2f} | {r['against_adamw']} |"
+        )
+    return lines
+
+
+def plot_target(out: dict, path: str) -> None:
+    """Each optimizer's chosen setting: the metric against steps and against training seconds
+    (mean over seeds; band: min-max), with the target."""
+    from matplotlib.figure import Figure
+
+    metric = out["spec"]["metric"]
+    target, _ = target_rows(out)
+    fig = Figure(figsize=(11, 4.2))
+    ax_step, ax_time = fig.subplots(1, 2)
+    for base, c in out["chosen"].items():
+        rs = [
+            r for k, r in out["runs"].items()
+            if k.split("|")[0] == c["name"] and float(k.split("|")[2]) == c["lr"]
+            and "error" not in r
+        ]  # fmt: skip
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        xs = [rs[0]["curve"][i]["step"] for i in range(n)]
+        ts = [statistics.mean(r["curve"][i]["seconds"] for r in rs) for i in range(n)]
+        ys = [[r["curve"][i][metric] for r in rs] for i in range(n)]
+        for ax, x in ((ax_step, xs), (ax_time, ts)):
+            (line,) = ax.plot(x, [statistics.mean(v) for v in ys], marker="o", label=base)
+            ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], alpha=0.12,
+                            color=line.get_color())  # fmt: skip
+    what = {"minilm": "MiniLM on bbc-news", "smollm2": "SmolLM2-135M, language modelling on BBC"}
+    for ax, xl in ((ax_step, "optimizer step"), (ax_time, "training seconds (2-core CPU)")):
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label="target")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{what[out['setup']]}: chosen settings, 3 seeds (band: min-max)", fontsize=9)
+    ax_step.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def compare_tables(out: dict, names: list[str], seeds: list[int]) -> list[str]:
@@ -478,18 +776,15 @@ def _plot_curves(runs: dict, path: str, steps: int) -> None:
     fig.savefig(path, dpi=120)
 
 
-def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
+def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> dict:
     """M-FAC's warm-up divisor: the reference's ``m`` from a zero window against the vectors seen
     so far, on a 20-64-64-4 MLP fitting a teacher (full batch, float64); the training loss at
-    steps 5, 16, 32 and the end, mean over seeds, for several learning rates."""
+    every step, mean over seeds, for several learning rates (:func:`mfac_warmup_table`)."""
     import torch
 
     from curvature.optim import MFAC
 
-    lines = [
-        f"| lr | warmup | loss @5 | @16 | @{m} | @{steps} |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for lr in (1e-4, 3e-4, 1e-3):
         for warmup in ("window", "seen"):
             curves = []
@@ -513,14 +808,26 @@ def part_mfac_warmup(seeds=(0, 1, 2), steps=120, m=32) -> list[str]:
                     curve.append(loss.item())
                 curves.append(curve)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(steps)]
-            lines.append(
-                f"| {lr:g} | {warmup} | {mean[4]:.4f} | {mean[15]:.4f} | {mean[m - 1]:.4f} | "
-                f"{mean[-1]:.4f} |"
-            )
+            rows.append({"lr": lr, "warmup": warmup, "seeds": list(seeds), "mean_loss": mean})
+    return {"gradients": m, "steps": steps, "rows": rows}
+
+
+def mfac_warmup_table(raw: dict) -> list[str]:
+    m, steps = raw["gradients"], raw["steps"]
+    lines = [
+        f"| lr | warmup | loss @5 | @16 | @{m} | @{steps} |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in raw["rows"]:
+        c = r["mean_loss"]
+        lines.append(
+            f"| {r['lr']:g} | {r['warmup']} | {c[4]:.4f} | {c[15]:.4f} | {c[m - 1]:.4f} | "
+            f"{c[-1]:.4f} |"
+        )
     return lines
 
 
-def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
+def part_mfac_product(ms=(64, 256), d=669_706) -> dict:
     """M-FAC's inverse-Fisher product against a float32 matrix-vector product over the same
     ``m x d`` window (``G @ x``), per storage dtype; ``d`` is the 784-512-512-10 MLP's size."""
     import torch
@@ -539,13 +846,7 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
             fn()
         return (time.perf_counter() - t) / n
 
-    lines = [
-        f"copy bandwidth {bw / 1e9:.1f} GB/s (float64 copy, read + write)",
-        "",
-        "| m | storage | G@x float32 ms | mul ms | x G@x | add_and_mul ms | x G@x | mul GB/s | of copy |"
-        " refactors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for m in ms:
         g32 = torch.randn(m, d)
         x = torch.randn(d)
@@ -560,20 +861,38 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> list[str]:
             pushes = 32  # fresh gradients (pushing one vector again makes the window singular)
             pool = iter(torch.randn(pushes + 1, d))
             t_am = timed(lambda f=f, pool=pool: f.add_and_mul(next(pool)), n=pushes)
-            nbytes = 2 * m * d * f.grads.element_size()
-            lines.append(
-                f"| {m} | {str(dtype).split('.')[-1]} | {base * 1e3:.1f} | {t_mul * 1e3:.1f} | "
-                f"{t_mul / base:.2f} | {t_am * 1e3:.1f} | {t_am / base:.2f} | "
-                f"{nbytes / t_mul / 1e9:.1f} | {nbytes / t_mul / bw:.0%} | "
-                f"{f.refactors - before} of {pushes + 12} |"
-            )
-            print(lines[-1], flush=True)
+            rows.append({
+                "m": m, "storage": str(dtype).split(".")[-1], "matvec_s": base, "mul_s": t_mul,
+                "add_and_mul_s": t_am, "bytes": 2 * m * d * f.grads.element_size(),
+                "refactors": f.refactors - before, "pushes": pushes + 12,
+            })  # fmt: skip
+            print(rows[-1], flush=True)
             del f
         del g32
+    return {"d": d, "copy_bytes_per_s": bw, "rows": rows, **_environment()}
+
+
+def mfac_product_table(raw: dict) -> list[str]:
+    bw = raw["copy_bytes_per_s"]
+    lines = [
+        f"copy bandwidth {bw / 1e9:.1f} GB/s (float64 copy, read + write)",
+        "",
+        "| m | storage | G@x float32 ms | mul ms | x G@x | add_and_mul ms | x G@x | mul GB/s | of copy |"
+        " refactors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in raw["rows"]:
+        base, t_mul, t_am = r["matvec_s"], r["mul_s"], r["add_and_mul_s"]
+        lines.append(
+            f"| {r['m']} | {r['storage']} | {base * 1e3:.1f} | {t_mul * 1e3:.1f} | "
+            f"{t_mul / base:.2f} | {t_am * 1e3:.1f} | {t_am / base:.2f} | "
+            f"{r['bytes'] / t_mul / 1e9:.1f} | {r['bytes'] / t_mul / bw:.0%} | "
+            f"{r['refactors']} of {r['pushes']} |"
+        )
     return lines
 
 
-def part_tiny_bert() -> list[str]:
+def part_tiny_bert() -> dict:
     """The test suite's tiny BERT (2 layers, hidden 16, 64 training sentences, batch 8, 64 steps):
     final validation accuracy of M-FAC over a grid of settings, beside SGD with momentum and the
     adaptive optimizers (the majority class gives 0.5625)."""
@@ -599,10 +918,7 @@ def part_tiny_bert() -> list[str]:
         for d in (1e-3, 1e-1)
         for m in (4, 16)
     ]
-    lines = [
-        "| optimizer | lr | settings | accuracy at steps 20, 40, 60, 64 | train loss |",
-        "|---|---:|---|---|---:|",
-    ]
+    rows = []
     for i, (name, lr, kw) in enumerate(runs):
         out = root / f"run{i}"
         argv = ["train", "--optimizer", name, "--model", str(model_dir), "--data", str(data),
@@ -613,10 +929,25 @@ def part_tiny_bert() -> list[str]:
         with contextlib.redirect_stdout(io.StringIO()):
             cli(argv)
         m = json.loads((out / "metrics.json").read_text())
-        accs = ", ".join(f"{h['accuracy']:.3f}" for h in m["curve"])
-        settings = ", ".join(f"{k}={v:g}" for k, v in kw.items()) or "-"
-        lines.append(f"| {name} | {lr:g} | {settings} | {accs} | {m['train_loss']:.3f} |")
-        print(lines[-1], flush=True)
+        rows.append({
+            "optimizer": name, "lr": lr, "settings": kw, "train_loss": m["train_loss"],
+            "curve": [{"step": h["step"], "accuracy": h["accuracy"]} for h in m["curve"]],
+        })  # fmt: skip
+        print(tiny_bert_table({"rows": rows})[-1], flush=True)
+    return {"rows": rows}
+
+
+def tiny_bert_table(raw: dict) -> list[str]:
+    lines = [
+        "| optimizer | lr | settings | accuracy at steps 20, 40, 60, 64 | train loss |",
+        "|---|---:|---|---|---:|",
+    ]
+    for r in raw["rows"]:
+        accs = ", ".join(f"{h['accuracy']:.3f}" for h in r["curve"])
+        settings = ", ".join(f"{k}={v:g}" for k, v in r["settings"].items()) or "-"
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {settings} | {accs} | {r['train_loss']:.3f} |"
+        )
     return lines
 
 
@@ -635,7 +966,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--part",
-        choices=["cost", "quality", "compare", "mfac-warmup", "mfac-product", "tiny-bert", "all"],
+        choices=[
+            "cost",
+            "quality",
+            "compare",
+            "target",
+            "mfac-warmup",
+            "mfac-product",
+            "tiny-bert",
+            "all",
+        ],  # fmt: skip
         default="all",
     )
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
@@ -659,6 +999,12 @@ def main() -> None:
     ap.add_argument(
         "--lr-from", default=None, help="compare: take the learning rates chosen in this JSON"
     )
+    ap.add_argument(
+        "--reuse", default=None, help="target: tuning runs from this --part compare JSON"
+    )
+    ap.add_argument(
+        "--settings-from", default=None, help="target: no tuning, the choices in this JSON"
+    )
     args = ap.parse_args()
     import platform
 
@@ -676,14 +1022,32 @@ def main() -> None:
         if args.plot:
             plot_compare(res, names, seeds, args.plot)
         return
-    if args.part == "tiny-bert":
-        print("\n".join(part_tiny_bert()))
+    if args.part == "target":
+        seeds = [int(s) for s in args.seeds.split(",")]
+        names = [n for n in args.optimizers.split(",") if n] if args.optimizers != ",".join(
+            OPTIMIZERS) else TARGETED  # fmt: skip
+        if names[0] != "adamw":
+            ap.error("--optimizers: the target is AdamW's, so it comes first")
+        path = args.json or f"bench-optim-target-{args.setup}.json"
+        res = part_target(
+            args.setup, names, seeds, args.threads, path, args.reuse, args.settings_from
+        )
+        print("\n".join(target_tables(res)))
+        if args.plot:
+            plot_target(res, args.plot)
         return
-    if args.part == "mfac-product":
-        print("\n".join(part_mfac_product()))
-        return
-    if args.part == "mfac-warmup":
-        print("\n".join(part_mfac_warmup()))
+    small = {
+        "tiny-bert": (part_tiny_bert, tiny_bert_table),
+        "mfac-product": (part_mfac_product, mfac_product_table),
+        "mfac-warmup": (part_mfac_warmup, mfac_warmup_table),
+    }
+    if args.part in small:
+        measure, table = small[args.part]
+        raw = measure()
+        print("\n".join(table(raw)))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(raw, fh, indent=1)
         return
     if args.part in ("cost", "all"):
         lines, rows = part_cost(args.quick)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ("magnitude", "activation", "fluctuation")
+BASELINES = ("magnitude", "activation", "fluctuation", "taylor")
 sys.path.insert(0, str(ROOT / "scripts"))
 from _bench import run_child  # noqa: E402
 

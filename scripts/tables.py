@@ -149,6 +149,19 @@ def optim_compare(path: Path) -> str:
     return "\n".join(bench_optim.compare_tables(out, names, seeds))
 
 
+def optim_target(path: Path) -> str:
+    """``bench_optim.py --part target``'s tuning and time-to-target tables from its JSON."""
+    return "\n".join(_bench_optim().target_tables(json.loads(path.read_text())))
+
+
+def _optim_small(table: str):
+    def make(path: Path) -> str:
+        return "\n".join(getattr(_bench_optim(), table)(json.loads(path.read_text())))
+
+    make.__doc__ = f"``bench_optim.py``'s ``{table}`` from its ``--json`` file."
+    return make
+
+
 def optim_cost(path: Path) -> str:
     """``bench_optim.py --part cost --json``'s cost table from its raw rows."""
     return "\n".join(_bench_optim().cost_table(json.loads(path.read_text())["cost"]["rows"]))
@@ -347,6 +360,10 @@ KINDS = {
     "optim-compare": optim_compare,
     "optim-cost": optim_cost,
     "optim-quality": optim_quality,
+    "optim-target": optim_target,
+    "optim-tiny-bert": _optim_small("tiny_bert_table"),
+    "optim-mfac-product": _optim_small("mfac_product_table"),
+    "optim-mfac-warmup": _optim_small("mfac_warmup_table"),
     "structured": structured,
     "runtime": runtime,
     "quant-llm": quant_llm,

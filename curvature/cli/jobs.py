@@ -312,6 +312,8 @@ def _structured(run: _Run) -> None:
     )  # fmt: skip
     run.metrics["structured"] = info
     run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
+    # the sizes the structures left, checked against the quantizer before any training
+    _check_quantizer(run.recipe, p.model, packed=not job.float_weights)
 
 
 def _quantize(run: _Run) -> None:

@@ -14,7 +14,16 @@ part                       how a block's structures are chosen (and what is corr
                            correction
 :class:`Fluctuation`       ``sum Var(X_j) ||W_:j||^2`` over its consumer columns, with the mean of
                            the removed inputs folded into the consumer's bias where it has one
+:class:`FisherOBS`         greedy structured OBS on the empirical Fisher of the group's weights
+                           (``lambda I + (1/m) sum g g^T`` from ``m`` calibration gradients,
+                           every producer row and consumer column of the group as one block);
+                           the group's remaining weights corrected by the OBS update
+:class:`Taylor`            the first-order term ``sum |w * g|`` over the structure's weights, ``g``
+                           the mean calibration gradient; no correction
 =========================  ================================================================
+
+The two gradient parts take their gradients once, on the model as it is before any structure is
+removed (a backward pass of ``loss_fn`` per calibration batch).
 
 The driver (:func:`run`) is sequential like the layer-wise methods: the first block's inputs
 are captured once; in each block, for each coupled group (:mod:`.structures`) in order, the
@@ -158,8 +167,215 @@ class Fluctuation(StructuredChooser):
             consumer.bias.add_(shift.to(consumer.bias.dtype))
 
 
+def _group_matrix(group: Coupled, grad: bool = False) -> torch.Tensor:
+    """The group's coupled weights (or their gradients), one row per structure: its producer
+    rows (weights, then biases) and its consumer columns, ``[count, per structure]``, float64."""
+    parts = []
+    all_ = list(range(group.count))
+    for _, p in group.producers:
+        rows = group.rows(p, all_).to(p.weight.device)
+        for t in (p.weight, p.bias):
+            if t is None:
+                continue
+            src = t.grad if grad else t
+            parts.append(src.detach().index_select(0, rows).to(F64).reshape(group.count, -1))
+    c = group.consumer[1].weight
+    src = (c.grad if grad else c).detach().to(F64)
+    cols = src[:, group.columns().reshape(-1).to(src.device)]
+    parts.append(cols.reshape(c.shape[0], group.count, -1).transpose(0, 1).reshape(group.count, -1))
+    return torch.cat([t.cpu() for t in parts], 1)
+
+
+def _write_group_matrix(group: Coupled, m: torch.Tensor) -> None:
+    """Write ``m`` (the layout of :func:`_group_matrix`) back into the group's weights."""
+    all_ = list(range(group.count))
+    at = 0
+    with torch.no_grad():
+        for _, p in group.producers:
+            rows = group.rows(p, all_).to(p.weight.device)
+            for t in (p.weight, p.bias):
+                if t is None:
+                    continue
+                shape = (rows.numel(), *t.shape[1:])
+                n = math.prod(shape) // group.count
+                block = m[:, at : at + n].reshape(shape)
+                t.index_copy_(0, rows, block.to(device=t.device, dtype=t.dtype))
+                at += n
+        c = group.consumer[1].weight
+        cols = group.columns().reshape(-1).to(c.device)
+        block = (
+            m[:, at:].reshape(group.count, c.shape[0], -1).transpose(0, 1).reshape(c.shape[0], -1)
+        )
+        c[:, cols] = block.to(device=c.device, dtype=c.dtype)
+
+
+class _Gradients:
+    """Calibration gradients of one group's coupled weights: ``samples`` (``[m, count, per
+    structure]``, float32) for the Fisher part, or only their ``mean`` for the Taylor part."""
+
+    def __init__(self, keep_samples: bool):
+        self.keep_samples = keep_samples
+        self.samples: list[torch.Tensor] = []
+        self.total = None
+        self.n = 0
+
+    def add(self, g: torch.Tensor) -> None:
+        if self.keep_samples:
+            self.samples.append(g.to(torch.float32))
+        self.total = g if self.total is None else self.total + g
+        self.n += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.samples).to(F64)
+
+
+def fisher_remove(
+    w: torch.Tensor, g: torch.Tensor, remove: int, rel_damp: float = 0.01
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """Greedy structured OBS under the empirical Fisher ``F = lambda I + (1/m) G^T G``.
+
+    ``w``: ``[count, s]`` (a structure per row), ``g``: ``[m, count, s]`` gradient samples;
+    ``lambda = rel_damp`` times the mean of ``F``'s diagonal without it. One structure at a time:
+    the one of least ``rho_Q = 1/2 w_Q^T ([F^-1]_QQ)^-1 w_Q`` goes and the others' weights move by
+    the OBS update ``F_RR^-1 F_RQ w_Q`` (the least-squares optimum of the quadratic model with
+    ``w_Q`` set to 0); then ``F`` is restricted to what remains. Everything stays in the ``m``
+    dimensions of the gradients (Woodbury): with ``B = lambda I + G_A G_A^T / m`` over the remaining
+    structures ``A``, ``rho_Q = lambda/2 (|w_Q|^2 + u^T (B - G_Q G_Q^T / m)^-1 u)`` and
+    ``delta_R = G_R^T (B - G_Q G_Q^T / m)^-1 u / sqrt(m)``, ``u = G_Q w_Q / sqrt(m)``.
+
+    Returns the corrected weights (removed rows zero), the removed structures in order and the
+    error of each removal."""
+    w = w.to(F64).clone()
+    m, count, s = g.shape
+    gh = g.to(F64) / math.sqrt(m)
+    lam = rel_damp * float((gh**2).sum()) / (count * s)
+    if not lam > 0:
+        lam = rel_damp  # all gradients zero: the magnitude order
+    eye = torch.eye(m, dtype=F64)
+    per = torch.einsum("aks,bks->kab", gh, gh)  # G_Q G_Q^T / m per structure, [count, m, m]
+    b = lam * eye + per.sum(0)
+    alive = torch.ones(count, dtype=torch.bool)
+    removed, errors = [], []
+    for _ in range(remove):
+        idx = alive.nonzero().squeeze(1)
+        u = torch.einsum("aks,ks->ka", gh[:, idx], w[idx])  # [n, m]
+        sol = torch.linalg.solve(b - per[idx], u.unsqueeze(-1)).squeeze(-1)
+        rho = 0.5 * lam * ((w[idx] ** 2).sum(1) + (u * sol).sum(1))
+        j = int(torch.argmin(rho))
+        q = int(idx[j])
+        b = b - per[q]
+        alive[q] = False
+        rest = alive.nonzero().squeeze(1)
+        w[rest] += torch.einsum("aks,a->ks", gh[:, rest], sol[j])
+        w[q] = 0
+        removed.append(q)
+        errors.append(float(rho[j]))
+    return w, removed, errors
+
+
+@dataclass(frozen=True)
+class FisherOBS(StructuredChooser):
+    """Greedy structured OBS on the empirical Fisher of the group's coupled weights
+    (:func:`fisher_remove`), from ``gradients`` calibration batches' gradients (at most
+    ``batches``); ``rel_damp``: ``lambda`` as a fraction of the Fisher's mean diagonal."""
+
+    label: ClassVar[str] = "fisher"
+    statistics: ClassVar[str] = "gradients"
+    gradients: int = 32
+    rel_damp: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.positive_int("gradients", self.gradients)
+        checks.positive("rel_damp", self.rel_damp)
+
+    @property
+    def samples(self) -> int:
+        return min(self.gradients, self.batches)
+
+    def choose(self, group, stats, remove):
+        w, removed, errors = fisher_remove(
+            _group_matrix(group), stats.stacked(), remove, self.rel_damp
+        )
+        _write_group_matrix(group, w)
+        return removed, sum(errors)
+
+
+@dataclass(frozen=True)
+class Taylor(StructuredChooser):
+    """``sum |w * g|`` over the structure's coupled weights, ``g`` the mean gradient over the
+    calibration batches (the element-wise first-order estimate of the loss change)."""
+
+    label: ClassVar[str] = "taylor"
+    statistics: ClassVar[str] = "gradients"
+    samples: ClassVar[int] = 0  # the mean only
+
+    def scores(self, group, stats):
+        return (_group_matrix(group) * stats.mean()).abs().sum(1)
+
+
+def _coupled_numel(group: Coupled) -> int:
+    """How many weights :func:`_group_matrix` holds for ``group``."""
+    n = group.consumer[1].weight.shape[0] * group.count * group.width
+    for _, p in group.producers:
+        rows = group.rows(p, [0]).numel() * group.count
+        n += rows * p.weight[0].numel() + (rows if p.bias is not None else 0)
+    return n
+
+
+def _scalar_loss(out, label: str) -> torch.Tensor:
+    loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"structured {label}: loss_fn must return the loss (a scalar tensor, or an output "
+            "with .loss: give the batches labels)"
+        )
+    return loss
+
+
+def _collect_gradients(model, data, loss_fn, groups, part, progress) -> list[_Gradients]:
+    """Per group, the gradients of its coupled weights on the calibration batches (the first
+    ``part.samples`` kept one by one for the Fisher part); the model's ``.grad`` restored."""
+    samples = getattr(part, "samples", 0)
+    per = sum(_coupled_numel(g) for g in groups)
+    need = per * (4 * samples + 8)
+    free = checks.available_bytes(torch.device("cpu"))
+    if free is not None and need > free // 2:
+        raise MemoryError(
+            f"structured {part.label}: {samples} gradient samples of the structures' weights need "
+            f"{need / 2**30:.1f} GiB, more than half the free memory ({free / 2**30:.1f} GiB): "
+            "pass fewer gradients"
+        )
+    out = [_Gradients(keep_samples=samples > 0) for _ in groups]
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    limit = samples if samples > 0 else part.batches
+    try:
+        for k, batch in enumerate(tqdm(data, desc="gradients", disable=not progress, leave=False)):
+            if k >= limit:
+                break
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                _scalar_loss(loss_fn(model, batch), part.label).backward()
+            for g, store in zip(groups, out):
+                store.add(_group_matrix(g, grad=True))
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    if out and out[0].n == 0:
+        raise ValueError("data yielded no batches: pass a re-iterable of calibration batches")
+    return out
+
+
 #: the structured choosers by name
-CHOOSERS = {c.label: c for c in (StructuredOBS, StructureNorm, ActivationNorm, Fluctuation)}
+CHOOSERS = {
+    c.label: c
+    for c in (StructuredOBS, StructureNorm, ActivationNorm, Fluctuation, FisherOBS, Taylor)
+}
 
 
 def chooser(method) -> StructuredChooser:
@@ -265,7 +481,9 @@ def _calibration(data, batches: int):
 def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=True):
     """Remove ``targets`` (``{"heads": 0.5, "neurons": 0.3}``: the fraction removed in every block)
     from ``model`` in place with ``method`` (a :class:`StructuredChooser` or its name); returns a
-    :class:`StructuredReport`. ``loss_fn(model, batch)`` is called for its forward pass only."""
+    :class:`StructuredReport`. ``loss_fn(model, batch)`` is called for its forward pass only,
+    except by the gradient parts (:class:`FisherOBS`, :class:`Taylor`), which also take its
+    gradient on the model as it is before any removal."""
     start = time.perf_counter()
     part = chooser(method)
     targets = check_targets(targets)
@@ -277,8 +495,13 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
         groups = structures.trace(model, lambda: loss_fn(model, first), kinds=tuple(targets))
         removals = _removals(groups, targets)
         errors = [0.0] * len(groups)
+        grads = None
+        if part.statistics == "gradients":
+            grads = _collect_gradients(model, data, loss_fn, groups, part, progress)
         with torch.no_grad():
-            batches = _sequential(model, data, loss_fn, groups, removals, part, progress, errors)
+            batches = _sequential(
+                model, data, loss_fn, groups, removals, part, progress, errors, grads
+            )
     finally:
         model.train(was_training)
     after = sum(p.numel() for p in model.parameters())
@@ -296,12 +519,21 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
     )
 
 
-def _sequential(model, data, loss_fn, groups, removals, part, progress, errors):
+def _sequential(model, data, loss_fn, groups, removals, part, progress, errors, grads=None):
     blocks, _ = structures._repeated_blocks(model)
     per_block: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         per_block.setdefault(g.block, []).append(i)
     first, last = min(per_block), max(per_block)
+    if grads is not None:  # the gradient parts need no block inputs
+        used = grads[0].n if grads else 0
+        for i, g in enumerate(groups):
+            if removals[i]:
+                removed, errors[i] = part.choose(g, grads[i], removals[i])
+                grads[i] = None  # its memory back
+                structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
+        _check_errors(errors)
+        return used
     inputs = layerwise._capture(model, data, loss_fn, blocks[first], progress)
     for b in tqdm(range(first, last + 1), desc=f"structured {part.label}", disable=not progress):
         block = blocks[b]
@@ -319,12 +551,16 @@ def _sequential(model, data, loss_fn, groups, removals, part, progress, errors):
             structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
         if b < last:
             inputs = [layerwise._run_block(block, a, kw) for a, kw in inputs]
+    _check_errors(errors)
+    return len(inputs)
+
+
+def _check_errors(errors):
     if not all(math.isfinite(e) for e in errors):
         raise ValueError(
             "structured pruning: the estimated error is not finite (NaN or infinite activations "
             "in the calibration data?)"
         )
-    return len(inputs)
 
 
 def error_curves(model, data, loss_fn, kinds=KINDS, *, rel_damp=0.01, batches=128, progress=True):

@@ -421,8 +421,10 @@ class StructureModifier(Modifier):
     ``speedup``: a latency table of the model at each size is measured on this machine on a batch of
     ``latency_batch_size`` x the job's ``--max-length`` tokens, and the sizes of least second-order
     error predicted to run ``speedup`` times faster are chosen. ``method``: ``obs`` (greedy
-    structured OBS with the OBS correction), ``magnitude``, ``activation`` or ``fluctuation``;
-    ``damp`` (a fraction of ``H``'s mean diagonal) and ``bias`` are the OBS part's settings.
+    structured OBS with the OBS correction), ``fisher`` (greedy structured OBS on the empirical
+    Fisher of ``num_grads`` calibration gradients, with its correction), ``taylor`` (first-order
+    ``sum |w g|``), ``magnitude``, ``activation`` or ``fluctuation``; ``damp`` (a fraction of the
+    curvature's mean diagonal) is the two OBS parts' setting, ``bias`` the ``obs`` part's.
     """
 
     heads: float = Field(0.0, ge=0, lt=1)
@@ -432,6 +434,7 @@ class StructureModifier(Modifier):
     num_calibration_batches: int = Field(128, gt=0)
     damp: float = Field(0.01, gt=0)
     bias: bool = True
+    num_grads: int | None = Field(None, gt=0)
     latency_batch_size: int = Field(16, gt=0)
 
     @field_validator("method_name")
@@ -456,11 +459,21 @@ class StructureModifier(Modifier):
                 + ("both" if sized else "neither")
             )
         # damp also prices the sizes of a speed-up plan (its error curves are structured OBS's)
-        unused = not self.bias or (self.damp != 0.01 and self.speedup is None)
-        if self.method_name != "obs" and unused:
+        if self.method_name != "obs" and not self.bias:
             raise ValueError(
-                f"method {self.method_name} has no damp or bias setting; the recipe's value "
-                "would be ignored: remove it or use method obs"
+                f"method {self.method_name} has no bias setting; the recipe's value would be "
+                "ignored: remove it or use method obs"
+            )
+        damped = self.method_name in ("obs", "fisher") or self.speedup is not None
+        if not damped and self.damp != 0.01:
+            raise ValueError(
+                f"method {self.method_name} has no damp setting; the recipe's value would be "
+                "ignored: remove it or use method obs or fisher"
+            )
+        if self.num_grads is not None and self.method_name != "fisher":
+            raise ValueError(
+                f"method {self.method_name} takes no gradients; num_grads would be ignored: "
+                "remove it or use method fisher"
             )
         return self
 
@@ -471,6 +484,11 @@ class StructureModifier(Modifier):
         if self.method_name == "obs":
             return structured.StructuredOBS(
                 batches=self.num_calibration_batches, rel_damp=self.damp, bias=self.bias
+            )
+        if self.method_name == "fisher":
+            extra = {} if self.num_grads is None else {"gradients": self.num_grads}
+            return structured.FisherOBS(
+                batches=self.num_calibration_batches, rel_damp=self.damp, **extra
             )
         return structured.CHOOSERS[self.method_name](batches=self.num_calibration_batches)
 

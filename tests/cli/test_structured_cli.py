@@ -186,6 +186,25 @@ def test_a_group_the_packed_format_cannot_store_is_refused_before_any_work(
     assert "GPTQModifier: group 12 does not divide the 16 input columns of bert." in err[0]
 
 
+def test_a_group_the_structured_sizes_break_is_refused_before_training(
+    assets, tmp_path, capsys, monkeypatch
+):
+    """Group 16 divides the dense model's 16 and 32 columns but not the 24 left by removing a
+    quarter of the neurons: refused right after the structures go, before the epoch of training
+    (which would fail this test) and before anything is written."""
+    from curvature.integrations import hf
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(hf.RecipeTrainer, "train", no_training)
+    extra = "  - !GPTQModifier {bits: 4, group_size: 16}\n"
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.25", epochs="1.0", extra=extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not out.exists(), err
+    assert "group 16 does not divide the 24 input columns of bert.encoder.layer.0.output" in err[0]
+
+
 def test_float_weights_without_a_quantizer_is_refused(assets, tmp_path, capsys):
     rc, out = _prune(assets, tmp_path, _recipe(), "--oneshot", "--float-weights")
     err = capsys.readouterr().err.strip().splitlines()

@@ -120,7 +120,10 @@ def _data(n=6, seed=0):
 
 
 def _loss(model, batch):
-    return model(input_ids=batch)
+    """The output with its loss (the gradient parts differentiate it; the others read logits)."""
+    if "CausalLM" in type(model).__name__:
+        return model(input_ids=batch, labels=batch)
+    return model(input_ids=batch, labels=batch[:, 0] % model.config.num_labels)
 
 
 ARCHS = {"bert": lambda: tiny_bert().eval(), "llama": _llama, "opt": _opt}
@@ -323,3 +326,151 @@ def test_the_latency_table_is_paired_with_a_dense_copy_and_monotone(monkeypatch)
         3: 6.0,
         4: 8.0,
     }
+
+
+# ---------------------------------------------------------------- gradient-Fisher structured OBS
+
+
+def _dense_fisher_greedy(w, g, remove, rel_damp):
+    """The same greedy rule on the dense float64 Fisher over the flattened weights, with the
+    inverse of the remaining block computed from scratch at every step."""
+    m, count, s = g.shape
+    flat = g.reshape(m, -1)
+    f = flat.T @ flat / m
+    f = f + rel_damp * float(f.diagonal().mean()) * torch.eye(count * s, dtype=F64)
+    w = w.reshape(-1).clone()
+    alive, removed, errors = list(range(count)), [], []
+    for _ in range(remove):
+        coords = torch.tensor([c * s + i for c in alive for i in range(s)])
+        finv = torch.linalg.inv(f[coords][:, coords])
+        best = None
+        for j, k in enumerate(alive):
+            q = torch.arange(j * s, (j + 1) * s)
+            wq = w[k * s : (k + 1) * s]
+            rho = 0.5 * float(wq @ torch.linalg.solve(finv[q][:, q], wq))
+            if best is None or rho < best[0]:
+                best = (rho, j, k, q)
+        rho, j, k, q = best
+        step = -finv[:, q] @ torch.linalg.solve(finv[q][:, q], w[k * s : (k + 1) * s])
+        w[coords] += step
+        w[k * s : (k + 1) * s] = 0
+        alive.remove(k)
+        removed.append(k)
+        errors.append(rho)
+    return w.reshape(count, s), removed, errors
+
+
+@pytest.mark.parametrize(("m", "count", "s"), [(3, 6, 4), (40, 5, 3), (8, 7, 1)])
+def test_fisher_structured_obs_equals_the_dense_fisher_greedy(m, count, s):
+    """Rank-deficient (m < count * s), full-rank and single-weight structures; gradients with a
+    strong common direction so that the Fisher couples the structures."""
+    gen = torch.Generator().manual_seed(m + count)
+    common = torch.randn(1, count, s, generator=gen, dtype=F64)
+    g = torch.randn(m, count, s, generator=gen, dtype=F64) + 3 * common * torch.randn(
+        m, 1, 1, generator=gen, dtype=F64
+    )
+    w = torch.randn(count, s, generator=gen, dtype=F64)
+    got_w, got_removed, got_err = structured.fisher_remove(w, g, count - 2, rel_damp=0.05)
+    ref_w, ref_removed, ref_err = _dense_fisher_greedy(w, g, count - 2, rel_damp=0.05)
+    assert got_removed == ref_removed
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(torch.tensor(got_err), torch.tensor(ref_err), rtol=1e-8, atol=0)
+
+
+def test_a_fisher_removal_is_the_constrained_minimum_of_the_quadratic_model():
+    """Brute force for one removal: for every structure, the least-squares minimum of
+    1/2 d^T F d with that structure's weights set to zero (through F's Cholesky factor), against
+    the chosen structure, its update and its error."""
+    gen = torch.Generator().manual_seed(7)
+    m, count, s = 5, 4, 3
+    g = torch.randn(m, count, s, generator=gen, dtype=F64)
+    w = torch.randn(count, s, generator=gen, dtype=F64)
+    flat = g.reshape(m, -1)
+    f = flat.T @ flat / m
+    f = f + 0.1 * float(f.diagonal().mean()) * torch.eye(count * s, dtype=F64)
+    lt = torch.linalg.cholesky(f).T  # 1/2 d^T F d = 1/2 |lt d|^2
+    best = None
+    for k in range(count):
+        q = torch.arange(k * s, (k + 1) * s)
+        r = torch.tensor([i for i in range(count * s) if i not in set(q.tolist())])
+        # d_q = -w_q fixed, d_r free: minimise |lt[:, r] d_r - lt[:, q] w_q|^2
+        sol = torch.linalg.lstsq(lt[:, r], (lt[:, q] @ w.reshape(-1)[q]).unsqueeze(1)).solution
+        d = torch.zeros(count * s, dtype=F64)
+        d[q], d[r] = -w.reshape(-1)[q], sol.squeeze(1)
+        err = 0.5 * float(d @ f @ d)
+        if best is None or err < best[0]:
+            best = (err, k, w.reshape(-1) + d)
+    new_w, removed, errors = structured.fisher_remove(w, g, 1, rel_damp=0.1)
+    assert removed == [best[1]]
+    assert errors[0] == pytest.approx(best[0], rel=1e-9)
+    torch.testing.assert_close(new_w.reshape(-1), best[2], rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_parts_take_gradients_of_the_unpruned_model_and_leave_grads_alone():
+    """Taylor's scores are sum |w * mean g| over each structure's coupled weights, computed here by
+    hand from autograd on the untouched model; the model's .grad is as before the call."""
+    model = _llama()
+    data = _data(4)
+    ref = copy.deepcopy(model)
+    groups = structures.trace(ref, lambda: _loss(ref, data[0]), kinds=("neurons",))
+    sums = {}
+    for batch in data:
+        ref.zero_grad()
+        _loss(ref, batch).loss.backward()
+        for n, p in ref.named_parameters():
+            sums[n] = sums.get(n, 0) + p.grad.detach().to(F64) / len(data)
+    params = dict(ref.named_parameters())
+    g0 = groups[0]  # block 0's neurons: gate and up rows, down columns
+    expect = torch.zeros(g0.count, dtype=F64)
+    for name, _ in g0.producers:
+        w = params[name + ".weight"].detach().to(F64)
+        expect += (w * sums[name + ".weight"]).abs().sum(1)
+    dname = g0.consumer[0] + ".weight"
+    expect += (params[dname].detach().to(F64) * sums[dname]).abs().sum(0)
+    stats = structured._collect_gradients(
+        ref, data, _loss, groups, structured.Taylor(batches=4), progress=False
+    )
+    torch.testing.assert_close(structured.Taylor().scores(g0, stats[0]), expect)
+    marker = torch.full_like(model.lm_head.weight, 7.0)
+    model.lm_head.weight.grad = marker
+    structured.run(model, data, _loss, {"neurons": 0.5}, structured.Taylor(), progress=False)
+    assert model.lm_head.weight.grad is marker
+    removed_lowest = torch.argsort(expect)[: g0.count // 2].sort().values.tolist()
+    kept = sorted(set(range(g0.count)) - set(removed_lowest))
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.down_proj.weight, params[dname].detach()[:, kept]
+    )
+
+
+@pytest.mark.parametrize("kind", ["heads", "neurons"])
+def test_fisher_part_writes_the_solver_update_into_the_coupled_weights(kind):
+    """The driver's layout: the group's producer rows (grouped-query: query rows per key/value
+    head, key and value rows), biases and consumer columns gathered, solved by fisher_remove on
+    the same gradients, written back and shrunk: every kept weight is the solver's."""
+    model = _llama(heads=4, kv=2)
+    data = _data(6, seed=1)
+    ref = copy.deepcopy(model)
+    groups = structures.trace(ref, lambda: _loss(ref, data[0]), kinds=(kind,))
+    part = structured.FisherOBS(gradients=6, rel_damp=0.05)
+    stats = structured._collect_gradients(ref, data, _loss, groups, part, progress=False)
+    g0 = groups[0]
+    w, removed, _ = structured.fisher_remove(
+        structured._group_matrix(g0), stats[0].stacked(), g0.count // 2, 0.05
+    )
+    assert w[removed].abs().max() == 0 and (w != structured._group_matrix(g0)).any()
+    rep = structured.run(model, data, _loss, {kind: 0.5}, part, progress=False)
+    kept = sorted(set(range(g0.count)) - set(removed))
+    torch.testing.assert_close(
+        structured._group_matrix(rep.groups[0]), w[kept].to(torch.float32).to(F64)
+    )
+
+
+def test_gradient_parts_refuse_a_loss_they_cannot_differentiate():
+    model = _llama()
+    with pytest.raises(ValueError, match=r"^structured fisher: loss_fn must return the loss"):
+        structured.run(
+            model, _data(), lambda m, b: m(input_ids=b), {"neurons": 0.5}, "fisher",
+            progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^gradients must be"):
+        structured.FisherOBS(gradients=0)

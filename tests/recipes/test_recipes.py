@@ -478,6 +478,18 @@ modifiers:
     )
     (mod,) = load_recipe(write_recipe(tmp_path, text)).of(StructureModifier)
     assert mod.chooser() == structured.Fluctuation(batches=7)
+    fisher = text.replace("method: fluctuation", "method: fisher\n    num_grads: 12\n    damp: 0.2")
+    (mod,) = load_recipe(write_recipe(tmp_path, fisher)).of(StructureModifier)
+    assert mod.chooser() == structured.FisherOBS(batches=7, gradients=12, rel_damp=0.2)
+    # a setting the method does not have is refused, not ignored
+    for method, extra, what in (
+        ("taylor", "    num_grads: 12\n", "num_grads would be ignored"),
+        ("magnitude", "    damp: 0.2\n", "has no damp setting"),
+        ("fisher", "    bias: false\n", "has no bias setting"),
+    ):
+        bad = text.replace("method: fluctuation", f"method: {method}\n{extra.rstrip()}")
+        with pytest.raises(ValueError, match=what):
+            load_recipe(write_recipe(tmp_path, bad))
 
 
 def test_every_modifier_field_acts_or_is_runtime_only():
