@@ -52,7 +52,9 @@ def _recipe(target="heads: 0.5\n    neurons: 0.5", method="obs", epochs="0.0", e
     return text.replace("EPOCHS", epochs) + extra
 
 
-@pytest.mark.parametrize("method", ["obs", "magnitude", "activation", "fluctuation"])
+@pytest.mark.parametrize(
+    "method", ["obs", "magnitude", "activation", "fluctuation", "fisher", "taylor"]
+)
 def test_oneshot_structured_prune_writes_a_smaller_model_that_loads_back(assets, tmp_path, method):
     rc, out = _prune(assets, tmp_path, _recipe(method=method), "--oneshot")
     assert rc == 0
