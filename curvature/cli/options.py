@@ -341,6 +341,12 @@ def part_settings(w) -> None:
     g.add_argument(
         "--recomputations", type=int, default=None, help="OBS: default 1, or the recipe's"
     )
+    g.add_argument(
+        "--precision",
+        default=None,
+        help="sparsegpt, wanda, obc, gptq: float type of each calibration batch's X^T X and of "
+        "the solve, float64 (default) or float32 (faster)",
+    )
 
 
 def report_parser(sub) -> None:

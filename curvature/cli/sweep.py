@@ -62,6 +62,8 @@ class SweepConfig(DataConfig):
     fisher_damping: float | None = None  # OBS: absolute damping of the Fisher
     rel_damp: float | None = None  # SparseGPT, OBC: damping of H, a fraction of its mean diagonal
     recomputations: int | None = None  # OBS: gradient collections per pruning step
+    #: layer-wise methods and GPTQ: the float type of each batch's X^T X and of the solve
+    precision: str | None = None
     per_layer: bool = False  # magnitude and Fisher methods per layer (layer-wise ones always are)
     # every point is repeated over this many calibration (one-shot) or fine-tuning (gradual)
     # seeds: seed, seed + 1, ...; the dense model is the same for all
@@ -83,10 +85,12 @@ class SweepConfig(DataConfig):
         "fisher_damping": 1e-7,
         "rel_damp": 0.01,
         "recomputations": 1,
+        "precision": "float64",
     }
     #: the sweep's setting -> the parts' setting of the same name
     PART_SETTINGS = (
-        "gradients", "batches", "block_size", "fisher_damping", "rel_damp", "recomputations"
+        "gradients", "batches", "block_size", "fisher_damping", "rel_damp", "recomputations",
+        "precision",
     )  # fmt: skip
     # settings that change a point's result: a rerun into the same folder must match them
     RESULT_KEYS = (
@@ -94,6 +98,7 @@ class SweepConfig(DataConfig):
         "batch_size", "lr", "params", "gradients", "batches", "grad_batch_size", "block_size",
         "fisher_damping", "rel_damp", "recomputations", "recipe", "recipe_sha256", "task",
         "per_layer", "eval_data", "eval_split", "doc_stride", "eval_stride", "bits", "group",
+        "precision",
     )  # fmt: skip
 
     def setting(self, name: str):
@@ -121,7 +126,9 @@ class SweepConfig(DataConfig):
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
             out[m] = pipe.with_settings(**values)
         if "gptq" in self.quantizers():  # GPTQ reads the layer-wise settings too
-            used |= {k for k in ("batches", "rel_damp") if getattr(self, k) is not None}
+            used |= {
+                k for k in ("batches", "rel_damp", "precision") if getattr(self, k) is not None
+            }
         unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
         if unused and self.recipe is None:
             flag = "--" + unused[0].replace("_", "-")
@@ -247,6 +254,8 @@ class SweepConfig(DataConfig):
                 raise SweepError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
+        if self.precision is not None and self.precision not in ("float64", "float32"):
+            raise SweepError(f"--precision must be float64 or float32, got {self.precision!r}")
         self.method_pipelines(say=True)  # every given setting applies to a method, or is refused
         if self.recipe is not None:
             from curvature.recipes import load_recipe
@@ -552,7 +561,7 @@ def _quant_point(cfg, name, bits, s, task, dense_dir, model_loss, k: int = 0) ->
     method = name.split("-")[0]
     settings = {}
     if method == "gptq":
-        settings = {"batches": cfg.setting("batches"), "rel_damp": cfg.setting("rel_damp")}
+        settings = {k: cfg.setting(k) for k in ("batches", "rel_damp", "precision")}
     part = Quantize(bits=bits, group=cfg.quant_group(), method=method, **settings)
     data = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed + k)
     params = cfg.params if cfg.params and cfg.params != ["__ALL_PRUNABLE__"] else None

@@ -143,6 +143,8 @@ def option_cases(model, data, recipe):
             (["--mask", "3:2"], "3:2"), (["--mask", "2:4", "--sparsities", "0.7"], "--sparsities"),
             (["--seeds", "0"], "--seeds"), (["--speed-reps", "-1"], "--speed-reps"),
             (["--gradients", "0"], "--gradients"), (["--rel-damp", "0"], "--rel-damp"),
+            (["--precision", "half"], "--precision"),
+            (["--methods", "obs", "--precision", "float32"], "--precision"),
             (["--fisher-damping", "-1"], "--fisher-damping"), (["--block-size", "3", "--mask", "2:4"], "--block-size"),
             (["--baseline", "wanda"], "--baseline"), (["--recipe", "/no/recipe.yaml"], "recipe"),
             (["--task", "nope"], "task"), (["--finetune-epochs", "-1"], "--finetune-epochs"),

@@ -209,6 +209,30 @@ def test_a_setting_no_method_has_is_refused_and_one_some_lack_is_said(assets, tm
     assert pipes["obs"].chooser.fisher_damping == 1e-6 and pipes["obs"].chooser.gradients == 8
 
 
+def test_precision_reaches_the_layerwise_parts_and_gptq_or_is_refused(assets, tmp_path):
+    import torch
+
+    LW = {"gradients": None, "block_size": None, "fisher_damping": None}  # OBS-only settings
+
+    with pytest.raises(SweepError, match="--precision: none of --methods"):
+        config(assets, tmp_path / "a", methods=["obs"], precision="float32").validate()
+    with pytest.raises(SweepError, match=r"^--precision must be float64 or float32, got 'half'"):
+        config(assets, tmp_path / "b", methods=["sparsegpt"], precision="half", **LW).validate()
+    cfg = config(assets, tmp_path / "c", methods=["sparsegpt", "wanda"], precision="float32", **LW)
+    cfg.validate()
+    pipes = cfg.method_pipelines()
+    assert pipes["sparsegpt"].chooser.dtype == torch.float32
+    assert pipes["wanda"].chooser.dtype == torch.float32
+    assert (
+        config(assets, tmp_path / "d", methods=["sparsegpt"], **LW)
+        .method_pipelines()["sparsegpt"]
+        .chooser.dtype
+        == torch.float64
+    )
+    # GPTQ alone takes it (no pruning method has it): accepted
+    config(assets, tmp_path / "e", methods=["gptq"], bits=[4], precision="float32", **LW).validate()
+
+
 def test_a_changed_recipe_file_is_refused(assets, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GRADUAL)
