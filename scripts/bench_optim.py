@@ -454,7 +454,7 @@ def target_rows(out: dict) -> tuple[float, list[dict]]:
         )  # fmt: skip
         rows.append({
             "optimizer": base, "setting": c["name"], "lr": c["lr"], "seeds": len(ok),
-            "error": None if ok else rs[0].get("error", "not run"),
+            "error": None if ok else (rs[0].get("error", "failed") if rs else "not run"),
             "reached": sum(h is not None for h in hits),
             "steps": [h["step"] for h in hits if h], "seconds": [h["seconds"] for h in hits if h],
             "final": vals, "final_mean": statistics.mean(vals) if vals else None,

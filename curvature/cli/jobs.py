@@ -290,13 +290,20 @@ def _structured(run: _Run) -> None:
             p.model, data, model_loss, rel_damp=mod.damp, batches=mod.num_calibration_batches,
             progress=job.progress,
         )  # fmt: skip
-        plan = structured.plan_sizes(
-            curves,
-            {"heads": list(table.heads), "neurons": list(table.neurons)},
-            lambda kept: table.predict(kept.get("heads"), kept.get("neurons")),
-            table.dense_ms / mod.speedup,
-        )
+        if mod.uniform:
+            plan = structured.plan_sizes(
+                curves,
+                {"heads": list(table.heads), "neurons": list(table.neurons)},
+                lambda kept: table.predict(kept.get("heads"), kept.get("neurons")),
+                table.dense_ms / mod.speedup,
+            )
+        else:
+            latency = {k: v for k, v in (("heads", table.heads), ("neurons", table.neurons)) if v}
+            plan = structured.plan_block_sizes(
+                curves, latency, table.dense_ms, table.dense_ms / mod.speedup
+            )
         targets = plan.targets
+        info["planned_sizes"] = plan.kept
         info.update(
             speedup_target=mod.speedup,
             predicted_speedup=table.dense_ms / plan.cost,

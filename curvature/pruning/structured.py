@@ -444,10 +444,19 @@ class StructuredReport:
         return self.params_after / self.params_before
 
 
-def _removals(groups: list[Coupled], targets: dict[str, float]) -> dict[int, int]:
+def _removals(groups: list[Coupled], targets: dict) -> dict[int, int]:
     out = {}
+    seen: dict[str, int] = {}
     for i, g in enumerate(groups):
         frac = targets.get(g.kind, 0.0)
+        if isinstance(frac, (list, tuple)):  # one fraction per block, in block order
+            k = seen[g.kind] = seen.get(g.kind, -1) + 1
+            if len(frac) != sum(x.kind == g.kind for x in groups):
+                raise ValueError(
+                    f"{g.kind}: {len(frac)} per-block fractions for "
+                    f"{sum(x.kind == g.kind for x in groups)} blocks"
+                )
+            frac = frac[k]
         n = int(round(frac * g.count))
         if n >= g.count:
             raise ValueError(
@@ -458,12 +467,16 @@ def _removals(groups: list[Coupled], targets: dict[str, float]) -> dict[int, int
     return out
 
 
-def check_targets(targets: dict[str, float]) -> dict[str, float]:
-    """``{"heads": fraction, "neurons": fraction}``, each in ``[0, 1)``; one line otherwise."""
+def check_targets(targets: dict) -> dict:
+    """``{"heads": fraction, "neurons": fraction}``, each in ``[0, 1)``, or a list of one fraction
+    per block (in block order); one line otherwise."""
     out = {}
     for kind, frac in targets.items():
         checks.one_of("structure", kind, KINDS)
-        out[kind] = checks.in_range(kind, frac, 0.0, 1.0, "[)")
+        if isinstance(frac, (list, tuple)):
+            out[kind] = [checks.in_range(kind, f, 0.0, 1.0, "[)") for f in frac]
+        else:
+            out[kind] = checks.in_range(kind, frac, 0.0, 1.0, "[)")
     if not any(out.values()):
         raise ValueError("structured pruning: give a fraction of heads or neurons to remove (> 0)")
     return out
@@ -627,6 +640,64 @@ def plan_sizes(curves: dict, options: dict, cost, budget: float) -> SizePlan:
             f"cost {cost(smallest):.4g}, above the budget {budget:.4g}"
         )
     return best
+
+
+def plan_block_sizes(
+    curves: dict, latency: dict, dense_ms: float, budget: float, units: int = 2000
+) -> SizePlan:
+    """Sizes chosen per block (the same kind may keep more in one block than in another): the
+    least summed curve error whose predicted latency is at most ``budget`` ms.
+
+    ``latency``: ``{kind: {kept: ms}}``, the whole model's latency when every block keeps
+    ``kept`` of that kind and the rest whole (the measured table). A block's share of a size's
+    saving is ``(dense_ms - latency[kind][kept]) / blocks``, so the prediction equals
+    :func:`plan_sizes`' when every block keeps the same. The choice is a multiple-choice knapsack
+    over (block, kind) pairs, solved exactly by dynamic programming on the saving rounded down to
+    ``units`` steps of the saving needed (so the plan never predicts above ``budget``).
+    ``kept`` and ``targets`` of the plan hold one value per block."""
+    kinds = [k for k in KINDS if k in curves]
+    need = dense_ms - budget
+    pairs = [(k, b) for k in kinds for b in range(len(curves[k]))]
+    if need <= 0:
+        kept = {k: [len(c) for c in curves[k]] for k in kinds}
+        return SizePlan(kept, {k: [0.0] * len(curves[k]) for k in kinds}, dense_ms, 0.0)
+
+    def saving(kind, kept):
+        return (dense_ms - latency[kind][kept]) / len(curves[kind])
+
+    inf = math.inf
+    # best[j]: (error, choices) reaching a rounded saving of at least j units (capped at units)
+    best = [(0.0, ())] + [(inf, ())] * units
+    for kind, b in pairs:
+        curve = curves[kind][b]
+        full = len(curve)
+        nxt = [(inf, ())] * (units + 1)
+        for kept in sorted(latency[kind]):
+            if not 1 <= kept <= full:
+                continue
+            err = curve[full - kept]
+            step = int(math.floor(saving(kind, kept) / need * units))
+            for j, (e, ch) in enumerate(best):
+                if e == inf:
+                    continue
+                t = min(units, j + max(step, 0))
+                if e + err < nxt[t][0]:
+                    nxt[t] = (e + err, (*ch, kept))
+        best = nxt
+    if best[units][0] == inf:
+        smallest = {k: min(latency[k]) for k in kinds}
+        cost = dense_ms - sum(saving(k, smallest[k]) * len(curves[k]) for k in kinds)
+        raise ValueError(
+            f"the target cannot be met: the smallest sizes ({_describe(smallest)} per block) "
+            f"cost {cost:.4g}, above the budget {budget:.4g}"
+        )
+    error, choices = best[units]
+    kept: dict = {k: [] for k in kinds}
+    for (kind, _), v in zip(pairs, choices):
+        kept[kind].append(v)
+    cost = dense_ms - sum(saving(k, v) for k in kinds for v in kept[k])
+    targets = {k: [(len(c) - v) / len(c) for c, v in zip(curves[k], kept[k])] for k in kinds}
+    return SizePlan(kept, targets, cost, error)
 
 
 def _product(grids):

@@ -425,6 +425,8 @@ class StructureModifier(Modifier):
     Fisher of ``num_grads`` calibration gradients, with its correction), ``taylor`` (first-order
     ``sum |w g|``), ``magnitude``, ``activation`` or ``fluctuation``; ``damp`` (a fraction of the
     curvature's mean diagonal) is the two OBS parts' setting, ``bias`` the ``obs`` part's.
+    ``uniform: false`` (with ``speedup``) lets the plan keep different sizes in different blocks
+    (saved models then load through ``load_structured``, not plain ``transformers``).
     """
 
     heads: float = Field(0.0, ge=0, lt=1)
@@ -435,6 +437,9 @@ class StructureModifier(Modifier):
     damp: float = Field(0.01, gt=0)
     bias: bool = True
     num_grads: int | None = Field(None, gt=0)
+    #: with ``speedup``: the same sizes in every block (loadable in plain ``transformers``), or
+    #: (false) sizes chosen per block by their error and measured cost
+    uniform: bool = True
     latency_batch_size: int = Field(16, gt=0)
 
     @field_validator("method_name")
@@ -469,6 +474,11 @@ class StructureModifier(Modifier):
             raise ValueError(
                 f"method {self.method_name} has no damp setting; the recipe's value would be "
                 "ignored: remove it or use method obs or fisher"
+            )
+        if not self.uniform and self.speedup is None:
+            raise ValueError(
+                "uniform: false lets a speed-up plan choose sizes per block; heads/neurons are "
+                "fractions removed in every block: give speedup, or remove uniform"
             )
         if self.num_grads is not None and self.method_name != "fisher":
             raise ValueError(

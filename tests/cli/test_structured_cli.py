@@ -277,6 +277,29 @@ def test_a_speedup_is_planned_from_the_table_and_the_error_curves(assets, tmp_pa
     assert s["params_after"] <= s["params_before"] / 1.05
 
 
+def test_a_per_block_speedup_plan_is_met_and_loads_back(assets, tmp_path, monkeypatch):
+    """uniform: false: sizes chosen per block; with the parameter-count clock the prediction is
+    exact, so the measured speed-up equals it; the model loads back through load_structured."""
+    from curvature.integrations import latency
+
+    monkeypatch.setattr(
+        latency,
+        "measure_model",
+        lambda model, batch, reps=7: float(sum(p.numel() for p in model.parameters())),
+    )
+    target = "speedup: 1.05\n    uniform: false"
+    rc, out = _prune(assets, tmp_path, _recipe(target=target), "--oneshot")
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["predicted_speedup"] >= 1.05
+    assert s["latency"]["batches"][0]["speedup"] == pytest.approx(s["predicted_speedup"], 1e-9)
+    assert s["sizes"] == s["planned_sizes"]
+    assert load_structured(out) is not None
+    bad = _recipe(target="heads: 0.5\n    uniform: false")
+    rc, out = _prune(assets, tmp_path, bad, "--oneshot", name="bad")
+    assert rc == 2 and not out.exists()
+
+
 def test_structures_then_distilled_training_from_the_dense_teacher(assets, tmp_path):
     # the recipe prunes nothing else: --teacher self is the dense model before the structures go
     extra = "  - !DistillationModifier {hardness: 1.0, temperature: 2.0, start_epoch: 0.0, end_epoch: eval(num_epochs), teacher: self}\n"

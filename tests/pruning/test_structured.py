@@ -276,6 +276,60 @@ def test_plan_sizes_picks_the_least_error_within_the_budget_and_refuses_the_impo
         structured.plan_sizes(curves, {k: list(v) for k, v in ms.items()}, cost, 10.0)
 
 
+def test_per_block_plan_is_the_brute_force_optimum_and_never_worse_than_uniform():
+    """Two blocks whose curves differ (block 1's heads are dear, block 0's cheap): the per-block
+    plan equals brute force over every per-block choice under the additive latency model, meets
+    the budget, is at least as good as the best uniform plan, and keeps different head counts."""
+    import itertools
+
+    curves = {
+        "heads": [[0.0, 0.1, 0.2, 0.3], [0.0, 2.0, 4.0, 9.0]],
+        "neurons": [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]] * 2,
+    }
+    ms = {
+        "heads": {1: 70.0, 2: 80.0, 3: 90.0, 4: 100.0},
+        "neurons": {2: 60.0, 4: 76.0, 6: 90.0, 8: 100.0},
+    }
+    budget = 84.0
+    plan = structured.plan_block_sizes(curves, ms, 100.0, budget, units=16)
+
+    def cost(choice):  # choice: heads per block, neurons per block
+        return 100.0 - sum((100.0 - ms[k][v]) / 2 for k, vs in choice.items() for v in vs)
+
+    def error(choice):
+        return sum(curves[k][b][len(curves[k][b]) - v] for k, vs in choice.items()
+                   for b, v in enumerate(vs))  # fmt: skip
+
+    options = [
+        {"heads": list(h), "neurons": list(n)}
+        for h in itertools.product(ms["heads"], repeat=2)
+        for n in itertools.product(ms["neurons"], repeat=2)
+    ]
+    brute = min((c for c in options if cost(c) <= budget), key=error)
+    assert plan.error == pytest.approx(error(brute))
+    assert plan.cost == pytest.approx(cost(plan.kept)) and plan.cost <= budget
+    assert plan.kept["heads"][0] < plan.kept["heads"][1]  # the cheap block gives up more heads
+    assert plan.targets["heads"] == [(4 - v) / 4 for v in plan.kept["heads"]]
+    uniform = structured.plan_sizes(
+        curves, {k: list(v) for k, v in ms.items()},
+        lambda kept: ms["heads"][kept["heads"]] + ms["neurons"][kept["neurons"]] - 100.0, budget,
+    )  # fmt: skip
+    assert plan.error < uniform.error
+    with pytest.raises(ValueError, match=r"^the target cannot be met"):
+        structured.plan_block_sizes(curves, ms, 100.0, 10.0)
+
+
+def test_per_block_targets_prune_each_block_to_its_own_size():
+    model = _llama()
+    rep = structured.run(
+        model, _data(), _loss, {"neurons": [0.25, 0.5], "heads": [0.5, 0.0]}, progress=False
+    )
+    assert rep.sizes == {"heads": [1, 2], "neurons": [36, 24]}
+    assert model.model.layers[1].mlp.down_proj.in_features == 24
+    with pytest.raises(ValueError, match=r"^neurons: 3 per-block fractions for 2 blocks"):
+        structured.run(_llama(), _data(), _loss, {"neurons": [0.1, 0.1, 0.1]}, progress=False)
+
+
 def test_error_curves_are_the_greedy_removal_errors_of_the_dense_model():
     model = _llama()
     data = _data(6)

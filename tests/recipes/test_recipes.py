@@ -410,6 +410,7 @@ FIELD_TESTS = {
     "speedup": "cli/test_structured_cli.py::test_bad_structured_recipes_are_one_line_and_write_nothing",
     "bias": "recipes/test_recipes.py::test_structure_modifier_fields_reach_the_structured_part",
     "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
+    "uniform": "cli/test_structured_cli.py::test_a_per_block_speedup_plan_is_met_and_loads_back",
     "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "sparsity": "cli/test_structured_cli.py::test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid",
