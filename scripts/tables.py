@@ -162,6 +162,11 @@ def _optim_small(table: str):
     return make
 
 
+def optim_target_tuning(path: Path) -> str:
+    """``bench_optim.py --part target``'s tuning probes and choices from its JSON."""
+    return "\n".join(_bench_optim().target_tuning_table(json.loads(path.read_text())))
+
+
 def optim_cost(path: Path) -> str:
     """``bench_optim.py --part cost --json``'s cost table from its raw rows."""
     return "\n".join(_bench_optim().cost_table(json.loads(path.read_text())["cost"]["rows"]))
@@ -361,6 +366,7 @@ KINDS = {
     "optim-cost": optim_cost,
     "optim-quality": optim_quality,
     "optim-target": optim_target,
+    "optim-target-tuning": optim_target_tuning,
     "optim-tiny-bert": _optim_small("tiny_bert_table"),
     "optim-mfac-product": _optim_small("mfac_product_table"),
     "optim-mfac-warmup": _optim_small("mfac_warmup_table"),
