@@ -916,7 +916,7 @@ def part_tiny_bert() -> dict:
     from pathlib import Path
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from tiny import make_csv, make_model_dir
+    from models import make_csv, make_model_dir
 
     from curvature.cli.main import main as cli
 
