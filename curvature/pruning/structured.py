@@ -512,9 +512,12 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
         if part.statistics == "gradients":
             grads = _collect_gradients(model, data, loss_fn, groups, part, progress)
         with torch.no_grad():
-            batches = _sequential(
-                model, data, loss_fn, groups, removals, part, progress, errors, grads
-            )
+            if grads is not None:  # the gradient parts need no block inputs
+                batches = _from_gradients(groups, removals, part, errors, grads)
+            else:
+                batches = _sequential(
+                    model, data, loss_fn, groups, removals, part, progress, errors
+                )
     finally:
         model.train(was_training)
     after = sum(p.numel() for p in model.parameters())
@@ -532,21 +535,24 @@ def run(model, data, loss_fn, targets: dict[str, float], method="obs", progress=
     )
 
 
-def _sequential(model, data, loss_fn, groups, removals, part, progress, errors, grads=None):
+def _from_gradients(groups, removals, part, errors, grads) -> int:
+    """Each group chosen from its gradients (taken before any removal), then shrunk."""
+    used = grads[0].n if grads else 0
+    for i, g in enumerate(groups):
+        if removals[i]:
+            removed, errors[i] = part.choose(g, grads[i], removals[i])
+            grads[i] = None  # its memory back
+            structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
+    _check_errors(errors)
+    return used
+
+
+def _sequential(model, data, loss_fn, groups, removals, part, progress, errors):
     blocks, _ = structures._repeated_blocks(model)
     per_block: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         per_block.setdefault(g.block, []).append(i)
     first, last = min(per_block), max(per_block)
-    if grads is not None:  # the gradient parts need no block inputs
-        used = grads[0].n if grads else 0
-        for i, g in enumerate(groups):
-            if removals[i]:
-                removed, errors[i] = part.choose(g, grads[i], removals[i])
-                grads[i] = None  # its memory back
-                structures.shrink(g, sorted(set(range(g.count)) - set(removed)))
-        _check_errors(errors)
-        return used
     inputs = layerwise._capture(model, data, loss_fn, blocks[first], progress)
     for b in tqdm(range(first, last + 1), desc=f"structured {part.label}", disable=not progress):
         block = blocks[b]
