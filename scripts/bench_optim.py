@@ -537,41 +537,51 @@ def target_tables(out: dict) -> list[str]:
     return lines
 
 
-def plot_target(out: dict, path: str) -> None:
-    """Each optimizer's chosen setting: the metric against steps and against training seconds
-    (mean over seeds; band: min-max), with the target."""
+def _plot_metric_curves(setup: str, metric: str, series: list, path: str, target=None) -> None:
+    """``series``: ``[(label, runs)]``; each label's metric against optimizer steps and against
+    training seconds (mean over its runs; band: min-max), with ``target`` as a dashed line."""
     from matplotlib.figure import Figure
 
-    metric = out["spec"]["metric"]
-    target, _ = target_rows(out)
     fig = Figure(figsize=(11, 4.2))
     ax_step, ax_time = fig.subplots(1, 2)
-    for base, c in out["chosen"].items():
-        rs = [
-            r for k, r in out["runs"].items()
-            if k.split("|")[0] == c["name"] and float(k.split("|")[2]) == c["lr"]
-            and "error" not in r
-        ]  # fmt: skip
+    seeds = 0
+    for label, rs in series:
         if not rs:
             continue
+        seeds = max(seeds, len(rs))
         n = min(len(r["curve"]) for r in rs)
         xs = [rs[0]["curve"][i]["step"] for i in range(n)]
         ts = [statistics.mean(r["curve"][i]["seconds"] for r in rs) for i in range(n)]
         ys = [[r["curve"][i][metric] for r in rs] for i in range(n)]
         for ax, x in ((ax_step, xs), (ax_time, ts)):
-            (line,) = ax.plot(x, [statistics.mean(v) for v in ys], marker="o", label=base)
+            (line,) = ax.plot(x, [statistics.mean(v) for v in ys], marker="o", label=label)
             ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], alpha=0.12,
                             color=line.get_color())  # fmt: skip
     what = {"minilm": "MiniLM on bbc-news", "smollm2": "SmolLM2-135M on BBC text"}
     for ax, xl in ((ax_step, "optimizer step"), (ax_time, "training seconds (2-core CPU)")):
-        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label="target")
+        if target is not None:
+            ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label="target")
         ax.set_xlabel(xl)
         ax.set_ylabel(f"validation {metric}")
         ax.grid(alpha=0.3)
-        ax.set_title(f"{what[out['setup']]}: 3 seeds (band: min-max)", fontsize=9)
+        ax.set_title(f"{what[setup]}: {seeds} seeds (band: min-max)", fontsize=9)
     ax_step.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_target(out: dict, path: str) -> None:
+    """Each optimizer's chosen setting on every seed, with the target."""
+    target, _ = target_rows(out)
+    series = [
+        (base, [
+            r for k, r in out["runs"].items()
+            if k.split("|")[0] == c["name"] and float(k.split("|")[2]) == c["lr"]
+            and "error" not in r
+        ])
+        for base, c in out["chosen"].items()
+    ]  # fmt: skip
+    _plot_metric_curves(out["setup"], out["spec"]["metric"], series, path, target)
 
 
 def compare_tables(out: dict, names: list[str], seeds: list[int]) -> list[str]:
@@ -615,43 +625,19 @@ def compare_tables(out: dict, names: list[str], seeds: list[int]) -> list[str]:
 
 
 def plot_compare(out: dict, names: list[str], seeds: list[int], path: str) -> None:
-    """The chosen run's metric against optimizer steps and against training seconds (mean over
-    seeds; band min-max)."""
-    from matplotlib.figure import Figure
-
-    spec = SETUPS[out["setup"]]
-    metric, lower = spec["metric"], spec["metric"] == "loss"
-    fig = Figure(figsize=(11, 4.2))
-    ax_step, ax_time = fig.subplots(1, 2)
+    """Each optimizer's best learning rate (on the first seed) on every seed."""
+    metric = SETUPS[out["setup"]]["metric"]
+    series = []
     for name in names:
-        runs = {
-            k: r for k, r in out["runs"].items() if k.startswith(name + "|") and "error" not in r
-        }
-        probes = {
-            float(k.split("|")[2]): r for k, r in runs.items() if k.split("|")[1] == str(seeds[0])
-        }
-        if not probes:
+        best = _best_lr(out, name, seeds[0])
+        if best is None:
             continue
-        best = (min if lower else max)(probes, key=lambda lr: probes[lr][metric])
-        finals = [r for k, r in runs.items() if float(k.split("|")[2]) == best]
-        n = min(len(r["curve"]) for r in finals)
-        xs = [finals[0]["curve"][i]["step"] for i in range(n)]
-        ts = [statistics.mean(r["curve"][i]["seconds"] for r in finals) for i in range(n)]
-        ys = [[r["curve"][i][metric] for r in finals] for i in range(n)]
-        mean = [statistics.mean(v) for v in ys]
-        for ax, x in ((ax_step, xs), (ax_time, ts)):
-            (line,) = ax.plot(x, mean, marker="o", label=f"{name} (lr {best:g})")
-            ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], alpha=0.15,
-                            color=line.get_color())  # fmt: skip
-    what = {"minilm": "MiniLM on bbc-news", "smollm2": "SmolLM2-135M, language modelling on BBC"}
-    for ax, xl in ((ax_step, "optimizer step"), (ax_time, "training seconds (2-core CPU)")):
-        ax.set_xlabel(xl)
-        ax.set_ylabel(f"validation {metric}")
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{what[out['setup']]}, {len(seeds)} seeds (band: min-max)", fontsize=9)
-    ax_step.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        finals = [
+            r for k, r in out["runs"].items()
+            if k.split("|")[0] == name and float(k.split("|")[2]) == best and "error" not in r
+        ]  # fmt: skip
+        series.append((f"{name} (lr {best:g})", finals))
+    _plot_metric_curves(out["setup"], metric, series, path)
 
 
 def _sub(args: list[str]) -> dict:
