@@ -22,6 +22,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("magnitude", "activation", "fluctuation", "taylor")
+#: per model: the speed-up recipe, the fixed-sizes recipe and the job's options (the decoder's are
+#: the project's perplexity protocol, docs/results-smollm2.md; its latency is prefill at 1 x 512)
+SETUPS = {
+    "minilm": ("structured-minilm.yaml", "structured-minilm-sizes.yaml", []),
+    "smollm2": (
+        "structured-smollm2.yaml",
+        "structured-smollm2-sizes.yaml",
+        [
+            "--task",
+            "causal-lm",
+            "--max-train",
+            "200",
+            "--max-eval",
+            "40",
+            "--max-length",
+            "512",
+            "--batch-size",
+            "8",
+        ],
+    ),  # fmt: skip
+}
 sys.path.insert(0, str(ROOT / "scripts"))
 from _bench import run_child  # noqa: E402
 
@@ -29,6 +50,7 @@ from _bench import run_child  # noqa: E402
 def prune(args, recipe: str, sets: dict, out: Path, extra=()) -> dict:
     """One ``curvature prune`` run in a child process; its metrics with time and peak memory."""
     argv = ["prune", str(ROOT / "recipes" / recipe), "--model", args.dense, "--data", args.data]
+    argv += SETUPS[args.setup][2]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     argv += ["--output", str(out), "--no-progress", "--overwrite", *extra]
@@ -37,6 +59,10 @@ def prune(args, recipe: str, sets: dict, out: Path, extra=()) -> dict:
         raise SystemExit(f"curvature {' '.join(argv)} failed with exit code {rc}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"argv": argv, **usage, "metrics": metrics}
+
+
+#: the latencies measured per setup: (batch, tokens); the decoder's is one prefill of 512 tokens
+MEASURED = {"minilm": [(16, 128), (1, 128)], "smollm2": [(1, 512)]}
 
 
 def measure(args) -> None:
@@ -49,9 +75,16 @@ def measure(args) -> None:
     from curvature.integrations.structured import load_structured
 
     points = [json.loads(line) for line in open(args.raw)]
+    dense = Path(args.dense)
+    if not dense.is_dir():  # a model name (smollm2): saved once, to be loaded like the others
+        from curvature.tasks.kinds import load_model
+
+        dense = Path(args.work) / f"dense-{args.setup}"
+        if not dense.is_dir():
+            load_model("causal-lm", args.dense).save_pretrained(dense)
     # every model loaded the same way (weights copied into fresh memory), the dense one included
-    models = {"dense": load_structured(args.dense).eval()}
-    folders = {"dense": Path(args.dense)}
+    models = {"dense": load_structured(dense).eval()}
+    folders = {"dense": dense}
     for p in points:
         out = p["argv"][p["argv"].index("--output") + 1]
         models[out] = load_structured(out).eval()
@@ -59,8 +92,8 @@ def measure(args) -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = models["dense"].get_input_embeddings().num_embeddings
     rows = []
-    for batch_size in (16, 1):
-        ids = torch.randint(0, vocab, (batch_size, 128), generator=gen)
+    for batch_size, length in MEASURED[args.setup]:
+        ids = torch.randint(0, vocab, (batch_size, length), generator=gen)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         times: dict[str, list] = {k: [] for k in models}
         for _ in range(args.rounds):
@@ -69,7 +102,7 @@ def measure(args) -> None:
         for key, ts in times.items():
             ts = sorted(ts)
             size = sum(f.stat().st_size for f in folders[key].glob("*.safetensors"))
-            rows.append({"model": key, "batch_size": batch_size, "sequence_length": 128,
+            rows.append({"model": key, "batch_size": batch_size, "sequence_length": length,
                          "threads": torch.get_num_threads(), "ms": ts[len(ts) // 2], "rounds": ts,
                          "bytes": size})  # fmt: skip
             print(key, batch_size, f"{ts[len(ts) // 2]:.1f} ms")
@@ -77,18 +110,63 @@ def measure(args) -> None:
         fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
+def _planned(raw: str) -> dict:
+    """The sizes the one-shot obs points of an earlier run chose, by speed-up."""
+    planned = {}
+    for line in open(raw):
+        p = json.loads(line)
+        if p["method"] == "obs" and "sparsity" not in p and not p.get("gradual"):
+            planned[p["speedup"]] = p["metrics"]["structured"]["targets"]
+    return planned
+
+
+def gradual(args) -> None:
+    """Every method removing the same sizes gradually, with distillation, for ``--epochs``."""
+    if not args.sizes_from or args.setup != "minilm":
+        raise SystemExit("--gradual: MiniLM only, at the sizes of --sizes-from RAW")
+    planned = _planned(args.sizes_from)
+    for speedup in [float(s) for s in args.speedups.split(",") if s]:
+        if speedup not in planned:
+            raise SystemExit(f"--sizes-from {args.sizes_from}: no obs point at {speedup:g}x")
+        targets = planned[speedup]
+        for method in args.methods.split(","):
+            sets = {"method": method, "epochs": args.epochs, "heads": targets.get("heads", 0.0)}
+            sets["neurons"] = targets.get("neurons", 0.0)
+            out = Path(args.work) / f"gradual-{method}-{speedup:g}x-{args.epochs:g}"
+            point = prune(args, "structured-minilm-gradual.yaml", sets, out, ["--dense-baseline"])
+            point = {"label": f"{speedup:g}x gradual", "speedup": speedup, "epochs": args.epochs,
+                     "gradual": True, "method": method, **point}  # fmt: skip
+            with open(args.raw, "a") as fh:
+                fh.write(json.dumps(point) + "\n")
+            print(point["label"], method, point["metrics"]["pruned"]["accuracy"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dense", required=True, help="the fine-tuned dense model folder")
     ap.add_argument("--data", default="bbc-news")
+    ap.add_argument("--setup", choices=sorted(SETUPS), default="minilm")
     ap.add_argument("--speedups", default="1.5,2,3,4")
     ap.add_argument("--methods", default="obs," + ",".join(BASELINES))
     ap.add_argument("--recover", action="store_true", help="fine-tune with distillation after")
+    ap.add_argument(
+        "--gradual",
+        action="store_true",
+        help="remove the structures gradually during --epochs of distilled training "
+        "(recipes/structured-minilm-gradual.yaml) at the sizes of --sizes-from, beside the dense "
+        "model trained for the same steps",
+    )
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument(
         "--combined",
         default="",
         help="'SPEEDUP:SPARSITY' points, comma-separated: structured then OBS, and OBS alone",
+    )
+    ap.add_argument(
+        "--sizes-from",
+        default=None,
+        help="a raw file of an earlier run: the methods run at the sizes its obs points chose "
+        "(no new plan), so that methods added later compare at the same matrices",
     )
     ap.add_argument("--work", default="runs/bench-structured")
     ap.add_argument("--raw", required=True, help="JSON lines to append to")
@@ -104,6 +182,11 @@ def main() -> None:
     if args.measure:
         measure(args)
         return
+    if args.gradual:
+        gradual(args)
+        return
+    if args.setup != "minilm" and (args.recover or args.combined):
+        raise SystemExit(f"--setup {args.setup}: one-shot points only (no --recover, --combined)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
@@ -118,24 +201,33 @@ def main() -> None:
             point["label"], point["method"], s.get("sizes"), point["metrics"]["pruned"]["accuracy"]
         )
 
+    planned = _planned(args.sizes_from) if args.sizes_from else {}
     for speedup in [float(s) for s in args.speedups.split(",") if s]:
         out = work / f"obs-{speedup:g}x-{epochs:g}"
         base = {"label": f"{speedup:g}x", "speedup": speedup, "epochs": epochs}
-        point = prune(
-            args, "structured-minilm.yaml", {"speedup": speedup, "epochs": epochs}, out, mode
-        )
-        if "obs" in methods:
-            record({**base, "method": "obs", **point})
-        targets = point["metrics"]["structured"]["targets"]
+        if speedup in planned:
+            targets = planned[speedup]
+        else:
+            if args.sizes_from:
+                raise SystemExit(f"--sizes-from {args.sizes_from}: no obs point at {speedup:g}x")
+            sets = {"speedup": speedup}
+            if args.setup == "minilm":
+                sets["epochs"] = epochs
+            point = prune(args, SETUPS[args.setup][0], sets, out, mode)
+            if "obs" in methods:
+                record({**base, "method": "obs", **point})
+            targets = point["metrics"]["structured"]["targets"]
         for method in [m for m in methods if m != "obs"]:
-            sets = {"method": method, "epochs": epochs, "heads": targets.get("heads", 0.0)}
+            sets = {"method": method, "heads": targets.get("heads", 0.0)}
             sets["neurons"] = targets.get("neurons", 0.0)
+            if args.setup == "minilm":
+                sets["epochs"] = epochs
             out = work / f"{method}-{speedup:g}x-{epochs:g}"
             record(
                 {
                     **base,
                     "method": method,
-                    **prune(args, "structured-minilm-sizes.yaml", sets, out, mode),
+                    **prune(args, SETUPS[args.setup][1], sets, out, mode),
                 }
             )
     for item in [c for c in args.combined.split(",") if c]:

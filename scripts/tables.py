@@ -183,15 +183,97 @@ def _ci(ev: dict, key: str, signed=False) -> str:
     return f"{fmt(ev[key])} [{fmt(ev[key + '_ci_low'])}, {fmt(ev[key + '_ci_high'])}]"
 
 
-def structured(path: Path) -> str:
-    """Structured pruning points (``bench_structured.py``): SOURCE is its raw JSON lines; the
-    latencies measured afterwards, all models alone in one process, are ``STEM-latency.jsonl`` beside
-    it."""
+#: the order of the methods within a point of the structured tables
+STRUCTURED_METHODS = ("obs", "fisher", "taylor", "magnitude", "activation", "fluctuation")
+
+
+def _structured_points(path: Path) -> tuple[list, dict]:
+    """The raw points of ``bench_structured.py`` in table order (points as they first appear,
+    methods in :data:`STRUCTURED_METHODS` order), and the latencies measured afterwards, all
+    models alone in one process (``STEM-latency.jsonl``), by (folder name, batch size)."""
     points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    labels = list(dict.fromkeys(p["label"] for p in points))
+    order = {m: i for i, m in enumerate(STRUCTURED_METHODS)}
+    points.sort(key=lambda p: (labels.index(p["label"]), order.get(p["method"], len(order))))
     lat = {}
     for line in path.with_name(path.stem + "-latency.jsonl").read_text().splitlines():
         r = json.loads(line)
         lat[(Path(r["model"]).name, r["batch_size"])] = r
+    return points, lat
+
+
+def _folder(point: dict) -> str:
+    return Path(point["argv"][point["argv"].index("--output") + 1]).name
+
+
+def structured_gradual(path: Path) -> str:
+    """Gradual structured pruning with distillation (``bench_structured.py --gradual``): SOURCE
+    is its raw JSON lines, the latencies ``STEM-latency.jsonl`` beside it."""
+    points, lat = _structured_points(path)
+    d16, d1 = lat[("dense", 16)]["ms"], lat[("dense", 1)]["ms"]
+    out = [
+        "| point | method | heads / neurons per block | epochs | accuracy [95% CI] | "
+        "− dense, same steps [paired 95% CI] | − dense before [paired 95% CI] | "
+        "dense, same steps | measured 16×128 | measured 1×128 | structured s | job s | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        m, name = p["metrics"], _folder(p)
+        s, ev = m["structured"], m["pruned"]
+        assert m["compared_with"] == "dense_equal_budget", p["label"]
+        out.append(
+            f"| {p['label']} | {p['method']} | {s['sizes']['heads'][0]} / "
+            f"{s['sizes']['neurons'][0]} | {p['epochs']:g} | {_ci(ev, 'accuracy')} | "
+            f"{_ci(ev, 'accuracy_delta', signed=True)} | "
+            f"{_ci(ev, 'accuracy_delta_dense', signed=True)} | "
+            f"{m['dense_equal_budget']['accuracy']:.4f} | {d16 / lat[(name, 16)]['ms']:.2f}x | "
+            f"{d1 / lat[(name, 1)]['ms']:.2f}x | {s['seconds']:.0f} | {p['wall_s']:.0f} | "
+            f"{p['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def _ci2(ev: dict, key: str, sign: str = "") -> str:
+    """``value [low, high]`` with two decimals (perplexities)."""
+    low, high = ev[key + "_ci_low"], ev[key + "_ci_high"]
+    return f"{ev[key]:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
+
+
+def structured_llm(path: Path) -> str:
+    """Structured pruning of the decoder (``bench_structured.py --setup smollm2``): SOURCE is its
+    raw JSON lines, the prefill latencies ``STEM-latency.jsonl`` beside it."""
+    points, lat = _structured_points(path)
+    dense = lat[("dense", 1)]
+    ev0 = points[0]["metrics"]["dense"]
+    out = [
+        "| point | method | key/value heads / neurons per block | MB | perplexity [95% CI] | "
+        "− dense [paired 95% CI] | speed-up predicted | measured prefill 1×512 | structured s | "
+        "job s | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense | | 3 / 1536 | {dense['bytes'] / 1e6:.0f} | "
+        f"{_ci2(ev0, 'perplexity')} | | | {dense['ms']:.0f} ms | | | |",
+    ]
+    for p in points:
+        m, name = p["metrics"], _folder(p)
+        s, ev = m["structured"], m["pruned"]
+        predicted = f"{s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""
+        secs = s.get("seconds", 0.0) + s.get("seconds_error_curves", 0.0)
+        secs += s.get("latency_table", {}).get("seconds", 0.0)
+        ppl, delta = _ci2(ev, "perplexity"), _ci2(ev, "perplexity_delta", "+")
+        out.append(
+            f"| {p['label']} | {p['method']} | {s['sizes']['heads'][0]} / "
+            f"{s['sizes']['neurons'][0]} | {lat[(name, 1)]['bytes'] / 1e6:.0f} | {ppl} | {delta} | "
+            f"{predicted} | {dense['ms'] / lat[(name, 1)]['ms']:.2f}x | {secs:.0f} | "
+            f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def structured(path: Path) -> str:
+    """Structured pruning points (``bench_structured.py``): SOURCE is its raw JSON lines; the
+    latencies measured afterwards, all models alone in one process, are ``STEM-latency.jsonl`` beside
+    it."""
+    points, lat = _structured_points(path)
     dense_mb = lat[("dense", 16)]["bytes"] / 1e6
     out = [
         "| point | method | heads / neurons per block | MB | accuracy [95% CI] | "
@@ -371,6 +453,8 @@ KINDS = {
     "optim-mfac-product": _optim_small("mfac_product_table"),
     "optim-mfac-warmup": _optim_small("mfac_warmup_table"),
     "structured": structured,
+    "structured-gradual": structured_gradual,
+    "structured-llm": structured_llm,
     "runtime": runtime,
     "quant-llm": quant_llm,
     "quant-fidelity": quant_fidelity,

@@ -171,10 +171,17 @@ def _checked(job: PruneJob) -> _Run:
     )
     out = Path(job.output)
     check_output(out, job.overwrite)
+    epochs = 0.0 if job.oneshot else recipe.num_epochs
+    gradual = epochs > 0 and any(m.gradual for m in recipe.of(StructureModifier))
+    if gradual and (job.resume or job.checkpoint_every is not None):
+        raise JobError(
+            f"{'--resume' if job.resume else '--checkpoint-every'}: a run that removes "
+            "structures gradually cannot be resumed (a checkpoint's matrices are smaller than "
+            "the model its configuration builds); run it without checkpoints"
+        )
     resume_from = str(latest_checkpoint(out)) if job.resume else None
     if job.checkpoint_every is not None and job.checkpoint_every < 1:
         raise JobError(f"--checkpoint-every must be >= 1, got {job.checkpoint_every}")
-    epochs = 0.0 if job.oneshot else recipe.num_epochs
     if job.dense_baseline and epochs <= 0:
         raise JobError(
             "--dense-baseline trains the dense model for the run's steps, and this run has none "
@@ -191,12 +198,28 @@ def _checked(job: PruneJob) -> _Run:
     _check_teacher(recipe, distill, teacher, epochs, job.teacher)
     p = load_for_job(job)
     manager = RecipeManager(recipe, p.model)
+    if gradual:
+        _check_gradual_optimizer(job, manager)
     _check_quantizer(recipe, p.model, packed=not job.float_weights)
     if job.float_weights and not recipe.of(GPTQModifier):
         raise JobError("--float-weights: the recipe quantizes nothing (no GPTQModifier); drop it")
     if distill and epochs > 0:
         manager.check_outputs(_output_keys(p.model, p.collator([p.train[0]])))
     return _Run(job, recipe, out, epochs, teacher, distill, resume_from, p, manager)
+
+
+def _check_gradual_optimizer(job: PruneJob, manager) -> None:
+    """Matrices that shrink during training: the optimizer must be able to follow them."""
+    from curvature.optim.registry import get as optimizer_row
+
+    spec = manager.optimizer_spec()
+    name = job.optimizer or (spec[0] if spec else None)
+    if name is not None and not optimizer_row(name).elementwise:
+        raise JobError(
+            f"optimizer {name} keeps curvature over whole matrices, which cannot follow "
+            "structures removed during training: use adamw, sgd, lamb or adahessian, or remove "
+            "the structures once (end_epoch -1)"
+        )
 
 
 def _check_quantizer(recipe: Recipe, model, packed: bool) -> None:
@@ -310,15 +333,22 @@ def _structured(run: _Run) -> None:
             latency_table=table.as_dict(),
             seconds_error_curves=time.perf_counter() - t0,
         )
+    run.metrics["structured"] = info
+    info["targets"] = targets
+    if mod.gradual and run.epochs > 0:  # removed during training, step by step
+        run.manager.structure_targets = targets
+        info["params_before"] = sum(t.numel() for t in p.model.parameters())
+        info["schedule"] = [{"epoch": e, "share": x} for e, x in mod.progress()]
+        return
     report = structured.run(p.model, data, model_loss, targets, mod.chooser(), job.progress)
     run.groups = report.groups
     info.update(
-        targets=targets, sizes=report.sizes, params_before=report.params_before,
+        sizes=report.sizes, params_before=report.params_before,
         params_after=report.params_after, seconds=report.seconds,
         estimated_error=report.estimated_error,
     )  # fmt: skip
-    run.metrics["structured"] = info
     run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
+    run.manager.structures_removed()
     # the sizes the structures left, checked against the quantizer before any training
     _check_quantizer(run.recipe, p.model, packed=not job.float_weights)
 
@@ -427,6 +457,15 @@ def _train(run: _Run, tmp: Path) -> None:
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     shutil.rmtree(checkpoint_dir(run.out), ignore_errors=True)
     metrics.setdefault("dense", None)  # None: the recipe never pruned
+    steps = run.manager.structure_steps
+    if steps:  # a gradual structure removal: what it left, step by step
+        run.groups = run.manager.structure_groups
+        info = metrics["structured"]
+        info.update(
+            sizes=steps[-1]["sizes"], params_after=steps[-1]["params_after"], steps=steps,
+            seconds=sum(h["seconds"] for h in steps),
+            estimated_error=sum(h["estimated_error"] for h in steps),
+        )  # fmt: skip
 
 
 def _save(run: _Run, tmp: Path, start: float) -> None:

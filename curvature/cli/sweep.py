@@ -21,6 +21,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as _fields
 from pathlib import Path
 
 from curvature.cli.config import DataConfig, at_least, load_for_job, training_args
@@ -34,6 +35,10 @@ from curvature.pruning.masks import parse_mask
 METHODS = PRUNING_METHODS.names()
 #: quantizers a sweep can run (``--bits``): each with each bit width is one row, ``gptq-4bit``
 QUANTIZERS = ("gptq", "rtn")
+STRUCTURED_CHOOSERS = ("obs", "fisher", "taylor", "magnitude", "activation", "fluctuation")
+#: ``structured-<chooser>`` methods remove heads and neurons (each ``--sparsities`` value is the
+#: fraction of both removed in every block) and resize the matrices
+STRUCTURED = "structured-"
 
 
 def quant_name(method: str, bits: int) -> str:
@@ -125,6 +130,8 @@ class SweepConfig(DataConfig):
                 flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
                 print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
             out[m] = pipe.with_settings(**values)
+        for m in self.structured_methods():
+            used |= {f.name for f in _fields(self.structured_chooser(m, say=say))}
         if "gptq" in self.quantizers():  # GPTQ reads the layer-wise settings too
             used |= {
                 k for k in ("batches", "rel_damp", "precision") if getattr(self, k) is not None
@@ -138,7 +145,30 @@ class SweepConfig(DataConfig):
         return out
 
     def pruning_methods(self) -> list[str]:
-        return [m for m in self.methods if m not in QUANTIZERS]
+        return [m for m in self.methods if m not in QUANTIZERS and not m.startswith(STRUCTURED)]
+
+    def structured_methods(self) -> list[str]:
+        return [m for m in self.methods if m.startswith(STRUCTURED)]
+
+    def structured_chooser(self, method: str, say: bool = False):
+        """The structured chooser part of ``structured-<name>`` with the sweep's settings that
+        it has (``--batches``; ``--rel-damp`` for obs and fisher; ``--gradients`` for fisher);
+        the others are said once (``say``)."""
+        from dataclasses import fields
+
+        from curvature.pruning import structured
+
+        cls = structured.CHOOSERS[method[len(STRUCTURED) :]]
+        have = {f.name for f in fields(cls)}
+        values = {k: getattr(self, k) for k in ("batches", "rel_damp", "gradients") if k in have}
+        values = {k: v for k, v in values.items() if v is not None}
+        skipped = [
+            k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in values
+        ]
+        if say and skipped:
+            flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
+            print(f"sweep: {flags} do(es) not apply to {method} (its part has no such setting)")
+        return cls(**values)
 
     def quantizers(self) -> list[str]:
         return [m for m in self.methods if m in QUANTIZERS]
@@ -189,6 +219,31 @@ class SweepConfig(DataConfig):
                 "and an unstructured mask (gptq prunes and quantizes in one sweep)"
             )
 
+    def _validate_structured(self) -> None:
+        from curvature.core import checks
+
+        found = self.structured_methods()
+        for m in found:
+            try:
+                checks.one_of("--methods", m, [STRUCTURED + c for c in STRUCTURED_CHOOSERS])
+            except ValueError as e:
+                raise SweepError(str(e)) from None
+        if not found:
+            return
+        if self.recipe is not None:
+            raise SweepError(f"--recipe: {found[0]} runs one-shot; drop --recipe or {found[0]}")
+        if parse_mask(self.mask).name != "unstructured":
+            raise SweepError(
+                f"--mask {self.mask}: {found[0]} removes whole heads and neurons (no mask); "
+                "sweep masks and structures separately"
+            )
+        for v in self.sparsities or []:
+            if v <= 0:
+                raise SweepError(
+                    f"--sparsities: {found[0]} removes a fraction > 0 of the heads and neurons of "
+                    f"each block, got {v}"
+                )
+
     def validate(self) -> None:
         from curvature.tasks.kinds import check_task
 
@@ -198,7 +253,12 @@ class SweepConfig(DataConfig):
         at_least("lr", self.lr, 0, error=SweepError, what="learning rate")
         from curvature.pruning.registry import PARTS, split_spec
 
-        if self.sparsities is None and self.methods and not self.pruning_methods():
+        if (
+            self.sparsities is None
+            and self.methods
+            and not self.pruning_methods()
+            and not self.structured_methods()
+        ):
             if parse_mask(self.mask).fixed_sparsity is None:
                 self.sparsities = [0.0]  # quantizers alone: the dense model, quantized
         for m in self.pruning_methods():
@@ -210,9 +270,11 @@ class SweepConfig(DataConfig):
         if bad or not self.methods:
             raise SweepError(
                 f"--methods: unknown {bad}; choose from {', '.join(METHODS)}, each with optional "
-                f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct; or the "
-                f"quantizers {', '.join(QUANTIZERS)} with --bits"
+                f"parts added by + ({', '.join(PARTS)}), e.g. sparsegpt+reconstruct; the "
+                f"quantizers {', '.join(QUANTIZERS)} with --bits; or structured-<"
+                f"{'|'.join(STRUCTURED_CHOOSERS)}>"
             )
+        self._validate_structured()
         structure = parse_mask(self.mask)
         if structure.fixed_sparsity is not None:
             given = self.sparsities
@@ -346,7 +408,12 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     mode = "gradual" if cfg.recipe else "oneshot"
     for method, bits in cfg.rows():
         # one-shot pruning that reads no data (magnitude) gives the same model for every seed
-        data = method.startswith("gptq-") if bits else PRUNING_METHODS[method].needs_data
+        if bits:
+            data = method.startswith("gptq-")
+        elif method.startswith(STRUCTURED):
+            data = bool(cfg.structured_chooser(method).statistics)
+        else:
+            data = PRUNING_METHODS[method].needs_data
         repeats = cfg.seeds if mode == "gradual" or data else 1
         for s in cfg.sparsities:
             for k in range(repeats):
@@ -355,6 +422,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                     continue
                 if bits:
                     point = _quant_point(cfg, method, bits, s, task, dense_dir, model_loss, k)
+                elif method.startswith(STRUCTURED):
+                    point = _structured_point(cfg, method, s, task, dense_dir, model_loss, k)
                 else:
                     point = _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k)
                 _append(out, point, points)
@@ -542,6 +611,55 @@ def _run_point(cfg, method, s, mode, task, dense_dir, model_loss, k: int = 0) ->
         "prune_seconds": seconds,
         "peak_memory_mb": peak / 2**20 if peak else None,
         **extra,
+    }
+
+
+def _block_linear_weights(model) -> int:
+    """Weights of the linear layers inside the model's repeated blocks (what structures remove)."""
+    import torch
+
+    from curvature.pruning.structures import _repeated_blocks
+
+    blocks, _ = _repeated_blocks(model)
+    return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _structured_point(cfg, method, s, task, dense_dir, model_loss, k: int = 0) -> dict:
+    """The dense model with the fraction ``s`` of the heads and of the neurons of every block
+    removed by a structured chooser, the matrices resized: its evaluation, the size of its file
+    and its measured latency (smaller matrices, the format every runtime runs). ``sparsity`` is
+    the share of the blocks' linear weights removed."""
+    from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
+    from curvature.integrations.hf import grad_loader
+    from curvature.pruning import structured
+    from curvature.tasks.kinds import load_model
+
+    reset_peak_memory()
+    start = time.perf_counter()
+    model = load_model(task.task, str(dense_dir))
+    before = _block_linear_weights(model)
+    data = grad_loader(task.train, cfg.grad_batch_size, task.collator, cfg.seed + k)
+    try:
+        report = structured.run(
+            model, data, model_loss, {"heads": s, "neurons": s}, cfg.structured_chooser(method),
+            progress=cfg.progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise SweepError(f"{method} at {s:g}: {exc}") from None
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes()
+    ev = task.evaluate(model, progress=cfg.progress, desc=f"eval {method} {s}")
+    point = {"method": method, "mask": "structured", "mode": "oneshot", "target_sparsity": s,
+             "seed_index": k, "seed": cfg.seed + k}  # fmt: skip
+    return {
+        **point,
+        "sparsity": 1.0 - _block_linear_weights(model) / before,
+        "structure_sizes": report.sizes,
+        **_ev(ev, task, Path(cfg.output), point),
+        **_sizes(model, Path(cfg.output)),
+        **_speed(model, task, cfg),
+        "prune_seconds": seconds,
+        "peak_memory_mb": peak / 2**20 if peak else None,
     }
 
 

@@ -46,6 +46,9 @@ class Optimizer:
     needs_create_graph: Callable[[torch.optim.Optimizer], bool] = _never
     data_parallel: bool = True  # False: DistributedDataParallel cannot run its backward
     missing: str = ""  # how to install the class when ``load`` returns None
+    #: its state is per element of each parameter (moments shaped like it), so it can keep
+    #: training parameters whose rows and columns are removed mid-training
+    elementwise: bool = False
     description: str = ""
 
     @property
@@ -175,14 +178,23 @@ _MKOR_DEFAULTS = {"base_optimizer": "adamw", "weight_decay": 0.01, "exclude": ["
 register(
     "adamw",
     lambda: torch.optim.AdamW,
+    elementwise=True,
     lr=1e-4,
     defaults={"weight_decay": 0.01},
     description="torch.optim.AdamW, the first-order baseline",
 )
-register("sgd", lambda: torch.optim.SGD, lr=1e-2, defaults={"momentum": 0.9}, description="SGD")
+register(
+    "sgd",
+    lambda: torch.optim.SGD,
+    lr=1e-2,
+    defaults={"momentum": 0.9},
+    elementwise=True,
+    description="SGD",
+)
 register(
     "adahessian",
     lambda: AdaHessian,
+    elementwise=True,
     lr=1e-2,
     defaults={"weight_decay": 0.01},
     needs_create_graph=_refreshes,
@@ -217,6 +229,7 @@ register(
 register(
     "lamb",
     lambda: LAMB,
+    elementwise=True,
     lr=1e-3,
     defaults={"weight_decay": 0.01},
     description="layer-wise trust-ratio Adam",

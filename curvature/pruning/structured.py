@@ -248,7 +248,7 @@ def fisher_remove(
 
     Returns the corrected weights (removed rows zero), the removed structures in order and the
     error of each removal."""
-    w = w.to(F64).clone()
+    w = w.to(F64)
     m, count, s = g.shape
     gh = g.to(F64) / math.sqrt(m)
     lam = rel_damp * float((gh**2).sum()) / (count * s)
@@ -257,22 +257,31 @@ def fisher_remove(
     eye = torch.eye(m, dtype=F64)
     per = torch.einsum("aks,bks->kab", gh, gh)  # G_Q G_Q^T / m per structure, [count, m, m]
     b = lam * eye + per.sum(0)
+    # every structure's u = G_Q w_Q / sqrt(m) and |w_Q|^2, kept up to date in m dimensions: an
+    # update delta_R = G_R^T t moves u_Q by per_Q t and |w_Q|^2 by 2 t.u_Q + t^T per_Q t, so no
+    # step touches the s weights of each structure (the weights move once, at the end, by the
+    # sum of the steps' t: every structure still there at the end was there at every step)
+    u = torch.einsum("aks,ks->ka", gh, w)
+    wsq = (w**2).sum(1)
+    moved = torch.zeros(m, dtype=F64)
     alive = torch.ones(count, dtype=torch.bool)
     removed, errors = [], []
     for _ in range(remove):
         idx = alive.nonzero().squeeze(1)
-        u = torch.einsum("aks,ks->ka", gh[:, idx], w[idx])  # [n, m]
-        sol = torch.linalg.solve(b - per[idx], u.unsqueeze(-1)).squeeze(-1)
-        rho = 0.5 * lam * ((w[idx] ** 2).sum(1) + (u * sol).sum(1))
+        sol = torch.linalg.solve(b - per[idx], u[idx].unsqueeze(-1)).squeeze(-1)
+        rho = 0.5 * lam * (wsq[idx] + (u[idx] * sol).sum(1))
         j = int(torch.argmin(rho))
-        q = int(idx[j])
+        q, t = int(idx[j]), sol[j]
         b = b - per[q]
         alive[q] = False
-        rest = alive.nonzero().squeeze(1)
-        w[rest] += torch.einsum("aks,a->ks", gh[:, rest], sol[j])
-        w[q] = 0
+        pt = per @ t  # [count, m]
+        wsq = wsq + 2 * (u @ t) + (pt @ t)
+        u = u + pt
+        moved += t
         removed.append(q)
         errors.append(float(rho[j]))
+    w = w + torch.einsum("aks,a->ks", gh, moved)
+    w[~alive] = 0
     return w, removed, errors
 
 
@@ -717,3 +726,37 @@ def _product(grids):
 
 def _describe(kept: dict) -> str:
     return ", ".join(f"{v} {k}" for k, v in kept.items())
+
+
+def gradual_targets(final: dict, dense: dict, current: dict, progress: float) -> dict:
+    """What to remove at one point of a gradual schedule: ``{kind: [per block: fraction of the
+    structures it has now]}`` so that each block has removed ``round(progress * f * dense)`` of
+    its dense structures, ``f`` its final fraction (``final[kind]``: one fraction, or one per
+    block). At ``progress`` 1 the counts are those the same targets remove at once. ``dense`` and
+    ``current``: ``{kind: [per block: structures]}`` (:func:`structures.sizes`). Kinds and blocks
+    with nothing to remove now get 0; ``{}`` when nothing is due anywhere."""
+    out: dict = {}
+    for kind, frac in final.items():
+        blocks = len(dense[kind])
+        fracs = list(frac) if isinstance(frac, (list, tuple)) else [frac] * blocks
+        if len(fracs) != blocks:
+            raise ValueError(f"{kind}: {len(fracs)} per-block fractions for {blocks} blocks")
+        now = []
+        for f, d, c in zip(fracs, dense[kind], current[kind]):
+            goal = d - int(round(progress * int(round(f * d))))  # structures kept at this point
+            now.append((c - goal) / c if c > goal else 0.0)
+        out[kind] = now
+    return out if any(x for v in out.values() for x in v) else {}
+
+
+def count(model, data, loss_fn, kinds=KINDS) -> dict:
+    """``{kind: [per block: structures]}`` of ``model`` as it is now (one traced forward pass on
+    the first batch of ``data``)."""
+    _, first = _calibration(data, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        groups = structures.trace(model, lambda: loss_fn(model, first), kinds=tuple(kinds))
+    finally:
+        model.train(was_training)
+    return structures.sizes(groups)

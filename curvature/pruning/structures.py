@@ -21,6 +21,7 @@ clear error naming the block.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +101,17 @@ def _heads(model) -> tuple[int, int]:
         )
     kv = getattr(config, "num_key_value_heads", None) or heads
     return int(heads), int(kv)
+
+
+def _head_dim(model, heads: int) -> int:
+    """The size of one head: ``config.head_dim`` where the configuration has one, else the
+    dense ``hidden_size / num_attention_heads`` (which removing heads does not change)."""
+    config = model.config
+    size = getattr(config, "head_dim", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    hidden = getattr(config, "hidden_size", None)
+    return hidden // heads if isinstance(hidden, int) and hidden % heads == 0 else 0
 
 
 def trace(model, run, kinds=KINDS) -> list[Coupled]:
@@ -184,8 +196,13 @@ def _coupled(model, kind, b, producers, consumer) -> Coupled:
             )
         return Coupled(NEURONS, b, producers, consumer, count=width, width=1)
     heads, kv = _heads(model)
-    head_dim = width // heads
-    if head_dim * heads != width or heads % kv:
+    head_dim = _head_dim(model, heads) or width // heads
+    if width != heads * head_dim and head_dim and heads % kv == 0:
+        # a block whose heads were removed already (the configuration says the dense counts):
+        # the head size and the query heads per key/value head stay what they were
+        heads = width // head_dim
+        kv = heads // (_heads(model)[0] // kv) if heads else 0
+    if not head_dim or head_dim * heads != width or not kv or heads % kv:
         raise ValueError(
             f"structures: block {b}: {width} attention outputs are not {heads} heads "
             f"({kv} key/value heads)"
@@ -224,12 +241,36 @@ def set_head_counts(module, heads: int, kv_heads: int) -> None:
         module.all_head_size = heads * size
 
 
+#: the lists of :func:`recording` blocks open now; every parameter replaced is appended to each
+_RECORDERS: list[list] = []
+
+
+@contextmanager
+def recording():
+    """Collect ``(old parameter, new parameter, dim, index)`` for every parameter :func:`shrink`
+    replaces inside the block (new = old.index_select(dim, index)), for :func:`follow`."""
+    taken: list = []
+    _RECORDERS.append(taken)
+    try:
+        yield taken
+    finally:
+        _RECORDERS.remove(taken)
+
+
+def _replace(linear: torch.nn.Linear, attr: str, dim: int, index: torch.Tensor) -> None:
+    old = getattr(linear, attr)
+    new = torch.nn.Parameter(old.index_select(dim, index).contiguous(), old.requires_grad)
+    setattr(linear, attr, new)
+    for taken in _RECORDERS:
+        taken.append((old, new, dim, index))
+
+
 def _take(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
     index = index.to(linear.weight.device)
     with torch.no_grad():
-        linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index).contiguous())
+        _replace(linear, "weight", dim, index)
         if dim == 0 and linear.bias is not None:
-            linear.bias = torch.nn.Parameter(linear.bias.index_select(0, index).contiguous())
+            _replace(linear, "bias", 0, index)
     if dim == 0:
         linear.out_features = int(index.numel())
     else:
@@ -250,6 +291,40 @@ def shrink(group: Coupled, keep: list[int]) -> None:
     group.count = len(keep)
     if group.kind == HEADS and group.owner is not None:
         set_head_counts(group.owner, *group.head_counts())
+
+
+def follow(optimizer: torch.optim.Optimizer, taken: list) -> int:
+    """Make ``optimizer`` train the parameters :func:`shrink` put in place of the ones it had
+    (``taken`` from :func:`recording`, in order): each new parameter takes the old one's place in
+    its parameter group, and each per-element state tensor of the old one (moments, shaped like
+    it) keeps the same elements the parameter kept; scalar state (step counts) is kept. State of
+    another shape (a preconditioner over the whole matrix) cannot follow: one clear error, with
+    the optimizer left as it was. Returns the number of parameters replaced in the optimizer."""
+    for old, _, _, _ in taken:  # checked before anything moves
+        for key, value in optimizer.state.get(old, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != old.shape:
+                raise ValueError(
+                    f"{type(optimizer).__name__} keeps state {key!r} of shape "
+                    f"{tuple(value.shape)} for a {tuple(old.shape)} parameter, which cannot "
+                    "follow removed structures: use an optimizer with per-element state (adamw, "
+                    "sgd, lamb, adahessian) or remove the structures once (end_epoch -1)"
+                )
+    replaced = 0
+    for old, new, dim, index in taken:
+        for group in optimizer.param_groups:
+            for k, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][k] = new
+                    replaced += 1
+        state = optimizer.state.pop(old, None)
+        if state is not None:
+            optimizer.state[new] = {
+                key: value.index_select(dim, index.to(value.device)).contiguous()
+                if torch.is_tensor(value) and value.dim() > 0
+                else value
+                for key, value in state.items()
+            }
+    return replaced
 
 
 def sizes(groups: list[Coupled]) -> dict:

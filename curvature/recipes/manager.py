@@ -25,6 +25,7 @@ from curvature.recipes.schema import (
     OptimizerModifier,
     SetLearningRateModifier,
     SetWeightDecayModifier,
+    StructureModifier,
     _Pruning,
 )
 
@@ -43,6 +44,12 @@ class RecipeManager:
         # applied pruning points (modifier index, epoch); ("constant" | "weight_decay", index)
         self._done: set[tuple] = set()
         self._released: set[int] = set()
+        # gradual structure removal: the final fractions (set by a speed-up plan, else the
+        # modifier's own), the dense counts, the structures as last traced, the steps taken
+        self.structure_targets: dict | None = None
+        self.structure_dense: dict | None = None
+        self.structure_groups: list | None = None
+        self.structure_steps: list[dict] = []
         self._check_against_model()
 
     def _check_against_model(self) -> None:
@@ -58,6 +65,15 @@ class RecipeManager:
                     m.part().grid().check_layer(t.cols, t.name)
             except ValueError as exc:
                 raise ValueError(f"line {m.line}: GPTQModifier: {exc}") from None
+        for m in self.recipe.of(StructureModifier):
+            for other in self.recipe.of(_Pruning, ConstantPruningModifier):
+                if m.gradual and other.start_epoch < m.end_epoch - _EPS:
+                    raise ValueError(
+                        f"line {other.line}: {type(other).__name__} starts at epoch "
+                        f"{other.start_epoch:g}, before the gradual structure removal ends "
+                        f"(end_epoch {m.end_epoch:g}): its masks cannot follow matrices that "
+                        f"shrink; start it at {m.end_epoch:g} or later"
+                    )
         for m in self.recipe.of(_Pruning):
             structure = parse_mask(m.mask_type)
             for patterns in m.finals().values():
@@ -76,6 +92,7 @@ class RecipeManager:
             "done": sorted(self._done, key=repr),
             "released": sorted(self._released),
             "history": [dict(h) for h in self.history],
+            "structure_steps": [dict(h) for h in self.structure_steps],
             "num_modifiers": len(self.recipe.modifiers),
         }
 
@@ -92,6 +109,7 @@ class RecipeManager:
         self._done = {tuple(k) for k in state["done"]}
         self._released = set(state["released"])
         self.history = [dict(h) for h in state["history"]]
+        self.structure_steps = [dict(h) for h in state.get("structure_steps", [])]
 
     # ------------------------------------------------------------------ schedule
     def pruning_schedule(self) -> list[tuple[float, int, float]]:
@@ -170,7 +188,7 @@ class RecipeManager:
         progress: bool = True,
     ) -> list[dict]:
         """Run whatever the recipe asks for at ``epoch``; returns the pruning steps taken."""
-        taken = []
+        taken = self._structures(epoch, grad_data, loss_fn, optimizer, progress)
         for m in self.recipe.of(ConstantPruningModifier):
             key = ("constant", self.recipe.modifiers.index(m))
             if epoch + _EPS >= m.start_epoch and key not in self._done:
@@ -229,6 +247,74 @@ class RecipeManager:
                     for gi in _checked_groups(m, chosen, len(groups)):
                         groups[gi]["weight_decay"] = m.weight_decay
                     self._done.add(key)
+        return taken
+
+    def structures_removed(self) -> None:
+        """Mark every step of the structure modifiers done (they were removed at once)."""
+        for i, m in enumerate(self.recipe.modifiers):
+            if isinstance(m, StructureModifier):
+                self._done.update(("structures", i, e) for e, _ in m.progress())
+
+    def _structures(self, epoch, grad_data, loss_fn, optimizer, progress) -> list[dict]:
+        """The gradual structure removal's step due at ``epoch`` (the latest, when training
+        steps are coarser than its schedule): each block brought to the share of its target the
+        schedule reaches, by the modifier's method on batches of ``grad_data``; the optimizer
+        then trains the smaller parameters with the moments of what remains."""
+        from curvature.pruning import structured, structures
+
+        taken = []
+        for i, m in enumerate(self.recipe.modifiers):
+            if not isinstance(m, StructureModifier) or not m.gradual:
+                continue
+            due = [
+                (e, x)
+                for e, x in m.progress()
+                if e <= epoch + _EPS and ("structures", i, e) not in self._done
+            ]
+            if not due:
+                continue
+            if grad_data is None or loss_fn is None:
+                raise ValueError(
+                    "gradual structure removal needs grad_data and loss_fn (calibration "
+                    "batches) at each step"
+                )
+            final = self.structure_targets
+            if final is None:
+                if m.speedup is not None:
+                    raise ValueError(
+                        "a gradual removal to a speedup needs the sizes planned first "
+                        "(curvature prune does it; in Python set manager.structure_targets)"
+                    )
+                final = m.targets()
+            kinds = tuple(final)
+            if self.structure_dense is None:
+                self.structure_dense = structured.count(self.model, grad_data, loss_fn, kinds)
+            current = (
+                structures.sizes(self.structure_groups)
+                if self.structure_groups is not None
+                else self.structure_dense
+            )
+            e, x = due[-1]
+            for d, _ in due:
+                self._done.add(("structures", i, d))
+            targets = structured.gradual_targets(final, self.structure_dense, current, x)
+            if not targets:
+                continue
+            with structures.recording() as replaced:
+                report = structured.run(
+                    self.model, grad_data, loss_fn, targets, m.chooser(), progress
+                )
+            if optimizer is not None:
+                structures.follow(optimizer, replaced)
+            self.structure_groups = report.groups
+            entry = {
+                "epoch": e, "index": i, "modifier": "StructureModifier", "progress": x,
+                "sizes": report.sizes, "params_after": report.params_after,
+                "seconds": report.seconds, "estimated_error": report.estimated_error,
+            }  # fmt: skip
+            self.structure_steps.append(entry)
+            taken.append(entry)
+            log.info("structures at epoch %.2f: %s", e, report.sizes)
         return taken
 
     def apply_rates(self, optimizer, epoch: float) -> None:

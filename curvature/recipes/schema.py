@@ -413,9 +413,15 @@ class LayerwisePruningModifier(_Pruning):
 
 
 class StructureModifier(Modifier):
-    """Removes whole attention heads and feed-forward neurons (this toolkit's modifier), once, at
-    ``start_epoch`` 0, before any training: the matrices shrink and the rest of the recipe
-    (unstructured pruning, distillation, fine-tuning) runs on the smaller model.
+    """Removes whole attention heads and feed-forward neurons (this toolkit's modifier): the
+    matrices shrink and the rest of the recipe (unstructured pruning, distillation, fine-tuning)
+    runs on the smaller model. With ``end_epoch`` -1 (the default) they go once, before any
+    training (``start_epoch`` 0); with ``end_epoch`` after ``start_epoch`` they go gradually
+    during training: at every ``update_frequency`` epochs from ``start_epoch`` to ``end_epoch``,
+    each block has removed ``p(t) * target`` of its structures, ``p`` rising from 0 to 1 as
+    ``inter_func`` (cubic: most go early, as the unstructured schedules), each step chosen and
+    corrected by ``method`` on calibration batches of the model as trained so far; the optimizer
+    keeps the moments of what remains. A ``speedup`` is planned once, on the model at the start.
 
     The sizes are either fractions removed in every block (``heads``, ``neurons``) or a measured
     ``speedup``: a latency table of the model at each size is measured on this machine on a batch of
@@ -441,6 +447,26 @@ class StructureModifier(Modifier):
     #: (false) sizes chosen per block by their error and measured cost
     uniform: bool = True
     latency_batch_size: int = Field(16, gt=0)
+    #: gradual removal (``end_epoch`` after ``start_epoch``): epochs between steps and the curve
+    update_frequency: float | None = Field(None, gt=0)
+    inter_func: Literal["cubic", "linear", "inverse_cubic"] = "cubic"
+
+    @property
+    def gradual(self) -> bool:
+        return self.end_epoch > self.start_epoch
+
+    def progress(self) -> list[tuple[float, float]]:
+        """``(epoch, share of the target removed by then)`` at every step of a gradual removal;
+        one step ``(0, 1)`` when the structures go at once."""
+        if not self.gradual:
+            return [(0.0, 1.0)]
+        span = self.end_epoch - self.start_epoch
+        points = pruning_points(
+            start_epoch=self.start_epoch,
+            end_epoch=self.end_epoch,
+            update_frequency=self.update_frequency,
+        )
+        return [(e, interpolate((e - self.start_epoch) / span, self.inter_func)) for e in points]
 
     @field_validator("method_name")
     @classmethod
@@ -452,10 +478,21 @@ class StructureModifier(Modifier):
 
     @model_validator(mode="after")
     def _target(self):
-        if self.start_epoch != 0 or self.end_epoch not in (-1, 0):
+        if not self.gradual and (self.start_epoch != 0 or self.end_epoch not in (-1, 0)):
             raise ValueError(
-                "structures are removed once, before training: start_epoch must be 0 and "
-                "end_epoch -1 (gradual structured pruning is not supported yet)"
+                "structures removed at once go before training: start_epoch must be 0 and "
+                "end_epoch -1 (or give an end_epoch after start_epoch and an update_frequency "
+                "to remove them gradually)"
+            )
+        if self.gradual and self.update_frequency is None:
+            raise ValueError(
+                "a gradual removal (end_epoch after start_epoch) needs update_frequency, the "
+                "epochs between steps"
+            )
+        if not self.gradual and (self.update_frequency is not None or self.inter_func != "cubic"):
+            raise ValueError(
+                "update_frequency and inter_func set a gradual removal, and this one happens "
+                "at once (end_epoch -1): remove them or give an end_epoch after start_epoch"
             )
         sized = bool(self.heads or self.neurons)
         if sized == (self.speedup is not None):

@@ -321,3 +321,75 @@ modifiers:
     m = json.loads((out / "metrics.json").read_text())
     assert m["dense"] is not None and m["quantized"]["bits"] == 8
     assert "accuracy_delta" in m["pruned"]
+
+
+GRADUAL = """    start_epoch: 0.0
+    end_epoch: 1.5
+    update_frequency: 0.5
+"""
+
+
+def test_gradual_removal_shrinks_step_by_step_during_distilled_training(assets, tmp_path):
+    """Heads and neurons go at 0, 0.5, 1.0 and 1.5 epochs along the cubic curve (the optimizer
+    keeps training the smaller matrices); the end sizes are the one-shot sizes, and the saved
+    model loads back with the parameters the report counts."""
+    extra = "  - !DistillationModifier {hardness: 0.5, temperature: 2.0, start_epoch: 0.0, end_epoch: eval(num_epochs), teacher: self}\n"
+    text = _recipe(target="heads: 0.5\n    neurons: 0.75\n" + GRADUAL, epochs="2.0", extra=extra)
+    rc, out = _prune(assets, tmp_path, text)
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["structured"]
+    assert [p["epoch"] for p in s["schedule"]] == [0.0, 0.5, 1.0, 1.5]
+    # cubic 1-(1-x)^3 of 24 neurons: 0, 16.9, 23.1, 24 removed; the first step removes nothing
+    assert [h["epoch"] for h in s["steps"]] == [0.5, 1.0, 1.5]
+    assert [h["sizes"]["neurons"] for h in s["steps"]] == [[15, 15], [9, 9], [8, 8]]
+    assert s["sizes"] == {"heads": [1, 1], "neurons": [8, 8]}
+    assert s["params_after"] < s["params_before"]
+    assert m["steps"] > 0 and m["pruned"]["examples"] == m["dense"]["examples"]
+    model = load_structured(out)
+    assert sum(p.numel() for p in model.parameters()) == s["params_after"]
+    assert model.bert.encoder.layer[1].intermediate.dense.weight.shape == (8, 16)
+
+
+@pytest.mark.parametrize(
+    "extra,flags,message",
+    [
+        ("  - !OptimizerModifier {name: mkor}\n", (), "optimizer mkor keeps curvature"),
+        ("", ("--resume",), "--resume: a run that removes structures gradually cannot be"),
+        ("", ("--checkpoint-every", "2"), "--checkpoint-every: a run that removes structures"),
+        (
+            "  - !MagnitudePruningModifier {params: __ALL_PRUNABLE__, init_sparsity: 0.1, "
+            "final_sparsity: 0.5, start_epoch: 1.0, end_epoch: 2.0, update_frequency: 0.5}\n",
+            (),
+            "before the gradual structure removal ends",
+        ),
+    ],
+)
+def test_what_cannot_follow_shrinking_matrices_is_refused_in_one_line(
+    assets, tmp_path, capsys, extra, flags, message
+):
+    text = _recipe(target="neurons: 0.5\n" + GRADUAL, epochs="2.0", extra=extra)
+    rc, out = _prune(assets, tmp_path, text, *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("neurons: 0.5\n    start_epoch: 0.0\n    end_epoch: 1.0\n", "needs update_frequency"),
+        ("neurons: 0.5\n    update_frequency: 0.5\n", "set a gradual removal"),
+    ],
+)
+def test_gradual_settings_that_do_not_fit_are_one_line(assets, tmp_path, capsys, target, message):
+    rc, _ = _prune(assets, tmp_path, _recipe(target=target, epochs="2.0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_oneshot_runs_a_gradual_removal_at_once(assets, tmp_path):
+    rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.75\n" + GRADUAL), "--oneshot")
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["sizes"]["neurons"] == [8, 8] and "steps" not in s

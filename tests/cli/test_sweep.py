@@ -352,3 +352,47 @@ def test_gptq_prunes_in_the_sweep_and_bad_quantizer_settings_are_one_line(assets
             cfg.validate()
         assert message in str(err.value), (kw, str(err.value))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_structured_sweep_resizes_and_measures_what_it_removed(assets, tmp_path):
+    """structured-<chooser> rows: the fraction of heads and neurons removed in every block, the
+    model resized (its file smaller and its measured latency recorded), second-order beside a
+    baseline at the same sizes; the reached sparsity is the blocks' linear weights removed."""
+    out = tmp_path / "sweep"
+    cfg = config(
+        assets, out, methods=["structured-obs", "structured-magnitude"], sparsities=[0.5],
+        finetune_epochs=0.0, batches=4, speed_reps=1,
+    )  # fmt: skip
+    for k in ("gradients", "fisher_damping", "block_size"):
+        setattr(cfg, k, None)
+    points = run_sweep(cfg)
+    dense = next(p for p in points if p["method"] == "dense")
+    rows = [p for p in points if p["method"] != "dense"]
+    assert [p["method"] for p in rows] == ["structured-obs", "structured-magnitude"]
+    for p in rows:
+        assert p["mask"] == "structured" and p["structure_sizes"] == {
+            "heads": [1, 1], "neurons": [16, 16]
+        }  # fmt: skip
+        # tiny BERT blocks: q, k, v, o 16x16 and 32x16 + 16x32 -> 8x16 ... half of everything
+        assert p["sparsity"] == pytest.approx(0.5)
+        assert p["dense_bytes"] < dense["dense_bytes"]
+        assert p["latency_ms_dense"] > 0
+    assert "| structured-obs | structured | oneshot | 0.50 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"methods": ["structured-obz"]}, "structured-obs"),
+        ({"methods": ["structured-obs"], "mask": "2:4"}, "--mask 2:4: structured-obs removes"),
+        ({"methods": ["structured-obs"], "sparsities": [0.0]}, "a fraction > 0"),
+        ({"methods": ["structured-magnitude"], "rel_damp": 0.1}, "--rel-damp: none of"),
+    ],
+)
+def test_bad_structured_sweeps_are_one_line(assets, tmp_path, kw, message):
+    cfg = config(assets, tmp_path / "s", **kw)
+    for k in ("gradients", "fisher_damping", "block_size"):
+        setattr(cfg, k, None)
+    with pytest.raises(SweepError, match=message.replace("+", r"\+")):
+        cfg.validate()
+    assert not (tmp_path / "s").exists()

@@ -528,3 +528,80 @@ def test_gradient_parts_refuse_a_loss_they_cannot_differentiate():
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"^gradients must be"):
         structured.FisherOBS(gradients=0)
+
+
+# ---------------------------------------------------------------- gradual removal
+
+
+def test_the_optimizer_follows_shrunk_parameters_as_if_they_were_never_larger():
+    """AdamW (per-element moments): after rows are removed mid-training, the kept elements move
+    exactly as they move in the unshrunk copy given the same gradients."""
+    torch.manual_seed(0)
+    big = torch.nn.Linear(6, 5)
+    small = copy.deepcopy(big)
+    opt_big = torch.optim.AdamW(big.parameters(), lr=0.1, weight_decay=0.1)
+    opt_small = torch.optim.AdamW(small.parameters(), lr=0.1, weight_decay=0.1)
+    keep = torch.tensor([0, 2, 3])
+    gen = torch.Generator().manual_seed(1)
+    grads = [(torch.randn(5, 6, generator=gen), torch.randn(5, generator=gen)) for _ in range(6)]
+    for step, (gw, gb) in enumerate(grads):
+        if step == 3:
+            with structures.recording() as taken:
+                structures._take(small, keep, 0)
+            assert structures.follow(opt_small, taken) == 2
+            assert small.weight.shape == (3, 6)
+        for m, opt in ((big, opt_big), (small, opt_small)):
+            rows = slice(None) if m is big or step < 3 else keep
+            m.weight.grad, m.bias.grad = gw[rows].clone(), gb[rows].clone()
+            opt.step()
+    torch.testing.assert_close(small.weight, big.weight[keep], rtol=0, atol=1e-7)
+    torch.testing.assert_close(small.bias, big.bias[keep], rtol=0, atol=1e-7)
+    assert opt_small.state[small.weight]["exp_avg_sq"].shape == (3, 6)
+
+
+def test_state_over_a_whole_matrix_cannot_follow_and_nothing_moves():
+    lin = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(lin.parameters())
+    opt.state[lin.weight]["preconditioner"] = torch.eye(16)
+    with structures.recording() as taken:
+        structures._take(lin, torch.tensor([0, 1]), 1)
+    with pytest.raises(ValueError, match="preconditioner.*cannot follow removed structures"):
+        structures.follow(opt, taken)
+    assert any(p is taken[0][0] for p in opt.param_groups[0]["params"])  # left as it was
+
+
+def test_gradual_targets_reach_the_one_shot_counts_by_the_schedule():
+    dense = {"heads": [12, 12], "neurons": [100, 100]}
+    final = {"heads": [0.5, 0.25], "neurons": 0.7}
+    current = copy.deepcopy(dense)
+    kept = []
+    for x in (0.0, 0.3, 0.6, 0.9, 1.0):
+        t = structured.gradual_targets(final, dense, current, x)
+        for kind in t:
+            current[kind] = [c - int(round(f * c)) for f, c in zip(t[kind], current[kind])]
+        kept.append(copy.deepcopy(current))
+    assert kept[0] == dense  # nothing at progress 0
+    assert kept[-1] == {"heads": [6, 9], "neurons": [30, 30]}  # the one-shot counts
+    for a, b in zip(kept, kept[1:]):  # never grows back
+        assert all(y <= x for k in a for x, y in zip(a[k], b[k]))
+    assert kept[2] == {"heads": [8, 10], "neurons": [58, 58]}  # round(0.6 * 6) = 4 heads gone
+    assert structured.gradual_targets(final, dense, kept[-1], 1.0) == {}
+
+
+@pytest.mark.parametrize("make", [lambda: _llama(heads=8, kv=4), _opt], ids=["gqa", "mha"])
+def test_a_model_with_heads_removed_is_traced_again_with_its_own_counts(make):
+    """The configuration keeps the dense head counts; the head size and the query heads per
+    key/value head are what the second trace holds on to."""
+    model = make()
+    data = _data()
+    assert structured.count(model, data, _loss)["heads"] == [4, 4]
+    structured.run(model, data, _loss, {"heads": 0.5}, "magnitude", progress=False)
+    assert structured.count(model, data, _loss)["heads"] == [2, 2]
+    structured.run(model, data, _loss, {"heads": 0.5}, "magnitude", progress=False)
+    groups = structures.trace(model, lambda: _loss(model, data[0]), kinds=("heads",))
+    size = model.config.hidden_size // model.config.num_attention_heads
+    assert [g.count for g in groups] == [1, 1] and groups[0].narrow == size
+    if "Llama" in type(model).__name__:  # one key/value head and its two query heads
+        assert groups[0].width == 2 * size
+    with torch.no_grad():
+        assert torch.isfinite(_loss(model, data[0]).logits).all()
