@@ -297,6 +297,15 @@ def _structured(run: _Run) -> None:
         size: measure_model(p.model, _latency_batch(run, size))
         for size in (mod.latency_batch_size, 1)
     }
+    before = sum(t.numel() for t in p.model.parameters())
+    if mod.layers:  # whole blocks first; the heads and neurons of those left after
+        try:
+            info["layers"] = structured.drop_layers(
+                p.model, data, model_loss, mod.layers, mod.layer_method,
+                mod.num_calibration_batches,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise JobError(f"StructureModifier: {exc}") from None
     targets = mod.targets()
     if mod.speedup is not None:
         batch = _latency_batch(run, mod.latency_batch_size)
@@ -340,13 +349,18 @@ def _structured(run: _Run) -> None:
         info["params_before"] = sum(t.numel() for t in p.model.parameters())
         info["schedule"] = [{"epoch": e, "share": x} for e, x in mod.progress()]
         return
-    report = structured.run(p.model, data, model_loss, targets, mod.chooser(), job.progress)
-    run.groups = report.groups
-    info.update(
-        sizes=report.sizes, params_before=report.params_before,
-        params_after=report.params_after, seconds=report.seconds,
-        estimated_error=report.estimated_error,
-    )  # fmt: skip
+    if not targets:  # whole blocks only
+        run.groups = []
+        info.update(sizes={}, params_after=sum(t.numel() for t in p.model.parameters()))
+        info.update(seconds=0.0, estimated_error=0.0)
+    else:
+        report = structured.run(p.model, data, model_loss, targets, mod.chooser(), job.progress)
+        run.groups = report.groups
+        info.update(
+            sizes=report.sizes, params_after=report.params_after, seconds=report.seconds,
+            estimated_error=report.estimated_error,
+        )  # fmt: skip
+    info["params_before"] = before
     run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
     run.manager.structures_removed()
     # the sizes the structures left, checked against the quantizer before any training

@@ -760,3 +760,116 @@ def count(model, data, loss_fn, kinds=KINDS) -> dict:
     finally:
         model.train(was_training)
     return structures.sizes(groups)
+
+
+#: how whole blocks are chosen: ``loss`` greedy on the calibration loss with each candidate
+#: bypassed (measured, no approximation), ``angular`` the blocks whose output is closest in angle
+#: to their input (one pass)
+LAYER_METHODS = ("loss", "angular")
+
+
+class _Bypass:
+    """While active, the forward of ``block`` returns its input hidden states in place of its
+    output (the residual stream skips it)."""
+
+    def __init__(self, block):
+        self.handle = block.register_forward_hook(self._hook, with_kwargs=True)
+
+    @staticmethod
+    def _hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _mean_loss(model, data, loss_fn) -> float:
+    total, n = 0.0, 0
+    for batch in data:
+        total += float(_scalar_loss(loss_fn(model, batch), "layers"))
+        n += 1
+    return total / max(n, 1)
+
+
+def layer_scores(model, data, loss_fn, batches: int = 16) -> list[float]:
+    """Per block, the mean angular distance ``arccos(cos(x_in, x_out)) / pi`` between its input
+    and output hidden states over the calibration tokens (a block that barely turns the residual
+    stream scores near 0)."""
+    blocks, _ = structures._repeated_blocks(model)
+    data, _ = _calibration(data, batches)
+    sums = [0.0] * len(blocks)
+    counts = [0] * len(blocks)
+
+    def hook(i):
+        def fn(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)
+            sums[i] += float(torch.arccos(cos.clamp(-1, 1)).sum() / math.pi)
+            counts[i] += cos.numel()
+
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / max(c, 1) for s, c in zip(sums, counts)]
+
+
+def choose_layers(model, data, loss_fn, count: int, method: str = "loss", batches: int = 16):
+    """The ``count`` blocks to remove (indices among the current blocks) and the score of each
+    choice: ``loss``: one at a time, the block whose bypass gives the least mean calibration loss
+    (with those chosen before bypassed too); ``angular``: the ``count`` least angular distances
+    (:func:`layer_scores`)."""
+    checks.one_of("layer_method", method, LAYER_METHODS)
+    blocks, _ = structures._repeated_blocks(model)
+    if not 0 < count < len(blocks):
+        raise ValueError(
+            f"layers: {count} of {len(blocks)} blocks cannot be removed (at least one must remain)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "angular":
+            scores = layer_scores(model, data, loss_fn, batches)
+            order = sorted(range(len(blocks)), key=scores.__getitem__)[:count]
+            return order, [scores[i] for i in order]
+        data, _ = _calibration(data, batches)
+        chosen, losses = [], []
+        bypassed = []
+        try:
+            with torch.no_grad():
+                for _ in range(count):
+                    trial = {}
+                    for i in [i for i in range(len(blocks)) if i not in chosen]:
+                        bypass = _Bypass(blocks[i])
+                        try:
+                            trial[i] = _mean_loss(model, data, loss_fn)
+                        finally:
+                            bypass.remove()
+                    best = min(trial, key=trial.get)
+                    chosen.append(best)
+                    losses.append(trial[best])
+                    bypassed.append(_Bypass(blocks[best]))
+        finally:
+            for b in bypassed:
+                b.remove()
+        return chosen, losses
+    finally:
+        model.train(was_training)
+
+
+def drop_layers(model, data, loss_fn, count: int, method: str = "loss", batches: int = 16):
+    """Remove ``count`` whole blocks chosen by :func:`choose_layers` (no correction of the
+    others); returns ``{"removed": [...], "scores": [...], "blocks": left, "seconds": ...}``."""
+    start = time.perf_counter()
+    removed, scores = choose_layers(model, data, loss_fn, count, method, batches)
+    left = structures.drop_blocks(model, removed)
+    return {"method": method, "removed": sorted(removed), "order": removed, "scores": scores,
+            "blocks": left, "seconds": time.perf_counter() - start}  # fmt: skip

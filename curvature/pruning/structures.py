@@ -333,3 +333,34 @@ def sizes(groups: list[Coupled]) -> dict:
     for g in groups:
         out.setdefault(g.kind, []).append(g.count)
     return out
+
+
+def drop_blocks(model, drop: list[int]) -> int:
+    """Remove the repeated blocks ``drop`` (indices among the current blocks) from ``model``: the
+    residual stream passes the others unchanged. The configuration's layer count (and per-layer
+    lists, such as ``layer_types``) and each attention's cache index follow. Returns the blocks
+    left."""
+    blocks, prefix = _repeated_blocks(model)
+    drop = sorted(set(drop))
+    if not drop:
+        return len(blocks)
+    if drop[0] < 0 or drop[-1] >= len(blocks) or len(drop) >= len(blocks):
+        raise ValueError(
+            f"structures: cannot remove blocks {drop} of {len(blocks)} (at least one must remain)"
+        )
+    kept = [b for i, b in enumerate(blocks) if i not in drop]
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    setattr(parent, prefix.rsplit(".", 1)[-1], torch.nn.ModuleList(kept))
+    config = getattr(model, "config", None)
+    if config is not None:
+        for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(getattr(config, attr, None), int):
+                setattr(config, attr, len(kept))
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(blocks):
+            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+    for i, block in enumerate(kept):  # key/value caches are indexed by position
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = i
+    return len(kept)

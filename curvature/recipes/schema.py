@@ -447,6 +447,10 @@ class StructureModifier(Modifier):
     #: (false) sizes chosen per block by their error and measured cost
     uniform: bool = True
     latency_batch_size: int = Field(16, gt=0)
+    #: whole blocks removed first (before heads and neurons), chosen by ``layer_method``:
+    #: ``loss`` (greedy on the calibration loss with each candidate bypassed) or ``angular``
+    layers: int = Field(0, ge=0)
+    layer_method: Literal["loss", "angular"] = "loss"
     #: gradual removal (``end_epoch`` after ``start_epoch``): epochs between steps and the curve
     update_frequency: float | None = Field(None, gt=0)
     inter_func: Literal["cubic", "linear", "inverse_cubic"] = "cubic"
@@ -495,11 +499,21 @@ class StructureModifier(Modifier):
                 "at once (end_epoch -1): remove them or give an end_epoch after start_epoch"
             )
         sized = bool(self.heads or self.neurons)
-        if sized == (self.speedup is not None):
+        if sized == (self.speedup is not None) and not (self.layers and not sized):
             raise ValueError(
                 "give either heads/neurons (fractions removed per block) or speedup, not "
                 + ("both" if sized else "neither")
+                + ("" if sized else " (or layers, whole blocks removed)")
             )
+        if self.layers and (self.speedup is not None or self.gradual):
+            raise ValueError(
+                "layers (whole blocks) are removed once, before training, with fixed "
+                "heads/neurons fractions: remove speedup"
+                if self.speedup is not None
+                else "layers (whole blocks) are removed once, before training: end_epoch -1"
+            )
+        if self.layer_method != "loss" and not self.layers:
+            raise ValueError("layer_method chooses whole blocks, and layers is 0: remove it")
         # damp also prices the sizes of a speed-up plan (its error curves are structured OBS's)
         if self.method_name != "obs" and not self.bias:
             raise ValueError(

@@ -393,3 +393,35 @@ def test_oneshot_runs_a_gradual_removal_at_once(assets, tmp_path):
     assert rc == 0
     s = json.loads((out / "metrics.json").read_text())["structured"]
     assert s["sizes"]["neurons"] == [8, 8] and "steps" not in s
+
+
+@pytest.mark.parametrize("layer_method", ["loss", "angular"])
+def test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers(
+    assets, tmp_path, layer_method
+):
+    from transformers import AutoModelForSequenceClassification
+
+    target = f"neurons: 0.5\n    layers: 1\n    layer_method: {layer_method}"
+    rc, out = _prune(assets, tmp_path, _recipe(target=target), "--oneshot")
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["layers"]["blocks"] == 1 and len(s["layers"]["removed"]) == 1
+    assert s["sizes"] == {"neurons": [16]}  # the one block left, half its neurons
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 16
+    assert sum(p.numel() for p in model.parameters()) == s["params_after"]
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("layers: 2", "2 of 2 blocks cannot be removed"),
+        ("layers: 1\n    speedup: 2", "remove speedup"),
+        ("neurons: 0.5\n    layer_method: angular", "layers is 0"),
+    ],
+)
+def test_bad_block_removals_are_one_line(assets, tmp_path, capsys, target, message):
+    rc, out = _prune(assets, tmp_path, _recipe(target=target), "--oneshot")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()

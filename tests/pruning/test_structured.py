@@ -4,6 +4,7 @@ traced structures per architecture, resized models equal to masked ones, saving 
 from __future__ import annotations
 
 import copy
+import math
 import itertools
 
 import pytest
@@ -605,3 +606,100 @@ def test_a_model_with_heads_removed_is_traced_again_with_its_own_counts(make):
         assert groups[0].width == 2 * size
     with torch.no_grad():
         assert torch.isfinite(_loss(model, data[0]).logits).all()
+
+
+# ---------------------------------------------------------------- whole blocks
+
+
+def _llama_deep():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(
+        64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, num_hidden_layers=4,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _bert_deep():
+    from transformers import BertForSequenceClassification
+    from models import tiny_bert_config
+
+    torch.manual_seed(0)
+    cfg = tiny_bert_config(64)
+    cfg.num_hidden_layers = 4
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [_bert_deep, _llama_deep], ids=["bert", "llama"])
+def test_dropped_blocks_compute_the_bypassed_model_and_load_in_plain_transformers(make, tmp_path):
+    import transformers
+
+    model = make()
+    batch = _data()[0]
+    blocks, _ = structures._repeated_blocks(model)
+    bypass = [structured._Bypass(blocks[i]) for i in (1, 2)]
+    with torch.no_grad():
+        want = _loss(model, batch).logits
+    for b in bypass:
+        b.remove()
+    with torch.no_grad():
+        assert not torch.allclose(_loss(model, batch).logits, want)  # the bypass did something
+    assert structures.drop_blocks(model, [2, 1]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(model, batch).logits, want)
+    assert model.config.num_hidden_layers == 2
+    model.save_pretrained(tmp_path)
+    again = getattr(transformers, type(model).__name__).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(again, batch).logits, want)
+    if "Llama" in type(model).__name__:  # the cache index follows the position
+        assert [b.self_attn.layer_idx for b in again.model.layers] == [0, 1]
+        assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+
+
+def test_the_loss_chooser_is_the_greedy_of_measured_bypass_losses():
+    model = _bert_deep()
+    data = _data(4)
+
+    def mean_loss(skip):
+        blocks, _ = structures._repeated_blocks(model)
+        hooks = [structured._Bypass(blocks[i]) for i in skip]
+        try:
+            with torch.no_grad():
+                return sum(float(_loss(model, b).loss) for b in data) / len(data)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    chosen, losses = structured.choose_layers(model, data, _loss, 2, "loss", batches=4)
+    first = min(range(4), key=lambda i: mean_loss([i]))
+    second = min((i for i in range(4) if i != first), key=lambda i: mean_loss([first, i]))
+    assert chosen == [first, second]
+    assert losses == pytest.approx([mean_loss([first]), mean_loss([first, second])], rel=1e-6)
+
+
+def test_angular_scores_are_the_angles_between_each_blocks_hidden_states():
+    model = _bert_deep()
+    data = _data(2)
+    scores = structured.layer_scores(model, data, _loss, batches=2)
+    want = [0.0] * 4
+    with torch.no_grad():
+        for b in data:
+            hs = model(input_ids=b, output_hidden_states=True).hidden_states
+            for i in range(4):
+                cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)
+                want[i] += float(torch.arccos(cos.clamp(-1, 1)).sum() / math.pi)
+    n = sum(b.numel() for b in data)
+    assert scores == pytest.approx([w / n for w in want], rel=1e-5)
+    chosen, _ = structured.choose_layers(model, data, _loss, 2, "angular", batches=2)
+    assert sorted(chosen) == sorted(sorted(range(4), key=scores.__getitem__)[:2])
+
+
+def test_removing_every_block_or_an_unknown_chooser_is_one_line():
+    model = _bert_deep()
+    with pytest.raises(ValueError, match="4 of 4 blocks cannot be removed"):
+        structured.choose_layers(model, _data(), _loss, 4)
+    with pytest.raises(ValueError, match="layer_method"):
+        structured.choose_layers(model, _data(), _loss, 1, "angle")
