@@ -168,6 +168,24 @@ def main() -> None:
         help="a raw file of an earlier run: the methods run at the sizes its obs points chose "
         "(no new plan), so that methods added later compare at the same matrices",
     )
+    ap.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help="the obs and fisher parts' damping for the --sizes-from points (default: the "
+        "recipe's); the method is labelled with it",
+    )
+    ap.add_argument(
+        "--per-block",
+        action="store_true",
+        help="plan the sizes block by block (uniform: false) at each --speedups, obs only",
+    )
+    ap.add_argument(
+        "--sizes",
+        default="",
+        help="'HEADS:NEURONS' fractions removed per block, comma-separated: every method at "
+        "these fixed sizes (no plan; the speed-up is what --measure measures)",
+    )
     ap.add_argument("--work", default="runs/bench-structured")
     ap.add_argument("--raw", required=True, help="JSON lines to append to")
     ap.add_argument(
@@ -184,6 +202,28 @@ def main() -> None:
         return
     if args.gradual:
         gradual(args)
+        return
+    if args.sizes:
+        for item in args.sizes.split(","):
+            heads, neurons = (float(v) for v in item.split(":"))
+            label = f"{heads:.0%} heads, {neurons:.0%} neurons"
+            for method in args.methods.split(","):
+                sets = {"method": method, "heads": heads, "neurons": neurons}
+                out = Path(args.work) / f"{method}-h{heads:g}-n{neurons:g}"
+                point = prune(args, SETUPS[args.setup][1], sets, out, ["--oneshot"])
+                with open(args.raw, "a") as fh:
+                    fh.write(json.dumps({"label": label, "speedup": None, "epochs": 0.0,
+                                         "method": method, **point}) + "\n")  # fmt: skip
+                print(label, method, point["metrics"]["pruned"])
+        return
+    if args.per_block:
+        for speedup in [float(s) for s in args.speedups.split(",") if s]:
+            out = Path(args.work) / f"obs-per-block-{speedup:g}x"
+            point = prune(args, SETUPS[args.setup][0], {"speedup": speedup, "epochs": 0.0,
+                          "uniform": "false"}, out, ["--oneshot"])  # fmt: skip
+            with open(args.raw, "a") as fh:
+                fh.write(json.dumps({"label": f"{speedup:g}x", "speedup": speedup, "epochs": 0.0,
+                                     "method": "obs, sizes per block", **point}) + "\n")  # fmt: skip
         return
     if args.setup != "minilm" and (args.recover or args.combined):
         raise SystemExit(f"--setup {args.setup}: one-shot points only (no --recover, --combined)")
@@ -222,11 +262,18 @@ def main() -> None:
             sets["neurons"] = targets.get("neurons", 0.0)
             if args.setup == "minilm":
                 sets["epochs"] = epochs
-            out = work / f"{method}-{speedup:g}x-{epochs:g}"
+            label = method
+            if args.damp is not None:
+                sets["damp"] = args.damp
+                label = f"{method} (damp {args.damp:g})"
+            out = (
+                work
+                / f"{label.replace(' ', '-').replace('(', '').replace(')', '')}-{speedup:g}x-{epochs:g}"
+            )
             record(
                 {
                     **base,
-                    "method": method,
+                    "method": label,
                     **prune(args, SETUPS[args.setup][1], sets, out, mode),
                 }
             )

@@ -269,6 +269,12 @@ def structured_llm(path: Path) -> str:
     return "\n".join(out)
 
 
+def _span(values: list) -> str:
+    """One size, or ``min–max`` where the blocks keep different sizes."""
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
 def structured(path: Path) -> str:
     """Structured pruning points (``bench_structured.py``): SOURCE is its raw JSON lines; the
     latencies measured afterwards, all models alone in one process, are ``STEM-latency.jsonl`` beside
@@ -291,7 +297,7 @@ def structured(path: Path) -> str:
         s = m.get("structured", {})
         name = Path(p["argv"][p["argv"].index("--output") + 1]).name
         sizes = s.get("sizes", {})
-        shape = f"{sizes['heads'][0]} / {sizes['neurons'][0]}" if sizes else "12 / 1536"
+        shape = " / ".join(_span(sizes[k]) for k in ("heads", "neurons")) if sizes else "12 / 1536"
         if m.get("sparsity"):
             shape += f", {m['sparsity']:.0%} zeros"
         predicted = f"{s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""

@@ -93,15 +93,22 @@ def remove_structures(
     removed, errors, total = [], [], 0.0
     for _ in range(count):
         idx = groups[alive]  # [g, s]
-        hs = hi[idx[:, :, None], idx[:, None, :]]  # [g, s, s]
-        ws = w[:, idx].permute(1, 0, 2)  # [g, rows, s]
-        sol = torch.linalg.solve(hs, ws.transpose(1, 2))  # [g, s, rows]
-        err = (ws.transpose(1, 2) * sol).sum(dim=(1, 2))
+        if idx.shape[1] == 1:  # single columns (neurons): the s x s solves are divisions
+            j = idx[:, 0]
+            err = (w * w).sum(0)[j] / torch.diagonal(hi)[j]
+        else:
+            hs = hi[idx[:, :, None], idx[:, None, :]]  # [g, s, s]
+            ws = w[:, idx].permute(1, 0, 2)  # [g, rows, s]
+            sol = torch.linalg.solve(hs, ws.transpose(1, 2))  # [g, s, rows]
+            err = (ws.transpose(1, 2) * sol).sum(dim=(1, 2))
         best = int(torch.argmin(err))
         g = int(torch.nonzero(alive)[best])
         s = groups[g]
         his = hi[s][:, s]
-        step = torch.linalg.solve(his, hi[s, :])  # [s, cols]
+        if len(s) == 1:
+            step = hi[s, :] / his
+        else:
+            step = torch.linalg.solve(his, hi[s, :])  # [s, cols]
         w -= w[:, s] @ step
         w[:, s] = 0.0
         hi -= hi[:, s] @ step

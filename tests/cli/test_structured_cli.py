@@ -425,3 +425,22 @@ def test_bad_block_removals_are_one_line(assets, tmp_path, capsys, target, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_a_gradual_removal_reaches_a_per_block_speedup_plan(assets, tmp_path, monkeypatch):
+    """The plan (sizes per block, from the parameter-count clock) is made before training; the
+    gradual steps end at exactly its sizes, and the measured speed-up is the predicted one."""
+    from curvature.integrations import latency
+
+    monkeypatch.setattr(
+        latency,
+        "measure_model",
+        lambda model, batch, reps=7: float(sum(p.numel() for p in model.parameters())),
+    )
+    target = "speedup: 1.2\n    uniform: false\n" + GRADUAL
+    rc, out = _prune(assets, tmp_path, _recipe(target=target, epochs="2.0"))
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["sizes"] == s["planned_sizes"] and len(s["steps"]) >= 2
+    assert s["latency"]["batches"][0]["speedup"] == pytest.approx(s["predicted_speedup"], 1e-9)
+    assert load_structured(out) is not None
