@@ -4,8 +4,8 @@ traced structures per architecture, resized models equal to masked ones, saving 
 from __future__ import annotations
 
 import copy
-import math
 import itertools
+import math
 
 import pytest
 import torch
@@ -623,8 +623,8 @@ def _llama_deep():
 
 
 def _bert_deep():
-    from transformers import BertForSequenceClassification
     from models import tiny_bert_config
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = tiny_bert_config(64)
