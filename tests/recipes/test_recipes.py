@@ -188,6 +188,12 @@ def test_shipped_recipes_validate_and_match_bert(path):
             (q,) = r.of(GPTQModifier)
             assert len(q.weights(model)) == 15 and not manager.pruned_param_names
             return
+        if path.name.startswith("structured-"):  # removes heads and neurons, masks nothing
+            from curvature.recipes.schema import StructureModifier
+
+            (s,) = r.of(StructureModifier)
+            assert (s.targets() or s.speedup) and not manager.pruned_param_names
+            return
         assert len(manager.pruned_param_names) == 14
         return
     head = (
@@ -411,6 +417,8 @@ FIELD_TESTS = {
     "bias": "recipes/test_recipes.py::test_structure_modifier_fields_reach_the_structured_part",
     "latency_batch_size": "cli/test_structured_cli.py::test_neurons_only_load_in_plain_transformers",
     "uniform": "cli/test_structured_cli.py::test_a_per_block_speedup_plan_is_met_and_loads_back",
+    "layers": "cli/test_structured_cli.py::test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers",
+    "layer_method": "cli/test_structured_cli.py::test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers",
     "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "sparsity": "cli/test_structured_cli.py::test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid",
