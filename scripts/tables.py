@@ -257,8 +257,7 @@ def structured_llm(path: Path) -> str:
         m, name = p["metrics"], _folder(p)
         s, ev = m["structured"], m["pruned"]
         predicted = f"{s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""
-        secs = s.get("seconds", 0.0) + s.get("seconds_error_curves", 0.0)
-        secs += s.get("latency_table", {}).get("seconds", 0.0)
+        secs = _structured_seconds(s)
         ppl, delta = _ci2(ev, "perplexity"), _ci2(ev, "perplexity_delta", "+")
         out.append(
             f"| {p['label']} | {p['method']} | {s['sizes']['heads'][0]} / "
@@ -267,6 +266,15 @@ def structured_llm(path: Path) -> str:
             f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
         )
     return "\n".join(out)
+
+
+def _structured_seconds(s: dict) -> float:
+    """The structured step's seconds: removal, error curves and latency table (when planned)."""
+    return (
+        s.get("seconds", 0.0)
+        + s.get("seconds_error_curves", 0.0)
+        + s.get("latency_table", {}).get("seconds", 0.0)
+    )
 
 
 def _span(values: list) -> str:
@@ -307,8 +315,7 @@ def structured(path: Path) -> str:
         m16 = d16 / lat[(name, 16)]["ms"]
         m1 = d1 / lat[(name, 1)]["ms"]
         mb = lat[(name, 16)]["bytes"] / 1e6
-        secs = s.get("seconds", 0.0) + s.get("seconds_error_curves", 0.0)
-        secs += s.get("latency_table", {}).get("seconds", 0.0)
+        secs = _structured_seconds(s)
         out.append(
             f"| {p['label']} | {p['method']} | {shape} | {mb:.1f} | {acc} | {delta} | {predicted} | "
             f"{m16:.2f}x | {m1:.2f}x | {secs:.0f} | {p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
