@@ -43,6 +43,9 @@ SETUPS = {
         ],
     ),  # fmt: skip
 }
+#: per model: the recipe that removes given sizes at once and then fine-tunes with distillation
+#: (``--sizes`` with ``--recover``)
+RECOVER = {"smollm2": "structured-smollm2-recover.yaml"}
 sys.path.insert(0, str(ROOT / "scripts"))
 from _bench import run_child  # noqa: E402
 
@@ -120,11 +123,43 @@ def _planned(raw: str) -> dict:
     return planned
 
 
+#: the metrics a prune job pairs with its dense references (``curvature/cli/jobs.py``)
+PAIRED = ("accuracy", "f1", "exact_match", "perplexity", "loss")
+
+
+def pair_with_baseline(point: dict, base: Path, out: Path) -> None:
+    """Make ``point`` (a job run without ``--dense-baseline``) compare first with the dense model
+    of the same steps that the job in ``base`` trained, as the job itself would have: the same
+    paired bootstrap over the same validation units; its comparison with the dense model before
+    pruning becomes the second (``_delta_dense``), and ``dense_equal_budget_from`` names ``base``."""
+    from curvature.tasks import stats
+
+    m, ev = point["metrics"], point["metrics"]["pruned"]
+    m["dense_equal_budget"] = json.loads((base / "metrics.json").read_text())["dense_equal_budget"]
+    reference = stats.read_units(base / "predictions" / "dense_equal_budget.csv")
+    units = stats.read_units(out / "predictions" / "pruned.csv")
+    for metric in [k for k in PAIRED if f"{k}_delta" in ev]:
+        for end in ("", "_ci_low", "_ci_high"):
+            ev[f"{metric}_delta_dense{end}"] = ev.pop(f"{metric}_delta{end}")
+        d, lo, hi = stats.paired_interval(units, reference, metric)
+        ev[f"{metric}_delta"], ev[f"{metric}_delta_ci_low"], ev[f"{metric}_delta_ci_high"] = (
+            d,
+            lo,
+            hi,
+        )
+    m["compared_with"] = "dense_equal_budget"
+    m["dense_equal_budget_from"] = str(base)
+
+
 def gradual(args) -> None:
-    """Every method removing the same sizes gradually, with distillation, for ``--epochs``."""
+    """Every method removing the same sizes gradually, with distillation, for ``--epochs``. The
+    dense model trained for the same steps (the recipe without its structure and distillation
+    modifiers: the same training, seed and data order for every method and size) is trained once,
+    by the first job, and every later point is paired with it (:func:`pair_with_baseline`)."""
     if not args.sizes_from or args.setup != "minilm":
         raise SystemExit("--gradual: MiniLM only, at the sizes of --sizes-from RAW")
     planned = _planned(args.sizes_from)
+    base = None
     for speedup in [float(s) for s in args.speedups.split(",") if s]:
         if speedup not in planned:
             raise SystemExit(f"--sizes-from {args.sizes_from}: no obs point at {speedup:g}x")
@@ -133,7 +168,12 @@ def gradual(args) -> None:
             sets = {"method": method, "epochs": args.epochs, "heads": targets.get("heads", 0.0)}
             sets["neurons"] = targets.get("neurons", 0.0)
             out = Path(args.work) / f"gradual-{method}-{speedup:g}x-{args.epochs:g}"
-            point = prune(args, "structured-minilm-gradual.yaml", sets, out, ["--dense-baseline"])
+            extra = [] if base else ["--dense-baseline"]
+            point = prune(args, "structured-minilm-gradual.yaml", sets, out, extra)
+            if base:
+                pair_with_baseline(point, base, out)
+            else:
+                base = out
             point = {"label": f"{speedup:g}x gradual", "speedup": speedup, "epochs": args.epochs,
                      "gradual": True, "method": method, **point}  # fmt: skip
             with open(args.raw, "a") as fh:
@@ -204,15 +244,23 @@ def main() -> None:
         gradual(args)
         return
     if args.sizes:
+        recipe, mode, epochs = SETUPS[args.setup][1], ["--oneshot"], 0.0
+        if args.recover:  # removed at once, evaluated, then fine-tuned with distillation
+            if args.setup not in RECOVER:
+                raise SystemExit(f"--sizes --recover: no recovery recipe for --setup {args.setup}")
+            recipe, mode, epochs = RECOVER[args.setup], [], args.epochs
         for item in args.sizes.split(","):
             heads, neurons = (float(v) for v in item.split(":"))
             label = f"{heads:.0%} heads, {neurons:.0%} neurons"
             for method in args.methods.split(","):
                 sets = {"method": method, "heads": heads, "neurons": neurons}
                 out = Path(args.work) / f"{method}-h{heads:g}-n{neurons:g}"
-                point = prune(args, SETUPS[args.setup][1], sets, out, ["--oneshot"])
+                if args.recover:
+                    sets["epochs"] = epochs
+                    out = out.with_name(f"{out.name}-recover{epochs:g}")
+                point = prune(args, recipe, sets, out, mode)
                 with open(args.raw, "a") as fh:
-                    fh.write(json.dumps({"label": label, "speedup": None, "epochs": 0.0,
+                    fh.write(json.dumps({"label": label, "speedup": None, "epochs": epochs,
                                          "method": method, **point}) + "\n")  # fmt: skip
                 print(label, method, point["metrics"]["pruned"])
         return

@@ -361,6 +361,11 @@ def _structured(run: _Run) -> None:
             estimated_error=report.estimated_error,
         )  # fmt: skip
     info["params_before"] = before
+    if run.epochs > 0:  # fine-tuned next: what the removal alone keeps, before any training
+        run.metrics["before_training"] = p.evaluate(
+            p.model, progress=job.progress, desc="eval before training"
+        )
+        run.units["before_training"] = run.metrics["before_training"].pop("units", None)
     run.manager = RecipeManager(run.recipe, p.model)  # parameters were replaced by smaller ones
     run.manager.structures_removed()
     # the sizes the structures left, checked against the quantizer before any training
@@ -580,7 +585,8 @@ def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
     """95% bootstrap intervals of every metric (``m_ci_low``/``m_ci_high``) and the pruned
     model's paired difference (``m_delta`` and its interval) against the first dense model of
     :data:`REFERENCES` that was evaluated (``metrics["compared_with"]`` names it); against the
-    other one too as ``m_delta_<name>``. The PIEs count against the same reference. The units go
+    other one too as ``m_delta_<name>``; the same for the model right after a structure removal
+    that training then recovers (``before_training``). The PIEs count against the same reference. The units go
     to ``predictions/``."""
     from curvature.tasks import stats
 
@@ -588,7 +594,7 @@ def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
         if u is not None:
             stats.write_units(folder / "predictions" / f"{name}.csv", u)
     refs = [r for r in REFERENCES if metrics.get(r) and units.get(r) is not None]
-    for name in ("dense", "dense_equal_budget", "pruned"):
+    for name in ("dense", "dense_equal_budget", "before_training", "pruned"):
         ev, u = metrics.get(name), units.get(name)
         if not ev or u is None:
             continue
@@ -598,7 +604,7 @@ def _add_intervals(metrics: dict, units: dict, folder: Path) -> None:
             if not stats.has_metric(u, m):
                 continue
             ev[f"{m}_ci_low"], ev[f"{m}_ci_high"] = stats.interval(u, m)
-            if name != "pruned":
+            if name not in ("pruned", "before_training"):
                 continue
             for i, ref in enumerate(refs):
                 key = f"{m}_delta" if i == 0 else f"{m}_delta_{ref}"

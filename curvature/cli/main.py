@@ -272,6 +272,8 @@ def _prune(args) -> int:
     base = m.get("dense_equal_budget")
     if base:
         row(f"dense, {base['steps']} steps", base)
+    if m.get("before_training"):
+        row("before training", m["before_training"])
     steps = f", {m['steps']} steps" if m.get("steps") else ""
     row("pruned" + steps, pruned)
     main_metric = m.get("metric")

@@ -488,6 +488,8 @@ def render_report(metrics: dict) -> str:
     base = metrics.get("dense_equal_budget")
     if base:
         lines.append(row(f"dense, the same {base['steps']} steps without pruning", base))
+    if metrics.get("before_training"):
+        lines.append(row("structures removed, before training", metrics["before_training"]))
     steps = f", {metrics['steps']} steps" if metrics.get("steps") else ""
     lines.append(row(f"pruned{steps}", pruned))
     if any(k.endswith("_ci_low") for k in pruned):

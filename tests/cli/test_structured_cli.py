@@ -307,6 +307,19 @@ def test_structures_then_distilled_training_from_the_dense_teacher(assets, tmp_p
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["structured"]["sizes"]["heads"] == [1, 1] and m["steps"] > 0
+    # the model right after the removal is evaluated before training recovers it: the same
+    # numbers as the one-shot run of the same removal, with its paired difference to the dense
+    rc, oneshot = _prune(assets, tmp_path, _recipe(epochs="1.0", extra=extra), "--oneshot",
+                         name="oneshot")  # fmt: skip
+    assert rc == 0
+    o = json.loads((oneshot / "metrics.json").read_text())
+    before = m["before_training"]
+    assert before["loss"] == pytest.approx(o["pruned"]["loss"], abs=1e-6)
+    assert before["accuracy"] == o["pruned"]["accuracy"]
+    assert before["accuracy_delta"] == pytest.approx(o["pruned"]["accuracy_delta"])
+    assert before["loss"] != pytest.approx(m["pruned"]["loss"], abs=1e-6)
+    assert "before_training" not in o
+    assert "structures removed, before training" in (out / "report.md").read_text()
 
 
 def test_training_then_quantizing_keeps_the_dense_reference(assets, tmp_path):
@@ -349,6 +362,20 @@ def test_gradual_removal_shrinks_step_by_step_during_distilled_training(assets, 
     model = load_structured(out)
     assert sum(p.numel() for p in model.parameters()) == s["params_after"]
     assert model.bert.encoder.layer[1].intermediate.dense.weight.shape == (8, 16)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation", "fluctuation", "fisher", "taylor"])
+def test_every_chooser_removes_gradually(assets, tmp_path, method):
+    """The choosers other than obs at each gradual step (the gradient ones take their gradients
+    on the model as trained so far): the same schedule of sizes, and the model loads back."""
+    text = _recipe(target="heads: 0.5\n    neurons: 0.75\n" + GRADUAL, method=method, epochs="2.0")
+    rc, out = _prune(assets, tmp_path, text)
+    assert rc == 0
+    s = json.loads((out / "metrics.json").read_text())["structured"]
+    assert s["method"] == method
+    assert [h["sizes"]["neurons"] for h in s["steps"]] == [[15, 15], [9, 9], [8, 8]]
+    model = load_structured(out)
+    assert sum(p.numel() for p in model.parameters()) == s["params_after"]
 
 
 @pytest.mark.parametrize(

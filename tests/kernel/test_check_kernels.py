@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from curvature.kernels import adahessian, obs, specs, woodbury
 
 from curvature import kernels
+from curvature.kernels import adahessian, obs, specs, woodbury
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_kernels.py"

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from curvature.kernels import adahessian, mkor, obs, woodbury
-from curvature.kernels._triton import jit, offset64, tl
 
 from curvature import kernels
+from curvature.kernels import adahessian, mkor, obs, woodbury
+from curvature.kernels._triton import jit, offset64, tl
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="Triton is not installed")

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from curvature.kernels.adahessian import spatial_average
 from torch.func import hessian
 
+from curvature.kernels.adahessian import spatial_average
 from curvature.optim import LAMB, MFAC, MKOR, AdaHessian, build_optimizer
 
 F64 = torch.float64
