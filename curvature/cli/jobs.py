@@ -306,6 +306,15 @@ def _structured(run: _Run) -> None:
             )  # fmt: skip
         except ValueError as exc:
             raise JobError(f"StructureModifier: {exc}") from None
+    for kind in structured.MODULE_KINDS:  # then whole modules inside the blocks left
+        count = getattr(mod, f"{kind}_modules")
+        if count:
+            try:
+                info.setdefault("modules", {})[kind] = structured.drop_modules(
+                    p.model, data, model_loss, kind, count, mod.num_calibration_batches
+                )
+            except ValueError as exc:
+                raise JobError(f"StructureModifier: {exc}") from None
     targets = mod.targets()
     if mod.speedup is not None:
         batch = _latency_batch(run, mod.latency_batch_size)
@@ -565,8 +574,13 @@ def _write_model(run: _Run, model, tmp: Path) -> None:
     if run.groups is not None:
         from curvature.integrations.structured import save_structured
 
+        removed = run.metrics["structured"].get("modules", {})
+        # the attention modules replaced whole, for load_structured to build them again
+        silent = {n: spec for r in removed.values() for n, spec in r["modules"].items()}
+
         def save(state=None):
-            info = save_structured(model, run.groups, tmp, tok, state_dict=state)
+            extra = {"modules": silent} if silent else None
+            info = save_structured(model, run.groups, tmp, tok, extra=extra, state_dict=state)
             run.metrics["structured"]["saved"] = info
 
         run.metrics["structured"]["latency"] = _latencies(run, model)

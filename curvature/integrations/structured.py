@@ -88,7 +88,7 @@ def save_structured(
     attention = {
         names[id(g.owner)]: list(g.head_counts())
         for g in groups
-        if g.kind == "heads" and g.owner is not None
+        if g.kind == "heads" and g.owner is not None and id(g.owner) in names
     }
     info = {
         "plain_transformers": plain,
@@ -145,12 +145,16 @@ def load_structured(folder, model_cls=None):
         mod.weight = torch.nn.Parameter(torch.empty_like(w))
         if mod.bias is not None:
             mod.bias = torch.nn.Parameter(torch.empty(w.shape[0], dtype=mod.bias.dtype))
-    from curvature.pruning.structures import set_head_counts
+    from curvature.pruning.structures import Silent, set_head_counts
 
-    meta = folder / STRUCTURED
-    attention = json.loads(meta.read_text()).get("attention", {}) if meta.is_file() else {}
-    for name, (heads, kv) in attention.items():
+    meta = json.loads((folder / STRUCTURED).read_text()) if (folder / STRUCTURED).is_file() else {}
+    for name, (heads, kv) in meta.get("attention", {}).items():
         set_head_counts(model.get_submodule(name), heads, kv)
+    for name, spec in meta.get("modules", {}).items():  # whole attention modules removed
+        spec = dict(spec)
+        silent = Silent(spec.pop("width"), spec.pop("outputs"), **spec)
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, silent)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()

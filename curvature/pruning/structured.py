@@ -873,3 +873,103 @@ def drop_layers(model, data, loss_fn, count: int, method: str = "loss", batches:
     left = structures.drop_blocks(model, removed)
     return {"method": method, "removed": sorted(removed), "order": removed, "scores": scores,
             "blocks": left, "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+#: the whole modules inside a block that can be removed, by the kind of their structures
+MODULE_KINDS = {"attention": structures.HEADS, "feed_forward": structures.NEURONS}
+
+
+class _Silence:
+    """While active, the module of ``group`` (its block's attention or feed-forward) gives what
+    it gives once removed (:func:`structures.remove_module`): its output projection's bias, or
+    zeros, in place of its output; counts the items of the module's output (``outputs``)."""
+
+    def __init__(self, group):
+        self.group, self.outputs = group, 0
+        consumer = group.consumer[1]
+        if group.kind == structures.HEADS and not structures._inside(group.owner, consumer):
+            # the attention's context goes to zero: the output projection outside gives its bias
+            self.handle = group.owner.register_forward_hook(self._context)
+        elif group.kind == structures.HEADS:
+            self.handle = group.owner.register_forward_hook(self._output)
+        else:  # a feed-forward: no input left to its output projection
+            self.handle = consumer.register_forward_hook(self._projection)
+
+    def _bias(self, like):
+        bias = self.group.consumer[1].bias
+        return torch.zeros_like(like) if bias is None else torch.zeros_like(like) + bias
+
+    def _context(self, module, args, out):
+        self.outputs = len(out) if isinstance(out, tuple) else 0
+        first = out[0] if isinstance(out, tuple) else out
+        return (torch.zeros_like(first), *out[1:]) if isinstance(out, tuple) else first * 0
+
+    def _output(self, module, args, out):
+        self.outputs = len(out) if isinstance(out, tuple) else 0
+        first = out[0] if isinstance(out, tuple) else out
+        silent = self._bias(first)
+        return (silent, *([None] * (len(out) - 1))) if isinstance(out, tuple) else silent
+
+    def _projection(self, module, args, out):
+        return self._bias(out)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def choose_modules(model, data, loss_fn, kind: str, count: int, batches: int = 16):
+    """The ``count`` blocks whose whole ``kind`` module (``attention``, ``feed_forward``) to
+    remove, one at a time: the block whose module, removed, gives the least mean calibration loss
+    (with those chosen before removed too; measured, no approximation). Returns the traced
+    groups, the chosen indices among them, the losses and the output format of each chosen
+    module (for :func:`structures.remove_module`)."""
+    checks.one_of("module", kind, tuple(MODULE_KINDS))
+    data, first = _calibration(data, batches)
+    groups = structures.trace(model, lambda: loss_fn(model, first), kinds=(MODULE_KINDS[kind],))
+    if not 0 < count <= len(groups):
+        raise ValueError(
+            f"{kind}_modules: {count} cannot be removed: the model has {len(groups)} "
+            f"{kind.replace('_', '-')} modules left"
+        )
+    was_training = model.training
+    model.eval()
+    chosen, losses, outputs, silenced = [], [], [], []
+    try:
+        with torch.no_grad():
+            for _ in range(count):
+                trial, formats = {}, {}
+                for i in [i for i in range(len(groups)) if i not in chosen]:
+                    silence = _Silence(groups[i])
+                    try:
+                        trial[i] = _mean_loss(model, data, loss_fn)
+                    finally:
+                        silence.remove()
+                    formats[i] = silence.outputs
+                best = min(trial, key=trial.get)
+                chosen.append(best)
+                losses.append(trial[best])
+                outputs.append(formats[best])
+                silenced.append(_Silence(groups[best]))
+    finally:
+        for s in silenced:
+            s.remove()
+        model.train(was_training)
+    return groups, chosen, losses, outputs
+
+
+def drop_modules(model, data, loss_fn, kind: str, count: int, batches: int = 16) -> dict:
+    """Remove the whole ``kind`` module (``attention`` or ``feed_forward``) of ``count`` blocks
+    chosen by :func:`choose_modules` (no correction of the rest): a removed feed-forward keeps
+    zero neurons (its output projection gives its bias), a removed attention is replaced by
+    :class:`structures.Silent`. Returns ``{"kind", "removed": blocks, "losses", "modules":
+    {name: spec of each replaced attention}, "seconds"}``."""
+    start = time.perf_counter()
+    groups, chosen, losses, outputs = choose_modules(model, data, loss_fn, kind, count, batches)
+    modules = {}
+    for i, n in zip(chosen, outputs):
+        name = structures.remove_module(model, groups[i], n)
+        if name is not None:
+            modules[name] = model.get_submodule(name).spec()
+    return {"kind": kind, "removed": sorted(groups[i].block for i in chosen),
+            "order": [groups[i].block for i in chosen], "losses": losses, "modules": modules,
+            "seconds": time.perf_counter() - start}  # fmt: skip

@@ -55,12 +55,14 @@ class Coupled:
 
     def columns(self, structures=None) -> torch.Tensor:
         """The consumer's input columns of ``structures`` (all of them by default), ``[n, width]``."""
-        s = torch.as_tensor(range(self.count) if structures is None else structures)
+        s = torch.as_tensor(
+            range(self.count) if structures is None else structures, dtype=torch.long
+        )
         return s[:, None] * self.width + torch.arange(self.width)[None, :]
 
     def rows(self, producer: torch.nn.Linear, structures) -> torch.Tensor:
         per = self.width if producer.out_features == self.consumer[1].in_features else self.narrow
-        s = torch.as_tensor(structures)
+        s = torch.as_tensor(structures, dtype=torch.long)
         return (s[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
 
     def head_counts(self) -> tuple[int, int]:
@@ -123,6 +125,8 @@ def trace(model, run, kinds=KINDS) -> list[Coupled]:
 
     def hook(module, args, out, b, name):
         x = args[0]
+        if not module.in_features or not module.out_features:
+            return  # a module removed whole (:func:`remove_module`): nothing left to couple
         keep_alive.append(x)
         calls.setdefault(b, []).append((name, module, id(x)))
 
@@ -277,12 +281,12 @@ def _take(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = int(index.numel())
 
 
-def shrink(group: Coupled, keep: list[int]) -> None:
+def shrink(group: Coupled, keep: list[int], *, whole: bool = False) -> None:
     """Physically remove every structure of ``group`` not in ``keep`` (indices among its current
     structures): the producers' rows and the consumer's columns go; the others keep their
-    values."""
+    values. An empty ``keep`` needs ``whole`` (:func:`remove_module`)."""
     keep = sorted(keep)
-    if not keep:
+    if not keep and not whole:
         raise ValueError(f"structures: {group.name}: at least one structure must remain")
     for _, p in group.producers:
         _take(p, group.rows(p, keep), 0)
@@ -291,6 +295,78 @@ def shrink(group: Coupled, keep: list[int]) -> None:
     group.count = len(keep)
     if group.kind == HEADS and group.owner is not None:
         set_head_counts(group.owner, *group.head_counts())
+
+
+class Silent(torch.nn.Module):
+    """Stands in for an attention module whose every head was removed: it returns, in the
+    module's output format (a tuple of ``outputs`` items, or a tensor when ``outputs`` is 0), what
+    the module's output projection gives on no input: ``bias`` (zeros without one) across
+    ``width`` features, or a ``width``-0 context when the output projection lives outside the
+    module (and gives its bias there). A key/value cache it is given grows by one head of zeros
+    that nothing attends to, so that its length still counts the tokens seen (a forward given the
+    cache reads the positions from it)."""
+
+    def __init__(self, width: int, outputs: int, *, bias: bool = False, head_dim: int = 1,
+                 layer_idx: int | None = None):  # fmt: skip
+        super().__init__()
+        self.width, self.outputs, self.head_dim, self.layer_idx = (
+            width,
+            outputs,
+            head_dim,
+            layer_idx,
+        )
+        self.bias = torch.nn.Parameter(torch.zeros(width)) if bias else None
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        out = x.new_zeros(*x.shape[:-1], self.width)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        for value in kwargs.values():
+            if self.layer_idx is not None and hasattr(value, "get_seq_length"):
+                # one head of zeros (a cache layer of zero heads reads as empty): never attended
+                dummy = x.new_zeros(x.shape[0], 1, x.shape[1], self.head_dim)
+                value.update(dummy, dummy, self.layer_idx)
+        return (out, *([None] * (self.outputs - 1))) if self.outputs else out
+
+    def spec(self) -> dict:
+        """What :func:`load_structured` needs to build it again."""
+        return {"width": self.width, "outputs": self.outputs, "bias": self.bias is not None,
+                "head_dim": self.head_dim, "layer_idx": self.layer_idx}  # fmt: skip
+
+
+def _inside(module: torch.nn.Module, child: torch.nn.Module) -> bool:
+    return any(m is child for m in module.modules())
+
+
+def remove_module(model, group: Coupled, outputs: int) -> str | None:
+    """Remove every structure of ``group``: its block's whole feed-forward (the producers keep
+    no rows and the consumer no columns, so it gives its bias) or whole attention (the attention
+    module is replaced by :class:`Silent`; ``outputs`` is the length of the tuple it returned, 0
+    for a tensor). Returns the name of the replaced module (attention), else ``None``."""
+    if group.kind == NEURONS:
+        shrink(group, [], whole=True)
+        return None
+    owner = group.owner
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names[id(owner)]
+    consumer = group.consumer[1]
+    if _inside(owner, consumer):  # the output projection goes with the module
+        width, bias = consumer.out_features, consumer.bias
+    else:  # it stays, with no input columns: it gives its bias
+        width, bias = 0, None
+        _take(consumer, torch.arange(0), 1)
+    layer_idx = getattr(owner, "layer_idx", None)
+    silent = Silent(width, outputs, bias=bias is not None, head_dim=group.narrow or 1,
+                    layer_idx=layer_idx if isinstance(layer_idx, int) else None)  # fmt: skip
+    if bias is not None:
+        with torch.no_grad():
+            silent.bias.copy_(bias.detach())
+    silent.to(consumer.weight.device)
+    parent, attr = (model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
+    setattr(parent, attr, silent)
+    group.kept, group.count = [], 0
+    return name
 
 
 def follow(optimizer: torch.optim.Optimizer, taken: list) -> int:

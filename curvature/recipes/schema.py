@@ -433,6 +433,9 @@ class StructureModifier(Modifier):
     curvature's mean diagonal) is the two OBS parts' setting, ``bias`` the ``obs`` part's.
     ``uniform: false`` (with ``speedup``) lets the plan keep different sizes in different blocks
     (saved models then load through ``load_structured``, not plain ``transformers``).
+    ``layers`` whole blocks go first, then the whole attention (``attention_modules``) and
+    feed-forward (``feed_forward_modules``) modules of that many blocks, then the heads and
+    neurons of what is left.
     """
 
     heads: float = Field(0.0, ge=0, lt=1)
@@ -451,6 +454,11 @@ class StructureModifier(Modifier):
     #: ``loss`` (greedy on the calibration loss with each candidate bypassed) or ``angular``
     layers: int = Field(0, ge=0)
     layer_method: Literal["loss", "angular"] = "loss"
+    #: whole attention / feed-forward modules removed inside that many blocks (after whole
+    #: blocks, before heads and neurons), chosen greedily by the calibration loss with each
+    #: candidate module removed (measured)
+    attention_modules: int = Field(0, ge=0)
+    feed_forward_modules: int = Field(0, ge=0)
     #: gradual removal (``end_epoch`` after ``start_epoch``): epochs between steps and the curve
     update_frequency: float | None = Field(None, gt=0)
     inter_func: Literal["cubic", "linear", "inverse_cubic"] = "cubic"
@@ -499,19 +507,22 @@ class StructureModifier(Modifier):
                 "at once (end_epoch -1): remove them or give an end_epoch after start_epoch"
             )
         sized = bool(self.heads or self.neurons)
-        if sized == (self.speedup is not None) and not (self.layers and not sized):
+        whole = self.whole()
+        if sized == (self.speedup is not None) and not (whole and not sized):
             raise ValueError(
                 "give either heads/neurons (fractions removed per block) or speedup, not "
                 + ("both" if sized else "neither")
-                + ("" if sized else " (or layers, whole blocks removed)")
+                + ("" if sized else " (or layers, attention_modules, feed_forward_modules)")
             )
-        if self.layers and (self.speedup is not None or self.gradual):
-            raise ValueError(
-                "layers (whole blocks) are removed once, before training, with fixed "
-                "heads/neurons fractions: remove speedup"
-                if self.speedup is not None
-                else "layers (whole blocks) are removed once, before training: end_epoch -1"
-            )
+        for name in [k for k, v in whole.items()]:
+            if self.speedup is not None or self.gradual:
+                what = "whole blocks" if name == "layers" else "whole modules"
+                raise ValueError(
+                    f"{name} ({what}) are removed once, before training, with fixed "
+                    "heads/neurons fractions: remove speedup"
+                    if self.speedup is not None
+                    else f"{name} ({what}) are removed once, before training: end_epoch -1"
+                )
         if self.layer_method != "loss" and not self.layers:
             raise ValueError("layer_method chooses whole blocks, and layers is 0: remove it")
         # damp also prices the sizes of a speed-up plan (its error curves are structured OBS's)
@@ -555,6 +566,12 @@ class StructureModifier(Modifier):
 
     def targets(self) -> dict[str, float]:
         return {k: v for k, v in (("heads", self.heads), ("neurons", self.neurons)) if v}
+
+    def whole(self) -> dict[str, int]:
+        """The counts of whole blocks and whole modules removed, where set."""
+        counts = {"layers": self.layers, "attention_modules": self.attention_modules,
+                  "feed_forward_modules": self.feed_forward_modules}  # fmt: skip
+        return {k: v for k, v in counts.items() if v}
 
 
 class GPTQModifier(Modifier):

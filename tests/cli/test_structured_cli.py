@@ -439,12 +439,37 @@ def test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers(
     assert sum(p.numel() for p in model.parameters()) == s["params_after"]
 
 
+def test_whole_modules_go_before_heads_and_neurons_and_the_model_loads_back(assets, tmp_path):
+    """One block's attention and one block's feed-forward removed whole (chosen by the measured
+    calibration loss), then half the neurons of the feed-forwards left: the saved model loads
+    through load_structured and gives the pruned model's validation loss."""
+    target = "neurons: 0.5\n    attention_modules: 1\n    feed_forward_modules: 1"
+    rc, out = _prune(assets, tmp_path, _recipe(target=target), "--oneshot")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["structured"]
+    assert len(s["modules"]["attention"]["removed"]) == 1
+    (ff,) = s["modules"]["feed_forward"]["removed"]
+    assert s["sizes"] == {"neurons": [16]}  # half of the one feed-forward left
+    saved = json.loads((out / "structured.json").read_text())
+    assert not saved["plain_transformers"] and len(saved["modules"]) == 1
+    model = load_structured(out)
+    assert sum(p.numel() for p in model.parameters()) == s["params_after"]
+    layer = model.bert.encoder.layer[ff]
+    assert layer.intermediate.dense.weight.shape[0] == 0 and layer.output.dense.in_features == 0
+    (name,) = saved["modules"]
+    assert type(model.get_submodule(name)).__name__ == "Silent"
+
+
 @pytest.mark.parametrize(
     "target,message",
     [
         ("layers: 2", "2 of 2 blocks cannot be removed"),
         ("layers: 1\n    speedup: 2", "remove speedup"),
         ("neurons: 0.5\n    layer_method: angular", "layers is 0"),
+        ("attention_modules: 3", "attention_modules: 3 cannot be removed: the model has 2"),
+        ("feed_forward_modules: 1\n    speedup: 2", "feed_forward_modules (whole modules)"),
+        ("attention_module: 1", "attention_modules"),
     ],
 )
 def test_bad_block_removals_are_one_line(assets, tmp_path, capsys, target, message):

@@ -703,3 +703,96 @@ def test_removing_every_block_or_an_unknown_chooser_is_one_line():
         structured.choose_layers(model, _data(), _loss, 4)
     with pytest.raises(ValueError, match="layer_method"):
         structured.choose_layers(model, _data(), _loss, 1, "angle")
+
+
+# ---------------------------------------------------------------- whole modules inside a block
+
+
+def _without(model, kind, blocks):
+    """The reference for a removed module, made without the code under test: a copy whose
+    module's output projection has every input column zeroed (it gives its bias, or zeros)."""
+    ref = copy.deepcopy(model)
+    data = _data(1)
+    groups = structures.trace(ref, lambda: _loss(ref, data[0]), kinds=(kind,))
+    with torch.no_grad():
+        for g in groups:
+            if g.block in blocks:
+                g.consumer[1].weight.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "opt"])
+@pytest.mark.parametrize("kind", ["attention", "feed_forward"])
+def test_a_removed_module_computes_what_it_gives_on_no_input_and_loads_back(arch, kind, tmp_path):
+    from curvature.integrations.structured import load_structured, save_structured
+
+    model = _reference_model(arch)
+    data = _data(4)
+    before = sum(p.numel() for p in model.parameters())
+    report = structured.drop_modules(model, data, _loss, kind, 1, batches=4)
+    (block,) = report["removed"]
+    ref = _without(_reference_model(arch), structured.MODULE_KINDS[kind], [block])
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(_loss(model, b).logits, _loss(ref, b).logits)
+    assert sum(p.numel() for p in model.parameters()) < before
+    # the other blocks keep their structures; the removed module is traced as gone
+    groups = structures.trace(model, lambda: _loss(model, data[0]))
+    left = {(g.kind, g.block) for g in groups}
+    assert (structured.MODULE_KINDS[kind], block) not in left and len(left) == 2 * _blocks(
+        model
+    ) - 1
+    save_structured(model, groups, tmp_path, extra={"modules": report["modules"]})
+    again = load_structured(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(again, data[0]).logits, _loss(ref, data[0]).logits)
+
+
+def _reference_model(arch):
+    return {"bert": _bert_deep, "llama": _llama_deep, "opt": _opt}[arch]()
+
+
+def _blocks(model):
+    return len(structures._repeated_blocks(model)[0])
+
+
+def test_a_decoder_without_an_attention_module_decodes_with_its_cache_as_without():
+    """The removed attention's key/value cache still counts the tokens, so a forward given the
+    cache (which reads the positions from its length: the first block's) equals the forward over
+    the whole sequence; so does cached generation."""
+    model = _llama_deep()
+    groups = structures.trace(model, lambda: _loss(model, _data(1)[0]), kinds=("heads",))
+    structures.remove_module(model, groups[0], 2)
+    ids = _data(1)[0][:1, :8]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :5], use_cache=True).past_key_values
+        assert cache.get_seq_length() == 5
+        torch.testing.assert_close(model(ids[:, 5:], cache=cache).logits, full[:, 5:])
+    cached = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+    fresh = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, fresh) and cached.shape[1] == 11
+
+
+def test_the_module_chooser_is_the_greedy_of_measured_losses_with_modules_removed():
+    model = _bert_deep()
+    data = _data(4)
+
+    def mean_loss(blocks):
+        ref = _without(model, "neurons", blocks)
+        with torch.no_grad():
+            return sum(float(_loss(ref, b).loss) for b in data) / len(data)
+
+    _, chosen, losses, _ = structured.choose_modules(model, data, _loss, "feed_forward", 2, 4)
+    first = min(range(4), key=lambda i: mean_loss([i]))
+    second = min((i for i in range(4) if i != first), key=lambda i: mean_loss([first, i]))
+    assert chosen == [first, second]
+    assert losses == pytest.approx([mean_loss([first]), mean_loss([first, second])], rel=1e-6)
+
+
+def test_removing_more_modules_than_are_left_is_one_line():
+    model = _bert_deep()
+    with pytest.raises(ValueError, match="attention_modules: 5 cannot be removed: the model has 4"):
+        structured.drop_modules(model, _data(), _loss, "attention", 5)
+    with pytest.raises(ValueError, match="module"):
+        structured.drop_modules(model, _data(), _loss, "attn", 1)

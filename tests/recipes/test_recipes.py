@@ -419,6 +419,8 @@ FIELD_TESTS = {
     "uniform": "cli/test_structured_cli.py::test_a_per_block_speedup_plan_is_met_and_loads_back",
     "layers": "cli/test_structured_cli.py::test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers",
     "layer_method": "cli/test_structured_cli.py::test_whole_blocks_go_first_and_the_model_loads_in_plain_transformers",
+    "attention_modules": "cli/test_structured_cli.py::test_whole_modules_go_before_heads_and_neurons_and_the_model_loads_back",
+    "feed_forward_modules": "cli/test_structured_cli.py::test_whole_modules_go_before_heads_and_neurons_and_the_model_loads_back",
     "method": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "bits": "recipes/test_recipes.py::test_gptq_modifier_fields_reach_the_quantize_part",
     "sparsity": "cli/test_structured_cli.py::test_pruning_and_quantizing_in_one_sweep_keeps_n_m_and_the_grid",
