@@ -268,6 +268,38 @@ def structured_llm(path: Path) -> str:
     return "\n".join(out)
 
 
+def structured_llm_recover(path: Path) -> str:
+    """The decoder removed at once and then fine-tuned with distillation (``bench_structured.py
+    --setup smollm2 --sizes ... --recover``): each job's model right after the removal ("one-shot")
+    and after its training steps, both paired with the dense model; SOURCE is the raw JSON lines,
+    the prefill latencies ``STEM-latency.jsonl`` beside it."""
+    points, lat = _structured_points(path)
+    dense = lat[("dense", 1)]
+    ev0 = points[0]["metrics"]["dense"]
+    out = [
+        "| point | method | key/value heads / neurons per block | MB | one-shot perplexity "
+        "[95% CI] | − dense [paired 95% CI] | steps | recovered perplexity [95% CI] | − dense "
+        "[paired 95% CI] | measured prefill 1×512 | structured s | job s | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense | | 3 / 1536 | {dense['bytes'] / 1e6:.0f} | {_ci2(ev0, 'perplexity')} | | | | "
+        f"| {dense['ms']:.0f} ms | | | |",
+    ]
+    for p in points:
+        m, name = p["metrics"], _folder(p)
+        s, before, ev = m["structured"], m["before_training"], m["pruned"]
+        assert m["compared_with"] == "dense" and m["dense"] == ev0, p["label"]
+        heads = s["sizes"].get("heads", [3])[0]  # no head removed: the dense 3
+        out.append(
+            f"| {p['label']} | {p['method']} | {heads} / "
+            f"{s['sizes']['neurons'][0]} | {lat[(name, 1)]['bytes'] / 1e6:.0f} | "
+            f"{_ci2(before, 'perplexity')} | {_ci2(before, 'perplexity_delta', '+')} | "
+            f"{m['steps']} | {_ci2(ev, 'perplexity')} | {_ci2(ev, 'perplexity_delta', '+')} | "
+            f"{dense['ms'] / lat[(name, 1)]['ms']:.2f}x | {_structured_seconds(s):.0f} | "
+            f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+        )
+    return "\n".join(out)
+
+
 def _structured_seconds(s: dict) -> float:
     """The structured step's seconds: removal, error curves and latency table (when planned)."""
     return (
@@ -468,6 +500,7 @@ KINDS = {
     "structured": structured,
     "structured-gradual": structured_gradual,
     "structured-llm": structured_llm,
+    "structured-llm-recover": structured_llm_recover,
     "runtime": runtime,
     "quant-llm": quant_llm,
     "quant-fidelity": quant_fidelity,
