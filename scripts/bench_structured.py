@@ -135,9 +135,17 @@ def pair_with_baseline(point: dict, base: Path, out: Path) -> None:
     from curvature.tasks import stats
 
     m, ev = point["metrics"], point["metrics"]["pruned"]
-    m["dense_equal_budget"] = json.loads((base / "metrics.json").read_text())["dense_equal_budget"]
+    first = json.loads((base / "metrics.json").read_text())
+    if first["steps"] != m["steps"] or first["epochs"] != m["epochs"]:
+        raise SystemExit(
+            f"{out}: {m['steps']} steps, and the dense model of {base} trained "
+            f"{first['steps']}: not the same budget"
+        )
+    m["dense_equal_budget"] = first["dense_equal_budget"]
     reference = stats.read_units(base / "predictions" / "dense_equal_budget.csv")
     units = stats.read_units(out / "predictions" / "pruned.csv")
+    if sorted(reference["id"]) != sorted(units["id"]):
+        raise SystemExit(f"{out}: validated on other examples than {base}")
     for metric in [k for k in PAIRED if f"{k}_delta" in ev]:
         for end in ("", "_ci_low", "_ci_high"):
             ev[f"{metric}_delta_dense{end}"] = ev.pop(f"{metric}_delta{end}")
@@ -147,6 +155,8 @@ def pair_with_baseline(point: dict, base: Path, out: Path) -> None:
             lo,
             hi,
         )
+    if "pies" in m:  # the changed predictions count against the first reference
+        m["pies"] = len(stats.pies([units], [reference]))
     m["compared_with"] = "dense_equal_budget"
     m["dense_equal_budget_from"] = str(base)
 

@@ -77,7 +77,8 @@ def save_structured(
     trial = copy.deepcopy(config)
     for k, v in updates.items():
         setattr(trial, k, v)
-    plain = _shapes_match(model, trial)
+    # a block whose attention was replaced whole (``extra["modules"]``) has no configuration
+    plain = _shapes_match(model, trial) and not (extra or {}).get("modules")
     if not plain:  # keep the feed-forward size if that alone is expressible
         trial = copy.deepcopy(config)
         for k, v in updates.items():

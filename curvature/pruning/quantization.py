@@ -172,7 +172,7 @@ def quantize_embedding(model, part: Quantize) -> tuple[str, quantize.Quantized]:
 def linear_weights(model) -> list:
     """``[(name, weight)]`` of every linear layer (``nn.Linear``, GPT-2's ``Conv1D``), except a
     weight shared with another module (an output head tied to the input embeddings), which is
-    left in full precision."""
+    left in full precision, and a layer with no weights left (a module removed whole)."""
     owner = {}
     for n, p in model.named_parameters():  # a shared weight is listed once, under its first owner
         owner[id(p)] = n
@@ -180,7 +180,7 @@ def linear_weights(model) -> list:
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) or layerwise._is_conv1d(m):
             name = f"{n}.weight" if n else "weight"
-            if owner.get(id(m.weight)) == name:
+            if owner.get(id(m.weight)) == name and m.weight.numel():
                 out.append((name, m.weight))
     return out
 

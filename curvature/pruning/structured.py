@@ -885,7 +885,7 @@ class _Silence:
     zeros, in place of its output; counts the items of the module's output (``outputs``)."""
 
     def __init__(self, group):
-        self.group, self.outputs = group, 0
+        self.group, self.outputs, self.cache_slots = group, 0, ()
         consumer = group.consumer[1]
         if group.kind == structures.HEADS and not structures._inside(group.owner, consumer):
             # the attention's context goes to zero: the output projection outside gives its bias
@@ -906,9 +906,12 @@ class _Silence:
 
     def _output(self, module, args, out):
         self.outputs = len(out) if isinstance(out, tuple) else 0
-        first = out[0] if isinstance(out, tuple) else out
-        silent = self._bias(first)
-        return (silent, *([None] * (len(out) - 1))) if isinstance(out, tuple) else silent
+        if not isinstance(out, tuple):
+            return self._bias(out)
+        # a key/value cache the module returned (older model code) is passed on as it was
+        self.cache_slots = tuple(i for i, o in enumerate(out) if hasattr(o, "get_seq_length"))
+        rest = [o if i in self.cache_slots else None for i, o in enumerate(out) if i]
+        return (self._bias(out[0]), *rest)
 
     def _projection(self, module, args, out):
         return self._bias(out)
@@ -922,7 +925,7 @@ def choose_modules(model, data, loss_fn, kind: str, count: int, batches: int = 1
     remove, one at a time: the block whose module, removed, gives the least mean calibration loss
     (with those chosen before removed too; measured, no approximation). Returns the traced
     groups, the chosen indices among them, the losses and the output format of each chosen
-    module (for :func:`structures.remove_module`)."""
+    module, ``(items, cache slots)`` (for :func:`structures.remove_module`)."""
     checks.one_of("module", kind, tuple(MODULE_KINDS))
     data, first = _calibration(data, batches)
     groups = structures.trace(model, lambda: loss_fn(model, first), kinds=(MODULE_KINDS[kind],))
@@ -944,7 +947,7 @@ def choose_modules(model, data, loss_fn, kind: str, count: int, batches: int = 1
                         trial[i] = _mean_loss(model, data, loss_fn)
                     finally:
                         silence.remove()
-                    formats[i] = silence.outputs
+                    formats[i] = (silence.outputs, silence.cache_slots)
                 best = min(trial, key=trial.get)
                 chosen.append(best)
                 losses.append(trial[best])
@@ -966,8 +969,8 @@ def drop_modules(model, data, loss_fn, kind: str, count: int, batches: int = 16)
     start = time.perf_counter()
     groups, chosen, losses, outputs = choose_modules(model, data, loss_fn, kind, count, batches)
     modules = {}
-    for i, n in zip(chosen, outputs):
-        name = structures.remove_module(model, groups[i], n)
+    for i, (n, slots) in zip(chosen, outputs):
+        name = structures.remove_module(model, groups[i], n, slots)
         if name is not None:
             modules[name] = model.get_submodule(name).spec()
     return {"kind": kind, "removed": sorted(groups[i].block for i in chosen),

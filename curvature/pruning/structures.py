@@ -307,14 +307,13 @@ class Silent(torch.nn.Module):
     cache reads the positions from it)."""
 
     def __init__(self, width: int, outputs: int, *, bias: bool = False, head_dim: int = 1,
-                 layer_idx: int | None = None):  # fmt: skip
+                 layer_idx: int | None = None, cache_slots=()):  # fmt: skip
         super().__init__()
-        self.width, self.outputs, self.head_dim, self.layer_idx = (
-            width,
-            outputs,
-            head_dim,
-            layer_idx,
-        )
+        self.width, self.outputs = width, outputs
+        self.head_dim, self.layer_idx = head_dim, layer_idx
+        #: the items of the module's output tuple that were the key/value cache (older model
+        #: code returns it from each attention): given back in the same places
+        self.cache_slots = tuple(cache_slots)
         self.bias = torch.nn.Parameter(torch.zeros(width)) if bias else None
 
     def forward(self, hidden_states=None, *args, **kwargs):
@@ -322,28 +321,35 @@ class Silent(torch.nn.Module):
         out = x.new_zeros(*x.shape[:-1], self.width)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
+        cache = None
         for value in kwargs.values():
-            if self.layer_idx is not None and hasattr(value, "get_seq_length"):
-                # one head of zeros (a cache layer of zero heads reads as empty): never attended
-                dummy = x.new_zeros(x.shape[0], 1, x.shape[1], self.head_dim)
-                value.update(dummy, dummy, self.layer_idx)
-        return (out, *([None] * (self.outputs - 1))) if self.outputs else out
+            if hasattr(value, "get_seq_length"):
+                cache = value
+                if self.layer_idx is not None:
+                    # one head of zeros (a cache layer of zero heads reads as empty): never read
+                    dummy = x.new_zeros(x.shape[0], 1, x.shape[1], self.head_dim)
+                    value.update(dummy, dummy, self.layer_idx)
+        if not self.outputs:
+            return out
+        return (out, *[cache if i in self.cache_slots else None for i in range(1, self.outputs)])
 
     def spec(self) -> dict:
         """What :func:`load_structured` needs to build it again."""
         return {"width": self.width, "outputs": self.outputs, "bias": self.bias is not None,
-                "head_dim": self.head_dim, "layer_idx": self.layer_idx}  # fmt: skip
+                "head_dim": self.head_dim, "layer_idx": self.layer_idx,
+                "cache_slots": list(self.cache_slots)}  # fmt: skip
 
 
 def _inside(module: torch.nn.Module, child: torch.nn.Module) -> bool:
     return any(m is child for m in module.modules())
 
 
-def remove_module(model, group: Coupled, outputs: int) -> str | None:
+def remove_module(model, group: Coupled, outputs: int, cache_slots=()) -> str | None:
     """Remove every structure of ``group``: its block's whole feed-forward (the producers keep
     no rows and the consumer no columns, so it gives its bias) or whole attention (the attention
     module is replaced by :class:`Silent`; ``outputs`` is the length of the tuple it returned, 0
-    for a tensor). Returns the name of the replaced module (attention), else ``None``."""
+    for a tensor, ``cache_slots`` the items of it that were the key/value cache). Returns the
+    name of the replaced module (attention), else ``None``."""
     if group.kind == NEURONS:
         shrink(group, [], whole=True)
         return None
@@ -358,7 +364,8 @@ def remove_module(model, group: Coupled, outputs: int) -> str | None:
         _take(consumer, torch.arange(0), 1)
     layer_idx = getattr(owner, "layer_idx", None)
     silent = Silent(width, outputs, bias=bias is not None, head_dim=group.narrow or 1,
-                    layer_idx=layer_idx if isinstance(layer_idx, int) else None)  # fmt: skip
+                    layer_idx=layer_idx if isinstance(layer_idx, int) else None,
+                    cache_slots=cache_slots)  # fmt: skip
     if bias is not None:
         with torch.no_grad():
             silent.bias.copy_(bias.detach())

@@ -635,7 +635,8 @@ class GPTQModifier(Modifier):
 
         if self.params in ("__ALL_LINEAR__", ["__ALL_LINEAR__"]):
             return linear_weights(model)
-        return list(select_params(model, self.params))
+        # a layer of a module removed whole has no weights left to quantize
+        return [(n, p) for n, p in select_params(model, self.params) if p.numel()]
 
     def part(self):
         """The :class:`~curvature.pruning.quantization.Quantize` part this modifier runs."""

@@ -135,6 +135,21 @@ def test_a_method_without_damp_refuses_it(assets, tmp_path, capsys):
     assert rc == 2 and "has no damp" in capsys.readouterr().err
 
 
+def test_whole_modules_removed_then_quantized(assets, tmp_path):
+    """The layers a removed module leaves without weights are not quantized (they have none):
+    the others are, and the packed model loads back."""
+    extra = "  - !GPTQModifier {bits: 4, group_size: 8, num_calibration_batches: 4}\n"
+    target = "attention_modules: 1\n    feed_forward_modules: 1"
+    rc, out = _prune(assets, tmp_path, _recipe(target=target, extra=extra), "--oneshot")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    # 14 linear layers: the removed attention's 3 producers are gone, the 3 emptied layers
+    # (its output projection, the removed feed-forward's two) are skipped
+    assert m["quantized"]["layers"] == 8
+    model = load_structured(out)
+    assert sum(p.numel() for p in model.parameters()) == m["structured"]["params_after"]
+
+
 def test_structured_then_quantized_oneshot(assets, tmp_path):
     extra = "  - !GPTQModifier {bits: 4, group_size: 8, num_calibration_batches: 4}\n"
     rc, out = _prune(assets, tmp_path, _recipe(target="neurons: 0.5", extra=extra), "--oneshot")

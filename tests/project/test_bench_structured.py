@@ -22,7 +22,10 @@ import bench_structured  # noqa: E402
 def _units(rng, p):
     n = 200
     correct = (rng.random(n) < p).astype(float)
-    return {"id": list(range(n)), "correct": correct, "nll": rng.random(n), "tokens": np.ones(n)}
+    label = rng.integers(0, 3, n)
+    prediction = np.where(correct > 0, label, (label + 1) % 3)
+    return {"id": list(range(n)), "correct": correct, "nll": rng.random(n), "tokens": np.ones(n),
+            "label": label, "prediction": prediction}  # fmt: skip
 
 
 def test_points_pair_with_the_baseline_of_the_first_job_as_the_job_would(tmp_path):
@@ -46,8 +49,10 @@ def test_points_pair_with_the_baseline_of_the_first_job_as_the_job_would(tmp_pat
     # the first job of the bench trained the baseline; a later job did not
     base, out = tmp_path / "base", tmp_path / "out"
     _add_intervals(*metrics(("dense", "dense_equal_budget", "pruned")), base)
+    want.update(steps=10, epochs=1.0)
     (base / "metrics.json").write_text(json.dumps(want))
     alone, units = metrics(("dense", "pruned"))
+    alone.update(steps=10, epochs=1.0)
     _add_intervals(alone, units, out)
     assert alone["compared_with"] == "dense"
     point = {"metrics": copy.deepcopy(alone)}
@@ -58,6 +63,25 @@ def test_points_pair_with_the_baseline_of_the_first_job_as_the_job_would(tmp_pat
     for key in ("accuracy_delta", "accuracy_delta_dense", "loss_delta", "loss_delta_dense"):
         for end in ("", "_ci_low", "_ci_high"):
             assert got["pruned"][key + end] == pytest.approx(want["pruned"][key + end]), key + end
+    assert got["pies"] == want["pies"] != alone["pies"]  # counted against the same reference
     # the comparison moved: against the dense model before pruning it was the first
     assert got["pruned"]["accuracy_delta_dense"] == alone["pruned"]["accuracy_delta"]
     assert got["pruned"]["accuracy_delta"] != pytest.approx(alone["pruned"]["accuracy_delta"])
+
+
+def test_a_point_of_another_budget_is_not_paired(tmp_path):
+    rng = np.random.default_rng(1)
+    base, out = tmp_path / "base", tmp_path / "out"
+    u = _units(rng, 0.9)
+    m = {
+        "dense": {"accuracy": 0.9},
+        "dense_equal_budget": {"accuracy": 0.9},
+        "pruned": {"accuracy": 0.9},
+    }
+    _add_intervals(m, {"dense": u, "dense_equal_budget": u, "pruned": u}, base)
+    (base / "metrics.json").write_text(json.dumps({**m, "steps": 10, "epochs": 1.0}))
+    _add_intervals(m, {"dense": u, "pruned": u}, out)
+    with pytest.raises(SystemExit, match="not the same budget"):
+        bench_structured.pair_with_baseline(
+            {"metrics": {**m, "steps": 20, "epochs": 2.0}}, base, out
+        )

@@ -742,7 +742,10 @@ def test_a_removed_module_computes_what_it_gives_on_no_input_and_loads_back(arch
     assert (structured.MODULE_KINDS[kind], block) not in left and len(left) == 2 * _blocks(
         model
     ) - 1
-    save_structured(model, groups, tmp_path, extra={"modules": report["modules"]})
+    info = save_structured(model, groups, tmp_path, extra={"modules": report["modules"]})
+    # no configuration says a block without attention (a Llama's replaced attention has no
+    # tensors of its own, so the shapes alone would not tell)
+    assert info["plain_transformers"] is False or kind == "feed_forward"
     again = load_structured(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(_loss(again, data[0]).logits, _loss(ref, data[0]).logits)
@@ -774,20 +777,57 @@ def test_a_decoder_without_an_attention_module_decodes_with_its_cache_as_without
     assert torch.equal(cached, fresh) and cached.shape[1] == 11
 
 
-def test_the_module_chooser_is_the_greedy_of_measured_losses_with_modules_removed():
-    model = _bert_deep()
+@pytest.mark.parametrize(
+    "make,kind",
+    [(_bert_deep, "feed_forward"), (_bert_deep, "attention"), (_llama_deep, "attention")],
+    ids=["bert-feed-forward", "bert-attention", "llama-attention"],
+)
+def test_the_module_chooser_is_the_greedy_of_measured_losses_with_modules_removed(make, kind):
+    """BERT's attention output projection lives outside the module, Llama's inside it: the
+    chooser's losses are those of the model with the chosen modules' projections zeroed."""
+    model = make()
     data = _data(4)
+    n = _blocks(model)
 
     def mean_loss(blocks):
-        ref = _without(model, "neurons", blocks)
+        ref = _without(model, structured.MODULE_KINDS[kind], blocks)
         with torch.no_grad():
             return sum(float(_loss(ref, b).loss) for b in data) / len(data)
 
-    _, chosen, losses, _ = structured.choose_modules(model, data, _loss, "feed_forward", 2, 4)
-    first = min(range(4), key=lambda i: mean_loss([i]))
-    second = min((i for i in range(4) if i != first), key=lambda i: mean_loss([first, i]))
+    _, chosen, losses, _ = structured.choose_modules(model, data, _loss, kind, 2, 4)
+    first = min(range(n), key=lambda i: mean_loss([i]))
+    second = min((i for i in range(n) if i != first), key=lambda i: mean_loss([first, i]))
     assert chosen == [first, second]
     assert losses == pytest.approx([mean_loss([first]), mean_loss([first, second])], rel=1e-6)
+
+
+def test_a_removed_attention_gives_back_a_cache_its_module_returned():
+    """Older model code returns the key/value cache from each attention: the replacement gives
+    it back in the same place (and the length still counts the tokens)."""
+    from transformers import DynamicCache
+
+    class Returns(torch.nn.Module):  # an attention that returns (output, weights, cache)
+        def __init__(self):
+            super().__init__()
+            self.o = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states, cache=None):
+            return self.o(hidden_states), None, cache
+
+    torch.manual_seed(0)
+    attn = Returns()
+    hook = structured._Silence.__new__(structured._Silence)
+    hook.group = type("G", (), {"consumer": ("o", attn.o)})()
+    hook.outputs, hook.cache_slots = 0, ()
+    cache = DynamicCache()
+    x = torch.randn(1, 3, 4)
+    out = hook._output(attn, (x,), attn(x, cache=cache))
+    assert hook.outputs == 3 and hook.cache_slots == (2,) and out[2] is cache
+    torch.testing.assert_close(out[0], attn.o.bias.expand(1, 3, 4))
+    silent = structures.Silent(4, 3, bias=True, head_dim=2, layer_idx=0, cache_slots=(2,))
+    got = silent(x, cache=cache)
+    assert got[1] is None and got[2] is cache and cache.get_seq_length() == 3
+    assert structures.Silent(4, 3)(x)[2] is None  # no cache given, none returned
 
 
 def test_removing_more_modules_than_are_left_is_one_line():
