@@ -154,6 +154,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="only configurations whose kernel or config contains this text")
     ap.add_argument("--markdown", help="also write the table (and a summary) to this file")
+    ap.add_argument(
+        "--json",
+        help="also write every row and the summary to this file (the raw file from which "
+        "scripts/tables.py makes docs/check-kernels.md's table)",
+    )
     args = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -174,6 +179,11 @@ def main(argv=None) -> int:
         + ("no compile error, no spill." if not bad else f"{len(bad)} FAILED (error or spill).")
     )
     text = table(rows)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "triton": triton.__version__, "rows": rows}, f, indent=1)
     print(text)
     print()
     print(summary)

@@ -268,6 +268,14 @@ def structured_llm(path: Path) -> str:
     return "\n".join(out)
 
 
+def check_kernels(path: Path) -> str:
+    """``scripts/check_kernels.py --json``'s register, spill and occupancy table from its rows."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_kernels as ck
+
+    return ck.table(json.loads(path.read_text())["rows"])
+
+
 def structured_llm_recover(path: Path) -> str:
     """The decoder removed at once and then fine-tuned with distillation (``bench_structured.py
     --setup smollm2 --sizes ... --recover``): each job's model right after the removal ("one-shot")
@@ -501,6 +509,7 @@ KINDS = {
     "structured-gradual": structured_gradual,
     "structured-llm": structured_llm,
     "structured-llm-recover": structured_llm_recover,
+    "check-kernels": check_kernels,
     "runtime": runtime,
     "quant-llm": quant_llm,
     "quant-fidelity": quant_fidelity,
