@@ -275,6 +275,28 @@ def _latency_batch(run: _Run, size: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _remove_whole(run: _Run, mod, data, info: dict) -> None:
+    """Whole blocks first, then whole attention / feed-forward modules inside the blocks left
+    (the heads and neurons of what remains go after)."""
+    from curvature.integrations.hf import model_loss
+    from curvature.pruning import structured
+
+    model = run.p.model
+    try:
+        if mod.layers:
+            info["layers"] = structured.drop_layers(
+                model, data, model_loss, mod.layers, mod.layer_method, mod.num_calibration_batches
+            )
+        for kind in structured.MODULE_KINDS:
+            count = getattr(mod, f"{kind}_modules")
+            if count:
+                info.setdefault("modules", {})[kind] = structured.drop_modules(
+                    model, data, model_loss, kind, count, mod.num_calibration_batches
+                )
+    except ValueError as exc:
+        raise JobError(f"StructureModifier: {exc}") from None
+
+
 def _structured(run: _Run) -> None:
     """Remove the heads and neurons the recipe's structure modifier asks for (sizes from its
     fractions, or planned from a measured latency table for its speed-up), then rebuild the
@@ -298,23 +320,7 @@ def _structured(run: _Run) -> None:
         for size in (mod.latency_batch_size, 1)
     }
     before = sum(t.numel() for t in p.model.parameters())
-    if mod.layers:  # whole blocks first; the heads and neurons of those left after
-        try:
-            info["layers"] = structured.drop_layers(
-                p.model, data, model_loss, mod.layers, mod.layer_method,
-                mod.num_calibration_batches,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise JobError(f"StructureModifier: {exc}") from None
-    for kind in structured.MODULE_KINDS:  # then whole modules inside the blocks left
-        count = getattr(mod, f"{kind}_modules")
-        if count:
-            try:
-                info.setdefault("modules", {})[kind] = structured.drop_modules(
-                    p.model, data, model_loss, kind, count, mod.num_calibration_batches
-                )
-            except ValueError as exc:
-                raise JobError(f"StructureModifier: {exc}") from None
+    _remove_whole(run, mod, data, info)
     targets = mod.targets()
     if mod.speedup is not None:
         batch = _latency_batch(run, mod.latency_batch_size)
