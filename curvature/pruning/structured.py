@@ -822,6 +822,32 @@ def layer_scores(model, data, loss_fn, batches: int = 16) -> list[float]:
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
+def _greedy(model, data, loss_fn, candidates: list, count: int, make):
+    """One at a time, the candidate whose ``make(candidate)`` (a hook, active until its
+    ``remove()``) gives the least mean calibration loss, with those chosen before active too;
+    returns the chosen indices, their losses and the hook of each choice's own trial (removed)."""
+    chosen, losses, trials, active = [], [], [], []
+    try:
+        with torch.no_grad():
+            for _ in range(count):
+                trial, hooks = {}, {}
+                for i in [i for i in range(len(candidates)) if i not in chosen]:
+                    hooks[i] = make(candidates[i])
+                    try:
+                        trial[i] = _mean_loss(model, data, loss_fn)
+                    finally:
+                        hooks[i].remove()
+                best = min(trial, key=trial.get)
+                chosen.append(best)
+                losses.append(trial[best])
+                trials.append(hooks[best])
+                active.append(make(candidates[best]))
+    finally:
+        for hook in active:
+            hook.remove()
+    return chosen, losses, trials
+
+
 def choose_layers(model, data, loss_fn, count: int, method: str = "loss", batches: int = 16):
     """The ``count`` blocks to remove (indices among the current blocks) and the score of each
     choice: ``loss``: one at a time, the block whose bypass gives the least mean calibration loss
@@ -841,25 +867,7 @@ def choose_layers(model, data, loss_fn, count: int, method: str = "loss", batche
             order = sorted(range(len(blocks)), key=scores.__getitem__)[:count]
             return order, [scores[i] for i in order]
         data, _ = _calibration(data, batches)
-        chosen, losses = [], []
-        bypassed = []
-        try:
-            with torch.no_grad():
-                for _ in range(count):
-                    trial = {}
-                    for i in [i for i in range(len(blocks)) if i not in chosen]:
-                        bypass = _Bypass(blocks[i])
-                        try:
-                            trial[i] = _mean_loss(model, data, loss_fn)
-                        finally:
-                            bypass.remove()
-                    best = min(trial, key=trial.get)
-                    chosen.append(best)
-                    losses.append(trial[best])
-                    bypassed.append(_Bypass(blocks[best]))
-        finally:
-            for b in bypassed:
-                b.remove()
+        chosen, losses, _ = _greedy(model, data, loss_fn, list(blocks), count, _Bypass)
         return chosen, losses
     finally:
         model.train(was_training)
@@ -936,28 +944,11 @@ def choose_modules(model, data, loss_fn, kind: str, count: int, batches: int = 1
         )
     was_training = model.training
     model.eval()
-    chosen, losses, outputs, silenced = [], [], [], []
     try:
-        with torch.no_grad():
-            for _ in range(count):
-                trial, formats = {}, {}
-                for i in [i for i in range(len(groups)) if i not in chosen]:
-                    silence = _Silence(groups[i])
-                    try:
-                        trial[i] = _mean_loss(model, data, loss_fn)
-                    finally:
-                        silence.remove()
-                    formats[i] = (silence.outputs, silence.cache_slots)
-                best = min(trial, key=trial.get)
-                chosen.append(best)
-                losses.append(trial[best])
-                outputs.append(formats[best])
-                silenced.append(_Silence(groups[best]))
+        chosen, losses, trials = _greedy(model, data, loss_fn, groups, count, _Silence)
     finally:
-        for s in silenced:
-            s.remove()
         model.train(was_training)
-    return groups, chosen, losses, outputs
+    return groups, chosen, losses, [(t.outputs, t.cache_slots) for t in trials]
 
 
 def drop_modules(model, data, loss_fn, kind: str, count: int, batches: int = 16) -> dict:
