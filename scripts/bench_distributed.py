@@ -130,9 +130,38 @@ def run(world: int, threads_total: int) -> list[dict]:
     return rows
 
 
+def table(raw: dict) -> list[str]:
+    """One row per world size from the ranks' raw rows (the slowest rank's phases, the largest
+    Fisher share), the Fisher share against the first world's."""
+    lines = [
+        "| ranks | gradients per rank | gradients + Fisher s | scores s | allocation + update s "
+        "| total s | Fisher MB per rank | peak RSS growth MB per rank | Fisher vs 1 rank |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = None
+    grads = raw["gradients"]
+    for run_ in raw["runs"]:
+        world, rows = run_["world"], run_["ranks"]
+
+        def ph(k, rows=rows):
+            return max(r["phases"].get(k, 0.0) for r in rows)
+
+        fisher = max(r["fisher_bytes"] for r in rows)
+        rss = max(r["rss_bytes"] for r in rows)
+        base = base or fisher
+        per = f"{grads // world}" + ("" if grads % world == 0 else "+")
+        lines.append(
+            f"| {world} | {per} | {ph('gradients and curvature'):.1f} | {ph('scores'):.1f} "
+            f"| {ph('allocation and update'):.1f} | {max(r['seconds'] for r in rows):.1f} "
+            f"| {fisher / 2**20:.0f} | {rss / 2**20:.0f} | {fisher / base:.2f}x |"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--json", default=None, help="also write every rank's raw row to this file")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     threads_total = torch.get_num_threads()
@@ -145,28 +174,20 @@ def main(argv=None) -> int:
         f"# small BERT (4 x 128, FFN 512), OBS greedy 50%, {NUM_GRADS} gradients, blocks of 50, "
         "float64 Fisher"
     )
-    print(
-        "| ranks | gradients per rank | gradients + Fisher s | scores s | allocation + update s "
-        "| total s | Fisher MB per rank | peak RSS growth MB per rank | Fisher vs 1 rank |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = None
+    raw = {
+        "cores": cores,
+        "threads": threads_total,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "gradients": NUM_GRADS,
+        "runs": [],
+    }
     for world in args.worlds:
-        rows = run(world, threads_total)
-
-        def ph(k, rows=rows):
-            return max(r["phases"].get(k, 0.0) for r in rows)
-
-        fisher = max(r["fisher_bytes"] for r in rows)
-        rss = max(r["rss_bytes"] for r in rows)
-        base = base or fisher
-        per = f"{NUM_GRADS // world}" + ("" if NUM_GRADS % world == 0 else "+")
-        print(
-            f"| {world} | {per} | {ph('gradients and curvature'):.1f} | {ph('scores'):.1f} "
-            f"| {ph('allocation and update'):.1f} | {max(r['seconds'] for r in rows):.1f} "
-            f"| {fisher / 2**20:.0f} | {rss / 2**20:.0f} | {fisher / base:.2f}x |",
-            flush=True,
-        )
+        raw["runs"].append({"world": world, "ranks": run(world, threads_total)})
+        print(table(raw)[-1] if len(raw["runs"]) > 1 else "\n".join(table(raw)), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
     return 0
 
 

@@ -14,12 +14,14 @@ needs a sparse format and a kernel that skips the zeros. This script measures, o
     python scripts/bench_inference.py                     # default MiniLM, 80% and 90%
     python scripts/bench_inference.py --model runs/default  # a model saved by `curvature prune`
 
-Timings are medians of several runs; this machine is shared, so read the ratios.
+Timings are medians of several rounds, each round timing every variant once (so a drift of a
+shared machine falls on all of them alike); read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -30,17 +32,6 @@ import torch
 from curvature.integrations.speed import CSRLinear
 
 
-def _median_time(fn, reps: int) -> float:
-    with torch.inference_mode():
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def _prune_magnitude(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(w.numel() * sparsity)
     if k == 0:
@@ -49,27 +40,45 @@ def _prune_magnitude(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.where(w.abs() <= thresh, torch.zeros_like(w), w)
 
 
-def layer_table(reps: int) -> list[str]:
+def layer_rows(reps: int) -> list[dict]:
+    """One feed-forward layer at each sparsity: dense, CSR and 4x4 BSR products (seconds)."""
     torch.manual_seed(0)
     x = torch.randn(2048, 384)
-    lines = [
-        "| sparsity | dense ms | CSR ms | CSR speed-up | BSR 4x4 ms | BSR speed-up | 2:4 |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for sparsity in (0.5, 0.8, 0.9, 0.95):
         w = _prune_magnitude(torch.randn(1536, 384), sparsity)
-        t_dense = _median_time(lambda w=w: x @ w.T, reps)
         csr = w.to_sparse_csr()
-        t_csr = _median_time(lambda csr=csr: (csr @ x.T).T, reps)
         # 4x4 block structure at the same sparsity (the blocks with the smallest norms removed)
         norms = w.view(384, 4, 96, 4).norm(dim=(1, 3))
         keep = norms > norms.flatten().kthvalue(max(1, int(norms.numel() * sparsity))).values
         wb = torch.randn(1536, 384) * keep.repeat_interleave(4, 0).repeat_interleave(4, 1)
         bsr = wb.to_sparse_bsr((4, 4))
-        t_bsr = _median_time(lambda bsr=bsr: (bsr @ x.T).T, reps)
+        t_dense, t_csr, t_bsr = _interleaved(
+            [lambda w=w: x @ w.T, lambda c=csr: (c @ x.T).T, lambda b=bsr: (b @ x.T).T], reps
+        )
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "dense_s": t_dense,
+                "csr_s": t_csr,
+                "bsr_s": t_bsr,
+                "semi_structured": _semi_structured_status(),
+            }
+        )
+    return rows
+
+
+def layer_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| sparsity | dense ms | CSR ms | CSR speed-up | BSR 4x4 ms | BSR speed-up | 2:4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t_dense, t_csr, t_bsr = r["dense_s"], r["csr_s"], r["bsr_s"]
         lines.append(
-            f"| {sparsity:.0%} | {t_dense * 1e3:.1f} | {t_csr * 1e3:.1f} | {t_dense / t_csr:.2f}x | "
-            f"{t_bsr * 1e3:.1f} | {t_dense / t_bsr:.2f}x | {_semi_structured_status()} |"
+            f"| {r['sparsity']:.0%} | {t_dense * 1e3:.1f} | {t_csr * 1e3:.1f} | "
+            f"{t_dense / t_csr:.2f}x | {t_bsr * 1e3:.1f} | {t_dense / t_bsr:.2f}x | "
+            f"{r['semi_structured']} |"
         )
     return lines
 
@@ -86,52 +95,80 @@ def _semi_structured_status() -> str:
         return "no CPU kernel"
 
 
-def model_table(model_path: str | None, sparsities: list[float], reps: int) -> list[str]:
+def _interleaved(fns: list, reps: int) -> list[float]:
+    """Median seconds of each function, timed in ``reps`` rounds that call every function once
+    (after one warm-up call each), each round starting one function later: drifts of a shared
+    machine, and whatever the previous call leaves behind, fall on every entry alike."""
+    times = [[] for _ in fns]
+    with torch.inference_mode():
+        for fn in fns:
+            fn()
+        for r in range(reps):
+            for j in range(len(fns)):
+                k = (r + j) % len(fns)
+                t = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def model_rows(model_path: str | None, sparsities: list[float], reps: int) -> list[dict]:
+    """The whole model, dense and pruned, with zeros in dense weights and through CSR, timed
+    in interleaved rounds."""
+    import copy
+
     from curvature.pruning.params import select_params
     from curvature.tasks.models import load_classifier
 
     torch.manual_seed(0)
     ids = torch.randint(1000, 20000, (16, 128))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense, _ = load_classifier(model_path or "default", 5)
+    dense.eval()
+    rows = [{"model": "dense", "sparsity": _sparsity(dense)}]
+    models = [dense]
+    for sparsity in [None] if model_path else sparsities:
+        model, _ = load_classifier(model_path or "default", 5)
+        model.load_state_dict(dense.state_dict())  # same classifier head as the dense run
+        model.eval()
+        names = [n for n, _ in select_params(model, ["re:.*encoder.*dense.weight"])]
+        with torch.no_grad():
+            for n in names:
+                mod = model.get_submodule(n.rsplit(".", 1)[0])
+                if sparsity is not None:
+                    mod.weight.copy_(_prune_magnitude(mod.weight, sparsity))
+        label = "pruned" if sparsity is None else f"magnitude {sparsity:.0%}"
+        csr = copy.deepcopy(model)
+        for n in names:
+            parent, attr = n.rsplit(".", 1)[0].rsplit(".", 1)
+            setattr(
+                csr.get_submodule(parent), attr, CSRLinear(csr.get_submodule(f"{parent}.{attr}"))
+            )
+        with torch.inference_mode():
+            diff = (csr(**batch).logits - model(**batch).logits).abs().max().item()
+        sp = _sparsity(model, names)
+        rows.append({"model": f"{label}, zeros in dense weights", "sparsity": sp})
+        rows.append({"model": f"{label}, CSR linears", "sparsity": sp, "logit_diff": diff})
+        models += [model, csr]
+    seconds = _interleaved([lambda m=m: m(**batch) for m in models], reps)
+    for row, secs in zip(rows, seconds):
+        row["seconds"] = secs
+    return rows
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    """Times against the dense row of the same run."""
     lines = [
         "| model | sparsity of encoder linears | forward ms (batch 16 x 128) | x dense | "
         "max abs logit diff vs dense-format |",
         "|---|---|---|---|---|",
     ]
-    dense, _ = load_classifier(model_path or "default", 5)
-    dense.eval()
-    t_ref = _median_time(lambda: dense(**batch), reps)
-    lines.append(f"| dense | {_sparsity(dense):.1%} | {t_ref * 1e3:.0f} | 1.00 | |")
-    variants = [None] if model_path else sparsities
-    for sparsity in variants:
-        model, _ = load_classifier(model_path or "default", 5)
-        model.load_state_dict(dense.state_dict())  # same classifier head as the dense run
-        model.eval()
-        names = [n for n, _ in select_params(model, ["re:.*encoder.*dense.weight"])]
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for n in names:
-                mod = modules[n.rsplit(".", 1)[0]]
-                if sparsity is not None:
-                    mod.weight.copy_(_prune_magnitude(mod.weight, sparsity))
-        label = "pruned" if sparsity is None else f"magnitude {sparsity:.0%}"
-        sp = _sparsity(model, names)
-        t_zero = _median_time(lambda m=model: m(**batch), reps)
-        with torch.inference_mode():
-            ref = model(**batch).logits
-        for n in names:
-            parent, attr = n.rsplit(".", 1)[0].rsplit(".", 1)
-            setattr(modules[parent], attr, CSRLinear(modules[n.rsplit(".", 1)[0]]))
-        t_csr = _median_time(lambda m=model: m(**batch), reps)
-        with torch.inference_mode():
-            diff = (model(**batch).logits - ref).abs().max().item()
+    t_ref = rows[0]["seconds"]
+    for r in rows:
+        diff = f"{r['logit_diff']:.1e}" if "logit_diff" in r else ""
         lines.append(
-            f"| {label}, zeros in dense weights | {sp:.1%} | {t_zero * 1e3:.0f} | "
-            f"{t_zero / t_ref:.2f} | |"
-        )
-        lines.append(
-            f"| {label}, CSR linears | {sp:.1%} | {t_csr * 1e3:.0f} | {t_csr / t_ref:.2f} | "
-            f"{diff:.1e} |"
+            f"| {r['model']} | {r['sparsity']:.1%} | {r['seconds'] * 1e3:.0f} | "
+            f"{r['seconds'] / t_ref:.2f} | {diff} |"
         )
     return lines
 
@@ -149,6 +186,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.8,0.9")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the raw times to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,16 +196,27 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    raw = {
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "reps": args.reps,
+    }
     print(
-        f"# bench_inference on {platform.node()} ({os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads), torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}"
+        f"# bench_inference on {platform.node()} ({raw['cpus']} CPUs, "
+        f"{raw['threads']} torch threads), torch {raw['torch']}, {raw['date']}"
     )
     print("\nOne feed-forward linear layer (1536 x 384, 2048 tokens):\n")
-    print("\n".join(layer_table(args.reps)))
+    raw["layer"] = layer_rows(args.reps)
+    print("\n".join(layer_table(raw["layer"])), flush=True)
     print("\nWhole model:\n")
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    print("\n".join(model_table(args.model, sparsities, args.reps)))
+    raw["model"] = model_rows(args.model, sparsities, args.reps)
+    print("\n".join(model_table(raw["model"])))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ correctness tool, not a performance one), and the Triton columns say so.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -142,6 +143,28 @@ def rows(device, quick: bool, triton_ok: bool, reps: int, dtypes=(torch.float64,
     return out
 
 
+def table(raw: dict) -> list[str]:
+    """The Markdown table of a raw run (``--json``): times and the share of the copy bandwidth
+    measured in the same run."""
+    copy = raw["copy_bandwidth"]
+    lines = [
+        "| operation | elements | torch ms | torch % of copy | triton ms | triton % of copy | "
+        "speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in raw["rows"]:
+        t_ref, t_tri, nbytes = row["torch_s"], row["triton_s"], row["bytes"]
+        if t_tri is None:
+            tri = "not measured | not measured | n/a"
+        else:
+            tri = f"{t_tri * 1e3:.2f} | {nbytes / t_tri / copy * 100:.0f}% | {t_ref / t_tri:.1f}x"
+        lines.append(
+            f"| {row['operation']} | {row['elements']:,} | {t_ref * 1e3:.1f} | "
+            f"{nbytes / t_ref / copy * 100:.0f}% | {tri} |"
+        )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -152,6 +175,7 @@ def main() -> None:
         choices=["float64", "float32"],
         help="block storage (default: float64, the toolkit's default, and on CUDA also float32)",
     )
+    ap.add_argument("--json", default=None, help="also write the raw times to this file")
     args = ap.parse_args()
     from curvature.kernels import TRITON_AVAILABLE
 
@@ -165,22 +189,34 @@ def main() -> None:
     )
     if not triton_ok:
         print("# no CUDA device with Triton here: the Triton columns are not measured")
-    print(
-        "| operation | elements | torch ms | torch % of copy | triton ms | triton % of copy | "
-        "speedup |"
-    )
-    print("|---|---|---|---|---|---|---|")
     names = args.dtypes or (["float64", "float32"] if device.type == "cuda" else ["float64"])
     dtypes = tuple(getattr(torch, d) for d in names)
+    raw = {
+        "device": device.type,
+        "name": name,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "copy_bandwidth": copy,
+        "rows": [],
+    }
     for label, numel, nbytes, t_ref, t_tri in rows(
         device, args.quick, triton_ok, args.reps, dtypes
     ):
-        ref_bw = nbytes / t_ref / copy * 100
-        if t_tri is None:
-            tri = "not measured | not measured | n/a"
-        else:
-            tri = f"{t_tri * 1e3:.2f} | {nbytes / t_tri / copy * 100:.0f}% | {t_ref / t_tri:.1f}x"
-        print(f"| {label} | {numel:,} | {t_ref * 1e3:.1f} | {ref_bw:.0f}% | {tri} |", flush=True)
+        raw["rows"].append(
+            {
+                "operation": label,
+                "elements": numel,
+                "bytes": nbytes,
+                "torch_s": t_ref,
+                "triton_s": t_tri,
+            }
+        )
+    print("\n".join(table(raw)), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -874,10 +874,8 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> dict:
 def mfac_product_table(raw: dict) -> list[str]:
     bw = raw["copy_bytes_per_s"]
     lines = [
-        f"copy bandwidth {bw / 1e9:.1f} GB/s (float64 copy, read + write)",
-        "",
-        "| m | storage | G@x float32 ms | mul ms | x G@x | add_and_mul ms | x G@x | mul GB/s | of copy |"
-        " refactors |",
+        "| m | storage | G@x float32 ms | mul ms | x G@x | add_and_mul ms | x G@x | mul GB/s | "
+        f"of copy ({bw / 1e9:.1f} GB/s, float64 copy, read + write) | refactors |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in raw["rows"]:

@@ -1,6 +1,8 @@
 """Benchmark one OBS pruning step, stage by stage, and the allocation at BERT-base size.
 
-Parts (each prints a Markdown table; run them alone for clean numbers):
+Parts (each prints its Markdown tables and with ``--json`` writes the raw numbers they are made
+from, which ``scripts/tables.py`` turns into docs/bench-pruning.md's tables; run them alone for
+clean numbers):
 
 - ``stages``: one one-shot OBS step on the embedded MiniLM (its 36 encoder linear weight matrices,
   10.6M weights, real gradients from bbc-news): time and peak memory of gradient collection + Fisher
@@ -21,12 +23,12 @@ Parts (each prints a Markdown table; run them alone for clean numbers):
   float32), Wanda, and OBC on a slice of rows extrapolated to the layer. The limit printed is the
   float64 matrix-product rate of this machine (the lazy update is a matrix product).
 
-    python scripts/bench_pruning.py --part stages
-    python scripts/bench_pruning.py --part bert-base
-    python scripts/bench_pruning.py --part allocation
-    python scripts/bench_pruning.py --part dtype
-    python scripts/bench_pruning.py --part layerwise
-    python scripts/bench_pruning.py --part reconstruct
+    python scripts/bench_pruning.py --part stages --json docs/bench-pruning/stages.json
+    python scripts/bench_pruning.py --part bert-base --json docs/bench-pruning/bert-base.json
+    python scripts/bench_pruning.py --part allocation --json docs/bench-pruning/allocation.json
+    python scripts/bench_pruning.py --part dtype --json docs/bench-pruning/dtype.json
+    python scripts/bench_pruning.py --part layerwise --json docs/bench-pruning/layerwise.json
+    python scripts/bench_pruning.py --part reconstruct --json docs/bench-pruning/reconstruct.json
     python scripts/bench_pruning.py --part reference --checkouts SPARSEGPT,WANDA,GPTQ \
         --raw docs/bench-reference-smollm2.jsonl
 
@@ -42,6 +44,7 @@ Parts (each prints a Markdown table; run them alone for clean numbers):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -107,20 +110,34 @@ def one_step(model, data, loss_fn, targets, how, grads=None):
     return sw.rows, plan
 
 
-def table(title, rows, plan, scale=1):
-    print(f"\n### {title}\n")
-    print(f"resident before the step (model, data, libraries): {plan.base_rss / 2**30:.2f} GiB\n")
-    print("| stage | seconds | peak RSS (GiB) |")
-    print("|---|---:|---:|")
-    for name, secs, peak in rows:
-        shown = f"{peak / 2**30:.2f}" if scale == 1 else "-"  # measured on one layer only
-        print(f"| {name} | {secs * scale:.1f} | {shown} |")
-    print(f"| total | {sum(r[1] for r in rows) * scale:.1f} | |")
-    if plan is not None:
-        print(
-            f"\nmemory plan (x{scale}): curvature {plan.curvature * scale / 2**30:.2f} GiB, "
-            f"peak {plan.total * scale / 2**30:.2f} GiB"
-        )
+def stage_run(title, rows, plan) -> dict:
+    """One timed step as raw numbers (seconds, bytes) for the stage tables."""
+    return {
+        "title": title,
+        "rows": [{"stage": n, "seconds": secs, "peak_bytes": peak} for n, secs, peak in rows],
+        "base_rss": plan.base_rss,
+        "curvature": plan.curvature,
+        "total": plan.total,
+    }
+
+
+def stage_table(raw: dict, which: str = "0") -> list[str]:
+    """The stage table of run ``which`` of a raw ``stages``/``bert-base`` file; ``"1x12"``: run 1
+    extrapolated to 12 layers (seconds and plan times 12; peaks are of one layer, not shown)."""
+    index, _, times = which.partition("x")
+    run, scale = raw["runs"][int(index)], int(times or 1)
+    gib = 2**30
+    lines = ["| stage | seconds | peak RSS (GiB) |", "|---|---:|---:|"]
+    for r in run["rows"]:
+        shown = f"{r['peak_bytes'] / gib:.2f}" if scale == 1 else "-"
+        lines.append(f"| {r['stage']} | {r['seconds'] * scale:.1f} | {shown} |")
+    lines += [
+        f"| total | {sum(r['seconds'] for r in run['rows']) * scale:.1f} | |",
+        f"| resident before the step (model, data, libraries) | | {run['base_rss'] / gib:.2f} |",
+        f"| memory plan (x{scale}): curvature | | {run['curvature'] * scale / gib:.2f} |",
+        f"| memory plan (x{scale}): peak | | {run['total'] * scale / gib:.2f} |",
+    ]
+    return lines
 
 
 def minilm(gradients=64, max_train=512):
@@ -144,17 +161,19 @@ def minilm(gradients=64, max_train=512):
 def part_stages(args):
     model, loader, loss, _, _ = minilm(args.gradients)
     named = select_params(model, ["re:.*encoder.*(query|key|value|dense)\\.weight"])
+    runs = []
     for dtype in (torch.float32, torch.float64):
         targets = [Target(n, p, args.block) for n, p in named]
         settings = PruneSettings(0.7)
         fisher = EmpiricalFisher(gradients=args.gradients, dtype=dtype)
         rows, plan = one_step(model, loader, loss, targets, (settings, fisher, GreedyOBS()))
         total = sum(t.numel for t in targets)
-        table(
+        runs.append(stage_run(
             f"MiniLM, {len(targets)} weight matrices, {total / 1e6:.1f}M weights, gradients "
             f"{args.gradients}, block {args.block}, greedy, Fisher {dtype}",
             rows, plan,
-        )  # fmt: skip
+        ))  # fmt: skip
+    return {"runs": runs}
 
 
 def part_bert_base(args):
@@ -173,17 +192,18 @@ def part_bert_base(args):
     model = torch.nn.Module()
     for n, p in zip(names, params):
         model.register_parameter(n.replace(".", "_"), p)
+    runs = []
     for solver in (IndependentOBS(), GreedyOBS()):
         rows, plan = one_step(model, None, None, targets, (settings, fisher, solver), grads=grads())
-        table(
+        runs.append(stage_run(
             f"BERT-base, one encoder layer (7.1M weights), synthetic gradients, gradients "
             f"{args.gradients}, block {args.block}, {solver.name}, Fisher float32",
             rows, plan,
-        )  # fmt: skip
-        table(f"BERT-base encoder (x12, extrapolated), {solver.name}", rows, plan, scale=12)
+        ))  # fmt: skip
+    return {"runs": runs}
 
 
-def part_allocation(args):
+def part_allocation(args) -> dict:
     bw = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
     sizes = [768 * 768] * 4 + [3072 * 768] * 2
@@ -192,30 +212,40 @@ def part_allocation(args):
         for n in sizes * 12
     ]
     total = sum(c.numel() for c in costs)
-    print(f"\n### Allocation over {total / 1e6:.0f}M costs, {len(costs)} targets (BERT-base)\n")
-    print("| method | seconds | ratio to the sort | GB/s | of copy bandwidth |")
-    print("|---|---:|---:|---:|---:|")
     k = int(0.7 * total)
-    results = {}
+    rows, counts = [], []
     for name, fn in (
         ("stable sort of every cost (before)", take_cheapest_by_sorting),
         ("threshold (now)", take_cheapest),
     ):
         t = time.perf_counter()
-        results[name] = fn(costs, k)
-        results[name + "s"] = time.perf_counter() - t
-    base = results["stable sort of every cost (before)s"]
-    for name in ("stable sort of every cost (before)", "threshold (now)"):
-        secs = results[name + "s"]
-        rate = total * 8 / secs
-        print(f"| {name} | {secs:.2f} | {secs / base:.2f} | {rate / 1e9:.1f} | {rate / bw:.1%} |")
-    same = all(
-        torch.equal(a, b) for a, b in zip(*[results[n] for n in results if not n.endswith("s")])
-    )
-    print(f"\nsame counts: {same}; copy bandwidth {bw / 1e9:.1f} GB/s")
+        counts.append(fn(costs, k))
+        rows.append({"method": name, "seconds": time.perf_counter() - t})
+    same = all(torch.equal(a, b) for a, b in zip(*counts))
+    return {"copy_bandwidth": bw, "costs": total, "targets": len(costs), "rows": rows,
+            "same_counts": same}  # fmt: skip
 
 
-def part_dtype(args):
+def allocation_table(raw: dict) -> list[str]:
+    """Seconds against the sort of the same run, and bytes per second against the copy bandwidth
+    (choosing must read every 8-byte cost once)."""
+    bw = raw["copy_bandwidth"]
+    base = raw["rows"][0]["seconds"]
+    lines = [
+        f"| method ({raw['costs'] / 1e6:.0f}M costs, {raw['targets']} targets) | seconds | "
+        f"ratio to the sort | GB/s | of copy bandwidth ({bw / 1e9:.1f} GB/s) | same counts |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in raw["rows"]:
+        rate = raw["costs"] * 8 / r["seconds"]
+        lines.append(
+            f"| {r['method']} | {r['seconds']:.2f} | {r['seconds'] / base:.3f} | "
+            f"{rate / 1e9:.1f} | {rate / bw:.1%} | {raw['same_counts']} |"
+        )
+    return lines
+
+
+def part_dtype(args) -> dict:
     from curvature.pruning import prune
     from curvature.tasks.kinds import classification_eval
 
@@ -231,16 +261,9 @@ def part_dtype(args):
             loss(model, batch).backward()
             opt.step()
     model.eval()
-    print(
-        f"\ndense accuracy after fine-tuning: {classification_eval(model, eval_loader)['accuracy']:.4f}"
-    )
+    raw = {"dense_accuracy": classification_eval(model, eval_loader)["accuracy"], "rows": []}
     params = ["re:.*encoder.*(query|key|value|dense)\\.weight"]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    print("\n### Fisher storage: float32 against float64 (MiniLM one-shot, greedy OBS)\n")
-    print(
-        "| sparsity | masks equal (of pruned) | accuracy float64 | accuracy float32 | max rel. weight diff |"
-    )
-    print("|---:|---:|---:|---:|---:|")
     for s in (0.5, 0.7, 0.8):
         out = {}
         for dtype in (torch.float64, torch.float32):
@@ -256,8 +279,27 @@ def part_dtype(args):
         m32, w32, a32 = out[torch.float32]
         same = sum(int((m64[n] & m32[n]).sum()) for n in m64) / sum(int(m64[n].sum()) for n in m64)
         rel = max(float((w64[n] - w32[n]).norm() / w64[n].norm()) for n in m64)
-        print(f"| {s:.2f} | {same:.4f} | {a64:.4f} | {a32:.4f} | {rel:.2e} |")
+        raw["rows"].append({"sparsity": s, "masks_equal": same, "accuracy_float64": a64,
+                            "accuracy_float32": a32, "max_rel_weight_diff": rel})  # fmt: skip
+        print(f"sparsity {s:.2f} measured", flush=True)
+        save(args, raw)  # a row at a time: the part is long
     model.load_state_dict(state)
+    return raw
+
+
+def dtype_table(raw: dict) -> list[str]:
+    lines = [
+        "| sparsity | masks equal (of pruned) | accuracy float64 | accuracy float32 | "
+        "max rel. weight diff | dense accuracy |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in raw["rows"]:
+        lines.append(
+            f"| {r['sparsity']:.2f} | {r['masks_equal']:.4f} | {r['accuracy_float64']:.4f} | "
+            f"{r['accuracy_float32']:.4f} | {r['max_rel_weight_diff']:.2e} | "
+            f"{raw['dense_accuracy']:.4f} |"
+        )
+    return lines
 
 
 def _gemm_rate(dtype, n=1024) -> float:
@@ -301,20 +343,16 @@ def _plain_sparsegpt(w, u, sparsity, lazy=False, block=128):
     return w
 
 
-def part_layerwise(args):
+def part_layerwise(args) -> dict:
     from curvature.pruning import layer_obs
 
     f64 = torch.float64
-    gemm64, gemm32 = _gemm_rate(f64), _gemm_rate(torch.float32)
-    print(f"\nfloat64 matrix product {gemm64 / 1e9:.1f} GFLOP/s, float32 {gemm32 / 1e9:.1f}")
+    raw = {"gemm64": _gemm_rate(f64), "gemm32": _gemm_rate(torch.float32), "tokens": 16384,
+           "hessian": [], "layers": []}  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    tokens = 16384
+    tokens = raw["tokens"]
     shapes = [("q/k/v/o 576x576", 576, 576), ("gate/up 1536x576", 1536, 576),
               ("down 576x1536", 576, 1536)]  # fmt: skip
-    print("\n### Layer Hessian of 16,384 tokens (seconds; error against float64)\n")
-    print("| inputs | float64 X^T X | float32 products, float64 sum (batches of 4096) | ratio | "
-          "max rel. error of H |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|")
     for cols in (576, 1536):
         x = torch.randn(tokens, cols, generator=gen)
         x[:, :4] *= 50.0  # outlier features
@@ -329,47 +367,77 @@ def part_layerwise(args):
             h32 += (xb.T @ xb).to(f64)
         s32 = time.perf_counter() - t
         err = float(((h32 - h64).abs() / h64.diagonal().sqrt().outer(h64.diagonal().sqrt())).max())
-        print(f"| {cols} | {s64:.2f} | {s32:.2f} | {s32 / s64:.2f} | {err:.1e} |")
-    print("\n### One layer at 50% unstructured (seconds)\n")
-    print("| layer | this toolkit (float64, lazy blocks of 128) | plain loop float64 | "
-          "plain loop float32 | published lazy loop float32 | Wanda | OBC (extrapolated) | "
-          "ratio to plain float64 | GFLOP/s of the lazy update, of the float64 peak |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        raw["hessian"].append({"inputs": cols, "float64_s": s64, "float32_s": s32, "error": err})
     for name, rows, cols in shapes:
         x = torch.randn(tokens // 4, cols, generator=gen, dtype=f64)
         x[:, :4] *= 50.0
         h = 2 * x.T @ x / x.shape[0]
         w = torch.randn(rows, cols, generator=gen, dtype=f64) * 0.02
+        row = {"layer": name, "flops": 2 * rows * cols * cols / 2}  # about half of rows x cols^2
         t = time.perf_counter()
         new, _, _ = layer_obs.sparsegpt(w, h, 0.5)
-        ours = time.perf_counter() - t
+        row["toolkit_s"] = time.perf_counter() - t
         u, _ = layer_obs.damped_inverse(h, upper=True)
         t = time.perf_counter()
         plain = _plain_sparsegpt(w, u, 0.5)
-        s_plain64 = time.perf_counter() - t
+        row["plain64_s"] = time.perf_counter() - t
         t = time.perf_counter()
         _plain_sparsegpt(w.float(), u.float(), 0.5)
-        s_plain32 = time.perf_counter() - t
+        row["plain32_s"] = time.perf_counter() - t
         t = time.perf_counter()
         _plain_sparsegpt(w.float(), u.float(), 0.5, lazy=True)
-        s_pub = time.perf_counter() - t
+        row["published32_s"] = time.perf_counter() - t
         t = time.perf_counter()
         layer_obs.wanda(w, h.diagonal(), 0.5)
-        s_wanda = time.perf_counter() - t
+        row["wanda_s"] = time.perf_counter() - t
         sub = 8
         t = time.perf_counter()
         layer_obs.obc(w[:sub], h, 0.5)
-        s_obc = (time.perf_counter() - t) * rows / sub
-        same = float((new - plain).abs().max() / plain.abs().max())
-        flops = 2 * rows * cols * cols / 2  # the lazy products: about half of rows x cols^2 MACs
-        print(f"| {name} | {ours:.2f} | {s_plain64:.2f} | {s_plain32:.2f} | {s_pub:.2f} | "
-              f"{s_wanda:.3f} | {s_obc:.0f} | {ours / s_plain64:.2f} | "
-              f"{flops / ours / 1e9:.1f}, {flops / ours / gemm64:.0%} |")  # fmt: skip
-        assert same < 1e-8, same  # the plain loop is the same algorithm
-    print("\nSmolLM2 has 30 blocks of 4 + 2 + 1 such layers.")
+        row["obc_s"] = (time.perf_counter() - t) * rows / sub  # a slice of rows, extrapolated
+        row["max_rel_diff_to_plain"] = float((new - plain).abs().max() / plain.abs().max())
+        assert row["max_rel_diff_to_plain"] < 1e-8, row  # the plain loop is the same algorithm
+        raw["layers"].append(row)
+    return raw
 
 
-def part_reconstruct(args):
+def hessian_table(raw: dict) -> list[str]:
+    lines = [
+        f"| inputs | float64 X^T X ({raw['tokens']:,} tokens) | float32 products, float64 sum "
+        "(batches of 4096) | ratio | max rel. error of H | matrix products of the run, GFLOP/s "
+        "(float64, float32) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in raw["hessian"]:
+        lines.append(
+            f"| {r['inputs']} | {r['float64_s']:.2f} | {r['float32_s']:.2f} | "
+            f"{r['float32_s'] / r['float64_s']:.2f} | {r['error']:.1e} | "
+            f"{raw['gemm64'] / 1e9:.1f}, {raw['gemm32'] / 1e9:.1f} |"
+        )
+    return lines
+
+
+def layerwise_table(raw: dict) -> list[str]:
+    """Seconds per layer; the lazy update's rate against the float64 product rate of the run."""
+    peak = raw["gemm64"]
+    lines = [
+        "| layer | this toolkit (float64, lazy blocks of 128) | plain loop float64 | "
+        "plain loop float32 | published lazy loop float32 | Wanda | OBC (extrapolated) | "
+        "ratio to plain float64 | GFLOP/s of the lazy update, of the float64 product rate "
+        f"({peak / 1e9:.1f} GFLOP/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in raw["layers"]:
+        ours = r["toolkit_s"]
+        lines.append(
+            f"| {r['layer']} | {ours:.2f} | {r['plain64_s']:.2f} | {r['plain32_s']:.2f} | "
+            f"{r['published32_s']:.2f} | {r['wanda_s']:.3f} | {r['obc_s']:.0f} | "
+            f"{ours / r['plain64_s']:.2f} | {r['flops'] / ours / 1e9:.1f}, "
+            f"{r['flops'] / ours / peak:.0%} |"
+        )
+    return lines
+
+
+def part_reconstruct(args) -> dict:
     """Fixed-mask reconstruction after SparseGPT on SmolLM2-shaped layers with outlier inputs:
     conjugate-gradient iterations and seconds per tolerance against SparseGPT's own solve (the
     same-run baseline), the error above the optimum of the mask, and the iterations' rate
@@ -379,18 +447,10 @@ def part_reconstruct(args):
     from curvature.pruning.reconstruct import reconstruct
 
     f64 = torch.float64
-    gemm64 = _gemm_rate(f64)
-    print(f"\nfloat64 matrix product {gemm64 / 1e9:.1f} GFLOP/s")
+    raw = {"gemm64": _gemm_rate(f64), "threads": torch.get_num_threads(), "rows": []}
     gen = torch.Generator().manual_seed(0)
     shapes = [("q/o 576x576", 576, 576), ("gate/up 1536x576", 1536, 576),
               ("down 576x1536", 576, 1536)]  # fmt: skip
-    print(
-        "\n### Reconstruction after SparseGPT (4,096 tokens with outlier and correlated inputs)\n"
-    )
-    print("| layer | mask | SparseGPT s | SparseGPT error above optimum | tol | iterations | "
-          "seconds | ratio to SparseGPT s | error above optimum | GFLOP/s, of float64 peak | "
-          "direct solve s |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows, cols in shapes:
         x = torch.randn(4096, cols, generator=gen, dtype=f64)
         x[:, :5] *= 30.0
@@ -403,34 +463,54 @@ def part_reconstruct(args):
             new, mask, _ = layer_obs.sparsegpt(w, h, **kw)
             s_gpt = time.perf_counter() - t
             best = reconstruct(w, h, mask, start=new, tol=1e-10, max_iter=1000).error_after
-            t = time.perf_counter()
-            reconstruct(w, h, mask, method="exact") if rows * cols <= 576 * 576 else None
-            s_direct = time.perf_counter() - t
-            first = True
+            s_direct = None
+            if rows * cols <= 576 * 576:  # the direct solve of larger layers takes minutes
+                t = time.perf_counter()
+                reconstruct(w, h, mask, method="exact")
+                s_direct = time.perf_counter() - t
             for tol in (1e-2, 1e-3, 1e-5, 1e-8):
                 t = time.perf_counter()
                 rec = reconstruct(w, h, mask, start=new, tol=tol, max_iter=1000)
-                sec = time.perf_counter() - t
-                rate = 2 * rows * cols * cols * max(rec.iterations, 1) / sec
-                gpt_gap = (rec.error_before - best) / best
-                print(f"| {name} | {label} | {s_gpt:.2f} | {gpt_gap:.1%} | {tol:g} | "
-                      f"{rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
-                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
-                      f"{rate / gemm64:.0%} | {s_direct:.2f} |" if rows * cols <= 576 * 576 else
-                      f"| {name} | {label} | {s_gpt:.2f} | {gpt_gap:.1%} | {tol:g} | "
-                      f"{rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
-                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
-                      f"{rate / gemm64:.0%} | not run |"
-                      if first else
-                      f"| | | | | {tol:g} | {rec.iterations} | {sec:.2f} | {sec / s_gpt:.2f} | "
-                      f"{(rec.error_after - best) / best:.1e} | {rate / 1e9:.1f}, "
-                      f"{rate / gemm64:.0%} | |")  # fmt: skip
-                first = False
+                raw["rows"].append({
+                    "layer": name, "mask": label, "sparsegpt_s": s_gpt, "tol": tol,
+                    "sparsegpt_gap": (rec.error_before - best) / best,
+                    "iterations": rec.iterations, "seconds": time.perf_counter() - t,
+                    "gap_after": (rec.error_after - best) / best,
+                    "flops": 2 * rows * cols * cols * max(rec.iterations, 1), "direct_s": s_direct,
+                })  # fmt: skip
+    return raw
+
+
+def reconstruct_table(raw: dict) -> list[str]:
+    peak = raw["gemm64"]
+    lines = [
+        "| layer | mask | SparseGPT s | SparseGPT error above optimum | tol | iterations | "
+        "seconds | ratio to SparseGPT s | error above optimum | GFLOP/s, of the float64 product "
+        f"rate ({peak / 1e9:.1f} GFLOP/s) | direct solve s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    last = None
+    for r in raw["rows"]:
+        rate = r["flops"] / r["seconds"]
+        tail = (
+            f"{r['tol']:g} | {r['iterations']} | {r['seconds']:.2f} | "
+            f"{r['seconds'] / r['sparsegpt_s']:.2f} | {r['gap_after']:.1e} | "
+            f"{rate / 1e9:.1f}, {rate / peak:.0%} |"
+        )
+        if (r["layer"], r["mask"]) == last:
+            lines.append(f"| | | | | {tail} |")
+            continue
+        last = (r["layer"], r["mask"])
+        direct = "not run" if r["direct_s"] is None else f"{r['direct_s']:.2f}"
+        lines.append(
+            f"| {r['layer']} | {r['mask']} | {r['sparsegpt_s']:.2f} | {r['sparsegpt_gap']:.1%} | "
+            f"{tail} {direct} |"
+        )
+    return lines
 
 
 def part_reference(args):
     """Each point of ``_reference.POINTS`` in a fresh process (``--child``), one after another."""
-    import json
     import subprocess
     import sys
     import tempfile
@@ -489,18 +569,50 @@ def main():
     ap.add_argument(
         "--only", default="", help="reference: 'label | implementation' to run, ;-separated"
     )
+    ap.add_argument("--json", help="every part but reference: also write its raw numbers here")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    {
-        "stages": part_stages,
-        "bert-base": part_bert_base,
-        "allocation": part_allocation,
-        "dtype": part_dtype,
-        "layerwise": part_layerwise,
-        "reconstruct": part_reconstruct,
-        "reference": part_reference,
-    }[args.part](args)
+    if args.part == "reference":
+        part_reference(args)
+        return
+    measure, tables = PARTS[args.part]
+    raw = measure(args)
+    raw.update(environment())
+    save(args, raw)
+    for table in tables:
+        print("\n" + "\n".join(table(raw)), flush=True)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def save(args, raw: dict) -> None:
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
+
+
+def _stage_tables(raw: dict) -> list[str]:
+    out = []
+    for i, run in enumerate(raw["runs"]):
+        out += [f"### {run['title']}", "", *stage_table(raw, str(i)), ""]
+        if run["title"].startswith("BERT-base"):
+            out += ["### x12 (the whole encoder, extrapolated)", "",
+                    *stage_table(raw, f"{i}x12"), ""]  # fmt: skip
+    return out
+
+
+PARTS = {
+    "stages": (part_stages, [_stage_tables]),
+    "bert-base": (part_bert_base, [_stage_tables]),
+    "allocation": (part_allocation, [allocation_table]),
+    "dtype": (part_dtype, [dtype_table]),
+    "layerwise": (part_layerwise, [hessian_table, layerwise_table]),
+    "reconstruct": (part_reconstruct, [reconstruct_table]),
+}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every table in the documentation has a marker comment on the line before it:
 
 - ``<!-- table: KIND SOURCE -->``: generated here by ``KIND`` from ``SOURCE`` (a raw file,
-  relative to the Markdown file's folder); ``tests/project/test_tables.py`` regenerates it and
+  relative to the Markdown file's folder; ``KIND SOURCE SELECTOR`` where the file holds several
+  tables); ``tests/project/test_tables.py`` regenerates it and
   fails when the page differs;
 - ``<!-- table: measured at commit SHA; raw output not kept -->``: a run whose raw output is not
   in the repository; the commit is the one that added the numbers;
@@ -54,6 +55,76 @@ def sweep(path: Path) -> str:
 
 def _signed(x: float) -> str:
     return f"{x:+.4f}".replace("-", "\u2212")
+
+
+def _sig(x: float) -> str:
+    """Four significant digits, thousands separated (perplexities from 28.28 to 90,384)."""
+    if abs(x) < 1:
+        return f"{x:.4f}"
+    digits = len(str(int(abs(x))))
+    if len(str(int(abs(round(x, max(0, 4 - digits)))))) > digits:  # 999.96 rounds to 1,000
+        digits += 1
+    return f"{x:,.{max(0, 4 - digits)}f}"
+
+
+def sweep_grid(path: Path) -> str:
+    """A sweep's one-shot points as one row per method and one column per mask and target
+    (accuracy, or perplexity for a language model), with each method's pruning seconds."""
+    rows = read_rows(path)
+    dense = next(r for r in rows if r["method"] == "dense")
+    metric = "accuracy" if "accuracy" in dense else "perplexity"
+    show = (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
+    cols = sorted({(r["mask"], r["target_sparsity"]) for r in rows if r["method"] != "dense"},
+                  key=lambda c: (":" in c[0], c[0] != "unstructured", c[0], c[1]))  # fmt: skip
+    label = {c: (c[0] if ":" in c[0] else (f"{c[0]} " if c[0] != "unstructured" else "")
+                 + f"{c[1]:.0%}") for c in cols}  # fmt: skip
+    out = [
+        f"| method (dense {show(dense[metric])}) | "
+        + " | ".join(label[c] for c in cols)
+        + " | prune seconds a point |",
+        "|---|" + "---:|" * (len(cols) + 1),
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        mine = {(r["mask"], r["target_sparsity"]): r for r in rows if r["method"] == method}
+        cells = [show(mine[c][metric]) if c in mine else "not run" for c in cols]
+        secs = sorted({f"{r['prune_seconds']:.0f}" for r in mine.values()}, key=float)
+        span = secs[0] if len(secs) == 1 else f"{secs[0]}-{secs[-1]}"
+        out.append(f"| {method} | " + " | ".join(cells) + f" | {span} |")
+    return "\n".join(out)
+
+
+def sweep_baseline(path: Path) -> str:
+    """A sweep reported against a baseline method (``--baseline``): every point's metric with its
+    interval, the share of the baseline's damage it avoids (paired, over the same evaluation
+    units), pruning seconds and peak memory."""
+    rows = read_rows(path)
+    dense = next(r for r in rows if r["method"] == "dense")
+    metric = "accuracy" if "accuracy" in dense else "perplexity"
+    show = (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
+    base = next((r["baseline"] for r in rows if r.get("baseline")), None)
+    if base is None:
+        raise SystemExit(f"{path}: a sweep without --baseline (no share of damage to show)")
+    out = [
+        f"| method (dense {show(dense[metric])} [{show(dense[metric + '_ci_low'])}, "
+        f"{show(dense[metric + '_ci_high'])}]) | mask, target | seeds | {metric} [95% CI] | "
+        f"share of {base}'s damage avoided [95% CI] | prune s | peak GB |",
+        "|---|---|---:|---|---|---:|---:|",
+    ]
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        gap = "baseline" if r["method"] == base else "-"
+        if f"{metric}_gap_closed" in r:
+            g, lo, hi = (r[f"{metric}_gap_closed{k}"] for k in ("", "_ci_low", "_ci_high"))
+            gap = f"{g:.0%} [{lo:.0%}, {hi:.0%}]"
+        where = r["mask"] if ":" in r["mask"] else f"{r['mask']} {r['target_sparsity']:.0%}"
+        out.append(
+            f"| {r['method']} | {where} | {r['seeds']} | {show(r[metric])} "
+            f"[{show(r[metric + '_ci_low'])}, {show(r[metric + '_ci_high'])}] | {gap} | "
+            f"{r['prune_seconds']:.0f} | "
+            + (f"{r['peak_memory_mb'] / 1024:.1f} |" if "peak_memory_mb" in r else "- |")
+        )
+    return "\n".join(out)
 
 
 def sweep_summary(path: Path) -> str:
@@ -133,11 +204,29 @@ def storage(path: Path) -> str:
     return "\n".join(out)
 
 
-def _bench_optim():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_optim
+def _script(name: str):
+    """A module of ``scripts/`` (the benchmarks own their tables' layout)."""
+    import importlib
 
-    return bench_optim
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
+
+def _bench_optim():
+    return _script("bench_optim")
+
+
+def _from_script(module: str, table: str, key: str | None = None):
+    """A kind that gives ``module.table`` the raw JSON (or its ``key``) of a ``--json`` run, and
+    the marker's selector when it has one (which of the file's tables)."""
+
+    def make(path: Path, *selector: str) -> str:
+        raw = json.loads(path.read_text())
+        return "\n".join(getattr(_script(module), table)(raw[key] if key else raw, *selector))
+
+    make.__doc__ = f"``{module}.py``'s ``{table}`` from its ``--json`` file."
+    return make
 
 
 def optim_compare(path: Path) -> str:
@@ -152,14 +241,6 @@ def optim_compare(path: Path) -> str:
 def optim_target(path: Path) -> str:
     """``bench_optim.py --part target``'s tuning and time-to-target tables from its JSON."""
     return "\n".join(_bench_optim().target_tables(json.loads(path.read_text())))
-
-
-def _optim_small(table: str):
-    def make(path: Path) -> str:
-        return "\n".join(getattr(_bench_optim(), table)(json.loads(path.read_text())))
-
-    make.__doc__ = f"``bench_optim.py``'s ``{table}`` from its ``--json`` file."
-    return make
 
 
 def optim_target_tuning(path: Path) -> str:
@@ -274,6 +355,29 @@ def check_kernels(path: Path) -> str:
     import check_kernels as ck
 
     return ck.table(json.loads(path.read_text())["rows"])
+
+
+def check_kernels_summary(path: Path) -> str:
+    """One row per kernel of ``scripts/check_kernels.py --json``: targets, configurations per
+    target, the register range on the newest target, spills and the lowest estimated occupancy."""
+    rows = json.loads(path.read_text())["rows"]
+    out = [
+        "| kernel | targets | configurations per target | registers per thread (newest target) "
+        "| spill bytes | compile errors | lowest estimated occupancy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        archs = sorted({r["arch"] for r in mine})
+        ok = [r for r in mine if not r["error"]]
+        newest = [r["regs"] for r in ok if r["arch"] == archs[-1]]
+        regs = f"{min(newest)}-{max(newest)}" if newest else "-"
+        low = f"{min(r['occupancy'] for r in ok):.0%}" if ok else "-"
+        out.append(
+            f"| {kernel} | {', '.join(f'sm_{a}' for a in archs)} | {len(mine) // len(archs)} "
+            f"| {regs} | {sum(r['spill'] for r in ok)} | {len(mine) - len(ok)} | {low} |"
+        )
+    return "\n".join(out)
 
 
 def structured_llm_recover(path: Path) -> str:
@@ -495,6 +599,8 @@ KINDS = {
     "layerwise-reference": layerwise_reference,
     "sweep": sweep,
     "sweep-summary": sweep_summary,
+    "sweep-grid": sweep_grid,
+    "sweep-baseline": sweep_baseline,
     "main-job": main_job,
     "storage": storage,
     "optim-compare": optim_compare,
@@ -502,14 +608,25 @@ KINDS = {
     "optim-quality": optim_quality,
     "optim-target": optim_target,
     "optim-target-tuning": optim_target_tuning,
-    "optim-tiny-bert": _optim_small("tiny_bert_table"),
-    "optim-mfac-product": _optim_small("mfac_product_table"),
-    "optim-mfac-warmup": _optim_small("mfac_warmup_table"),
+    "optim-tiny-bert": _from_script("bench_optim", "tiny_bert_table"),
+    "optim-mfac-product": _from_script("bench_optim", "mfac_product_table"),
+    "optim-mfac-warmup": _from_script("bench_optim", "mfac_warmup_table"),
     "structured": structured,
     "structured-gradual": structured_gradual,
     "structured-llm": structured_llm,
     "structured-llm-recover": structured_llm_recover,
     "check-kernels": check_kernels,
+    "check-kernels-summary": check_kernels_summary,
+    "bench-kernels": _from_script("bench_kernels", "table"),
+    "inference-layer": _from_script("bench_inference", "layer_table", "layer"),
+    "inference-model": _from_script("bench_inference", "model_table", "model"),
+    "distributed": _from_script("bench_distributed", "table"),
+    "pruning-stages": _from_script("bench_pruning", "stage_table"),
+    "pruning-allocation": _from_script("bench_pruning", "allocation_table"),
+    "pruning-dtype": _from_script("bench_pruning", "dtype_table"),
+    "pruning-hessian": _from_script("bench_pruning", "hessian_table"),
+    "pruning-layerwise": _from_script("bench_pruning", "layerwise_table"),
+    "pruning-reconstruct": _from_script("bench_pruning", "reconstruct_table"),
     "runtime": runtime,
     "quant-llm": quant_llm,
     "quant-fidelity": quant_fidelity,
@@ -551,11 +668,13 @@ def tables(page: Path) -> list[tuple[int, int, str | None]]:
 
 
 def generated(page: Path, marker: str) -> str | None:
-    """The regenerated table of a ``KIND SOURCE`` marker, or None for the other markers."""
-    kind, _, source = marker.partition(" ")
+    """The regenerated table of a ``KIND SOURCE [SELECTOR]`` marker (the selector: which of the
+    source's tables, for the kinds that make several), or None for the other markers."""
+    kind, *rest = marker.split() or [""]
     if kind not in KINDS:
         return None
-    return KINDS[kind]((page.parent / source).resolve())
+    source, *selector = rest
+    return KINDS[kind]((page.parent / source).resolve(), *selector)
 
 
 def run(write: bool, only: list[Path] | None = None) -> list[str]:
@@ -576,6 +695,11 @@ def run(write: bool, only: list[Path] | None = None) -> list[str]:
             rel = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
             if marker is None:
                 problems.append(f"{rel}:{start + 1}: a table without a marker")
+                continue
+            words = marker.split() + ["", ""]
+            source = page.parent / words[1]
+            if words[0] in KINDS and not source.is_file():
+                problems.append(f"{rel}:{start + 1}: `{marker}`: no such file {source.name}")
                 continue
             table = generated(page, marker)
             if table is None:

@@ -32,7 +32,7 @@ def test_generated_tables_exist_and_the_check_catches_a_changed_number(tmp_path)
         folder = tmp_path / str(k)
         for _, _, other in tables.tables(page):  # the raw files of every generated table there
             if other and other.split()[0] in tables.KINDS:
-                source = Path(other.split(" ", 1)[1])
+                source = Path(other.split()[1])  # KIND SOURCE [SELECTOR]
                 (folder / source.parent).mkdir(parents=True, exist_ok=True)
                 for f in (page.parent / source.parent).glob(source.stem + "*"):
                     (folder / source.parent / f.name).write_bytes(f.read_bytes())
@@ -61,3 +61,40 @@ def test_measured_markers_name_a_commit_of_this_repository():
             if m:
                 r = subprocess.run(["git", "cat-file", "-e", m.group(1) + "^{commit}"], cwd=ROOT)
                 assert r.returncode == 0, (page.name, marker)
+
+
+def test_a_marker_whose_raw_file_is_missing_is_one_problem_line(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table: bench-kernels missing.json -->\n| a |\n|---|\n| 1 |\n")
+    assert tables.run(write=False, only=[page]) == [
+        f"{page}:2: `bench-kernels missing.json`: no such file missing.json"
+    ]
+
+
+def test_a_selector_picks_one_of_the_tables_of_a_raw_file(tmp_path):
+    """``KIND SOURCE SELECTOR``: the stage table of run 1, and the same run extrapolated."""
+    import json
+
+    run = {
+        "title": "t",
+        "rows": [{"stage": "scoring", "seconds": 2.0, "peak_bytes": 2**30}],
+        "base_rss": 2**30,
+        "curvature": 2**30,
+        "total": 2**31,
+    }
+    other = dict(run, rows=[{"stage": "scoring", "seconds": 5.0, "peak_bytes": 2**30}])
+    (tmp_path / "raw.json").write_text(json.dumps({"runs": [run, other]}))
+    page = tmp_path / "page.md"
+    one = tables.generated(page, "pruning-stages raw.json 1")
+    twelve = tables.generated(page, "pruning-stages raw.json 1x12")
+    assert "| scoring | 5.0 | 1.00 |" in one
+    assert "| scoring | 60.0 | - |" in twelve and "| memory plan (x12): peak | | 24.00 |" in twelve
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(28.2818, "28.28"), (110.93, "110.9"), (1303.4, "1,303"), (90384.2, "90,384"),
+     (999.96, "1,000"), (99.996, "100.0"), (9.99996, "10.00"), (0.9708, "0.9708")],
+)  # fmt: skip
+def test_four_significant_digits_also_when_rounding_carries(x, text):
+    assert tables._sig(x) == text
