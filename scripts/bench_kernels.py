@@ -148,8 +148,8 @@ def table(raw: dict) -> list[str]:
     measured in the same run."""
     copy = raw["copy_bandwidth"]
     lines = [
-        "| operation | elements | torch ms | torch % of copy | triton ms | triton % of copy | "
-        "speedup |",
+        f"| operation | elements | torch ms | torch % of copy ({copy / 1e9:.1f} GB/s) | triton ms | "
+        "triton % of copy | speedup |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in raw["rows"]:
