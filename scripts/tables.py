@@ -68,24 +68,36 @@ def _sig(x: float) -> str:
 
 
 def sweep_grid(path: Path) -> str:
-    """A sweep's one-shot points as one row per method and one column per mask and target
+    """A sweep's points as one row per method and one column per mode, mask and target
     (accuracy, or perplexity for a language model), with each method's pruning seconds."""
     rows = read_rows(path)
     dense = next(r for r in rows if r["method"] == "dense")
     metric = "accuracy" if "accuracy" in dense else "perplexity"
     show = (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
-    cols = sorted({(r["mask"], r["target_sparsity"]) for r in rows if r["method"] != "dense"},
-                  key=lambda c: (":" in c[0], c[0] != "unstructured", c[0], c[1]))  # fmt: skip
-    label = {c: (c[0] if ":" in c[0] else (f"{c[0]} " if c[0] != "unstructured" else "")
-                 + f"{c[1]:.0%}") for c in cols}  # fmt: skip
+
+    def key(r):
+        return r["mode"], r["mask"], r["target_sparsity"]
+
+    def label(c):
+        mode, mask, target = c
+        where = (
+            mask
+            if ":" in mask
+            else (f"{mask} " if mask != "unstructured" else "") + (f"{target:.0%}")
+        )
+        return where if mode == "oneshot" else f"{mode} {where}"
+
+    points = [r for r in rows if r["method"] != "dense"]
+    cols = sorted({key(r) for r in points},
+                  key=lambda c: (c[0], ":" in c[1], c[1] != "unstructured", c[1], c[2]))  # fmt: skip
     out = [
         f"| method (dense {show(dense[metric])}) | "
-        + " | ".join(label[c] for c in cols)
+        + " | ".join(label(c) for c in cols)
         + " | prune seconds a point |",
         "|---|" + "---:|" * (len(cols) + 1),
     ]
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        mine = {(r["mask"], r["target_sparsity"]): r for r in rows if r["method"] == method}
+    for method in dict.fromkeys(r["method"] for r in points):
+        mine = {key(r): r for r in points if r["method"] == method}
         cells = [show(mine[c][metric]) if c in mine else "not run" for c in cols]
         secs = sorted({f"{r['prune_seconds']:.0f}" for r in mine.values()}, key=float)
         span = secs[0] if len(secs) == 1 else f"{secs[0]}-{secs[-1]}"
