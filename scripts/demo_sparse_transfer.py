@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--upstream-recipe", default="recipes/minilm-upstream-mlm-80.yaml")
+    ap.add_argument("--json", default=None, help="also write the three jobs' metrics to this file")
     args = ap.parse_args()
     out = Path(args.output)
     common = ["--max-length", str(args.max_length), "--seed", str(args.seed), "--no-progress"]
@@ -72,17 +73,14 @@ def main() -> None:
             ["prune", "recipes/default-minilm.yaml", *cls, "--dense-baseline",
              "--output", str(out / "downstream"), *common]
         )  # fmt: skip
-    m_up = json.loads((up / "metrics.json").read_text())
-    m_tr = json.loads((out / "transfer" / "metrics.json").read_text())
-    m_dn = json.loads((out / "downstream" / "metrics.json").read_text())
-    dense = m_dn["dense_equal_budget"]
-    rows = [
-        ("dense, fine-tuned for the same steps", 0.0, dense, m_dn["steps"], None),
-        ("pruned downstream (default-minilm)", m_dn["sparsity"], m_dn["pruned"], m_dn["steps"],
-         m_dn["seconds"]),
-        ("upstream 80% (masked LM) + sparse transfer", m_tr["sparsity"], m_tr["pruned"],
-         m_tr["steps"], m_up["seconds"] + m_tr["seconds"]),
-    ]  # fmt: skip
+    raw = {
+        "upstream": json.loads((up / "metrics.json").read_text()),
+        "transfer": json.loads((out / "transfer" / "metrics.json").read_text()),
+        "downstream": json.loads((out / "downstream" / "metrics.json").read_text()),
+    }
+    if args.json:  # the raw file the documentation's table is made from (scripts/tables.py)
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    m_up, m_dn = raw["upstream"], raw["downstream"]
     lines = [
         f"bbc-news, {m_dn['train_examples']} training / {m_dn['validation_examples']} "
         f"validation examples, {args.max_length} tokens, seed {args.seed}",
@@ -90,6 +88,26 @@ def main() -> None:
         f"masked-LM perplexity {m_up['dense']['perplexity']:.1f} before pruning, "
         f"{m_up['pruned']['perplexity']:.1f} at {m_up['sparsity']:.0%}",
         "",
+        *table(raw),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+
+
+def table(raw: dict) -> list[str]:
+    """The three models (dense and downstream-pruned from one job, the transferred one) from the
+    jobs' ``metrics.json`` files gathered in one raw dict."""
+    m_up, m_tr, m_dn = raw["upstream"], raw["transfer"], raw["downstream"]
+    rows = [
+        ("dense, fine-tuned for the same steps", 0.0, m_dn["dense_equal_budget"], m_dn["steps"],
+         None),
+        ("pruned downstream (default-minilm)", m_dn["sparsity"], m_dn["pruned"], m_dn["steps"],
+         m_dn["seconds"]),
+        ("upstream 80% (masked LM) + sparse transfer", m_tr["sparsity"], m_tr["pruned"],
+         m_tr["steps"], m_up["seconds"] + m_tr["seconds"]),
+    ]  # fmt: skip
+    lines = [
         "| model | sparsity | accuracy | loss | steps | seconds |",
         "|---|---|---|---|---|---|",
     ]
@@ -98,9 +116,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {sp:.2f} | {ev['accuracy']:.4f} | {ev['loss']:.4f} | {steps} | {s} |"
         )
-    table = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(table)
-    print(table)
+    return lines
 
 
 if __name__ == "__main__":

@@ -633,6 +633,7 @@ KINDS = {
     "inference-layer": _from_script("bench_inference", "layer_table", "layer"),
     "inference-model": _from_script("bench_inference", "model_table", "model"),
     "distributed": _from_script("bench_distributed", "table"),
+    "sparse-transfer": _from_script("demo_sparse_transfer", "table"),
     "pruning-stages": _from_script("bench_pruning", "stage_table"),
     "pruning-allocation": _from_script("bench_pruning", "allocation_table"),
     "pruning-dtype": _from_script("bench_pruning", "dtype_table"),
