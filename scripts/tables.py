@@ -67,13 +67,18 @@ def _sig(x: float) -> str:
     return f"{x:,.{max(0, 4 - digits)}f}"
 
 
+def _dense_metric(rows: list[dict]):
+    """A sweep's dense row, its headline metric (accuracy, else perplexity) and how to print it."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    metric = "accuracy" if "accuracy" in dense else "perplexity"
+    return dense, metric, (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
+
+
 def sweep_grid(path: Path) -> str:
     """A sweep's points as one row per method and one column per mode, mask and target
     (accuracy, or perplexity for a language model), with each method's pruning seconds."""
     rows = read_rows(path)
-    dense = next(r for r in rows if r["method"] == "dense")
-    metric = "accuracy" if "accuracy" in dense else "perplexity"
-    show = (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
+    dense, metric, show = _dense_metric(rows)
 
     def key(r):
         return r["mode"], r["mask"], r["target_sparsity"]
@@ -110,9 +115,7 @@ def sweep_baseline(path: Path) -> str:
     interval, the share of the baseline's damage it avoids (paired, over the same evaluation
     units), pruning seconds and peak memory."""
     rows = read_rows(path)
-    dense = next(r for r in rows if r["method"] == "dense")
-    metric = "accuracy" if "accuracy" in dense else "perplexity"
-    show = (lambda x: f"{x:.4f}") if metric == "accuracy" else _sig
+    dense, metric, show = _dense_metric(rows)
     base = next((r["baseline"] for r in rows if r.get("baseline")), None)
     if base is None:
         raise SystemExit(f"{path}: a sweep without --baseline (no share of damage to show)")
@@ -363,10 +366,7 @@ def structured_llm(path: Path) -> str:
 
 def check_kernels(path: Path) -> str:
     """``scripts/check_kernels.py --json``'s register, spill and occupancy table from its rows."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import check_kernels as ck
-
-    return ck.table(json.loads(path.read_text())["rows"])
+    return _script("check_kernels").table(json.loads(path.read_text())["rows"])
 
 
 def check_kernels_summary(path: Path) -> str:
