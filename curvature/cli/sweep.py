@@ -45,6 +45,12 @@ def quant_name(method: str, bits: int) -> str:
     return f"{method}-{bits}bit"
 
 
+def _not_apply(settings: list[str]) -> str:
+    """``--a, --b do not apply`` (``does`` for one)."""
+    flags = ", ".join("--" + k.replace("_", "-") for k in settings)
+    return f"{flags} {'does' if len(settings) == 1 else 'do'} not apply"
+
+
 @dataclass(kw_only=True)
 class SweepConfig(DataConfig):
     output: str
@@ -127,8 +133,7 @@ class SweepConfig(DataConfig):
                 k for k in self.PART_SETTINGS if k not in have and getattr(self, k) is not None
             ]
             if say and skipped and self.recipe is None:
-                flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
-                print(f"sweep: {flags} do(es) not apply to {m} (its parts have no such setting)")
+                print(f"sweep: {_not_apply(skipped)} to {m} (its parts have no such setting)")
             out[m] = pipe.with_settings(**values)
         for m in self.structured_methods():
             used |= {f.name for f in _fields(self.structured_chooser(m, say=say))}
@@ -166,8 +171,7 @@ class SweepConfig(DataConfig):
             k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in values
         ]
         if say and skipped:
-            flags = ", ".join("--" + k.replace("_", "-") for k in skipped)
-            print(f"sweep: {flags} do(es) not apply to {method} (its part has no such setting)")
+            print(f"sweep: {_not_apply(skipped)} to {method} (its part has no such setting)")
         return cls(**values)
 
     def quantizers(self) -> list[str]:

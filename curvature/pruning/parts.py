@@ -393,16 +393,23 @@ class Allocation(Part):
 @dataclass(frozen=True)
 class Outlier(Allocation):
     """Each block's target from its share of outlier activation scores ``|W_ij| ||X_j||``
-    (above ``m`` times the block's mean), within ``sparsity +- lam`` and averaging to it."""
+    (above ``m`` times the block's mean), within ``sparsity +- lam`` and averaging to it.
+    ``batches``: calibration batches of its dense pass (as :class:`Reconstruct`'s)."""
 
     m: float = 5.0
     lam: float = 0.08
+    batches: int | None = None
     label: ClassVar[str] = "outlier"
     needs: ClassVar[frozenset] = frozenset({LAYER_INPUTS})
 
     def __post_init__(self):
         checks.positive("m", self.m)
         checks.in_range("lam", self.lam, 0.0, 1.0, "[)")
+        _optional_batches(self.batches)
+
+    def check(self, call, pipeline) -> None:
+        super().check(call, pipeline)
+        _own_batches_fit(self, pipeline)
 
     def allocate(self, model, data, loss_fn, targets, sparsity, context) -> dict[str, float]:
         from curvature.pruning import layerwise
@@ -452,12 +459,15 @@ class Reconstruct(Part):
     the layer inputs by preconditioned conjugate gradients to a relative residual ``tol`` or
     ``iters`` iterations, ``H`` damped by ``rel_damp`` of its mean diagonal. Inside the layer-wise
     pass, or one more calibration pass (``sequential`` as the layer-wise choosers) after a
-    gradient method."""
+    gradient method. ``batches``: the calibration batches of that pass (``None``: the
+    chooser's count, or :data:`DEFAULT_BATCHES` after magnitude); inside the layer-wise pass it
+    reads the chooser's batches and another count is refused."""
 
     tol: float = 1e-3
     iters: int = 100
     rel_damp: float = 0.01
     sequential: bool = True
+    batches: int | None = None
     role: ClassVar[str] = "reconstruct"
     label: ClassVar[str] = "reconstruct"
     needs: ClassVar[frozenset] = frozenset({LAYER_INPUTS})
@@ -467,6 +477,34 @@ class Reconstruct(Part):
         checks.positive_int("iters", self.iters)
         checks.positive("rel_damp", self.rel_damp)
         _boolean("sequential", self.sequential)
+        _optional_batches(self.batches)
+
+    def check(self, call, pipeline) -> None:
+        _own_batches_fit(self, pipeline)
+
+
+def _optional_batches(value) -> None:
+    if value is not None:
+        checks.positive_int("batches", value)
+
+
+def _own_batches_fit(part: Part, pipeline: Pipeline) -> None:
+    """Refuse (one line) an added part's own ``batches`` that cannot act: inside the layer-wise
+    pass every part reads the chooser's batches, and the added parts of a gradient method share
+    one count."""
+    if part.batches is None:
+        return
+    if pipeline.layerwise and part.batches != pipeline.chooser.batches:
+        raise ValueError(
+            f"{part.label} batches={part.batches}: inside the layer-wise pass it reads "
+            f"{pipeline.chooser.label}'s batches={pipeline.chooser.batches}; set one count"
+        )
+    other = {p.batches for p in pipeline.added if getattr(p, "batches", None) is not None}
+    if len(other) > 1:
+        raise ValueError(
+            f"{part.label} batches={part.batches}: the added parts of {pipeline.spec} read one "
+            f"count of calibration batches, got {sorted(other)}"
+        )
 
 
 def _boolean(name: str, value) -> None:
@@ -552,7 +590,13 @@ class Pipeline:
 
     @property
     def batches(self) -> int:
-        """Batches an added part reads: the chooser's, or :data:`DEFAULT_BATCHES`."""
+        """Calibration batches the added parts read: the chooser's inside the layer-wise pass;
+        after a gradient method their own ``batches`` when set, else the chooser's count (OBS's
+        gradients), else :data:`DEFAULT_BATCHES` (magnitude reads no data)."""
+        if not self.layerwise:
+            own = [p.batches for p in self.added if getattr(p, "batches", None) is not None]
+            if own:
+                return own[0]
         return self.chooser.batches or DEFAULT_BATCHES
 
     @property

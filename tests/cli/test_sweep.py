@@ -203,10 +203,16 @@ def test_a_setting_no_method_has_is_refused_and_one_some_lack_is_said(assets, tm
     cfg = config(assets, tmp_path / "c", methods=["obs", "sparsegpt"], rel_damp=0.05)
     cfg.validate()
     said = capsys.readouterr().out
-    assert "--gradients, --block-size, --fisher-damping do(es) not apply to sparsegpt" in said
+    assert "--gradients, --block-size, --fisher-damping do not apply to sparsegpt" in said
     pipes = cfg.method_pipelines()
     assert pipes["sparsegpt"].chooser.rel_damp == 0.05
     assert pipes["obs"].chooser.fisher_damping == 1e-6 and pipes["obs"].chooser.gradients == 8
+    # magnitude reads no data; the reconstruction after it reads --batches (it read 128 before)
+    cfg = config(assets, tmp_path / "d", methods=["magnitude", "magnitude+reconstruct"], batches=3)
+    cfg.validate()
+    said = capsys.readouterr().out
+    assert "--batches does not apply to magnitude " in said and "magnitude+reconstruct" not in said
+    assert cfg.method_pipelines()["magnitude+reconstruct"].batches == 3
 
 
 def test_precision_reaches_the_layerwise_parts_and_gptq_or_is_refused(assets, tmp_path):

@@ -399,3 +399,46 @@ def test_a_recipes_damp_reaches_every_part_that_factors_the_layer_hessian():
     wanda = LAYERWISE_RECIPE.format(method="wanda", mask="2:4") + "    damp: 0.05\n"
     with pytest.raises(ValueError, match="method wanda has no setting 'rel_damp'"):
         parse_recipe(wanda).modifiers[0].engine_settings()
+
+
+class _Counted:
+    """A data loader that counts the batches read from it."""
+
+    def __init__(self, items):
+        self.items, self.read = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.read += 1
+            yield item
+
+
+def test_the_reconstruct_pass_after_magnitude_reads_the_batches_it_is_given():
+    """Magnitude reads no data, so the reconstruction after it has its own calibration count:
+    ``batches=2`` reads two of six batches (before this setting the pass read up to 128 and a
+    sweep's ``--batches`` was said not to apply to ``magnitude+reconstruct``); unset, the pass
+    reads the chooser's count, and inside the layer-wise pass another count is refused."""
+    from test_layerwise import outlier_problem
+
+    from curvature.pruning.parts import Magnitude
+
+    model, x, y = outlier_problem()
+    chunks = list(batches(x, y, 16))
+    assert len(chunks) >= 6
+    kw = dict(loss_fn=ce_loss, sparsity=0.7, progress=False, global_sparsity=False)
+    pipe = pipeline("magnitude+reconstruct").with_settings(batches=2)
+    assert pipe.batches == 2 and pipeline("magnitude+reconstruct").batches == 128
+    counted = _Counted(chunks)
+    r = prune(copy.deepcopy(model), counted, method=pipe, **kw)
+    assert counted.read == 2 and r.reconstruction["error_after"] < r.reconstruction["error_before"]
+    counted = _Counted(chunks)
+    prune(copy.deepcopy(model), counted, method=chain(Magnitude(), Reconstruct()), **kw)
+    assert counted.read == len(chunks)  # the default, 128, is more than there are
+    assert chain(OBS(gradients=16), Reconstruct()).batches == 16
+    assert chain(OBS(gradients=16), Reconstruct(batches=4)).batches == 4
+    with pytest.raises(ValueError, match="reconstruct batches=4: inside the layer-wise pass it reads sparsegpt's batches=8"):  # fmt: skip
+        prune(copy.deepcopy(model), chunks, loss_fn=ce_loss, sparsity=0.5, progress=False, method=chain(SparseGPT(batches=8), Reconstruct(batches=4)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"read one count of calibration batches, got \[2, 4\]"):
+        prune(copy.deepcopy(model), chunks, method=chain(Magnitude(), Outlier(batches=2), Reconstruct(batches=4)), **kw)  # fmt: skip
+    with pytest.raises(ValueError, match="batches must be a positive integer"):
+        Reconstruct(batches=0)
