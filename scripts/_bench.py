@@ -8,6 +8,19 @@ import time
 import torch
 
 
+def environment() -> dict:
+    """What a benchmark's raw file records about the machine and the run: CPUs, torch threads,
+    torch version and date."""
+    import os
+
+    return {
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def copy_bandwidth(nbytes: int = 1 << 29) -> float:
     """Bytes per second of a large float64 tensor copy (read + write), best of five."""
     a = torch.ones(nbytes // 8, dtype=torch.float64)

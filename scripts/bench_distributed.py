@@ -32,6 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _bench import environment
 
 from curvature.pruning import parts
 
@@ -176,9 +177,7 @@ def main(argv=None) -> int:
     )
     raw = {
         "cores": cores,
-        "threads": threads_total,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
         "gradients": NUM_GRADS,
         "runs": [],
     }

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 import warnings
 
 import torch
+from _bench import environment
 
 from curvature.integrations.speed import CSRLinear
 
@@ -197,10 +197,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
     raw = {
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
         "reps": args.reps,
     }
     print(

@@ -24,6 +24,7 @@ import time
 from functools import partial
 
 import torch
+from _bench import environment
 
 
 def _timeit(fn, reps: int) -> float:
@@ -194,9 +195,7 @@ def main() -> None:
     raw = {
         "device": device.type,
         "name": name,
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
+        **environment(),
         "quick": args.quick,
         "copy_bandwidth": copy,
         "rows": [],

@@ -650,12 +650,6 @@ def _sub(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _environment() -> dict:
-    import torch
-
-    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
 def _gb(b) -> str:
     return f"{b / 2**30:.2f}" if b else "n/a"
 
@@ -832,7 +826,7 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from _bench import copy_bandwidth
+    from _bench import copy_bandwidth, environment
 
     from curvature import SlidingWindowFisherInverse
 
@@ -868,7 +862,7 @@ def part_mfac_product(ms=(64, 256), d=669_706) -> dict:
             print(rows[-1], flush=True)
             del f
         del g32
-    return {"d": d, "copy_bytes_per_s": bw, "rows": rows, **_environment()}
+    return {"d": d, "copy_bytes_per_s": bw, "rows": rows, **environment()}
 
 
 def mfac_product_table(raw: dict) -> list[str]:
@@ -1047,9 +1041,12 @@ def main() -> None:
                 json.dump(raw, fh, indent=1)
         return
     if args.part in ("cost", "all"):
+        sys.path.insert(0, os.path.dirname(__file__))
+        from _bench import environment
+
         lines, rows = part_cost(args.quick)
         print("\n" + "\n".join(lines) + "\n", flush=True)
-        out["cost"] = {"rows": rows, **_environment()}
+        out["cost"] = {"rows": rows, **environment()}
     if args.part in ("quality", "all"):
         seeds = [int(s) for s in args.seeds.split(",")]
         lrs = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.lr)}

@@ -50,7 +50,7 @@ import os
 import time
 
 import torch
-from _bench import copy_bandwidth
+from _bench import copy_bandwidth, environment
 
 from curvature.cli.utils import peak_memory_bytes, reset_peak_memory
 from curvature.pruning import obs, parts, stages
@@ -582,11 +582,6 @@ def main():
     save(args, raw)
     for table in tables:
         print("\n" + "\n".join(table(raw)), flush=True)
-
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
 def save(args, raw: dict) -> None:
