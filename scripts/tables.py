@@ -350,18 +350,34 @@ def structured_llm(path: Path) -> str:
         f"{_ci2(ev0, 'perplexity')} | | | {dense['ms']:.0f} ms | | | |",
     ]
     for p in points:
-        m, name = p["metrics"], _folder(p)
-        s, ev = m["structured"], m["pruned"]
+        s, ev = p["metrics"]["structured"], p["metrics"]["pruned"]
         predicted = f"{s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""
-        secs = _structured_seconds(s)
-        ppl, delta = _ci2(ev, "perplexity"), _ci2(ev, "perplexity_delta", "+")
         out.append(
-            f"| {p['label']} | {p['method']} | {s['sizes']['heads'][0]} / "
-            f"{s['sizes']['neurons'][0]} | {lat[(name, 1)]['bytes'] / 1e6:.0f} | {ppl} | {delta} | "
-            f"{predicted} | {dense['ms'] / lat[(name, 1)]['ms']:.2f}x | {secs:.0f} | "
-            f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+            f"{_llm_point(p, lat)} {_ci2(ev, 'perplexity')} | "
+            f"{_ci2(ev, 'perplexity_delta', '+')} | {predicted} | {_llm_costs(p, lat, dense)}"
         )
     return "\n".join(out)
+
+
+def _llm_point(p: dict, lat: dict) -> str:
+    """A decoder point's first cells: label, method, sizes left in each block (3 key/value heads
+    when none was removed) and megabytes."""
+    sizes = p["metrics"]["structured"]["sizes"]
+    mb = lat[(_folder(p), 1)]["bytes"] / 1e6
+    return (
+        f"| {p['label']} | {p['method']} | {sizes.get('heads', [3])[0]} / {sizes['neurons'][0]} | "
+        f"{mb:.0f} |"
+    )
+
+
+def _llm_costs(p: dict, lat: dict, dense: dict) -> str:
+    """A decoder point's last cells: measured prefill speed-up, structured seconds, job seconds
+    and peak memory."""
+    ms = lat[(_folder(p), 1)]["ms"]
+    return (
+        f"{dense['ms'] / ms:.2f}x | {_structured_seconds(p['metrics']['structured']):.0f} | "
+        f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+    )
 
 
 def check_kernels(path: Path) -> str:
@@ -409,17 +425,13 @@ def structured_llm_recover(path: Path) -> str:
         f"| {dense['ms']:.0f} ms | | | |",
     ]
     for p in points:
-        m, name = p["metrics"], _folder(p)
-        s, before, ev = m["structured"], m["before_training"], m["pruned"]
+        m = p["metrics"]
+        before, ev = m["before_training"], m["pruned"]
         assert m["compared_with"] == "dense" and m["dense"] == ev0, p["label"]
-        heads = s["sizes"].get("heads", [3])[0]  # no head removed: the dense 3
         out.append(
-            f"| {p['label']} | {p['method']} | {heads} / "
-            f"{s['sizes']['neurons'][0]} | {lat[(name, 1)]['bytes'] / 1e6:.0f} | "
-            f"{_ci2(before, 'perplexity')} | {_ci2(before, 'perplexity_delta', '+')} | "
-            f"{m['steps']} | {_ci2(ev, 'perplexity')} | {_ci2(ev, 'perplexity_delta', '+')} | "
-            f"{dense['ms'] / lat[(name, 1)]['ms']:.2f}x | {_structured_seconds(s):.0f} | "
-            f"{p['wall_s']:.0f} | {p['max_rss_mib'] / 1024:.1f} |"
+            f"{_llm_point(p, lat)} {_ci2(before, 'perplexity')} | "
+            f"{_ci2(before, 'perplexity_delta', '+')} | {m['steps']} | {_ci2(ev, 'perplexity')} | "
+            f"{_ci2(ev, 'perplexity_delta', '+')} | {_llm_costs(p, lat, dense)}"
         )
     return "\n".join(out)
 
