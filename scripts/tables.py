@@ -76,7 +76,8 @@ def _dense_metric(rows: list[dict]):
 
 def sweep_grid(path: Path) -> str:
     """A sweep's points as one row per method and one column per mode, mask and target
-    (accuracy, or perplexity for a language model), with each method's pruning seconds."""
+    (accuracy, or perplexity for a language model), with each method's pruning seconds (of a
+    gradual point: the whole run, its training included)."""
     rows = read_rows(path)
     dense, metric, show = _dense_metric(rows)
 
@@ -95,10 +96,14 @@ def sweep_grid(path: Path) -> str:
     points = [r for r in rows if r["method"] != "dense"]
     cols = sorted({key(r) for r in points},
                   key=lambda c: (c[0], ":" in c[1], c[1] != "unstructured", c[1], c[2]))  # fmt: skip
+    gradual = any(r["mode"] != "oneshot" for r in points)
+    secs_label = "prune seconds a point" + (
+        " (gradual: the whole run, training included)" if gradual else ""
+    )
     out = [
         f"| method (dense {show(dense[metric])}) | "
         + " | ".join(label(c) for c in cols)
-        + " | prune seconds a point |",
+        + f" | {secs_label} |",
         "|---|" + "---:|" * (len(cols) + 1),
     ]
     for method in dict.fromkeys(r["method"] for r in points):

@@ -98,3 +98,23 @@ def test_a_selector_picks_one_of_the_tables_of_a_raw_file(tmp_path):
 )  # fmt: skip
 def test_four_significant_digits_also_when_rounding_carries(x, text):
     assert tables._sig(x) == text
+
+
+def test_a_grid_of_gradual_points_says_its_seconds_include_the_training(tmp_path):
+    """A gradual point's ``prune_seconds`` is the whole run (pruning steps and the training
+    between and after them), a one-shot point's the pruning alone: the column says which."""
+    import json
+
+    dense = {"method": "dense", "mode": "-", "mask": "-", "target_sparsity": 0.0,
+             "accuracy": 0.97, "prune_seconds": 0.0}  # fmt: skip
+    point = {"method": "obs", "mask": "unstructured", "target_sparsity": 0.5, "accuracy": 0.96}
+    rows = [dense, dict(point, mode="oneshot", prune_seconds=60.0)]
+    (tmp_path / "oneshot.json").write_text(json.dumps(rows))
+    (tmp_path / "both.json").write_text(
+        json.dumps(rows + [dict(point, mode="gradual", prune_seconds=300.0)])
+    )
+    one = tables.sweep_grid(tmp_path / "oneshot.json").splitlines()[0]
+    both = tables.sweep_grid(tmp_path / "both.json").splitlines()
+    assert one.endswith("| prune seconds a point |")
+    assert both[0].endswith("| prune seconds a point (gradual: the whole run, training included) |")
+    assert both[2] == "| obs | 0.9600 | 0.9600 | 60-300 |"
