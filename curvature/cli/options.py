@@ -320,7 +320,8 @@ def part_settings(w) -> None:
         "--batches",
         type=int,
         default=None,
-        help="layer-wise methods: calibration batches (default 64, or the recipe's)",
+        help="calibration batches of the layer-wise methods and of the reconstruct and outlier "
+        "passes (default 64, or the recipe's)",
     )
     g.add_argument(
         "--block-size", type=int, default=None, help="OBS, magnitude: default 32, or the recipe's"
