@@ -67,7 +67,7 @@ class SweepConfig(DataConfig):
     #: the parts' settings (:mod:`curvature.pruning.parts`); each applies to the methods whose
     #: parts have it (one line says which methods it does not apply to)
     gradients: int | None = None  # OBS: per-example gradients in the Fisher
-    batches: int | None = None  # layer-wise methods: calibration batches
+    batches: int | None = None  # calibration batches: layer-wise methods, reconstruct, outlier
     grad_batch_size: int = 8
     block_size: int | None = None  # OBS and magnitude: weights per block
     fisher_damping: float | None = None  # OBS: absolute damping of the Fisher
