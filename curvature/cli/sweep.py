@@ -122,18 +122,28 @@ class SweepConfig(DataConfig):
         settings that they have. A setting given that no method has is refused; one that some
         methods lack is said (``say``) once per method (it does not apply to them)."""
         from curvature.pruning.registry import pipeline
+        from curvature.recipes.schema import modifier_kind
 
         out, used = {}, set()
         for m in self.pruning_methods():
             pipe = pipeline(m)
-            have = pipe.settings()
+            have = set(pipe.settings())
+            if self.recipe is not None:  # what the recipe's modifier for this method carries
+                have &= set(modifier_kind(pipe).PART_FIELDS)
             values = {k: self.setting(k) for k in self.PART_SETTINGS if k in have}
+            if self.batches is None and not pipe.layerwise:
+                values.pop("batches", None)  # an added part's own pass: the chooser's count
             used |= {k for k in values if getattr(self, k) is not None}
             skipped = [
                 k for k in self.PART_SETTINGS if k not in have and getattr(self, k) is not None
             ]
-            if say and skipped and self.recipe is None:
-                print(f"sweep: {_not_apply(skipped)} to {m} (its parts have no such setting)")
+            if say and skipped:
+                why = (
+                    "its parts have no such setting"
+                    if self.recipe is None
+                    else "the recipe's modifier for it has no such field"
+                )
+                print(f"sweep: {_not_apply(skipped)} to {m} ({why})")
             out[m] = pipe.with_settings(**values)
         for m in self.structured_methods():
             used |= {f.name for f in _fields(self.structured_chooser(m, say=say))}
@@ -142,7 +152,7 @@ class SweepConfig(DataConfig):
                 k for k in ("batches", "rel_damp", "precision") if getattr(self, k) is not None
             }
         unused = [k for k in self.PART_SETTINGS if getattr(self, k) is not None and k not in used]
-        if unused and self.recipe is None:
+        if unused:
             flag = "--" + unused[0].replace("_", "-")
             raise SweepError(
                 f"{flag}: none of --methods ({', '.join(self.methods)}) has this setting"

@@ -327,11 +327,7 @@ def run(model, data, loss_fn, targets, sparsities, lp: LayerPass, masks, dense=N
     # reconstruction solves on the full H: Wanda then reads its diagonal
     diagonal = lp.diagonal and lp.reconstruct is None
     rank, size = distributed.world()  # batches counts every rank's calibration batches
-    if lp.batches < size:  # the same check on every rank: all raise together
-        raise ValueError(
-            f"prune: batches={lp.batches} calibration batches for {size} processes: "
-            "every process needs at least one; raise batches"
-        )
+    _enough_batches(lp.batches, size)
     # every pass reads the same batches in the same order (token weights must line up)
     data = _Limited(stages.Replayed(data), distributed.local_count(lp.batches, rank, size))
     result = LayerwiseResult(0.0, 0, 0.0, 0.0)
@@ -443,6 +439,16 @@ def _reconstruct(w0, h, solved, part, result: LayerwiseResult):
     return rec.weights, mask, 0.5 * rec.error_after
 
 
+def _enough_batches(batches: int, size: int) -> None:
+    """Every process reads at least one calibration batch (the same check on every rank: all
+    raise together)."""
+    if batches < size:
+        raise ValueError(
+            f"prune: batches={batches} calibration batches for {size} processes: "
+            "every process needs at least one; raise batches"
+        )
+
+
 def outlier_sparsities(model, data, loss_fn, targets, sparsity, how) -> dict[str, float]:
     """Per-layer targets from outlier activations (the ``outlier`` allocation part).
 
@@ -460,6 +466,7 @@ def outlier_sparsities(model, data, loss_fn, targets, sparsity, how) -> dict[str
 
     part, context = how
     rank, size = distributed.world()
+    _enough_batches(context.batches, size)
     data = _Limited(stages.Replayed(data), distributed.local_count(context.batches, rank, size))
     stats = _Stats(targets, diagonal=True)
     was_training = model.training

@@ -459,9 +459,10 @@ class Reconstruct(Part):
     the layer inputs by preconditioned conjugate gradients to a relative residual ``tol`` or
     ``iters`` iterations, ``H`` damped by ``rel_damp`` of its mean diagonal. Inside the layer-wise
     pass, or one more calibration pass (``sequential`` as the layer-wise choosers) after a
-    gradient method. ``batches``: the calibration batches of that pass (``None``: the
-    chooser's count, or :data:`DEFAULT_BATCHES` after magnitude); inside the layer-wise pass it
-    reads the chooser's batches and another count is refused."""
+    gradient method. ``batches``: the calibration batches of that pass, one count with an
+    :class:`Outlier` part's (``None`` on both: the chooser's count, or :data:`DEFAULT_BATCHES`
+    after magnitude); inside the layer-wise pass it reads the chooser's batches and another
+    count is refused."""
 
     tol: float = 1e-3
     iters: int = 100

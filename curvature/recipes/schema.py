@@ -67,6 +67,14 @@ class Modifier(BaseModel):
         return self
 
 
+def modifier_kind(pipe: parts.Pipeline) -> type:
+    """The pruning modifier that runs ``pipe`` in a recipe (layer-wise, gradient OBS or
+    magnitude); its ``PART_FIELDS`` are the part settings a recipe can carry for it."""
+    if pipe.layerwise:
+        return LayerwisePruningModifier
+    return OBSPruningModifier if pipe.needs_gradients else MagnitudePruningModifier
+
+
 class EpochRangeModifier(Modifier):
     pass
 
@@ -144,13 +152,7 @@ class _Pruning(Modifier):
         ``settings`` given (``None``: the recipe's own value) written as the published fields of
         the modifier ``method`` needs (layer-wise, magnitude or gradient OBS)."""
         pipe = pipeline(method)
-        kind = (
-            LayerwisePruningModifier
-            if pipe.layerwise
-            else OBSPruningModifier
-            if pipe.needs_gradients
-            else MagnitudePruningModifier
-        )
+        kind = modifier_kind(pipe)
         fields = self.model_dump()
         fields.update(
             final_sparsity=sparsity, init_sparsity=min(self.init_sparsity, sparsity), mask_type=mask

@@ -213,6 +213,27 @@ def test_a_setting_no_method_has_is_refused_and_one_some_lack_is_said(assets, tm
     said = capsys.readouterr().out
     assert "--batches does not apply to magnitude " in said and "magnitude+reconstruct" not in said
     assert cfg.method_pipelines()["magnitude+reconstruct"].batches == 3
+    # unset, the pass after a gradient method reads the chooser's count (OBS's 8 gradients),
+    # not the sweep's one-shot default of 64 for the layer-wise methods
+    cfg = config(assets, tmp_path / "f", methods=["obs+reconstruct", "sparsegpt+reconstruct"])
+    pipes = cfg.method_pipelines()
+    assert pipes["obs+reconstruct"].batches == 8 and pipes["sparsegpt+reconstruct"].batches == 64
+
+
+def test_under_a_recipe_a_setting_its_modifier_cannot_carry_is_said_or_refused(assets, tmp_path, capsys):  # fmt: skip
+    """A gradual sweep writes the settings into the recipe's modifiers: --batches has no field
+    in the gradient OBS modifier, so for obs it would be dropped; it is refused (no method's
+    modifier carries it) or said for the methods whose modifier lacks it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GRADUAL)
+    kw = dict(sparsities=[0.5], recipe=str(recipe), finetune_epochs=0)
+    with pytest.raises(SweepError, match="--batches: none of --methods"):
+        config(assets, tmp_path / "a", methods=["obs+reconstruct"], batches=4, **kw).validate()
+    config(assets, tmp_path / "b", methods=["obs", "sparsegpt"], batches=4, **kw).validate()
+    said = capsys.readouterr().out
+    assert (
+        "--batches does not apply to obs (the recipe's modifier for it has no such field)" in said
+    )
 
 
 def test_precision_reaches_the_layerwise_parts_and_gptq_or_is_refused(assets, tmp_path):

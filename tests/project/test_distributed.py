@@ -344,17 +344,26 @@ def test_awkward_shapes_dtypes_and_budgets_across_processes(tmp_path):
                 torch.testing.assert_close(a, b.detach(), **tol)
 
 
-def _small_layerwise_worker(rank, world):
+#: methods whose calibration pass is given one batch for two processes
+FEW_BATCHES = {
+    "sparsegpt": lambda: parts.SparseGPT(batches=1),
+    # the outlier pass before a method that reads no data has its own count
+    "magnitude+outlier": lambda: parts.chain(parts.Magnitude(), parts.Outlier(batches=1)),
+}
+
+
+def _small_layerwise_worker(rank, world, method):
     from models import ce_loss
 
     from curvature.pruning import prune
 
     model, batches = _model_and_data()
-    prune(model, batches[rank::world], loss_fn=ce_loss, sparsity=0.5, progress=False, method=parts.SparseGPT(batches=1))  # fmt: skip
+    prune(model, batches[rank::world], loss_fn=ce_loss, sparsity=0.5, progress=False, global_sparsity=False, method=FEW_BATCHES[method]())  # fmt: skip
 
 
-def test_layerwise_with_fewer_batches_than_processes_is_refused_on_every_rank():
-    msg = run_ranks(_small_layerwise_worker, 2, expect_fail=True)
+@pytest.mark.parametrize("method", FEW_BATCHES)
+def test_a_pass_with_fewer_batches_than_processes_is_refused_on_every_rank(method):
+    msg = run_ranks(_small_layerwise_worker, 2, method, expect_fail=True)
     assert "batches=1 calibration batches for 2 processes" in msg
 
 
