@@ -34,9 +34,10 @@ def config(assets, out, **kw):
         params=["re:bert.encoder"],
     )
     base.update(kw)
-    if not any(m.startswith(("obs", "mfac")) for m in base["methods"]) and not base.get("recipe"):
-        # settings no method has are refused: a magnitude sweep is given none of OBS's
-        for k in ("gradients", "fisher_damping"):
+    if not any(m.startswith(("obs", "mfac")) for m in base["methods"]):
+        # settings no method has are refused: a magnitude sweep is given none of OBS's, and
+        # under a recipe no block size (the magnitude modifier's blocks are the mask's)
+        for k in ("gradients", "fisher_damping") + (("block_size",) if base.get("recipe") else ()):
             if k not in kw:
                 base.pop(k)
     return SweepConfig(**base)
