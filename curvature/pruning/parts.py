@@ -500,11 +500,10 @@ def _own_batches_fit(part: Part, pipeline: Pipeline) -> None:
             f"{part.label} batches={part.batches}: inside the layer-wise pass it reads "
             f"{pipeline.chooser.label}'s batches={pipeline.chooser.batches}; set one count"
         )
-    other = {p.batches for p in pipeline.added if getattr(p, "batches", None) is not None}
-    if len(other) > 1:
+    if len(set(pipeline.added_batches)) > 1:
         raise ValueError(
             f"{part.label} batches={part.batches}: the added parts of {pipeline.spec} read one "
-            f"count of calibration batches, got {sorted(other)}"
+            f"count of calibration batches, got {sorted(set(pipeline.added_batches))}"
         )
 
 
@@ -594,11 +593,14 @@ class Pipeline:
         """Calibration batches the added parts read: the chooser's inside the layer-wise pass;
         after a gradient method their own ``batches`` when set, else the chooser's count (OBS's
         gradients), else :data:`DEFAULT_BATCHES` (magnitude reads no data)."""
-        if not self.layerwise:
-            own = [p.batches for p in self.added if getattr(p, "batches", None) is not None]
-            if own:
-                return own[0]
+        if not self.layerwise and self.added_batches:
+            return self.added_batches[0]
         return self.chooser.batches or DEFAULT_BATCHES
+
+    @property
+    def added_batches(self) -> list[int]:
+        """The ``batches`` set on added parts (reconstruct, outlier), in pipeline order."""
+        return [p.batches for p in self.added if getattr(p, "batches", None) is not None]
 
     @property
     def spec(self) -> str:
